@@ -1,0 +1,230 @@
+//! Types shared by the eBPF programs and the user-space loader.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so its layout is the
+//! same on both sides and no byte of a map value is left uninitialised.
+#![no_std]
+
+pub mod syscalls;
+
+/// Kind of object behind an fd, decided by the syscall that created it (or, for
+/// fds that existed before attach, by the `/proc/PID/fd` link).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdKind {
+    Unknown = 0,
+    File = 1,
+    Socket = 2,
+    Pipe = 3,
+    Eventfd = 4,
+    Epoll = 5,
+    Timerfd = 6,
+    Signalfd = 7,
+    Inotify = 8,
+    Fanotify = 9,
+    Memfd = 10,
+    Userfaultfd = 11,
+    PerfEvent = 12,
+    Bpf = 13,
+    IoUring = 14,
+    Pidfd = 15,
+    Mount = 16,
+    Mqueue = 17,
+}
+
+/// Number of [`FdKind`] values; the size of the per-kind live counters.
+pub const FD_KINDS: usize = 18;
+
+impl FdKind {
+    pub const ALL: [FdKind; FD_KINDS] = [
+        FdKind::Unknown,
+        FdKind::File,
+        FdKind::Socket,
+        FdKind::Pipe,
+        FdKind::Eventfd,
+        FdKind::Epoll,
+        FdKind::Timerfd,
+        FdKind::Signalfd,
+        FdKind::Inotify,
+        FdKind::Fanotify,
+        FdKind::Memfd,
+        FdKind::Userfaultfd,
+        FdKind::PerfEvent,
+        FdKind::Bpf,
+        FdKind::IoUring,
+        FdKind::Pidfd,
+        FdKind::Mount,
+        FdKind::Mqueue,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FdKind::Unknown => "unknown",
+            FdKind::File => "file",
+            FdKind::Socket => "socket",
+            FdKind::Pipe => "pipe",
+            FdKind::Eventfd => "eventfd",
+            FdKind::Epoll => "epoll",
+            FdKind::Timerfd => "timerfd",
+            FdKind::Signalfd => "signalfd",
+            FdKind::Inotify => "inotify",
+            FdKind::Fanotify => "fanotify",
+            FdKind::Memfd => "memfd",
+            FdKind::Userfaultfd => "userfaultfd",
+            FdKind::PerfEvent => "perf_event",
+            FdKind::Bpf => "bpf",
+            FdKind::IoUring => "io_uring",
+            FdKind::Pidfd => "pidfd",
+            FdKind::Mount => "mount",
+            FdKind::Mqueue => "mqueue",
+        }
+    }
+
+    pub const fn from_u8(v: u8) -> FdKind {
+        if (v as usize) < FD_KINDS {
+            FdKind::ALL[v as usize]
+        } else {
+            FdKind::Unknown
+        }
+    }
+}
+
+/// Key of the live-fd map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FdKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// `FdInfo::flags`: the fd is closed by execve.
+pub const FD_CLOEXEC: u8 = 1 << 0;
+/// `FdInfo::flags`: the fd was open before fdtrace saw it (seeded from /proc).
+pub const FD_PREEXISTING: u8 = 1 << 1;
+
+/// `FdInfo::site` when no call site was recorded.
+pub const NO_SITE: u64 = u64::MAX;
+
+/// Value of the live-fd map: one per open fd of a traced process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FdInfo {
+    /// `bpf_ktime_get_ns()` when the fd was created (0 for pre-existing fds).
+    pub created_ns: u64,
+    /// Call-site id (user stack id); [`NO_SITE`] when not recorded.
+    pub site: u64,
+    /// Syscall number that created the fd (`u16::MAX` when pre-existing).
+    pub syscall: u16,
+    /// [`FdKind`] as u8.
+    pub kind: u8,
+    /// [`FD_CLOEXEC`] | [`FD_PREEXISTING`].
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+/// `ProcStats::flags`: children forked by this process are traced too.
+pub const PROC_FOLLOW: u32 = 1 << 0;
+/// `ProcStats::flags`: the process shares its fd table with another process
+/// (clone with CLONE_FILES and without CLONE_THREAD); counts may drift and
+/// user space resyncs.
+pub const PROC_SHARED_TABLE: u32 = 1 << 1;
+
+/// Per traced process (tgid) state; the presence of a tgid in the map is the
+/// kernel-side filter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcStats {
+    /// Open fds right now.
+    pub live: u64,
+    /// Fds created since tracing started (pre-existing ones not included).
+    pub opened: u64,
+    /// Fds closed since tracing started (explicit, implicit by dup2/dup3,
+    /// close_range, close-on-exec).
+    pub closed: u64,
+    /// Fd-creating calls that failed with EMFILE (per-process limit).
+    pub emfile: u64,
+    /// Fd-creating calls that failed with ENFILE (system-wide limit).
+    pub enfile: u64,
+    /// Bumped on every change to this process's fd table; user space compares
+    /// it around a /proc read to know that read was consistent.
+    pub generation: u64,
+    /// Times the kernel side could not be exact (a user-memory read failed, a
+    /// full map, more fds than a loop may visit); user space resyncs.
+    pub inexact: u64,
+    /// One past the highest fd number seen: bound of the loops over the table.
+    pub fd_hwm: u32,
+    /// `PROC_*` flags.
+    pub flags: u32,
+    /// Open fds by [`FdKind`].
+    pub by_kind: [u64; FD_KINDS],
+}
+
+impl ProcStats {
+    pub const fn new(flags: u32) -> Self {
+        ProcStats {
+            live: 0,
+            opened: 0,
+            closed: 0,
+            emfile: 0,
+            enfile: 0,
+            generation: 0,
+            inexact: 0,
+            fd_hwm: 0,
+            flags,
+            by_kind: [0; FD_KINDS],
+        }
+    }
+}
+
+/// Event kinds sent through the ring buffer.
+pub const EV_FORK: u32 = 1;
+pub const EV_EXEC: u32 = 2;
+pub const EV_EXIT: u32 = 3;
+pub const EV_EMFILE: u32 = 4;
+pub const EV_ENFILE: u32 = 5;
+
+/// A ring-buffer event. Per-fd changes are not streamed: they live in the maps.
+/// Only process lifecycle and failures travel, so the stream cannot be flooded
+/// by a process that churns fds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub kind: u32,
+    /// Process the event is about.
+    pub tgid: u32,
+    /// EV_FORK: the parent tgid. Otherwise the thread id.
+    pub aux: u32,
+    /// Syscall number (EV_EMFILE/EV_ENFILE), 0 otherwise.
+    pub syscall: u32,
+    /// Counters at the time of the event (final ones for EV_EXIT).
+    pub live: u64,
+    pub opened: u64,
+    pub closed: u64,
+}
+
+/// Indexes into the global counters array.
+pub const CNT_RINGBUF_FULL: u32 = 0;
+pub const CNT_FDS_MAP_FULL: u32 = 1;
+pub const CNT_PROCS_MAP_FULL: u32 = 2;
+pub const CNT_LEN: u32 = 3;
+
+/// Offsets into classic tracepoint records, read by user space from
+/// `/sys/kernel/tracing/events/sched/*/format` (they changed across kernels)
+/// and set as globals before load.
+pub const NO_FIELD: u32 = u32::MAX;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data; every byte is a field (padding is explicit).
+    unsafe impl aya::Pod for super::FdKey {}
+    unsafe impl aya::Pod for super::FdInfo {}
+    unsafe impl aya::Pod for super::ProcStats {}
+    unsafe impl aya::Pod for super::Event {}
+}
+
+// Layouts are shared with the kernel: a size change is an ABI change.
+const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
+const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 7 * 8 + 8 + 8 * FD_KINDS);
+const _: () = assert!(core::mem::size_of::<ProcStats>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<Event>() == 48);

@@ -1,0 +1,600 @@
+//! fdtrace's kernel side: keeps the live-fd table of every traced process.
+//!
+//! Hooks (chosen by measurement, see README "How it works"):
+//! - `tp_btf/sys_exit`: every fd-creating syscall, decoded from the saved user
+//!   registers once the kernel has returned the new fd;
+//! - `tp_btf/sys_enter`: close and close_range, removed *before* the kernel
+//!   frees the numbers, so a concurrent open that reuses one cannot be undone
+//!   by a late removal;
+//! - `sched/sched_process_fork` and `sched/sched_process_exit`: copy the table
+//!   into a followed child, drop it when the whole thread group is gone.
+#![no_std]
+#![no_main]
+// Atomic adds: the BPF target has no CAS, so core::sync::atomic has no fetch_add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod maps;
+mod syscalls;
+mod table;
+
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
+    },
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use core::ffi::c_void;
+use fdtrace_common::{
+    CNT_PROCS_MAP_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, FdKind, NO_FIELD,
+    PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats,
+};
+use syscalls::*;
+use table::{Bulk, bulk, count, emit, inexact, install, kind_of, proc_of, remove, set_cloexec};
+
+use crate::maps::PROCS;
+
+/// Offset of `child_pid` in the sched_process_fork record; set by user space
+/// from the tracepoint's format file (it moved between kernel versions).
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFF: u32 = NO_FIELD;
+/// Offset of `group_dead` in the sched_process_exit record, or NO_FIELD on
+/// kernels without it (then the leader's exit ends the process).
+#[unsafe(no_mangle)]
+static EXIT_GROUP_DEAD_OFF: u32 = NO_FIELD;
+
+#[inline(always)]
+fn global(v: &u32) -> u32 {
+    // SAFETY: read of a .rodata global the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// The syscall's saved user registers (x86_64 calling convention).
+struct Regs(*const pt_regs);
+
+impl Regs {
+    // SAFETY (all): tp_btf gives a BTF-typed pt_regs pointer the verifier
+    // lets us load from directly.
+    #[inline(always)]
+    fn nr(&self) -> u64 {
+        unsafe { (*self.0).orig_rax }
+    }
+    #[inline(always)]
+    fn a0(&self) -> u64 {
+        unsafe { (*self.0).rdi }
+    }
+    #[inline(always)]
+    fn a1(&self) -> u64 {
+        unsafe { (*self.0).rsi }
+    }
+    #[inline(always)]
+    fn a2(&self) -> u64 {
+        unsafe { (*self.0).rdx }
+    }
+    #[inline(always)]
+    fn a3(&self) -> u64 {
+        unsafe { (*self.0).r10 }
+    }
+    #[inline(always)]
+    fn a4(&self) -> u64 {
+        unsafe { (*self.0).r8 }
+    }
+}
+
+#[inline(always)]
+fn read_user<T>(addr: u64) -> Option<T> {
+    // SAFETY: the helper checks the address.
+    unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+#[btf_tracepoint(function = "sys_enter")]
+pub fn fdtrace_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let nr: u64 = ctx.arg(1);
+    if nr != CLOSE && nr != CLOSE_RANGE {
+        return 0;
+    }
+    let tgid = table::tgid();
+    let Some(p) = proc_of(tgid) else {
+        return 0;
+    };
+    let r = Regs(ctx.arg(0));
+    if nr == CLOSE {
+        // close() releases the fd whatever it returns (EINTR included); only
+        // EBADF leaves the table as it was, and then the fd is not in FDS.
+        // https://github.com/torvalds/linux/blob/v6.18/fs/file.c (file_close_fd)
+        remove(p, tgid, r.a0() as u32);
+    } else {
+        let (first, last, flags) = (r.a0() as u32, r.a1() as u32, r.a2());
+        if first > last {
+            return 0; // EINVAL
+        }
+        let op = if flags & CLOSE_RANGE_CLOEXEC != 0 {
+            Bulk::MarkCloexec
+        } else {
+            Bulk::Close
+        };
+        bulk(p, tgid, first, last.saturating_add(1), op, None);
+    }
+    0
+}
+
+/// What a successful syscall did to the fd table.
+enum Action {
+    /// The return value is a new fd.
+    New {
+        kind: FdKind,
+        cloexec: bool,
+    },
+    /// Two new fds written to a user `int[2]` (pipe, pipe2, socketpair).
+    Pair {
+        kind: FdKind,
+        cloexec: bool,
+        ptr: u64,
+    },
+    /// The return value is a copy of fd `src` (dup family, F_DUPFD).
+    Dup {
+        src: u32,
+        cloexec: bool,
+        replaces: bool,
+    },
+    /// openat2: O_CLOEXEC is in the user `struct open_how`.
+    Openat2 {
+        how: u64,
+    },
+    /// io_uring_setup: an fd unless IORING_SETUP_REGISTERED_FD_ONLY.
+    IoUring {
+        params: u64,
+    },
+    /// clone/clone3 in the parent: a pidfd when CLONE_PIDFD.
+    Clone {
+        flags: u64,
+        pidfd_ptr: u64,
+        clone3_args: u64,
+    },
+    SetCloexec {
+        fd: u32,
+        on: bool,
+    },
+    /// recvmsg/recvmmsg: fds passed with SCM_RIGHTS.
+    Recv {
+        msg: u64,
+        multi: bool,
+        cloexec: bool,
+    },
+    Exec,
+}
+
+impl Action {
+    /// Only creating syscalls can fail with EMFILE/ENFILE.
+    fn creates(&self) -> bool {
+        !matches!(
+            self,
+            Action::SetCloexec { .. } | Action::Recv { .. } | Action::Exec | Action::Clone { .. }
+        )
+    }
+}
+
+/// Decodes the syscall from its number and arguments alone, before any map
+/// lookup: unrelated syscalls of every process leave here.
+#[inline(always)]
+fn decode(nr: u64, r: &Regs) -> Option<Action> {
+    use FdKind::*;
+    let new = |kind, cloexec| Some(Action::New { kind, cloexec });
+    match nr {
+        OPEN => new(File, r.a1() & O_CLOEXEC != 0),
+        OPENAT | OPEN_BY_HANDLE_AT => new(File, r.a2() & O_CLOEXEC != 0),
+        CREAT => new(File, false),
+        OPENAT2 => Some(Action::Openat2 { how: r.a2() }),
+        SOCKET => new(Socket, r.a1() & O_CLOEXEC != 0),
+        ACCEPT => new(Socket, false),
+        ACCEPT4 => new(Socket, r.a3() & O_CLOEXEC != 0),
+        SOCKETPAIR => Some(Action::Pair {
+            kind: Socket,
+            cloexec: r.a1() & O_CLOEXEC != 0,
+            ptr: r.a3(),
+        }),
+        PIPE => Some(Action::Pair {
+            kind: Pipe,
+            cloexec: false,
+            ptr: r.a0(),
+        }),
+        PIPE2 => Some(Action::Pair {
+            kind: Pipe,
+            cloexec: r.a1() & O_CLOEXEC != 0,
+            ptr: r.a0(),
+        }),
+        DUP => Some(Action::Dup {
+            src: r.a0() as u32,
+            cloexec: false,
+            replaces: false,
+        }),
+        DUP2 => Some(Action::Dup {
+            src: r.a0() as u32,
+            cloexec: false,
+            replaces: true,
+        }),
+        DUP3 => Some(Action::Dup {
+            src: r.a0() as u32,
+            cloexec: r.a2() & O_CLOEXEC != 0,
+            replaces: true,
+        }),
+        FCNTL => match r.a1() {
+            F_DUPFD => Some(Action::Dup {
+                src: r.a0() as u32,
+                cloexec: false,
+                replaces: false,
+            }),
+            F_DUPFD_CLOEXEC => Some(Action::Dup {
+                src: r.a0() as u32,
+                cloexec: true,
+                replaces: false,
+            }),
+            F_SETFD => Some(Action::SetCloexec {
+                fd: r.a0() as u32,
+                on: r.a2() & FD_CLOEXEC != 0,
+            }),
+            _ => None,
+        },
+        IOCTL => match r.a1() & 0xffff_ffff {
+            FIOCLEX => Some(Action::SetCloexec {
+                fd: r.a0() as u32,
+                on: true,
+            }),
+            FIONCLEX => Some(Action::SetCloexec {
+                fd: r.a0() as u32,
+                on: false,
+            }),
+            _ => None,
+        },
+        EVENTFD => new(Eventfd, false),
+        EVENTFD2 => new(Eventfd, r.a1() & O_CLOEXEC != 0),
+        EPOLL_CREATE => new(Epoll, false),
+        EPOLL_CREATE1 => new(Epoll, r.a0() & O_CLOEXEC != 0),
+        TIMERFD_CREATE => new(Timerfd, r.a1() & O_CLOEXEC != 0),
+        // signalfd on an existing signalfd (first argument != -1) updates it.
+        SIGNALFD if r.a0() as i32 == -1 => new(Signalfd, false),
+        SIGNALFD4 if r.a0() as i32 == -1 => new(Signalfd, r.a3() & O_CLOEXEC != 0),
+        INOTIFY_INIT => new(Inotify, false),
+        INOTIFY_INIT1 => new(Inotify, r.a0() & O_CLOEXEC != 0),
+        FANOTIFY_INIT => new(Fanotify, r.a0() & ONE_CLOEXEC != 0),
+        MEMFD_CREATE => new(Memfd, r.a1() & ONE_CLOEXEC != 0),
+        MEMFD_SECRET => new(Memfd, r.a0() & O_CLOEXEC != 0),
+        USERFAULTFD => new(Userfaultfd, r.a0() & O_CLOEXEC != 0),
+        PERF_EVENT_OPEN => new(PerfEvent, r.a4() & PERF_FLAG_FD_CLOEXEC != 0),
+        BPF if bpf_cmd_returns_fd(r.a0()) => new(Bpf, true),
+        IO_URING_SETUP => Some(Action::IoUring { params: r.a1() }),
+        // pidfds are always close-on-exec (kernel/pid.c pidfd_create).
+        PIDFD_OPEN => new(Pidfd, true),
+        PIDFD_GETFD => new(Unknown, true),
+        OPEN_TREE | OPEN_TREE_ATTR => new(Mount, r.a2() & O_CLOEXEC != 0),
+        FSOPEN | FSMOUNT => new(Mount, r.a1() & ONE_CLOEXEC != 0),
+        FSPICK => new(Mount, r.a2() & ONE_CLOEXEC != 0),
+        // mq_open always sets O_CLOEXEC (ipc/mqueue.c do_mq_open).
+        MQ_OPEN => new(Mqueue, true),
+        CLONE => Some(Action::Clone {
+            flags: r.a0(),
+            pidfd_ptr: r.a2(),
+            clone3_args: 0,
+        }),
+        CLONE3 => Some(Action::Clone {
+            flags: 0,
+            pidfd_ptr: 0,
+            clone3_args: r.a0(),
+        }),
+        RECVMSG => Some(Action::Recv {
+            msg: r.a1(),
+            multi: false,
+            cloexec: r.a2() & MSG_CMSG_CLOEXEC != 0,
+        }),
+        RECVMMSG => Some(Action::Recv {
+            msg: r.a1(),
+            multi: true,
+            cloexec: r.a3() & MSG_CMSG_CLOEXEC != 0,
+        }),
+        EXECVE | EXECVEAT => Some(Action::Exec),
+        _ => None,
+    }
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let r = Regs(ctx.arg(0));
+    let nr = r.nr();
+    let Some(action) = decode(nr, &r) else {
+        return 0;
+    };
+    let tgid = table::tgid();
+    let Some(p) = proc_of(tgid) else {
+        return 0;
+    };
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        if action.creates() {
+            failed(p, tgid, nr, -ret);
+        }
+        return 0;
+    }
+    let fd = ret as u32;
+    match action {
+        Action::New { kind, cloexec } => install(p, tgid, fd, kind as u8, cloexec, nr, false),
+        Action::Pair { kind, cloexec, ptr } => match read_user::<[i32; 2]>(ptr) {
+            Some([a, b]) => {
+                install(p, tgid, a as u32, kind as u8, cloexec, nr, false);
+                install(p, tgid, b as u32, kind as u8, cloexec, nr, false);
+            }
+            None => inexact(p),
+        },
+        Action::Dup {
+            src,
+            cloexec,
+            replaces,
+        } => {
+            // dup2(fd, fd) returns fd and changes nothing.
+            if !(replaces && src == fd) {
+                install(p, tgid, fd, kind_of(tgid, src), cloexec, nr, replaces);
+            }
+        }
+        Action::Openat2 { how } => match read_user::<u64>(how) {
+            Some(flags) => install(
+                p,
+                tgid,
+                fd,
+                FdKind::File as u8,
+                flags & O_CLOEXEC != 0,
+                nr,
+                false,
+            ),
+            None => {
+                install(p, tgid, fd, FdKind::File as u8, false, nr, false);
+                inexact(p);
+            }
+        },
+        Action::IoUring { params } => {
+            // struct io_uring_params { u32 sq_entries, cq_entries, flags; ... }
+            let flags = read_user::<u32>(params + 8).unwrap_or(0);
+            if flags & IORING_SETUP_REGISTERED_FD_ONLY == 0 {
+                install(p, tgid, fd, FdKind::IoUring as u8, true, nr, false);
+            }
+        }
+        Action::Clone {
+            flags,
+            pidfd_ptr,
+            clone3_args,
+        } => {
+            // Only the parent (ret = child pid > 0) gets the pidfd.
+            if ret == 0 {
+                return 0;
+            }
+            let (flags, ptr) = if clone3_args != 0 {
+                // struct clone_args { u64 flags; u64 pidfd; ... }
+                match read_user::<[u64; 2]>(clone3_args) {
+                    Some([f, ptr]) => (f, ptr),
+                    None => return 0,
+                }
+            } else {
+                (flags, pidfd_ptr)
+            };
+            if flags & CLONE_PIDFD != 0 {
+                match read_user::<i32>(ptr) {
+                    Some(pidfd) => {
+                        install(p, tgid, pidfd as u32, FdKind::Pidfd as u8, true, nr, false)
+                    }
+                    None => inexact(p),
+                }
+            }
+        }
+        Action::SetCloexec { fd, on } => set_cloexec(p, tgid, fd, on),
+        Action::Recv {
+            msg,
+            multi,
+            cloexec,
+        } => recv_fds(p, tgid, nr, msg, if multi { ret } else { 1 }, cloexec),
+        Action::Exec => {
+            if ret == 0 {
+                bulk(p, tgid, 0, u32::MAX, Bulk::Exec, None);
+                emit(EV_EXEC, tgid, bpf_get_current_pid_tgid() as u32, nr, p);
+            }
+        }
+    }
+    0
+}
+
+fn failed(p: *mut ProcStats, tgid: u32, nr: u64, errno: i64) {
+    let (field, ev) = match errno {
+        // SAFETY: p is a live PROCS value.
+        EMFILE => (unsafe { &raw mut (*p).emfile }, EV_EMFILE),
+        ENFILE => (unsafe { &raw mut (*p).enfile }, EV_ENFILE),
+        _ => return,
+    };
+    table::add64(field, 1);
+    emit(ev, tgid, bpf_get_current_pid_tgid() as u32, nr, p);
+}
+
+/// Most messages of one recvmmsg and control messages of one msghdr decoded;
+/// beyond, the process is marked inexact and resynced from /proc.
+const MAX_MSGS: u64 = 8;
+const MAX_CMSGS: u32 = 4;
+/// SCM_MAX_FD (include/net/scm.h).
+const SCM_MAX_FD: u32 = 253;
+const SOL_SOCKET: u32 = 1;
+const SCM_RIGHTS: u32 = 1;
+/// sizeof(struct mmsghdr), and the offset of msg_control (msg_controllen
+/// follows it) in struct user_msghdr, on x86_64.
+const MMSGHDR_SIZE: u64 = 64;
+const MSG_CONTROL: u64 = 32;
+const CMSG_HDR: u64 = 16;
+
+fn recv_fds(p: *mut ProcStats, tgid: u32, nr: u64, msgvec: u64, n: i64, cloexec: bool) {
+    for i in 0..MAX_MSGS {
+        if i as i64 >= n {
+            return;
+        }
+        scm_rights(p, tgid, nr, msgvec + i * MMSGHDR_SIZE, cloexec);
+    }
+    if n as u64 > MAX_MSGS {
+        inexact(p);
+    }
+}
+
+#[repr(C)]
+struct ScmCtx {
+    p: *mut ProcStats,
+    tgid: u32,
+    cloexec: u32,
+    data: u64,
+    nr: u64,
+}
+
+extern "C" fn scm_fd(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the ScmCtx on scm_rights()'s stack.
+    let c = unsafe { &*(ctx as *const ScmCtx) };
+    match read_user::<i32>(c.data + 4 * i as u64) {
+        Some(fd) => install(
+            c.p,
+            c.tgid,
+            fd as u32,
+            FdKind::Unknown as u8,
+            c.cloexec != 0,
+            c.nr,
+            false,
+        ),
+        None => inexact(c.p),
+    }
+    0
+}
+
+/// Walks the control messages the kernel wrote back (msg_controllen is
+/// updated to the bytes written) and installs every SCM_RIGHTS fd.
+/// https://github.com/torvalds/linux/blob/v6.18/net/core/scm.c (scm_detach_fds)
+fn scm_rights(p: *mut ProcStats, tgid: u32, nr: u64, msg: u64, cloexec: bool) {
+    let Some([control, controllen]) = read_user::<[u64; 2]>(msg + MSG_CONTROL) else {
+        return;
+    };
+    let mut off: u64 = 0;
+    for _ in 0..MAX_CMSGS {
+        if control == 0 || off + CMSG_HDR > controllen {
+            return;
+        }
+        // struct cmsghdr { u64 cmsg_len; i32 cmsg_level; i32 cmsg_type; }
+        let Some([len, lt]) = read_user::<[u64; 2]>(control + off) else {
+            inexact(p);
+            return;
+        };
+        if len < CMSG_HDR || off + len > controllen {
+            return;
+        }
+        if lt as u32 == SOL_SOCKET && (lt >> 32) as u32 == SCM_RIGHTS {
+            let mut n = ((len - CMSG_HDR) / 4) as u32;
+            if n > SCM_MAX_FD {
+                n = SCM_MAX_FD;
+            }
+            let mut ctx = ScmCtx {
+                p,
+                tgid,
+                cloexec: cloexec as u32,
+                data: control + off + CMSG_HDR,
+                nr,
+            };
+            // SAFETY: static callback; ctx outlives the call.
+            unsafe { bpf_loop(n, scm_fd as *mut c_void, (&raw mut ctx).cast(), 0) };
+        }
+        off += (len + 7) & !7;
+    }
+    if off + CMSG_HDR <= controllen {
+        inexact(p);
+    }
+}
+
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn fdtrace_fork(ctx: TracePointContext) -> u32 {
+    let _ = try_fork(&ctx);
+    0
+}
+
+fn try_fork(ctx: &TracePointContext) -> Option<()> {
+    // Runs in the parent, after the child's fd table was copied.
+    // https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c (kernel_clone)
+    let parent = table::tgid();
+    let pp = proc_of(parent)?;
+    // SAFETY: pp is a live PROCS value.
+    let pflags = unsafe { (*pp).flags };
+    if pflags & PROC_FOLLOW == 0 {
+        return None;
+    }
+    let off = global(&FORK_CHILD_PID_OFF);
+    if off == NO_FIELD {
+        return None;
+    }
+    // SAFETY: offset from the tracepoint's own format file.
+    let child: i32 = unsafe { ctx.read_at(off as usize) }.ok()?;
+    // The record does not say thread or process: the forking syscall's
+    // arguments, in the parent's saved user registers, do.
+    // SAFETY: helpers on the current task.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    // SAFETY: kernel read of the current task's pt_regs.
+    let saved: pt_regs = unsafe { bpf_probe_read_kernel(regs) }.ok()?;
+    let flags = match saved.orig_rax {
+        CLONE => saved.rdi,
+        CLONE3 => read_user::<u64>(saved.rdi)?,
+        FORK | VFORK => 0,
+        // io_uring workers and other kernel-made threads.
+        _ => return None,
+    };
+    if flags & CLONE_THREAD != 0 {
+        return None;
+    }
+    let child = child as u32;
+    let mut shared = 0;
+    if flags & CLONE_FILES != 0 {
+        shared = PROC_SHARED_TABLE;
+        // SAFETY: pp is a live PROCS value.
+        unsafe { (*pp).flags |= PROC_SHARED_TABLE };
+    }
+    let mut st = ProcStats::new(PROC_FOLLOW | shared);
+    // SAFETY: pp is a live PROCS value.
+    st.fd_hwm = unsafe { (*pp).fd_hwm };
+    if PROCS.insert(child, st, 0).is_err() {
+        count(CNT_PROCS_MAP_FULL);
+        return None;
+    }
+    let cp = proc_of(child)?;
+    bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
+    emit(EV_FORK, child, parent, saved.orig_rax, cp);
+    Some(())
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn fdtrace_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let Some(p) = proc_of(tgid) else {
+        return 0;
+    };
+    let off = global(&EXIT_GROUP_DEAD_OFF);
+    let group_dead = if off == NO_FIELD {
+        pid == tgid
+    } else {
+        // SAFETY: offset from the tracepoint's own format file.
+        unsafe { ctx.read_at::<u8>(off as usize) }.unwrap_or(0) != 0
+    };
+    if !group_dead {
+        return 0;
+    }
+    emit(EV_EXIT, tgid, pid, 0, p);
+    bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
+    let _ = PROCS.remove(tgid);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,294 @@
+//! Operations on a traced process's fd table: the FDS entries and the
+//! counters in its PROCS value, kept in step.
+//!
+//! Counters are updated with atomic adds: threads of one process share one fd
+//! table and run these handlers concurrently on different CPUs.
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
+
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_loop};
+use fdtrace_common::{
+    CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, Event, FD_CLOEXEC, FD_KINDS, FdInfo, FdKey, NO_SITE,
+    ProcStats,
+};
+
+use crate::maps::{COUNTERS, EVENTS, FDS, PROCS};
+
+/// Most fds one bpf_loop may visit (the helper's own limit is 1 << 23).
+const MAX_LOOP: u32 = 1 << 23;
+
+/// Atomic add (BPF_ATOMIC | BPF_ADD); `u64::MAX` subtracts one. The BPF
+/// target has no compare-and-swap, so core's atomic types offer no fetch_add.
+#[inline(always)]
+pub fn add64(field: *mut u64, delta: u64) {
+    // SAFETY: `field` points into a map value that lives as long as the entry.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, delta) };
+}
+
+#[inline(always)]
+fn kind_slot(p: *mut ProcStats, kind: u8) -> *mut u64 {
+    let k = if (kind as usize) < FD_KINDS {
+        kind as usize
+    } else {
+        0
+    };
+    // SAFETY: k < FD_KINDS.
+    unsafe { (&raw mut (*p).by_kind).cast::<u64>().add(k) }
+}
+
+pub fn count(idx: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(idx) {
+        add64(c, 1);
+    }
+}
+
+/// Marks the process's counts as possibly inexact: user space compares them
+/// with /proc at the next interval and resyncs.
+pub fn inexact(p: *mut ProcStats) {
+    // SAFETY: p is a live PROCS value.
+    add64(unsafe { &raw mut (*p).inexact }, 1);
+}
+
+#[inline(always)]
+pub fn tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+pub fn proc_of(tgid: u32) -> Option<*mut ProcStats> {
+    PROCS.get_ptr_mut(tgid)
+}
+
+pub fn kind_of(tgid: u32, fd: u32) -> u8 {
+    // SAFETY: read of a plain value; a concurrent delete at worst yields a
+    // stale kind, which the drift check catches.
+    match unsafe { FDS.get(FdKey { tgid, fd }) } {
+        Some(info) => info.kind,
+        None => 0,
+    }
+}
+
+/// A new fd `fd` appeared in process `tgid`. `replaces` is true when the
+/// syscall atomically closes whatever `fd` was (dup2, dup3): then an existing
+/// entry is an implicit close, otherwise it means fdtrace missed a close.
+pub fn install(
+    p: *mut ProcStats,
+    tgid: u32,
+    fd: u32,
+    kind: u8,
+    cloexec: bool,
+    syscall: u64,
+    replaces: bool,
+) {
+    let key = FdKey { tgid, fd };
+    let info = FdInfo {
+        created_ns: unsafe { bpf_ktime_get_ns() },
+        site: NO_SITE,
+        syscall: syscall as u16,
+        kind,
+        flags: if cloexec { FD_CLOEXEC } else { 0 },
+        _pad: 0,
+    };
+    // SAFETY: p is a live PROCS value for the whole handler.
+    unsafe {
+        if let Some(old) = FDS.get_ptr_mut(key) {
+            add64(kind_slot(p, (*old).kind), u64::MAX);
+            add64(&raw mut (*p).closed, 1);
+            if !replaces {
+                inexact(p);
+            }
+            *old = info;
+        } else if FDS.insert(key, info, 0).is_err() {
+            // Map full: the fd is real but untracked. Count it, and let the
+            // drift check report the difference.
+            count(CNT_FDS_MAP_FULL);
+            inexact(p);
+            return;
+        } else {
+            add64(&raw mut (*p).live, 1);
+        }
+        add64(kind_slot(p, kind), 1);
+        add64(&raw mut (*p).opened, 1);
+        add64(&raw mut (*p).generation, 1);
+        if fd >= (*p).fd_hwm {
+            // Racy max between threads; a lost update only shortens a later
+            // bulk loop, and installs re-raise it.
+            (*p).fd_hwm = fd + 1;
+        }
+    }
+}
+
+/// `fd` of `tgid` was closed. Returns false when fdtrace did not know it.
+pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
+    let key = FdKey { tgid, fd };
+    // SAFETY: p is a live PROCS value.
+    unsafe {
+        let Some(info) = FDS.get(key) else {
+            return false;
+        };
+        let kind = info.kind;
+        if FDS.remove(key).is_err() {
+            // Another thread closed it first.
+            return false;
+        }
+        add64(kind_slot(p, kind), u64::MAX);
+        add64(&raw mut (*p).live, u64::MAX);
+        add64(&raw mut (*p).closed, 1);
+        add64(&raw mut (*p).generation, 1);
+    }
+    true
+}
+
+pub fn set_cloexec(p: *mut ProcStats, tgid: u32, fd: u32, on: bool) {
+    if let Some(info) = FDS.get_ptr_mut(FdKey { tgid, fd }) {
+        // SAFETY: info is a live FDS value.
+        unsafe {
+            if on {
+                (*info).flags |= FD_CLOEXEC;
+            } else {
+                (*info).flags &= !FD_CLOEXEC;
+            }
+            add64(&raw mut (*p).generation, 1);
+        }
+    }
+}
+
+/// Which bulk operation a bpf_loop over an fd range performs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Bulk {
+    /// close_range without CLOSE_RANGE_CLOEXEC.
+    Close = 0,
+    /// close_range with CLOSE_RANGE_CLOEXEC.
+    MarkCloexec = 1,
+    /// execve: every close-on-exec fd goes.
+    Exec = 2,
+    /// fork: copy the parent's table to the child.
+    Copy = 3,
+    /// The process is gone: drop its entries (no counting).
+    Drop = 4,
+}
+
+#[repr(C)]
+struct BulkCtx {
+    p: *mut ProcStats,
+    tgid: u32,
+    /// Destination of Bulk::Copy.
+    dst_tgid: u32,
+    first: u32,
+    op: Bulk,
+    dst: *mut ProcStats,
+}
+
+extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the BulkCtx on bulk()'s stack, alive for the loop.
+    let c = unsafe { &*(ctx as *const BulkCtx) };
+    let fd = c.first.wrapping_add(i);
+    match c.op {
+        Bulk::Close => {
+            remove(c.p, c.tgid, fd);
+        }
+        Bulk::MarkCloexec => set_cloexec(c.p, c.tgid, fd, true),
+        Bulk::Exec => {
+            // SAFETY: plain read of a map value.
+            if let Some(info) = unsafe { FDS.get(FdKey { tgid: c.tgid, fd }) }
+                && info.flags & FD_CLOEXEC != 0
+            {
+                remove(c.p, c.tgid, fd);
+            }
+        }
+        Bulk::Copy => {
+            // SAFETY: plain read of a map value.
+            if let Some(info) = unsafe { FDS.get(FdKey { tgid: c.tgid, fd }) } {
+                let info = *info;
+                if FDS
+                    .insert(
+                        FdKey {
+                            tgid: c.dst_tgid,
+                            fd,
+                        },
+                        info,
+                        0,
+                    )
+                    .is_ok()
+                {
+                    // SAFETY: dst is the child's live PROCS value.
+                    unsafe {
+                        add64(&raw mut (*c.dst).live, 1);
+                        add64(kind_slot(c.dst, info.kind), 1);
+                    }
+                } else {
+                    count(CNT_FDS_MAP_FULL);
+                    inexact(c.dst);
+                }
+            }
+        }
+        Bulk::Drop => {
+            let _ = FDS.remove(FdKey { tgid: c.tgid, fd });
+        }
+    }
+    0
+}
+
+/// Runs `op` over fds `first..end` of `tgid`, end bounded by the process's
+/// high-water mark.
+pub fn bulk(
+    p: *mut ProcStats,
+    tgid: u32,
+    first: u32,
+    end: u32,
+    op: Bulk,
+    dst: Option<(u32, *mut ProcStats)>,
+) {
+    // SAFETY: p is a live PROCS value.
+    let hwm = unsafe { (*p).fd_hwm };
+    let end = if end > hwm { hwm } else { end };
+    if first >= end {
+        return;
+    }
+    let mut n = end - first;
+    if n > MAX_LOOP {
+        n = MAX_LOOP;
+        inexact(p);
+    }
+    let (dst_tgid, dst) = match dst {
+        Some(d) => d,
+        None => (0, p),
+    };
+    let mut ctx = BulkCtx {
+        p,
+        tgid,
+        dst_tgid,
+        first,
+        op,
+        dst,
+    };
+    // SAFETY: the callback is a static function and ctx outlives the call.
+    let done = unsafe { bpf_loop(n, bulk_step as *mut c_void, (&raw mut ctx).cast(), 0) };
+    if done < n as i64 {
+        inexact(p);
+    }
+}
+
+/// Sends an event about `tgid` with its current counters.
+pub fn emit(kind: u32, tgid: u32, aux: u32, syscall: u64, p: *const ProcStats) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(CNT_RINGBUF_FULL);
+        return;
+    };
+    // SAFETY: p is a live PROCS value.
+    let (live, opened, closed) = unsafe { ((*p).live, (*p).opened, (*p).closed) };
+    entry.write(Event {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        kind,
+        tgid,
+        aux,
+        syscall: syscall as u32,
+        live,
+        opened,
+        closed,
+    });
+    entry.submit(0);
+}

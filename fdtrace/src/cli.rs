@@ -1,0 +1,74 @@
+//! Command line.
+use std::{ffi::OsString, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo fdtrace --pid 1234                      live view of one process, Ctrl-C for the summary
+  sudo fdtrace run -- python agent.py          trace a program (and its children) from its first syscall
+  sudo fdtrace --pid 1234 --duration 2m --json > report.ndjson
+                                               one-off diagnosis as NDJSON
+
+Counts are the kernel's; every interval fdtrace compares them with /proc/PID/fd
+and reports any difference as drift (then resyncs).";
+
+/// Trace file-descriptor leaks from the kernel: how many fds each process
+/// holds, of which kind, against its own RLIMIT_NOFILE, and how fast they are
+/// opened and closed.
+#[derive(Debug, Parser)]
+#[command(name = "fdtrace", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Process to trace (repeat for several)
+    #[arg(short, long = "pid", value_name = "PID", global = true)]
+    pub pids: Vec<u32>,
+
+    /// Also trace children forked by the traced processes (always on for `run`
+    /// unless --no-follow)
+    #[arg(long, global = true)]
+    pub follow: bool,
+
+    /// Time between reports
+    #[arg(short, long, value_name = "DUR", default_value = "1s", value_parser = parse_interval, global = true)]
+    pub interval: Duration,
+
+    /// Stop after this long (default: until Ctrl-C or no traced process is left)
+    #[arg(short, long, value_name = "DUR", value_parser = humantime::parse_duration, global = true)]
+    pub duration: Option<Duration>,
+
+    /// Print NDJSON on stdout, one object per line (schema in the README)
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Most fds tracked at once, all processes together (kernel map size)
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, global = true)]
+    pub max_fds: u32,
+
+    /// Most processes traced at once (kernel map size)
+    #[arg(long, value_name = "N", default_value_t = 8192, global = true)]
+    pub max_procs: u32,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start CMD and trace it from its first syscall
+    Run {
+        /// Do not trace CMD's children
+        #[arg(long)]
+        no_follow: bool,
+        /// The command and its arguments (put them after --)
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+        argv: Vec<OsString>,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(10) {
+        return Err("the interval must be at least 10ms".into());
+    }
+    Ok(d)
+}

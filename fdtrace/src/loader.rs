@@ -1,0 +1,185 @@
+//! Loads and attaches the eBPF programs, after checking what they need from
+//! the machine: privileges, kernel BTF, a mounted tracefs.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use fdtrace_common::{FdInfo, FdKey, NO_FIELD, ProcStats};
+
+use crate::error::Fatal;
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+/// The loaded programs and the maps user space works with. Dropping it
+/// detaches every program and frees the maps.
+pub struct Kernel {
+    pub procs: HashMap<MapData, u32, ProcStats>,
+    pub fds: HashMap<MapData, FdKey, FdInfo>,
+    pub counters: Array<MapData, u64>,
+    pub events: Option<RingBuf<MapData>>,
+    /// Keeps the programs attached.
+    _ebpf: Ebpf,
+}
+
+/// Map sizes, configurable from the command line.
+pub struct Limits {
+    pub max_fds: u32,
+    pub max_procs: u32,
+}
+
+impl Kernel {
+    pub fn load(limits: &Limits) -> Result<Self> {
+        check_privileges()?;
+        if !Path::new(BTF_VMLINUX).exists() {
+            return Err(Fatal::Environment(format!(
+                "kernel BTF not found at {BTF_VMLINUX}: fdtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+            ))
+            .into());
+        }
+        let tracefs = ensure_tracefs()?;
+        let fork_off = field_offset(&tracefs, "sched_process_fork", "child_pid")?
+            .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
+        let exit_off =
+            field_offset(&tracefs, "sched_process_exit", "group_dead")?.unwrap_or(NO_FIELD);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
+            .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
+            .map_max_entries("FDS", limits.max_fds)
+            .map_max_entries("PROCS", limits.max_procs)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/fdtrace"
+            )))
+            .context("loading the eBPF programs")?;
+        let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+        for (prog, hook) in [
+            ("fdtrace_sys_enter", "sys_enter"),
+            ("fdtrace_sys_exit", "sys_exit"),
+        ] {
+            let p: &mut BtfTracePoint = program(&mut ebpf, prog)?.try_into()?;
+            p.load(hook, &btf)
+                .with_context(|| format!("loading {prog}"))?;
+            p.attach()
+                .with_context(|| format!("attaching {prog} to tp_btf/{hook}"))?;
+        }
+        for (prog, event) in [
+            ("fdtrace_fork", "sched_process_fork"),
+            ("fdtrace_exit", "sched_process_exit"),
+        ] {
+            let p: &mut TracePoint = program(&mut ebpf, prog)?.try_into()?;
+            p.load().with_context(|| format!("loading {prog}"))?;
+            p.attach("sched", event)
+                .with_context(|| format!("attaching {prog} to sched/{event}"))?;
+        }
+        Ok(Kernel {
+            procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
+            fds: HashMap::try_from(take_map(&mut ebpf, "FDS")?)?,
+            counters: Array::try_from(take_map(&mut ebpf, "COUNTERS")?)?,
+            events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn counter(&self, idx: u32) -> u64 {
+        self.counters.get(&idx, 0).unwrap_or(0)
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Capabilities fdtrace uses: loading BPF and reading perf/tracing data, and
+/// reading other users' /proc/PID/fd.
+fn check_privileges() -> Result<()> {
+    const CAP_SYS_PTRACE: u32 = 19;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    let admin = has(CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !(has(CAP_BPF) || admin) {
+        missing.push("CAP_BPF");
+    }
+    if !(has(CAP_PERFMON) || admin) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has(CAP_SYS_PTRACE) {
+        missing.push("CAP_SYS_PTRACE");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Fatal::Privileges(missing.join(", ")).into())
+}
+
+/// The sched tracepoints need tracefs; it is not mounted at boot everywhere.
+fn ensure_tracefs() -> Result<PathBuf> {
+    let dir = PathBuf::from(TRACEFS);
+    if dir.join("events").is_dir() {
+        return Ok(dir);
+    }
+    // SAFETY: plain mount(2) with static NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 || !dir.join("events").is_dir() {
+        let err = std::io::Error::last_os_error();
+        return Err(Fatal::Environment(format!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}): run `mount -t tracefs nodev {TRACEFS}` and try again"
+        ))
+        .into());
+    }
+    Ok(dir)
+}
+
+/// Offset of `field` in a tracepoint record, from its format file:
+/// `\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;`
+fn field_offset(tracefs: &Path, event: &str, field: &str) -> Result<Option<u32>> {
+    let path = tracefs.join("events/sched").join(event).join("format");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for line in text.lines() {
+        let mut parts = line.trim().split(';').map(str::trim);
+        let Some(decl) = parts.next().and_then(|d| d.strip_prefix("field:")) else {
+            continue;
+        };
+        if decl.rsplit(' ').next() != Some(field) {
+            continue;
+        }
+        let Some(off) = parts.find_map(|p| p.strip_prefix("offset:")) else {
+            bail!("{}: no offset for {field}", path.display());
+        };
+        return Ok(Some(off.parse().with_context(|| {
+            format!("{}: offset of {field}", path.display())
+        })?));
+    }
+    Ok(None)
+}

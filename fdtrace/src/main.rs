@@ -1,0 +1,34 @@
+//! fdtrace: a kernel-level file-descriptor leak tracer.
+mod cli;
+mod error;
+mod loader;
+mod output;
+mod procfd;
+mod spawn;
+mod sync;
+mod tracer;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fdtrace: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(tracer::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fdtrace: {e:#}");
+            error::exit_code(&e)
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! What fdtrace prints: a readable table on a terminal, NDJSON with --json.
+use std::{
+    io::{self, Write as _},
+    time::SystemTime,
+};
+
+use fdtrace_common::{FD_KINDS, FdKind};
+use serde_json::{Map, Value, json};
+
+/// One process at one report.
+pub struct ProcessRow<'a> {
+    pub pid: u32,
+    pub ppid: Option<u32>,
+    pub comm: &'a str,
+    pub open_fds: u64,
+    pub soft_limit: Option<u64>,
+    pub hard_limit: Option<u64>,
+    pub by_kind: &'a [u64; FD_KINDS],
+    pub opened: u64,
+    pub closed: u64,
+    pub opened_per_s: f64,
+    pub closed_per_s: f64,
+    pub emfile: u64,
+    pub enfile: u64,
+    pub drift: Option<i64>,
+}
+
+impl ProcessRow<'_> {
+    fn pct_used(&self) -> Option<f64> {
+        self.soft_limit
+            .filter(|&l| l > 0)
+            .map(|l| (self.open_fds as f64 * 100.0 / l as f64 * 10.0).round() / 10.0)
+    }
+}
+
+/// Totals of one process for the closing summary.
+pub struct SummaryRow {
+    pub pid: u32,
+    pub comm: String,
+    pub open_fds: u64,
+    pub opened: u64,
+    pub closed: u64,
+    pub emfile: u64,
+    pub exited: bool,
+}
+
+pub struct Output {
+    json: bool,
+    out: io::BufWriter<io::Stdout>,
+    header_due: bool,
+}
+
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// HH:MM:SS (UTC) of a unix time.
+fn clock(ts: f64) -> String {
+    let s = ts as u64 % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn kinds_map(by_kind: &[u64; FD_KINDS]) -> Map<String, Value> {
+    FdKind::ALL
+        .iter()
+        .zip(by_kind)
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (k.name().to_string(), json!(n)))
+        .collect()
+}
+
+fn kinds_text(by_kind: &[u64; FD_KINDS]) -> String {
+    let mut parts: Vec<(u64, &str)> = FdKind::ALL
+        .iter()
+        .zip(by_kind)
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (*n, k.name()))
+        .collect();
+    parts.sort_by(|a, b| b.0.cmp(&a.0));
+    parts
+        .iter()
+        .map(|(n, k)| format!("{k}:{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Output {
+            json,
+            out: io::BufWriter::new(io::stdout()),
+            header_due: true,
+        }
+    }
+
+    fn line(&mut self, v: Value) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, &v)?;
+        self.out.write_all(b"\n")
+    }
+
+    /// Ends one report: the rows reach the reader together.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.header_due = true;
+        self.out.flush()
+    }
+
+    pub fn process(&mut self, ts: f64, r: &ProcessRow) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({
+                "type": "process", "ts": ts, "pid": r.pid, "ppid": r.ppid, "comm": r.comm,
+                "open_fds": r.open_fds, "fd_soft_limit": r.soft_limit, "fd_hard_limit": r.hard_limit,
+                "pct_used": r.pct_used(), "by_kind": kinds_map(r.by_kind),
+                "opened_total": r.opened, "closed_total": r.closed,
+                "opened_per_s": (r.opened_per_s * 10.0).round() / 10.0,
+                "closed_per_s": (r.closed_per_s * 10.0).round() / 10.0,
+                "emfile_errors": r.emfile, "enfile_errors": r.enfile, "drift": r.drift,
+            }));
+        }
+        if self.header_due {
+            self.header_due = false;
+            writeln!(
+                self.out,
+                "\n{:<8} {:>7} {:<15} {:>15} {:>6} {:>8} {:>8} {:>6} {:>5}  BY KIND",
+                "TIME", "PID", "COMM", "FDS/LIMIT", "USED", "OPEN/s", "CLOSE/s", "EMFILE", "DRIFT"
+            )?;
+        }
+        let limit = r.soft_limit.map_or("-".into(), |l| l.to_string());
+        let used = r.pct_used().map_or("-".into(), |p| format!("{p:.1}%"));
+        let drift = r.drift.map_or("?".into(), |d| d.to_string());
+        writeln!(
+            self.out,
+            "{:<8} {:>7} {:<15} {:>15} {:>6} {:>8.1} {:>8.1} {:>6} {:>5}  {}",
+            clock(ts),
+            r.pid,
+            r.comm,
+            format!("{}/{}", r.open_fds, limit),
+            used,
+            r.opened_per_s,
+            r.closed_per_s,
+            r.emfile + r.enfile,
+            drift,
+            kinds_text(r.by_kind)
+        )
+    }
+
+    pub fn fork(&mut self, ts: f64, pid: u32, ppid: u32) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({"type": "fork", "ts": ts, "pid": pid, "ppid": ppid}));
+        }
+        writeln!(
+            self.out,
+            "{:<8} {pid:>7} forked from {ppid} (now traced)",
+            clock(ts)
+        )
+    }
+
+    pub fn exec(&mut self, ts: f64, pid: u32, comm: &str) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({"type": "exec", "ts": ts, "pid": pid, "comm": comm}));
+        }
+        writeln!(self.out, "{:<8} {pid:>7} exec {comm}", clock(ts))
+    }
+
+    pub fn exit(
+        &mut self,
+        ts: f64,
+        pid: u32,
+        comm: &str,
+        open: u64,
+        opened: u64,
+        closed: u64,
+    ) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({
+                "type": "exit", "ts": ts, "pid": pid, "comm": comm,
+                "open_fds": open, "opened_total": opened, "closed_total": closed,
+            }));
+        }
+        writeln!(
+            self.out,
+            "{:<8} {pid:>7} {comm} exited holding {open} fds (opened {opened}, closed {closed} while traced)",
+            clock(ts)
+        )
+    }
+
+    pub fn fd_error(
+        &mut self,
+        ts: f64,
+        pid: u32,
+        tid: u32,
+        syscall: &str,
+        errno: &str,
+    ) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({
+                "type": "emfile", "ts": ts, "pid": pid, "tid": tid, "syscall": syscall, "errno": errno,
+            }));
+        }
+        let why = if errno == "EMFILE" {
+            "the process is at its RLIMIT_NOFILE"
+        } else {
+            "the system-wide fs.file-max is reached"
+        };
+        writeln!(
+            self.out,
+            "{:<8} {pid:>7} {syscall} failed with {errno} ({why})",
+            clock(ts)
+        )
+    }
+
+    /// Events the kernel could not deliver (ring buffer full).
+    pub fn lost(&mut self, ts: f64, count: u64) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({"type": "lost", "ts": ts, "count": count}));
+        }
+        writeln!(
+            self.out,
+            "{:<8} warning: {count} events lost (ring buffer full); counts stay exact, fork/exec/exit notices may be missing",
+            clock(ts)
+        )
+    }
+
+    /// Fds or processes the kernel maps had no room for.
+    pub fn map_full(
+        &mut self,
+        ts: f64,
+        map: &str,
+        count: u64,
+        max_entries: u32,
+        flag: &str,
+    ) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({
+                "type": "map_full", "ts": ts, "map": map, "count": count, "max_entries": max_entries,
+            }));
+        }
+        writeln!(
+            self.out,
+            "{:<8} warning: the {map} map is full ({max_entries} entries): {count} not tracked; raise {flag}",
+            clock(ts)
+        )
+    }
+
+    pub fn resynced(&mut self, ts: f64, pid: u32, drift: i64) -> io::Result<()> {
+        if self.json {
+            return Ok(()); // the process object carries the drift
+        }
+        writeln!(
+            self.out,
+            "{:<8} {pid:>7} drift {drift:+} against /proc/{pid}/fd; resynced",
+            clock(ts)
+        )
+    }
+
+    pub fn summary(&mut self, secs: f64, rows: &[SummaryRow]) -> io::Result<()> {
+        if self.json || rows.is_empty() {
+            return self.out.flush();
+        }
+        writeln!(self.out, "\nSummary ({secs:.1}s traced):")?;
+        writeln!(
+            self.out,
+            "{:>7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>6}  STATE",
+            "PID", "COMM", "OPEN", "OPENED", "CLOSED", "NET", "EMFILE"
+        )?;
+        for r in rows {
+            writeln!(
+                self.out,
+                "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8} {:>6}  {}",
+                r.pid,
+                r.comm,
+                r.open_fds,
+                r.opened,
+                r.closed,
+                r.opened as i64 - r.closed as i64,
+                r.emfile,
+                if r.exited { "exited" } else { "running" }
+            )?;
+        }
+        self.out.flush()
+    }
+}

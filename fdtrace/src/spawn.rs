@@ -1,0 +1,101 @@
+//! `fdtrace run -- CMD`: starts CMD so that it is traced from its first
+//! syscall. The child stops between fork and exec until fdtrace has
+//! registered its pid and seeded its table; the handshake pipes are
+//! close-on-exec, so exec itself removes them, through the same path as any
+//! other close-on-exec fd.
+use std::{
+    ffi::OsString,
+    fs::File,
+    io::{self, Read as _, Write as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    process::{Child, Command},
+    thread::JoinHandle,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{error::Fatal, loader::Kernel, sync};
+
+pub struct Spawned {
+    pub pid: u32,
+    pub child: Child,
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub fn start(k: &mut Kernel, argv: &[OsString], follow: bool) -> Result<Spawned> {
+    let (ready_r, ready_w) = pipe().context("creating the start pipe")?;
+    let (go_r, go_w) = pipe().context("creating the start pipe")?;
+    let (rr, rw, gr, gw) = (
+        ready_r.as_raw_fd(),
+        ready_w.as_raw_fd(),
+        go_r.as_raw_fd(),
+        go_w.as_raw_fd(),
+    );
+
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: only async-signal-safe calls (close, getpid, write, read).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::close(rr);
+            libc::close(gw);
+            let pid = libc::getpid().to_ne_bytes();
+            if libc::write(rw, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+                return Err(io::Error::last_os_error());
+            }
+            let mut go = 0u8;
+            if libc::read(gr, (&raw mut go).cast(), 1) != 1 {
+                return Err(io::Error::other(
+                    "fdtrace stopped before the command started",
+                ));
+            }
+            Ok(())
+        });
+    }
+    // Command::spawn returns only once the child has exec'd (or failed to), so
+    // it runs on its own thread. That thread owns the child's ends of the
+    // pipes until then, so a child that dies early gives us EOF, not a hang.
+    let spawner: JoinHandle<io::Result<Child>> = std::thread::spawn(move || {
+        let child = cmd.spawn();
+        drop((ready_w, go_r));
+        child
+    });
+
+    let name = argv[0].to_string_lossy().into_owned();
+    let spawn_failed = |spawner: JoinHandle<io::Result<Child>>| -> anyhow::Error {
+        match spawner.join() {
+            Ok(Err(e)) => Fatal::Usage(format!("cannot run {name}: {e}")).into(),
+            Ok(Ok(_)) => anyhow::anyhow!("{name} started without waiting for fdtrace"),
+            Err(_) => anyhow::anyhow!("the thread starting {name} panicked"),
+        }
+    };
+
+    let mut pid = [0u8; 4];
+    if File::from(ready_r).read_exact(&mut pid).is_err() {
+        return Err(spawn_failed(spawner));
+    }
+    let pid = u32::from_ne_bytes(pid);
+    sync::attach(k, pid, follow)?;
+    let mut go = File::from(go_w);
+    if go.write_all(&[1]).is_err() {
+        return Err(spawn_failed(spawner));
+    }
+    drop(go);
+    match spawner.join() {
+        Ok(Ok(child)) => Ok(Spawned { pid, child }),
+        Ok(Err(e)) => Err(Fatal::Usage(format!("cannot run {name}: {e}")).into()),
+        Err(_) => Err(anyhow::anyhow!("the thread starting {name} panicked")),
+    }
+}

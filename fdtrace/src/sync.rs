@@ -1,0 +1,135 @@
+//! Keeping the kernel's tables equal to /proc: seeding at attach, the drift
+//! check every interval, and the resync after a non-zero drift.
+use std::collections::HashMap;
+
+use anyhow::{Context as _, Result};
+use aya::maps::MapError;
+use fdtrace_common::{
+    FD_CLOEXEC, FD_KINDS, FD_PREEXISTING, FdInfo, FdKey, NO_SITE, PROC_FOLLOW, ProcStats,
+};
+
+use crate::{loader::Kernel, procfd};
+
+/// BPF_NOEXIST: insert only if absent, so an fd the kernel side recorded
+/// between our /proc read and the insert keeps its own (exact) entry.
+const BPF_NOEXIST: u64 = 1;
+
+/// Tries to read the kernel count and /proc's at one moment when the table did
+/// not change; a busy process may not give one within this many tries.
+const TRIES: usize = 4;
+
+/// The kernel's view of one process at a report.
+pub struct Snapshot {
+    pub stats: ProcStats,
+    /// Kernel live count minus /proc's, taken while the table was still; None
+    /// when the process changed its table during every try.
+    pub drift: Option<i64>,
+}
+
+/// Starts tracing `pid`: registers it in the kernel filter, then seeds its
+/// table from /proc (those fds have origin "pre-existing").
+pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<()> {
+    let flags = if follow { PROC_FOLLOW } else { 0 };
+    match k.procs.insert(pid, ProcStats::new(flags), BPF_NOEXIST) {
+        Ok(()) => {}
+        // Already traced (a followed child of another traced process).
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("registering pid {pid} in the kernel map"));
+        }
+    }
+    resync(k, pid).with_context(|| format!("reading /proc/{pid}/fd"))
+}
+
+/// None when the process is no longer traced (it exited).
+pub fn check(k: &Kernel, pid: u32) -> Option<Snapshot> {
+    let mut stats = k.procs.get(&pid, 0).ok()?;
+    for _ in 0..TRIES {
+        let Ok(count) = procfd::fd_count(pid) else {
+            // /proc entry gone: exiting; the exit event follows.
+            return Some(Snapshot { stats, drift: None });
+        };
+        let after = k.procs.get(&pid, 0).ok()?;
+        if after.generation == stats.generation {
+            return Some(Snapshot {
+                drift: Some(after.live as i64 - count as i64),
+                stats: after,
+            });
+        }
+        stats = after;
+    }
+    Some(Snapshot { stats, drift: None })
+}
+
+/// Makes the kernel table of `pid` equal to /proc/PID/fd: adds the fds it
+/// lacks (as pre-existing), drops those /proc does not have, and recomputes
+/// the live and per-kind counts. Opened/closed totals are kept.
+pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
+    let listed: HashMap<u32, procfd::ProcFd> = procfd::list_fds(pid)?
+        .into_iter()
+        .map(|f| (f.fd, f))
+        .collect();
+    let hwm = k.procs.get(&pid, 0).map(|s| s.fd_hwm).unwrap_or(0);
+
+    let mut by_kind = [0u64; FD_KINDS];
+    let mut seen = 0usize;
+    for fd in 0..hwm {
+        let key = FdKey { tgid: pid, fd };
+        let Ok(info) = k.fds.get(&key, 0) else {
+            continue;
+        };
+        if listed.contains_key(&fd) {
+            by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
+            seen += 1;
+        } else {
+            // Gone since: a close fdtrace missed.
+            let _ = k.fds.remove(&key);
+        }
+    }
+    let mut top = hwm;
+    for f in listed.values() {
+        top = top.max(f.fd + 1);
+        let key = FdKey {
+            tgid: pid,
+            fd: f.fd,
+        };
+        if let Ok(info) = k.fds.get(&key, 0) {
+            // Below hwm it was counted above; above it, the kernel side
+            // created it after we read hwm.
+            if f.fd >= hwm {
+                by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
+                seen += 1;
+            }
+            continue;
+        }
+        let info = FdInfo {
+            created_ns: 0,
+            site: NO_SITE,
+            syscall: u16::MAX,
+            kind: f.kind as u8,
+            flags: FD_PREEXISTING | if f.cloexec { FD_CLOEXEC } else { 0 },
+            _pad: 0,
+        };
+        k.fds.insert(key, info, BPF_NOEXIST).with_context(|| {
+            format!(
+                "seeding fd {} of pid {pid}: the fd map is full, raise --max-fds",
+                f.fd
+            )
+        })?;
+        by_kind[f.kind as usize] += 1;
+        seen += 1;
+    }
+    // Read-modify-write of the counters: the kernel may bump them in between;
+    // the next drift check sees and repairs any difference.
+    let Ok(mut stats) = k.procs.get(&pid, 0) else {
+        return Ok(()); // exited meanwhile
+    };
+    stats.live = seen as u64;
+    stats.by_kind = by_kind;
+    stats.fd_hwm = stats.fd_hwm.max(top);
+    stats.generation += 1;
+    k.procs
+        .insert(pid, stats, 0)
+        .with_context(|| format!("updating counters of pid {pid}"))?;
+    Ok(())
+}
