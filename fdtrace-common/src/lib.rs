@@ -200,6 +200,9 @@ pub struct Event {
     pub live: u64,
     pub opened: u64,
     pub closed: u64,
+    /// The task's comm when the event happened (NUL-padded): a short-lived
+    /// process may be gone before user space could read /proc.
+    pub comm: [u8; 16],
 }
 
 /// Indexes into the global counters array.
@@ -227,4 +230,4 @@ const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 7 * 8 + 8 + 8 * FD_KINDS);
 const _: () = assert!(core::mem::size_of::<ProcStats>() % 8 == 0);
-const _: () = assert!(core::mem::size_of::<Event>() == 48);
+const _: () = assert!(core::mem::size_of::<Event>() == 64);

@@ -8,7 +8,9 @@ use core::{
     intrinsics::{AtomicOrdering, atomic_xadd},
 };
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_loop};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_loop,
+};
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, Event, FD_CLOEXEC, FD_KINDS, FdInfo, FdKey, NO_SITE,
     ProcStats,
@@ -289,6 +291,7 @@ pub fn emit(kind: u32, tgid: u32, aux: u32, syscall: u64, p: *const ProcStats) {
         live,
         opened,
         closed,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
     entry.submit(0);
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Fatal {
-    #[error("fdtrace needs root: run it with sudo (missing {0})")]
+    #[error("root privileges needed: run fdtrace with sudo (it lacks {0})")]
     Privileges(String),
     #[error("{0}")]
     Environment(String),

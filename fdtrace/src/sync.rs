@@ -1,6 +1,6 @@
 //! Keeping the kernel's tables equal to /proc: seeding at attach, the drift
 //! check every interval, and the resync after a non-zero drift.
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
@@ -41,8 +41,23 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<()> {
     resync(k, pid).with_context(|| format!("reading /proc/{pid}/fd"))
 }
 
-/// None when the process is no longer traced (it exited).
+/// How long to wait before re-checking a non-zero drift: a syscall that has
+/// put its fd in the table but not yet reached the sys_exit hook makes /proc
+/// run ahead for a few microseconds.
+const CONFIRM_AFTER: Duration = Duration::from_millis(5);
+
+/// None when the process is no longer traced (it exited). A drift is reported
+/// only when a second look confirms it.
 pub fn check(k: &Kernel, pid: u32) -> Option<Snapshot> {
+    let first = check_once(k, pid)?;
+    if first.drift.is_none_or(|d| d == 0) {
+        return Some(first);
+    }
+    std::thread::sleep(CONFIRM_AFTER);
+    check_once(k, pid)
+}
+
+fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
     let mut stats = k.procs.get(&pid, 0).ok()?;
     for _ in 0..TRIES {
         let Ok(count) = procfd::fd_count(pid) else {

@@ -53,6 +53,15 @@ impl View {
     }
 }
 
+fn event_comm(ev: &Event) -> String {
+    let len = ev
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(ev.comm.len());
+    String::from_utf8_lossy(&ev.comm[..len]).into_owned()
+}
+
 struct Session {
     k: Kernel,
     out: Output,
@@ -174,24 +183,24 @@ impl Session {
             EV_FORK => {
                 let mut view = View::new(ev.tgid);
                 view.ppid = Some(ev.aux);
-                if view.comm.is_empty() {
-                    view.comm = self
-                        .views
-                        .get(&ev.aux)
-                        .map(|v| v.comm.clone())
-                        .unwrap_or_default();
-                }
+                // The event ran in the parent: its comm is the child's too.
+                view.comm = event_comm(ev);
                 self.views.insert(ev.tgid, view);
                 self.out.fork(ts, ev.tgid, ev.aux)
             }
             EV_EXEC => {
-                let comm = procfd::info(ev.tgid).map(|i| i.comm).unwrap_or_default();
+                let comm = event_comm(ev);
                 if let Some(v) = self.views.get_mut(&ev.tgid) {
                     v.comm.clone_from(&comm);
                 }
                 self.out.exec(ts, ev.tgid, &comm)
             }
-            EV_EXIT => self.exited(ev.tgid, Some((ev.live, ev.opened, ev.closed))),
+            EV_EXIT => {
+                if let Some(v) = self.views.get_mut(&ev.tgid) {
+                    v.comm = event_comm(ev);
+                }
+                self.exited(ev.tgid, Some((ev.live, ev.opened, ev.closed)))
+            }
             EV_EMFILE | EV_ENFILE => {
                 let errno = if ev.kind == EV_EMFILE {
                     "EMFILE"
