@@ -229,5 +229,4 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 7 * 8 + 8 + 8 * FD_KINDS);
-const _: () = assert!(core::mem::size_of::<ProcStats>() % 8 == 0);
 const _: () = assert!(core::mem::size_of::<Event>() == 64);

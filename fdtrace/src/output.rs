@@ -79,7 +79,7 @@ fn kinds_text(by_kind: &[u64; FD_KINDS]) -> String {
         .filter(|(_, n)| **n > 0)
         .map(|(k, n)| (*n, k.name()))
         .collect();
-    parts.sort_by(|a, b| b.0.cmp(&a.0));
+    parts.sort_by_key(|p| std::cmp::Reverse(p.0));
     parts
         .iter()
         .map(|(n, k)| format!("{k}:{n}"))

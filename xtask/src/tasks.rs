@@ -1,0 +1,252 @@
+//! `cargo xtask build | run | test`.
+//!
+//! xtask's own messages go to stderr so that `cargo xtask run -- --json`
+//! leaves fdtrace's stdout clean.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus};
+
+use anyhow::{Context, Result, bail};
+
+use crate::proc::{self, capture, exit_code, is_root};
+use crate::setup::{self, Tools};
+
+/// Built by aya-build for the BPF target, never for the host.
+const EBPF_CRATE: &str = "fdtrace-ebpf";
+
+/// The workspace as cargo sees it.
+struct Workspace {
+    root: PathBuf,
+    target_dir: PathBuf,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        // xtask/ sits directly in the workspace root.
+        let start = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let start = start.parent().unwrap_or(start);
+        let json = capture(
+            Command::new("cargo")
+                .args(["metadata", "--no-deps", "--format-version", "1"])
+                .current_dir(start),
+        )?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&json).context("cannot parse `cargo metadata` output")?;
+        let path = |key: &str| -> Result<PathBuf> {
+            meta.get(key)
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from)
+                .with_context(|| format!("`cargo metadata` has no {key}"))
+        };
+        Ok(Self {
+            root: path("workspace_root")?,
+            target_dir: path("target_directory")?,
+        })
+    }
+
+    /// `cargo <args>` in the workspace root, with setup's bin dir on PATH.
+    fn cargo(&self, tools: &Tools, args: &[&str]) -> Result<Command> {
+        let mut cmd = Command::new("cargo");
+        cmd.args(args)
+            .current_dir(&self.root)
+            .env("PATH", tools.path_env()?);
+        Ok(cmd)
+    }
+
+    /// `cargo <args>` with the nightly toolchain that builds the eBPF crate.
+    fn nightly_cargo(&self, tools: &Tools, args: &[&str]) -> Result<Command> {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", "nightly", "cargo"])
+            .args(args)
+            .current_dir(&self.root)
+            .env("PATH", tools.path_env()?);
+        Ok(cmd)
+    }
+
+    fn fdtrace_bin(&self, release: bool) -> PathBuf {
+        let profile = if release { "release" } else { "debug" };
+        self.target_dir.join(profile).join("fdtrace")
+    }
+}
+
+/// `cargo xtask build`: setup, then build fdtrace.
+pub fn build(tools: &Tools, release: bool) -> Result<()> {
+    setup::setup(tools)?;
+    let ws = Workspace::locate()?;
+    let bin = build_fdtrace(&ws, tools, release)?;
+    eprintln!("xtask: built {}", bin.display());
+    Ok(())
+}
+
+fn build_fdtrace(ws: &Workspace, tools: &Tools, release: bool) -> Result<PathBuf> {
+    let mut args = vec!["build", "--package", "fdtrace"];
+    if release {
+        args.push("--release");
+    }
+    proc::run(&mut ws.cargo(tools, &args)?)?;
+    let bin = ws.fdtrace_bin(release);
+    if !bin.is_file() {
+        bail!("the build succeeded but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// `cargo xtask run -- ARGS`: setup, release build, then fdtrace ARGS as root.
+pub fn run(tools: &Tools, args: &[String]) -> Result<ExitCode> {
+    setup::setup(tools)?;
+    let ws = Workspace::locate()?;
+    let bin = build_fdtrace(&ws, tools, true)?;
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        sudo_command(&bin)?
+    };
+    cmd.args(args);
+    // Ctrl-C goes to the whole foreground group: let fdtrace handle it and
+    // report its own exit code instead of dying before it.
+    shield_sigint();
+    let status = proc::status(&mut cmd)?;
+    Ok(ExitCode::from(exit_code(status)))
+}
+
+fn sudo_command(bin: &Path) -> Result<Command> {
+    if !proc::exists("sudo") {
+        bail!(
+            "fdtrace needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_SYS_ADMIN) and sudo \
+             is not installed: run `cargo xtask run` as root, or run {} as root",
+            bin.display()
+        );
+    }
+    eprintln!("xtask: fdtrace needs root: running it through sudo");
+    if !setup::tracefs_mounted() {
+        setup::mount_tracefs(Some("sudo"))?;
+    }
+    let mut cmd = Command::new("sudo");
+    cmd.arg("--").arg(bin);
+    Ok(cmd)
+}
+
+extern "C" fn on_sigint(_sig: libc::c_int) {}
+
+/// Survive SIGINT (a handler, not SIG_IGN, so children get the default back at exec).
+fn shield_sigint() {
+    let handler: extern "C" fn(libc::c_int) = on_sigint;
+    // SAFETY: installs an async-signal-safe handler that does nothing.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    }
+}
+
+/// `cargo xtask test`: setup, fmt, clippy, release build, cargo test.
+pub fn test(tools: &Tools) -> Result<ExitCode> {
+    if !is_root() {
+        eprintln!(
+            "xtask: the tests load eBPF programs and need a mounted tracefs: they need root; \
+             run `cargo xtask test` as root"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    setup::setup(tools)?;
+    ensure_lint_components()?;
+    let ws = Workspace::locate()?;
+    let bin = ws.fdtrace_bin(true);
+    // The eBPF crate only builds for bpfel-unknown-none with nightly (through
+    // fdtrace's build.rs), never for the host: keep it out of host clippy/test.
+    let steps: [&[&str]; 4] = [
+        &["fmt", "--all", "--", "--check"],
+        &[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            EBPF_CRATE,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &["build", "--release", "--package", "fdtrace"],
+        &["test", "--workspace", "--exclude", EBPF_CRATE],
+    ];
+    let mut commands = Vec::new();
+    for (i, args) in steps.into_iter().enumerate() {
+        commands.push(ws.cargo(tools, args)?);
+        if i == 1 {
+            // The eBPF crate is linted for its own target, with its toolchain.
+            commands.push(ws.nightly_cargo(
+                tools,
+                &[
+                    "clippy",
+                    "--package",
+                    EBPF_CRATE,
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )?);
+        }
+    }
+    for mut cmd in commands {
+        cmd.env("FDTRACE_BIN", &bin);
+        let status = proc::status(&mut cmd)?;
+        if !status.success() {
+            return Ok(fail(&cmd, status));
+        }
+    }
+    eprintln!("xtask: all checks and tests passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fail(cmd: &Command, status: ExitStatus) -> ExitCode {
+    let code = exit_code(status).max(1);
+    eprintln!("xtask: `{}` failed (exit code {code})", proc::describe(cmd));
+    ExitCode::from(code)
+}
+
+/// rustfmt and clippy for the toolchain that runs xtask (usually stable) and
+/// for nightly, which lints the eBPF crate.
+fn ensure_lint_components() -> Result<()> {
+    for toolchain in [None, Some("nightly")] {
+        ensure_components(toolchain)?;
+    }
+    Ok(())
+}
+
+/// rustfmt and clippy for `toolchain` (None: the one running xtask).
+fn ensure_components(toolchain: Option<&str>) -> Result<()> {
+    let with_toolchain = |cmd: &mut Command| {
+        if let Some(t) = toolchain {
+            cmd.args(["--toolchain", t]);
+        }
+    };
+    let mut list_cmd = Command::new("rustup");
+    list_cmd.args(["component", "list", "--installed"]);
+    with_toolchain(&mut list_cmd);
+    let list = capture(&mut list_cmd)?;
+    let missing: Vec<&str> = ["rustfmt", "clippy"]
+        .into_iter()
+        .filter(|c| {
+            !list
+                .lines()
+                .any(|l| l.trim().starts_with(&format!("{c}-")) || l.trim() == *c)
+        })
+        .collect();
+    let which = toolchain.unwrap_or("default toolchain");
+    if missing.is_empty() {
+        eprintln!("test: rustfmt, clippy ({which}): present");
+        return Ok(());
+    }
+    eprintln!(
+        "test: {} ({which}): missing: installing",
+        missing.join(", ")
+    );
+    let mut add = Command::new("rustup");
+    add.args(["component", "add"]).args(&missing);
+    with_toolchain(&mut add);
+    proc::run(&mut add)
+        .context("adding rustfmt/clippy failed: check the network and run `cargo xtask test` again")
+}
