@@ -50,6 +50,12 @@ pub fn list_fds(pid: u32) -> io::Result<Vec<ProcFd>> {
     Ok(out)
 }
 
+/// Kind of one open fd; None when it is gone.
+pub fn kind_of_fd(pid: u32, fd: u32) -> Option<FdKind> {
+    let info = Process::new(pid as i32).ok()?.fd_from_fd(fd as i32).ok()?;
+    Some(kind_of(&info.target))
+}
+
 /// O_CLOEXEC from the octal `flags:` line of /proc/PID/fdinfo/FD; None when
 /// the fd is gone.
 fn fd_cloexec(pid: u32, fd: u32) -> Option<bool> {

@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::Duration};
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use fdtrace_common::{
-    FD_CLOEXEC, FD_KINDS, FD_PREEXISTING, FdInfo, FdKey, NO_SITE, PROC_FOLLOW, ProcStats,
+    FD_CLOEXEC, FD_KINDS, FD_PREEXISTING, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW, ProcStats,
 };
 
 use crate::{loader::Kernel, procfd};
@@ -13,6 +13,9 @@ use crate::{loader::Kernel, procfd};
 /// BPF_NOEXIST: insert only if absent, so an fd the kernel side recorded
 /// between our /proc read and the insert keeps its own (exact) entry.
 const BPF_NOEXIST: u64 = 1;
+
+/// BPF_EXIST: update only if present, so an fd closed meanwhile stays gone.
+const BPF_EXIST: u64 = 2;
 
 /// Tries to read the kernel count and /proc's at one moment when the table did
 /// not change; a busy process may not give one within this many tries.
@@ -147,4 +150,60 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
         .insert(pid, stats, 0)
         .with_context(|| format!("updating counters of pid {pid}"))?;
     Ok(())
+}
+
+/// Corrections to the kernel's per-kind counts, kept by user space.
+///
+/// Some syscalls do not say what the fd is (SCM_RIGHTS, pidfd_getfd, a dup of
+/// such an fd): the kernel side records them as `unknown`. [`resolve_kinds`]
+/// names them from /proc and rewrites their entries, so a later close is
+/// counted under the real kind; the kernel incremented `unknown` but will
+/// decrement the real kind, and this array holds the difference.
+#[derive(Clone, Copy, Default)]
+pub struct KindFix {
+    pub delta: [i64; FD_KINDS],
+    /// Unknown fds /proc could not name either: not looked up again until the
+    /// kernel's unknown count moves.
+    pub unnamed: u64,
+}
+
+impl KindFix {
+    pub fn apply(&self, by_kind: &[u64; FD_KINDS]) -> [u64; FD_KINDS] {
+        let mut out = *by_kind;
+        for (o, d) in out.iter_mut().zip(self.delta) {
+            *o = o.saturating_add_signed(d);
+        }
+        out
+    }
+}
+
+/// Names the `unknown` fds of `pid` from /proc/PID/fd. Costs one map lookup
+/// per fd number below the high-water mark, so it runs only when the kernel
+/// counts unknown fds that were not looked at yet.
+pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut KindFix) {
+    let unknown = stats.by_kind[FdKind::Unknown as usize].saturating_add_signed(fix.delta[0]);
+    if unknown <= fix.unnamed {
+        return;
+    }
+    let mut unnamed = 0;
+    for fd in 0..stats.fd_hwm {
+        let key = FdKey { tgid: pid, fd };
+        let Ok(mut info) = k.fds.get(&key, 0) else {
+            continue;
+        };
+        if info.kind != FdKind::Unknown as u8 {
+            continue;
+        }
+        let kind = procfd::kind_of_fd(pid, fd).unwrap_or(FdKind::Unknown);
+        if kind == FdKind::Unknown {
+            unnamed += 1;
+            continue;
+        }
+        info.kind = kind as u8;
+        if k.fds.insert(key, info, BPF_EXIST).is_ok() {
+            fix.delta[FdKind::Unknown as usize] -= 1;
+            fix.delta[kind as usize] += 1;
+        }
+    }
+    fix.unnamed = unnamed;
 }

@@ -36,6 +36,7 @@ struct View {
     /// Final figures once it exited (kept for the summary).
     exited: Option<(u64, u64, u64)>,
     last: Option<(u64, u64, u64, u64)>,
+    kind_fix: sync::KindFix,
 }
 
 impl View {
@@ -49,6 +50,7 @@ impl View {
             last_at: Instant::now(),
             exited: None,
             last: None,
+            kind_fix: sync::KindFix::default(),
         }
     }
 }
@@ -258,6 +260,8 @@ impl Session {
             let info = procfd::info(pid);
             let v = self.views.get_mut(&pid).expect("live view");
             let st = snap.stats;
+            sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix);
+            let by_kind = v.kind_fix.apply(&st.by_kind);
             let dt = v.last_at.elapsed().as_secs_f64().max(1e-3);
             let (opened_per_s, closed_per_s) = if v.last.is_some() {
                 (
@@ -282,7 +286,7 @@ impl Session {
                 open_fds: st.live,
                 soft_limit: info.as_ref().and_then(|i| i.soft_limit),
                 hard_limit: info.as_ref().and_then(|i| i.hard_limit),
-                by_kind: &st.by_kind,
+                by_kind: &by_kind,
                 opened: st.opened,
                 closed: st.closed,
                 opened_per_s,
@@ -294,7 +298,13 @@ impl Session {
             self.out.process(ts, &row)?;
             if let Some(d) = snap.drift.filter(|&d| d != 0) {
                 match sync::resync(&mut self.k, pid) {
-                    Ok(()) => self.out.resynced(ts, pid, d)?,
+                    Ok(()) => {
+                        // The resync recounted every kind from the entries.
+                        if let Some(v) = self.views.get_mut(&pid) {
+                            v.kind_fix = sync::KindFix::default();
+                        }
+                        self.out.resynced(ts, pid, d)?
+                    }
                     Err(e) => eprintln!("fdtrace: resync of pid {pid} failed: {e:#}"),
                 }
             }

@@ -1,0 +1,561 @@
+//! fdtrace against fdops, every scenario in both modes: `<scenario>::run`
+//! (`fdtrace run -- fdops`) and `<scenario>::pid` (`fdtrace --pid <fdops>`).
+//!
+//! Needs root and a built fdtrace (see `fdtrace_tests::fdtrace_bin`). Each
+//! test traces only the processes it started, so the tests may run in
+//! parallel (cargo test's default).
+
+use std::time::Duration;
+
+use fdtrace_tests::{Expect, Mode, Session, proc_cloexec, proc_comm, proc_fds};
+
+const FDOPS: &str = env!("CARGO_BIN_EXE_fdops");
+
+/// Generates `mod NAME { fn run(); fn pid(); }` calling `NAME(mode)`.
+macro_rules! both_modes {
+    ($name:ident) => {
+        both_modes!($name, Mode::RUN, Mode::PID);
+    };
+    ($name:ident, $run:expr, $pid:expr) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn run() {
+                super::$name($run);
+            }
+
+            #[test]
+            fn pid() {
+                super::$name($pid);
+            }
+        }
+    };
+}
+
+/// A free fd number in `pid` well above every open one.
+fn free_fd(pid: i32) -> i32 {
+    proc_fds(pid).unwrap().keys().max().copied().unwrap_or(2) + 10
+}
+
+// ---- open, close and failures -------------------------------------------
+
+fn open_close(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let (a, _) = s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    let (b, _) = s.ostep(p, "open cloexec", 1, 0, &[("file", 1)]);
+    assert!(!proc_cloexec(p, a.fd()) && proc_cloexec(p, b.fd()));
+    s.ostep(p, "open_legacy", 1, 0, &[("file", 1)]);
+    s.ostep(p, "openat2", 1, 0, &[("file", 1)]);
+    let (c, _) = s.ostep(p, "openat2 cloexec", 1, 0, &[("file", 1)]);
+    assert!(proc_cloexec(p, c.fd()));
+    let (d, _) = s.ostep(p, "creat", 1, 0, &[("file", 1)]);
+
+    // Failed calls change nothing.
+    let before = s.last(p);
+    let (_, after) = s.ostep(p, "open_missing", 0, 0, &[]);
+    assert_eq!(after.open_fds, before.open_fds);
+    let (_, after) = s.ostep(p, "close_bad", 0, 0, &[]);
+    assert_eq!(after.open_fds, before.open_fds);
+
+    s.ostep(p, &format!("close {}", a.fd()), 0, 1, &[("file", -1)]);
+    s.ostep(
+        p,
+        &format!("close {} {}", b.fd(), d.fd()),
+        0,
+        2,
+        &[("file", -2)],
+    );
+
+    // Bulk: 40 opened, then all closed; then churn leaves the count as it was.
+    let (m, _) = s.ostep(p, "openmany 40", 40, 0, &[("file", 40)]);
+    let list: Vec<String> = m.fds("fds").iter().map(|f| f.to_string()).collect();
+    s.ostep(
+        p,
+        &format!("close {}", list.join(" ")),
+        0,
+        40,
+        &[("file", -40)],
+    );
+    let before = s.last(p);
+    let (_, after) = s.ostep(p, "churn 200", 200, 200, &[]);
+    assert_eq!(after.open_fds, before.open_fds);
+}
+both_modes!(open_close);
+
+// ---- sockets and pipes --------------------------------------------------------
+
+fn sockets(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let (a, _) = s.ostep(p, "socket", 1, 0, &[("socket", 1)]);
+    let (b, _) = s.ostep(p, "socket cloexec", 1, 0, &[("socket", 1)]);
+    assert!(!proc_cloexec(p, a.fd()) && proc_cloexec(p, b.fd()));
+    s.ostep(p, "socketpair", 2, 0, &[("socket", 2)]);
+    let (sp, _) = s.ostep(p, "socketpair cloexec", 2, 0, &[("socket", 2)]);
+    assert!(sp.fds("fds").iter().all(|&f| proc_cloexec(p, f)));
+    let (acc4, _) = s.ostep(p, "accept4 cloexec", 3, 0, &[("socket", 3)]);
+    let f = acc4.fds("fds");
+    assert!(
+        !proc_cloexec(p, f[0]) && proc_cloexec(p, f[2]),
+        "accept4 SOCK_CLOEXEC"
+    );
+    let (acc, _) = s.ostep(p, "accept", 3, 0, &[("socket", 3)]);
+    assert!(!proc_cloexec(p, acc.fds("fds")[2]));
+    s.ostep(
+        p,
+        &format!("close {} {} {}", f[0], f[1], f[2]),
+        0,
+        3,
+        &[("socket", -3)],
+    );
+    s.ostep(p, &format!("close {}", a.fd()), 0, 1, &[("socket", -1)]);
+}
+both_modes!(sockets);
+
+fn pipes(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let (a, _) = s.ostep(p, "pipe", 2, 0, &[("pipe", 2)]);
+    let (b, _) = s.ostep(p, "pipe2 cloexec", 2, 0, &[("pipe", 2)]);
+    assert!(b.fds("fds").iter().all(|&f| proc_cloexec(p, f)));
+    assert!(a.fds("fds").iter().all(|&f| !proc_cloexec(p, f)));
+    s.ostep(
+        p,
+        &format!("close {}", a.fds("fds")[0]),
+        0,
+        1,
+        &[("pipe", -1)],
+    );
+    let fb = b.fds("fds");
+    s.ostep(
+        p,
+        &format!("close {} {}", fb[0], fb[1]),
+        0,
+        2,
+        &[("pipe", -2)],
+    );
+}
+both_modes!(pipes);
+
+// ---- dup family and close-on-exec flags ----------------------------------------
+
+fn dup_family(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let a = s.ostep(p, "open", 1, 0, &[("file", 1)]).0.fd();
+    let sk = s.ostep(p, "socket", 1, 0, &[("socket", 1)]).0.fd();
+    let pp = s.ostep(p, "pipe", 2, 0, &[("pipe", 2)]).0.fds("fds");
+
+    s.ostep(p, &format!("dup {a}"), 1, 0, &[("file", 1)]);
+    // dup2 onto an open fd: one opened, one closed (implicitly), count unchanged,
+    // and the socket it replaced is now a file.
+    let before = s.last(p);
+    let (r, after) = s.ostep(
+        p,
+        &format!("dup2 {a} {sk}"),
+        1,
+        1,
+        &[("file", 1), ("socket", -1)],
+    );
+    assert_eq!(r.num("replaced"), 1);
+    assert_eq!(
+        after.open_fds, before.open_fds,
+        "dup2 onto an open fd keeps the count"
+    );
+    // dup2 onto a free fd.
+    let free = free_fd(p);
+    s.ostep(p, &format!("dup2 {a} {free}"), 1, 0, &[("file", 1)]);
+    // dup2 of an fd onto itself does nothing.
+    s.ostep(p, &format!("dup2 {a} {a}"), 0, 0, &[]);
+    // dup3 O_CLOEXEC onto a free fd, then onto an open pipe end.
+    let free = free_fd(p);
+    s.ostep(p, &format!("dup3 {a} {free} cloexec"), 1, 0, &[("file", 1)]);
+    assert!(proc_cloexec(p, free));
+    s.ostep(
+        p,
+        &format!("dup3 {a} {} cloexec", pp[0]),
+        1,
+        1,
+        &[("file", 1), ("pipe", -1)],
+    );
+    assert!(proc_cloexec(p, pp[0]));
+    // fcntl F_DUPFD / F_DUPFD_CLOEXEC.
+    let (r, _) = s.ostep(p, &format!("dupfd {a} 100"), 1, 0, &[("file", 1)]);
+    assert!(r.fd() >= 100 && !proc_cloexec(p, r.fd()));
+    let (r, _) = s.ostep(p, &format!("dupfd_cloexec {a} 200"), 1, 0, &[("file", 1)]);
+    assert!(r.fd() >= 200 && proc_cloexec(p, r.fd()));
+    // Flag changes open and close nothing.
+    s.ostep(p, &format!("setfd {a} on"), 0, 0, &[]);
+    assert!(proc_cloexec(p, a));
+    s.ostep(p, &format!("setfd {a} off"), 0, 0, &[]);
+    assert!(!proc_cloexec(p, a));
+    s.ostep(p, &format!("fioclex {a}"), 0, 0, &[]);
+    assert!(proc_cloexec(p, a));
+    s.ostep(p, &format!("fionclex {a}"), 0, 0, &[]);
+    assert!(!proc_cloexec(p, a));
+}
+both_modes!(dup_family);
+
+fn close_range(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let a = s.ostep(p, "open", 1, 0, &[("file", 1)]).0.fd();
+    let sk = s.ostep(p, "socket", 1, 0, &[("socket", 1)]).0.fd();
+    // Six fds at 300.. (mixed kinds), with a hole at the third.
+    let mut high = Vec::new();
+    for i in 0..6 {
+        let (src, kind) = if i % 2 == 0 {
+            (a, "file")
+        } else {
+            (sk, "socket")
+        };
+        let (r, _) = s.ostep(p, &format!("dupfd {src} 300"), 1, 0, &[(kind, 1)]);
+        high.push(r.fd());
+    }
+    s.ostep(p, &format!("close {}", high[2]), 0, 1, &[("file", -1)]);
+    let (lo, hi) = (high[0], high[5]);
+    // CLOSE_RANGE_CLOEXEC closes nothing, marks them close-on-exec.
+    let (r, _) = s.ostep(p, &format!("close_range {lo} {hi} cloexec"), 0, 0, &[]);
+    assert_eq!(r.fds("fds").len(), 5);
+    assert!(r.fds("fds").iter().all(|&f| proc_cloexec(p, f)));
+    // close_range closes the five open ones in range.
+    s.ostep(
+        p,
+        &format!("close_range {lo} {hi}"),
+        0,
+        5,
+        &[("file", -2), ("socket", -3)],
+    );
+    // Up to the maximum fd.
+    let mut top = Vec::new();
+    for _ in 0..3 {
+        top.push(
+            s.ostep(p, &format!("dupfd {a} 500"), 1, 0, &[("file", 1)])
+                .0
+                .fd(),
+        );
+    }
+    let (r, _) = s.ostep(
+        p,
+        &format!("close_range {} max", top[0]),
+        0,
+        3,
+        &[("file", -3)],
+    );
+    assert_eq!(r.fds("fds"), top);
+}
+both_modes!(close_range);
+
+// ---- fds of other kinds -------------------------------------------------------
+
+fn anon_kinds(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let mut made = Vec::new();
+    for (cmd, kind) in [
+        ("eventfd", "eventfd"),
+        ("eventfd cloexec", "eventfd"),
+        ("eventfd legacy", "eventfd"),
+        ("epoll", "epoll"),
+        ("epoll cloexec", "epoll"),
+        ("epoll legacy", "epoll"),
+        ("timerfd", "timerfd"),
+        ("timerfd cloexec", "timerfd"),
+        ("signalfd", "signalfd"),
+        ("signalfd cloexec", "signalfd"),
+        ("signalfd legacy", "signalfd"),
+        ("inotify", "inotify"),
+        ("inotify cloexec", "inotify"),
+        ("inotify legacy", "inotify"),
+        ("memfd", "memfd"),
+        ("memfd cloexec", "memfd"),
+        ("pidfd", "pidfd"),
+    ] {
+        let (r, _) = s.ostep(p, cmd, 1, 0, &[(kind, 1)]);
+        made.push((r.fd(), kind));
+    }
+    // Close one of each kind at a time.
+    for (fd, kind) in made {
+        s.ostep(p, &format!("close {fd}"), 0, 1, &[(kind, -1)]);
+    }
+}
+both_modes!(anon_kinds);
+
+/// Fds passed with SCM_RIGHTS: counts, kinds (resolved from /proc, the
+/// syscall does not say) and MSG_CMSG_CLOEXEC.
+fn scm_rights(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    // socketpair + /dev/null + pipe, and 3 received copies of the last three.
+    let kinds = [("socket", 2), ("file", 2), ("pipe", 4)];
+    let (r, _) = s.ostep(p, "scm", 8, 0, &kinds);
+    let recv = r.fds("recv");
+    assert_eq!(recv.len(), 3);
+    assert!(recv.iter().all(|&f| !proc_cloexec(p, f)));
+    let (rc, _) = s.ostep(p, "scm cloexec", 8, 0, &kinds);
+    assert!(
+        rc.fds("recv").iter().all(|&f| proc_cloexec(p, f)),
+        "MSG_CMSG_CLOEXEC"
+    );
+    // The received fds are ordinary fds: closing them is counted.
+    let cmd = format!("close {} {} {}", recv[0], recv[1], recv[2]);
+    s.ostep(p, &cmd, 0, 3, &[("file", -1), ("pipe", -2)]);
+}
+both_modes!(scm_rights);
+
+/// Fds received with SCM_RIGHTS are counted under their real kind.
+fn threads(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let (r, _) = s.ostep(p, "thread 12 5", 12, 5, &[("file", 7)]);
+    assert_ne!(r.tid(), p, "the fds were made by another thread");
+    let fds = r.fds("fds");
+    assert_eq!(fds.len(), 7);
+    // The main thread closes what the other one opened: one fd table.
+    let list: Vec<String> = fds.iter().map(|f| f.to_string()).collect();
+    s.ostep(
+        p,
+        &format!("close {}", list.join(" ")),
+        0,
+        7,
+        &[("file", -7)],
+    );
+    s.ostep(p, "thread 3 3", 3, 3, &[]);
+}
+both_modes!(threads);
+
+// ---- processes: fork, exec, exit ----------------------------------------------
+
+fn fork(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    s.ostep(p, "open cloexec", 1, 0, &[("file", 1)]);
+    let sp = s
+        .ostep(p, "socketpair", 2, 0, &[("socket", 2)])
+        .0
+        .fds("fds");
+
+    // Two control pipes (4 fds) made, the child's ends (2) closed.
+    let idx = s.mark();
+    let (r, _) = s.ostep(p, "fork", 4, 2, &[("pipe", 2)]);
+    let c = r.num("child") as i32;
+    let ev = s.wait_event(idx, &format!("fork object for child {c}"), |e| {
+        e["type"] == "fork" && e["pid"].as_i64() == Some(c as i64)
+    });
+    assert_eq!(ev["ppid"].as_i64(), Some(p as i64), "fork object: {ev}");
+    assert!(ev["ts"].as_f64().is_some(), "fork object: {ev}");
+    // The child holds the inherited fds (and its ends of the control pipes).
+    let snap = s.check(c, r.at, idx, Expect::first());
+    assert_eq!(snap.proc.len() as i64, r.num("child_nfds"));
+    assert_eq!(snap.comm, "fdops");
+
+    // The child works on its own table; the parent's does not move.
+    s.ostep(c, &format!("child {c} open"), 1, 0, &[("file", 1)]);
+    s.ostep(c, &format!("child {c} socketpair"), 2, 0, &[("socket", 2)]);
+    s.ostep(
+        c,
+        &format!("child {c} close {}", sp[0]),
+        0,
+        1,
+        &[("socket", -1)],
+    );
+    s.ostep(
+        c,
+        &format!("child {c} dup2 {} {}", sp[1], free_fd(c)),
+        1,
+        0,
+        &[("socket", 1)],
+    );
+    let now = fdtrace_tests::now_ts();
+    s.check(p, now, s.mark(), Expect::totals(0, 0));
+    assert!(
+        proc_fds(p).unwrap().contains_key(&sp[0]),
+        "the parent's copy is still open"
+    );
+    // And the other way round.
+    s.ostep(p, &format!("close {}", sp[1]), 0, 1, &[("socket", -1)]);
+    s.check(c, fdtrace_tests::now_ts(), s.mark(), Expect::totals(0, 0));
+
+    // A grandchild, forked by the child, is followed too.
+    let idx = s.mark();
+    let (r, _) = s.ostep(c, &format!("child {c} fork"), 4, 2, &[("pipe", 2)]);
+    let g = r.num("child") as i32;
+    let ev = s.wait_event(idx, &format!("fork object for grandchild {g}"), |e| {
+        e["type"] == "fork" && e["pid"].as_i64() == Some(g as i64)
+    });
+    assert_eq!(ev["ppid"].as_i64(), Some(c as i64), "fork object: {ev}");
+    s.check(g, r.at, idx, Expect::first());
+    s.ostep(
+        g,
+        &format!("child {c} child {g} pipe"),
+        2,
+        0,
+        &[("pipe", 2)],
+    );
+    s.exit_child(&format!("child {c} "), c, g);
+
+    // The child exits: an exit object with its final counts; the parent goes on.
+    s.exit_child("", p, c);
+    s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its last traced process exited");
+}
+both_modes!(fork, Mode::RUN, Mode::PID_FOLLOW);
+
+/// Without following, children are not traced.
+fn nofollow(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let idx = s.mark();
+    let (r, _) = s.ostep(p, "fork", 4, 2, &[("pipe", 2)]);
+    let c = r.num("child") as i32;
+    let rc = s.send_to(0, &format!("child {c} open"));
+    assert_eq!(rc.pid(), c);
+    // Several intervals go by: fdtrace must never report on the child.
+    s.settle(Duration::from_millis(500));
+    s.check(p, fdtrace_tests::now_ts(), s.mark(), Expect::totals(0, 0));
+    if let Some(e) = s.any_event(idx, |e| {
+        e["pid"].as_i64() == Some(c as i64) && e["type"] != "fork"
+    }) {
+        s.fail(&format!(
+            "child {c} is not followed, yet fdtrace reports on it: {e}"
+        ));
+    }
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("the only traced process exited");
+}
+both_modes!(nofollow, Mode::Run { follow: false }, Mode::PID);
+
+fn exec(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let old = s.ostep(p, "open cloexec", 1, 0, &[("file", 1)]).0.fd();
+    let keep = s.ostep(p, "socket", 1, 0, &[("socket", 1)]).0.fd();
+    let (pp, _) = s.ostep(p, "pipe2 cloexec", 2, 0, &[("pipe", 2)]);
+
+    let idx = s.mark();
+    let (r, after) = s.step_expect(0, "exec", |r| Expect {
+        exec: true,
+        ..Expect::from_reply(r)
+    });
+    assert_eq!(r.pid(), p, "exec keeps the pid");
+    assert_eq!(r.num("exec"), 1);
+    let ev = s.wait_event(idx, &format!("exec object for pid {p}"), |e| {
+        e["type"] == "exec" && e["pid"].as_i64() == Some(p as i64)
+    });
+    // execve of /proc/self/exe names the process "exe".
+    let comm = proc_comm(p).unwrap();
+    assert_eq!(
+        ev["comm"].as_str(),
+        Some(comm.as_str()),
+        "exec object: {ev}"
+    );
+    assert_eq!(after.comm, comm);
+    // Every close-on-exec fd is gone, every other one inherited.
+    let now = proc_fds(p).unwrap();
+    let mut gone = r.fds("cloexec");
+    gone.push(old);
+    gone.extend(pp.fds("fds"));
+    for fd in gone {
+        assert!(
+            !now.contains_key(&fd),
+            "close-on-exec fd {fd} survived exec: {now:?}"
+        );
+    }
+    let mut kept = r.fds("kept");
+    kept.push(keep);
+    for fd in kept {
+        assert!(
+            now.contains_key(&fd),
+            "fd {fd} should be inherited across exec: {now:?}"
+        );
+    }
+
+    // Counting is exact again in the new image.
+    s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    s.ostep(p, &format!("close {keep}"), 0, 1, &[("socket", -1)]);
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its only traced process exited");
+}
+both_modes!(exec);
+
+fn exit(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    s.ostep(p, "openmany 5", 5, 0, &[("file", 5)]);
+    s.ostep(p, "socketpair", 2, 0, &[("socket", 2)]);
+    s.ostep(p, "churn 10", 10, 10, &[]);
+    let ev = s.exit_target(0);
+    assert_eq!(ev["pid"].as_i64(), Some(p as i64));
+    s.expect_fdtrace_exit_0("its only traced process exited");
+}
+both_modes!(exit);
+
+// ---- fd limit -----------------------------------------------------------------
+
+fn emfile(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    for (cmd, want_failed, in_thread) in [("emfile 5 3", 3, false), ("emfile 4 2 thread", 2, true)]
+    {
+        let idx = s.mark();
+        let (r, _) = s.step_expect(0, cmd, |r| Expect {
+            emfile: r.num("failed") as u64,
+            ..Expect::from_reply(r)
+        });
+        assert_eq!(r.num("failed"), want_failed, "{}", r.line);
+        assert_eq!(r.opened(), r.closed(), "the extra fds are closed again");
+        assert!(r.opened() >= 4, "{}", r.line);
+        assert_eq!(in_thread, r.tid() != p, "{}", r.line);
+        let evs = s.emfile_events(p, idx);
+        for e in &evs {
+            assert_eq!(e["syscall"], "openat", "{e}");
+            assert_eq!(e["errno"], "EMFILE", "{e}");
+            assert_eq!(e["tid"].as_i64(), Some(r.tid() as i64), "{e}");
+            assert!(e["ts"].as_f64().is_some(), "{e}");
+        }
+    }
+}
+both_modes!(emfile);
+
+/// Every fd-creating syscall that fails with EMFILE is reported as such.
+fn emfile_syscalls(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let idx = s.mark();
+    let (r, _) = s.step_expect(0, "emfile_mixed 3", |r| Expect {
+        emfile: r.num("failed") as u64,
+        ..Expect::from_reply(r)
+    });
+    let mut want: Vec<String> = r.get("syscalls").split(',').map(String::from).collect();
+    assert_eq!(want.len() as i64, r.num("failed"));
+    let mut got: Vec<String> = s
+        .emfile_events(p, idx)
+        .iter()
+        .map(|e| e["syscall"].as_str().unwrap_or("?").to_string())
+        .collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "syscalls of the emfile objects");
+}
+both_modes!(emfile_syscalls);
+
+// ---- several processes ----------------------------------------------------------
+
+/// `--pid A --pid B`: each is traced on its own; fdtrace ends with the last.
+#[test]
+fn pid_two_processes() {
+    let mut s = Session::start_many(FDOPS, Mode::PID, 2);
+    let (a, b) = (s.pid(0), s.pid(1));
+    s.ostep_on(0, a, "open", 1, 0, &[("file", 1)]);
+    s.check(b, fdtrace_tests::now_ts(), s.mark(), Expect::totals(0, 0));
+    s.ostep_on(1, b, "socketpair", 2, 0, &[("socket", 2)]);
+    s.check(a, fdtrace_tests::now_ts(), s.mark(), Expect::totals(0, 0));
+    s.exit_target(0);
+    s.expect_fdtrace_running("one of its two traced processes exited");
+    s.ostep_on(1, b, "pipe", 2, 0, &[("pipe", 2)]);
+    s.exit_target(1);
+    s.expect_fdtrace_exit_0("both traced processes exited");
+}
