@@ -101,6 +101,10 @@ pub const FD_CLOEXEC: u8 = 1 << 0;
 /// `FdInfo::flags`: the fd was open before fdtrace saw it (seeded from /proc).
 pub const FD_PREEXISTING: u8 = 1 << 1;
 
+/// `FdInfo::flags`: fdtrace missed the fd's creation (a blind spot) and added
+/// it when it resynced with /proc; `created_ns` is the resync time.
+pub const FD_RESYNCED: u8 = 1 << 2;
+
 /// `FdInfo::site` when no call site was recorded.
 pub const NO_SITE: u64 = u64::MAX;
 

@@ -589,6 +589,18 @@ pub fn fdtrace_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Empty programs on the same hooks as fdtrace_sys_enter/exit: the kernel's
+/// own cost for those hooks, the floor `cargo xtask bench` compares against.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn noop_sys_enter(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn noop_sys_exit(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

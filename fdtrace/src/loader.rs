@@ -37,39 +37,12 @@ pub struct Limits {
 
 impl Kernel {
     pub fn load(limits: &Limits) -> Result<Self> {
-        check_privileges()?;
-        if !Path::new(BTF_VMLINUX).exists() {
-            return Err(Fatal::Environment(format!(
-                "kernel BTF not found at {BTF_VMLINUX}: fdtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
-            ))
-            .into());
-        }
-        let tracefs = ensure_tracefs()?;
-        let fork_off = field_offset(&tracefs, "sched_process_fork", "child_pid")?
-            .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
-        let exit_off =
-            field_offset(&tracefs, "sched_process_exit", "group_dead")?.unwrap_or(NO_FIELD);
-
-        let mut ebpf = EbpfLoader::new()
-            .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
-            .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
-            .map_max_entries("FDS", limits.max_fds)
-            .map_max_entries("PROCS", limits.max_procs)
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/fdtrace"
-            )))
-            .context("loading the eBPF programs")?;
-        let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+        let (mut ebpf, btf) = open(limits)?;
         for (prog, hook) in [
             ("fdtrace_sys_enter", "sys_enter"),
             ("fdtrace_sys_exit", "sys_exit"),
         ] {
-            let p: &mut BtfTracePoint = program(&mut ebpf, prog)?.try_into()?;
-            p.load(hook, &btf)
-                .with_context(|| format!("loading {prog}"))?;
-            p.attach()
-                .with_context(|| format!("attaching {prog} to tp_btf/{hook}"))?;
+            attach_btf(&mut ebpf, &btf, prog, hook)?;
         }
         for (prog, event) in [
             ("fdtrace_fork", "sched_process_fork"),
@@ -92,6 +65,52 @@ impl Kernel {
     pub fn counter(&self, idx: u32) -> u64 {
         self.counters.get(&idx, 0).unwrap_or(0)
     }
+}
+
+/// Checks the machine, then loads the object with the tracepoint offsets of
+/// this kernel and the map sizes asked for.
+fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
+    check_privileges()?;
+    if !Path::new(BTF_VMLINUX).exists() {
+        return Err(Fatal::Environment(format!(
+            "kernel BTF not found at {BTF_VMLINUX}: fdtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+        ))
+        .into());
+    }
+    let tracefs = ensure_tracefs()?;
+    let fork_off = field_offset(&tracefs, "sched_process_fork", "child_pid")?
+        .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
+    let exit_off = field_offset(&tracefs, "sched_process_exit", "group_dead")?.unwrap_or(NO_FIELD);
+    let ebpf = EbpfLoader::new()
+        .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
+        .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
+        .map_max_entries("FDS", limits.max_fds)
+        .map_max_entries("PROCS", limits.max_procs)
+        .load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/fdtrace"
+        )))
+        .context("loading the eBPF programs")?;
+    let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+    Ok((ebpf, btf))
+}
+
+fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, prog: &str, hook: &str) -> Result<()> {
+    let p: &mut BtfTracePoint = program(ebpf, prog)?.try_into()?;
+    p.load(hook, btf)
+        .with_context(|| format!("loading {prog}"))?;
+    p.attach()
+        .with_context(|| format!("attaching {prog} to tp_btf/{hook}"))?;
+    Ok(())
+}
+
+/// Empty programs on fdtrace's syscall hooks, for `cargo xtask bench`: what
+/// the hooks cost before fdtrace does any work. Detached when dropped.
+pub fn noop_hooks(limits: &Limits) -> Result<Ebpf> {
+    let (mut ebpf, btf) = open(limits)?;
+    attach_btf(&mut ebpf, &btf, "noop_sys_enter", "sys_enter")?;
+    attach_btf(&mut ebpf, &btf, "noop_sys_exit", "sys_exit")?;
+    Ok(ebpf)
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

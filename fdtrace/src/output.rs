@@ -244,15 +244,17 @@ impl Output {
         )
     }
 
-    pub fn resynced(&mut self, ts: f64, pid: u32, drift: i64) -> io::Result<()> {
+    /// A resync after a confirmed `drift`, or (None) after the kernel side
+    /// said it could not follow a change exactly.
+    pub fn resynced(&mut self, ts: f64, pid: u32, drift: Option<i64>) -> io::Result<()> {
         if self.json {
             return Ok(()); // the process object carries the drift
         }
-        writeln!(
-            self.out,
-            "{:<8} {pid:>7} drift {drift:+} against /proc/{pid}/fd; resynced",
-            clock(ts)
-        )
+        let why = match drift {
+            Some(d) => format!("drift {d:+} against /proc/{pid}/fd"),
+            None => "a change the kernel side could not follow exactly".into(),
+        };
+        writeln!(self.out, "{:<8} {pid:>7} {why}; resynced", clock(ts))
     }
 
     pub fn summary(&mut self, secs: f64, rows: &[SummaryRow]) -> io::Result<()> {

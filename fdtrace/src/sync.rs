@@ -5,7 +5,8 @@ use std::{collections::HashMap, time::Duration};
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use fdtrace_common::{
-    FD_CLOEXEC, FD_KINDS, FD_PREEXISTING, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW, ProcStats,
+    FD_CLOEXEC, FD_KINDS, FD_PREEXISTING, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW,
+    ProcStats,
 };
 
 use crate::{loader::Kernel, procfd};
@@ -41,7 +42,7 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<()> {
             return Err(e).with_context(|| format!("registering pid {pid} in the kernel map"));
         }
     }
-    resync(k, pid).with_context(|| format!("reading /proc/{pid}/fd"))
+    resync(k, pid, Origin::Attach).with_context(|| format!("reading /proc/{pid}/fd"))
 }
 
 /// How long to wait before re-checking a non-zero drift: a syscall that has
@@ -79,10 +80,21 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
     Some(Snapshot { stats, drift: None })
 }
 
+/// Why the table is rebuilt from /proc.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Seeding at attach: what /proc lists existed before tracing.
+    Attach,
+    /// After a drift: what /proc lists and fdtrace lacks was opened, and what
+    /// fdtrace has and /proc lacks was closed, while fdtrace was not looking.
+    Drift,
+}
+
 /// Makes the kernel table of `pid` equal to /proc/PID/fd: adds the fds it
-/// lacks (as pre-existing), drops those /proc does not have, and recomputes
-/// the live and per-kind counts. Opened/closed totals are kept.
-pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
+/// lacks, drops those /proc does not have, and recomputes the live and
+/// per-kind counts. After a drift, the fds added and dropped also count in the
+/// opened and closed totals.
+pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     let listed: HashMap<u32, procfd::ProcFd> = procfd::list_fds(pid)?
         .into_iter()
         .map(|f| (f.fd, f))
@@ -91,6 +103,7 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
 
     let mut by_kind = [0u64; FD_KINDS];
     let mut seen = 0usize;
+    let (mut added, mut dropped) = (0u64, 0u64);
     for fd in 0..hwm {
         let key = FdKey { tgid: pid, fd };
         let Ok(info) = k.fds.get(&key, 0) else {
@@ -101,7 +114,9 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
             seen += 1;
         } else {
             // Gone since: a close fdtrace missed.
-            let _ = k.fds.remove(&key);
+            if k.fds.remove(&key).is_ok() {
+                dropped += 1;
+            }
         }
     }
     let mut top = hwm;
@@ -120,12 +135,16 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
             }
             continue;
         }
+        let (created_ns, flags) = match origin {
+            Origin::Attach => (0, FD_PREEXISTING),
+            Origin::Drift => (monotonic_ns(), FD_RESYNCED),
+        };
         let info = FdInfo {
-            created_ns: 0,
+            created_ns,
             site: NO_SITE,
             syscall: u16::MAX,
             kind: f.kind as u8,
-            flags: FD_PREEXISTING | if f.cloexec { FD_CLOEXEC } else { 0 },
+            flags: flags | if f.cloexec { FD_CLOEXEC } else { 0 },
             _pad: 0,
         };
         k.fds.insert(key, info, BPF_NOEXIST).with_context(|| {
@@ -136,6 +155,7 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
         })?;
         by_kind[f.kind as usize] += 1;
         seen += 1;
+        added += 1;
     }
     // Read-modify-write of the counters: the kernel may bump them in between;
     // the next drift check sees and repairs any difference.
@@ -143,6 +163,10 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
         return Ok(()); // exited meanwhile
     };
     stats.live = seen as u64;
+    if origin == Origin::Drift {
+        stats.opened += added;
+        stats.closed += dropped;
+    }
     stats.by_kind = by_kind;
     stats.fd_hwm = stats.fd_hwm.max(top);
     stats.generation += 1;
@@ -206,4 +230,16 @@ pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut Kind
         }
     }
     fix.unnamed = unnamed;
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, so user-made entries
+/// compare with kernel-made ones.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -37,6 +37,8 @@ struct View {
     exited: Option<(u64, u64, u64)>,
     last: Option<(u64, u64, u64, u64)>,
     kind_fix: sync::KindFix,
+    /// The kernel's `inexact` count at the last report.
+    seen_inexact: u64,
 }
 
 impl View {
@@ -51,6 +53,7 @@ impl View {
             exited: None,
             last: None,
             kind_fix: sync::KindFix::default(),
+            seen_inexact: 0,
         }
     }
 }
@@ -80,6 +83,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         if !procfd::exists(pid) {
             return Err(Fatal::NoSuchPid(pid).into());
         }
+    }
+    if let Some(Command::NoopHooks) = cli.command {
+        return noop_hooks(&cli).await;
     }
     if cli.pids.is_empty() && cli.command.is_none() {
         return Err(Fatal::Usage(
@@ -162,6 +168,21 @@ pub async fn run(cli: Cli) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing the report"),
     }
+}
+
+async fn noop_hooks(cli: &Cli) -> Result<()> {
+    let _ebpf = crate::loader::noop_hooks(&Limits {
+        max_fds: cli.max_fds,
+        max_procs: cli.max_procs,
+    })?;
+    eprintln!("fdtrace: empty programs attached to tp_btf/sys_enter and sys_exit; Ctrl-C detaches");
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    Ok(())
 }
 
 impl Session {
@@ -296,14 +317,19 @@ impl Session {
                 drift: snap.drift,
             };
             self.out.process(ts, &row)?;
-            if let Some(d) = snap.drift.filter(|&d| d != 0) {
-                match sync::resync(&mut self.k, pid) {
+            // The kernel side flags what it could not follow exactly (a user
+            // read that failed, a loop cap): resync even when the count agrees.
+            let inexact = st.inexact > v.seen_inexact;
+            v.seen_inexact = st.inexact;
+            let drift = snap.drift.filter(|&d| d != 0);
+            if drift.is_some() || inexact {
+                match sync::resync(&mut self.k, pid, sync::Origin::Drift) {
                     Ok(()) => {
                         // The resync recounted every kind from the entries.
                         if let Some(v) = self.views.get_mut(&pid) {
                             v.kind_fix = sync::KindFix::default();
                         }
-                        self.out.resynced(ts, pid, d)?
+                        self.out.resynced(ts, pid, drift)?
                     }
                     Err(e) => eprintln!("fdtrace: resync of pid {pid} failed: {e:#}"),
                 }

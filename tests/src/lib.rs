@@ -14,6 +14,8 @@
 //! the kinds of those entries, `drift` 0, `comm`, `ppid` and the fd limits
 //! those of /proc; and `opened_total`/`closed_total`/`emfile_errors` moved by
 //! what the step did. The ground truth is always /proc, read by the test.
+//! Only a step through a known blind spot ([`Session::step_drift`]) expects a
+//! non-zero drift first, then the same exact report after fdtrace's resync.
 //!
 //! Everything spawned is killed when the session is dropped, so a failed test
 //! leaves nothing running.
@@ -931,6 +933,115 @@ impl Session {
         let e = exp(&r);
         let snap = self.check_with(r.pid(), r.at, idx, e, EVENT_TIMEOUT);
         (r, snap)
+    }
+
+    /// Runs `cmd` on fdops `t`, a step fdtrace cannot follow exactly (a
+    /// documented blind spot): the kernel's count of
+    /// the process that ran it ends up `drift` (kernel minus /proc, non-zero)
+    /// off. fdtrace must report that drift, then resync from /proc:
+    ///
+    /// - the non-zero drifts in the process objects of that pid, from the
+    ///   command on, must add up to exactly `drift` (normally one object
+    ///   carries it all; a report that falls while the step runs may carry it
+    ///   before the reply, or a part of it);
+    /// - an object taken after the reply that shows a drift has that whole
+    ///   remaining drift, with `open_fds` = /proc count + that drift and
+    ///   `by_kind` adding up to `open_fds`;
+    /// - the next object with a non-null drift after the last one that showed
+    ///   the drift is checked like any step (drift 0, open_fds and by_kind
+    ///   equal to /proc, ...), counters against `exp` built from the reply:
+    ///   the resync counts what it found opened or closed in the totals.
+    ///
+    /// Every other step keeps expecting drift 0. Returns the reply, the
+    /// objects that showed the drift, and the snapshot after the resync.
+    pub fn step_drift(
+        &mut self,
+        t: usize,
+        cmd: &str,
+        drift: i64,
+        exp: impl FnOnce(&Reply) -> Expect,
+    ) -> (Reply, Vec<Value>, Snap) {
+        assert_ne!(drift, 0, "step_drift: a step without drift is a plain step");
+        let idx = self.events.len();
+        let r = self.send_to(t, cmd);
+        let e = exp(&r);
+        let pid = r.pid();
+        let proc_now =
+            proc_fds(pid).unwrap_or_else(|err| self.fail(&format!("pid {pid} gone? {err}")));
+        let until = Instant::now() + EVENT_TIMEOUT;
+        let mut scan = idx;
+        let mut shown: Vec<Value> = Vec::new();
+        let mut sum = 0i64;
+        let mut last_ts = r.at;
+        while sum != drift {
+            while sum != drift && scan < self.events.len() {
+                let ev = self.events[scan].clone();
+                scan += 1;
+                if ev["type"] != "process" || ev["pid"].as_i64() != Some(pid as i64) {
+                    continue;
+                }
+                let Some(ts) = ev["ts"].as_f64() else {
+                    self.fail(&format!("process object without a numeric ts: {ev}"));
+                };
+                let after_reply = ts > r.at + TS_SLACK;
+                match ev["drift"].as_i64() {
+                    // Too busy to compare: says nothing.
+                    None if ev["drift"].is_null() => {}
+                    None => self.fail(&format!("bad drift: {ev}")),
+                    Some(0) if after_reply => self.fail(&format!(
+                        "pid {pid}: after {cmd:?} fdtrace should report a drift of {drift} \
+                         (kernel count minus /proc), then resync; this report, taken with the \
+                         process idle, says drift 0 with {} drift reported before it{}\n\
+                         object: {ev}\n/proc/{pid}/fd: {proc_now:?}",
+                        sum,
+                        if shown.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" in {shown:?}")
+                        }
+                    )),
+                    Some(0) => {}
+                    Some(d) => {
+                        if after_reply {
+                            let kernel = proc_now.len() as i64 + d;
+                            if sum + d != drift || ev["open_fds"].as_i64() != Some(kernel) {
+                                self.fail(&format!(
+                                    "pid {pid}: after {cmd:?} fdtrace should report a drift of \
+                                     {drift} in all ({sum} before this object), with open_fds = \
+                                     {} (/proc) + drift; this report, taken with the process \
+                                     idle, says drift {d}\nobject: {ev}\n/proc/{pid}/fd: {proc_now:?}",
+                                    proc_now.len()
+                                ));
+                            }
+                            let kinds: u64 = ev["by_kind"]
+                                .as_object()
+                                .map(|m| m.values().filter_map(Value::as_u64).sum())
+                                .unwrap_or_else(|| self.fail(&format!("no by_kind: {ev}")));
+                            if kinds as i64 != kernel {
+                                self.fail(&format!("by_kind does not add up to open_fds: {ev}"));
+                            }
+                        }
+                        sum += d;
+                        last_ts = last_ts.max(ts);
+                        shown.push(ev);
+                    }
+                }
+            }
+            if sum == drift {
+                break;
+            }
+            if Instant::now() >= until {
+                self.fail(&format!(
+                    "pid {pid}: no process object with the drift {drift} that {cmd:?} causes \
+                     within {EVENT_TIMEOUT:?} of its reply ({sum} reported: {shown:?})"
+                ));
+            }
+            self.ensure_running(&format!("a process object for pid {pid} with a drift"));
+            self.pump(until);
+        }
+        // Resynced: the next report is exact.
+        let snap = self.check_with(pid, last_ts, idx, e, EVENT_TIMEOUT);
+        (r, shown, snap)
     }
 
     /// Checks `pid` (idle since `after`) with the given expectation; events

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use fdtrace_tests::{Expect, Mode, Session, proc_cloexec, proc_comm, proc_fds};
+use fdtrace_tests::{Expect, Mode, Session, assert_kind_delta, proc_cloexec, proc_comm, proc_fds};
 
 const FDOPS: &str = env!("CARGO_BIN_EXE_fdops");
 
@@ -305,6 +305,50 @@ fn scm_rights(mode: Mode) {
 }
 both_modes!(scm_rights);
 
+/// Messages fdtrace decodes per recvmmsg call (README, known blind spots).
+const RECVMMSG_CAP: usize = 8;
+
+/// SCM_RIGHTS fds received with one recvmmsg: up to the cap they are counted
+/// like any; past it the process is marked inexact, the fds of the extra
+/// messages are missed (a drift) and the resync brings them back.
+fn scm_many_resync(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    // At the cap: exact. socketpair + /dev/null + 8 received copies of it.
+    let n = RECVMMSG_CAP;
+    let (r, _) = s.ostep(
+        p,
+        &format!("scm_many {n}"),
+        3 + n as u64,
+        0,
+        &[("socket", 2), ("file", 1 + n as i64)],
+    );
+    assert_eq!(r.fds("recv").len(), n);
+
+    // Past it: 10 messages of one fd each; fdtrace decodes 8 and the resync
+    // finds the last 2.
+    let m = RECVMMSG_CAP + 2;
+    let before = s.last(p);
+    let (r, shown, after) = s.step_drift(0, &format!("scm_many {m}"), -2, Expect::from_reply);
+    let recv = r.fds("recv");
+    assert_eq!(recv.len(), m, "{}", r.line);
+    assert_eq!(r.opened(), 3 + m as u64, "{}", r.line);
+    assert!(
+        shown.iter().any(|e| e["drift"] == -2),
+        "one report should show the whole drift -2: {shown:?}"
+    );
+    assert_kind_delta(&before, &after, &[("socket", 2), ("file", 1 + m as i64)]);
+
+    // Exact again; the fds of the missed messages (added by the resync) and
+    // of the decoded ones are closed like any other.
+    let (last, first) = (recv[m - 1], recv[0]);
+    s.ostep(p, &format!("close {last}"), 0, 1, &[("file", -1)]);
+    s.ostep(p, &format!("close {first}"), 0, 1, &[("file", -1)]);
+    s.ostep(p, &format!("dup {}", recv[m - 2]), 1, 0, &[("file", 1)]);
+    s.ostep(p, "scm", 8, 0, &[("socket", 2), ("file", 2), ("pipe", 4)]);
+}
+both_modes!(scm_many_resync);
+
 /// Fds received with SCM_RIGHTS are counted under their real kind.
 fn threads(mode: Mode) {
     let mut s = Session::start(FDOPS, mode);
@@ -480,6 +524,83 @@ fn exec(mode: Mode) {
     s.expect_fdtrace_exit_0("its only traced process exited");
 }
 both_modes!(exec);
+
+/// A process sharing the fd table (clone(CLONE_FILES) without CLONE_VM or
+/// CLONE_THREAD) opens fds in it: the traced parent's kernel count does not see
+/// them (a documented blind spot), so fdtrace reports the drift -3, resyncs,
+/// and counts exactly again; the resynced fds behave like any other. Without
+/// following, the sharer is not traced; with it (`drift_resync_follow`), it is
+/// traced as a process of its own with a copy of the table, which changes
+/// nothing for the parent.
+fn drift_resync(mode: Mode) {
+    let follow = matches!(
+        mode,
+        Mode::Run { follow: true } | Mode::Pid { follow: true }
+    );
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    s.ostep(p, "socket", 1, 0, &[("socket", 1)]);
+    let before = s.last(p);
+    let idx = s.mark();
+    let (r, shown, after) = s.step_drift(0, "shared_open 3", -3, Expect::from_reply);
+    assert_eq!(r.pid(), p, "{}", r.line);
+    assert_eq!(r.opened(), 3, "{}", r.line);
+    let fds = r.fds("fds");
+    assert_eq!(fds.len(), 3, "{}", r.line);
+    let sharer = r.num("sharer");
+    assert!(
+        shown.iter().any(|e| e["drift"] == -3),
+        "one report should show the whole drift -3 (kernel count 3 below /proc): {shown:?}"
+    );
+    // The kernel side saw nothing of it: count and totals as before.
+    for e in &shown {
+        assert_eq!(e["open_fds"].as_u64(), Some(before.open_fds), "{e}");
+        assert_eq!(e["opened_total"].as_u64(), Some(before.opened), "{e}");
+    }
+    // After the resync: /proc's count and kinds, and the 3 fds it found
+    // counted as opened.
+    assert_eq!(after.open_fds, before.open_fds + 3);
+    assert_eq!(after.opened, before.opened + 3);
+    assert_kind_delta(&before, &after, &[("file", 3)]);
+
+    if follow {
+        let ev = s.wait_event(idx, &format!("fork object for sharer {sharer}"), |e| {
+            e["type"] == "fork" && e["pid"].as_i64() == Some(sharer)
+        });
+        assert_eq!(ev["ppid"].as_i64(), Some(p as i64), "{ev}");
+        // Its own copy of the table, with its 3 opens, when it exited.
+        let ev = s.wait_event(idx, &format!("exit object for sharer {sharer}"), |e| {
+            e["type"] == "exit" && e["pid"].as_i64() == Some(sharer)
+        });
+        assert_eq!(ev["open_fds"].as_u64(), Some(after.open_fds), "{ev}");
+        assert_eq!(ev["opened_total"].as_u64(), Some(3), "{ev}");
+        assert_eq!(ev["closed_total"].as_u64(), Some(0), "{ev}");
+    } else if let Some(e) = s.any_event(idx, |e| e["pid"].as_i64() == Some(sharer)) {
+        s.fail(&format!(
+            "sharer {sharer} is not followed, yet fdtrace reports on it: {e}"
+        ));
+    }
+
+    // Exact again: new fds, and the resynced ones, are counted like any.
+    s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    s.ostep(p, &format!("close {}", fds[0]), 0, 1, &[("file", -1)]);
+    s.ostep(p, &format!("dup {}", fds[1]), 1, 0, &[("file", 1)]);
+    s.ostep(
+        p,
+        &format!("close {} {}", fds[1], fds[2]),
+        0,
+        2,
+        &[("file", -2)],
+    );
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its only traced process exited");
+}
+both_modes!(drift_resync, Mode::Run { follow: false }, Mode::PID);
+
+#[test]
+fn drift_resync_follow() {
+    drift_resync(Mode::RUN);
+}
 
 fn exit(mode: Mode) {
     let mut s = Session::start(FDOPS, mode);

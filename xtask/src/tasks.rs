@@ -190,14 +190,35 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
             )?);
         }
     }
-    for mut cmd in commands {
+    let last = commands.len() - 1;
+    for (i, mut cmd) in commands.into_iter().enumerate() {
         cmd.env("FDTRACE_BIN", &bin);
-        let status = proc::status(&mut cmd)?;
+        if i < last {
+            let status = proc::status(&mut cmd)?;
+            if !status.success() {
+                return Ok(fail(&cmd, status));
+            }
+            continue;
+        }
+        let (status, tally) = proc::status_tally(&mut cmd)?;
+        // One closing line for all test binaries: cargo's own last lines are
+        // the doc-test runs, which have nothing to run.
+        let skipped = match tally.ignored {
+            0 => String::new(),
+            n => format!(", {n} skipped"),
+        };
+        println!(
+            "tests: {} passed, {} failed{skipped}",
+            tally.passed, tally.failed
+        );
         if !status.success() {
             return Ok(fail(&cmd, status));
         }
+        if tally.passed == 0 {
+            eprintln!("xtask: cargo test ran no test");
+            return Ok(ExitCode::FAILURE);
+        }
     }
-    eprintln!("xtask: all checks and tests passed");
     Ok(ExitCode::SUCCESS)
 }
 

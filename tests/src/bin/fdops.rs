@@ -64,6 +64,8 @@
 //! | `memfd [cloexec]`        | memfd_create("fdops")                                               | fds |
 //! | `pidfd`                  | pidfd_open(getpid(), 0) (always close-on-exec)                      | fds |
 //! | `scm [cloexec]`          | socketpair + /dev/null + pipe; sendmsg the 3 fds (SCM_RIGHTS), recvmsg them ([MSG_CMSG_CLOEXEC]); everything stays open | sp sent recv |
+//! | `scm_many M`             | socketpair + /dev/null; M sendmsg, each passing the /dev/null fd (SCM_RIGHTS), then ONE recvmmsg(MSG_DONTWAIT) receives all M messages (M > 8 passes fdtrace's per-call cap) | sp sent recv (the M received fds) msgs |
+//! | `shared_open N`          | clone(CLONE_FILES\|SIGCHLD) with a NULL stack: a child process SHARING this fd table opens N fds on /dev/null and _exits without closing them; this process reaps it. The N fds are now in this table: `opened`=N, though this process made no fd syscall (the child did) | fds (the N new ones) sharer (the child's pid, reaped) |
 //! | `thread N M`             | a thread opens N fds and closes the first M; joined before replying | tid fds (still open) |
 //! | `fork`                   | make two O_CLOEXEC control pipes, fork a child that stays alive holding the inherited fds (it closes its copies of the parent's pipe ends, the parent closes the child's), it serves commands from `child` | child child_nfds child_opened child_closed |
 //! | `child PID CMD...`       | run CMD in forked child PID; the reply is the child's own reply (its pid, its counts); after `exit` the child is reaped and the parent closes its two pipe ends to it before the reply | + parent_closed (after exit) |
@@ -691,6 +693,175 @@ fn scm_pass(c: &mut Counts, tx: c_int, rx: c_int, fds: &[c_int], cloexec: bool) 
     Ok(got)
 }
 
+/// Sends `fd` over `tx` in `m` separate SCM_RIGHTS messages (one byte and one
+/// fd each), then receives all of them on `rx` with a single recvmmsg(2).
+/// Over a stream socket each message still arrives on its own: a read stops
+/// after a message that carries fds.
+fn scm_many(c: &mut Counts, tx: c_int, rx: c_int, fd: c_int, m: usize) -> Res<Vec<c_int>> {
+    let fd_size = std::mem::size_of::<c_int>();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_size as u32) } as usize;
+    for i in 0..m {
+        let mut cbuf = vec![0u64; space.div_ceil(8)];
+        let mut byte = [b'x'];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: msghdr is plain data; the pointers set below are live.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer holds one header and one fd.
+        unsafe {
+            let cm = libc::CMSG_FIRSTHDR(&msg);
+            (*cm).cmsg_level = libc::SOL_SOCKET;
+            (*cm).cmsg_type = libc::SCM_RIGHTS;
+            (*cm).cmsg_len = libc::CMSG_LEN(fd_size as u32) as _;
+            ptr::write_unaligned(libc::CMSG_DATA(cm).cast::<c_int>(), fd);
+        }
+        // SAFETY: msg and everything it points to are live.
+        if unsafe { libc::sendmsg(tx, &msg, 0) } < 0 {
+            return Err(format!("sendmsg #{i}: {}", errno_name(errno())));
+        }
+    }
+
+    // One byte buffer, one iovec, one control buffer and one header per message.
+    let mut bytes = vec![0u8; m];
+    let mut cbufs: Vec<Vec<u64>> = (0..m).map(|_| vec![0u64; space.div_ceil(8)]).collect();
+    let mut iovs: Vec<libc::iovec> = bytes
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: (b as *mut u8).cast(),
+            iov_len: 1,
+        })
+        .collect();
+    let mut hdrs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .zip(cbufs.iter_mut())
+        .map(|(iov, cbuf)| {
+            // SAFETY: mmsghdr is plain data.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = cbuf.as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = space as _;
+            h
+        })
+        .collect();
+    // SAFETY: hdrs and every buffer it points to are live across the call.
+    let r = unsafe {
+        libc::recvmmsg(
+            rx,
+            hdrs.as_mut_ptr(),
+            m as c_uint,
+            libc::MSG_DONTWAIT,
+            ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(format!("recvmmsg: {}", errno_name(errno())));
+    }
+    let mut got = Vec::new();
+    let mut truncated = false;
+    for h in &hdrs[..r as usize] {
+        truncated |= h.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0;
+        // SAFETY: walking the control messages the kernel wrote back.
+        unsafe {
+            let mut cm = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+            while !cm.is_null() {
+                if (*cm).cmsg_level == libc::SOL_SOCKET && (*cm).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cm).cast::<c_int>();
+                    let cnt = ((*cm).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / fd_size;
+                    for i in 0..cnt {
+                        got.push(ptr::read_unaligned(data.add(i)));
+                    }
+                }
+                cm = libc::CMSG_NXTHDR(&h.msg_hdr, cm);
+            }
+        }
+    }
+    c.opened += got.len() as u64;
+    if r as usize != m {
+        return Err(format!("recvmmsg: got {r} messages, sent {m}"));
+    }
+    if got.len() != m {
+        return Err(format!("recvmmsg: got {} fds, sent {m}", got.len()));
+    }
+    if truncated {
+        return Err("recvmmsg: control data truncated".to_string());
+    }
+    Ok(got)
+}
+
+/// `clone(CLONE_FILES | SIGCHLD)` with a NULL stack (a fork whose child shares
+/// this fd table); the child opens `n` fds on /dev/null and _exits without
+/// closing them, so they stay in this process's table. Counted as opened here:
+/// they are new fds of this process, though this process made no fd syscall.
+fn shared_open(c: &mut Counts, n: usize) -> Res<Vec<(String, String)>> {
+    let before = open_fds();
+    let flags = (libc::CLONE_FILES | libc::SIGCHLD) as c_long;
+    // SAFETY: without CLONE_VM the child runs on a copy of this memory, like
+    // after fork(2); fdops is single-threaded here (threads are always joined),
+    // and the child only makes raw syscalls before _exit.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0 as c_long,
+            0 as c_long,
+            0 as c_long,
+            0 as c_long,
+        )
+    };
+    if pid < 0 {
+        return Err(format!("clone(CLONE_FILES): {}", errno_name(errno())));
+    }
+    if pid == 0 {
+        let mut code = 0;
+        for _ in 0..n {
+            // SAFETY: constant NUL-terminated path.
+            let r = unsafe { libc::openat(libc::AT_FDCWD, c"/dev/null".as_ptr(), libc::O_RDONLY) };
+            if r < 0 {
+                code = 1;
+                break;
+            }
+        }
+        // SAFETY: ends the child; the fds stay open in the shared table.
+        unsafe { libc::_exit(code) };
+    }
+    let pid = pid as c_int;
+    let mut status = 0;
+    let w = loop {
+        // SAFETY: waiting for our own child.
+        let w = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if w >= 0 || errno() != libc::EINTR {
+            break w;
+        }
+    };
+    let fds: Vec<c_int> = open_fds()
+        .into_iter()
+        .filter(|fd| !before.contains(fd))
+        .collect();
+    c.opened += fds.len() as u64;
+    if w < 0 {
+        return Err(format!("waitpid({pid}): {}", errno_name(errno())));
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("child {pid} failed (wait status {status:#x})"));
+    }
+    if fds.len() != n {
+        return Err(format!(
+            "the child opened {n} fds, {} appeared here",
+            fds.len()
+        ));
+    }
+    // Not `child=`: the harness takes that for a live child to kill at the end.
+    Ok(vec![kv("fds", list(&fds)), kv("sharer", pid)])
+}
+
 // ---- the command loop -------------------------------------------------------
 
 /// A forked child served through two pipes.
@@ -995,6 +1166,22 @@ impl Ctx {
                     kv("sent", list(&sent)),
                     kv("recv", list(&got)),
                 ])
+            }
+            "scm_many" => {
+                let m = arg_int(args, 0, "M")?;
+                let sp = sys_socketpair(c, 0)?;
+                let null = c.open_devnull(libc::O_RDONLY)?;
+                let got = scm_many(c, sp[0], sp[1], null, m.max(0) as usize)?;
+                Ok(vec![
+                    kv("sp", list(&sp)),
+                    kv("sent", null),
+                    kv("recv", list(&got)),
+                    kv("msgs", m),
+                ])
+            }
+            "shared_open" => {
+                let n = arg_int(args, 0, "N")?;
+                shared_open(c, n.max(0) as usize)
             }
             "thread" => {
                 let n = arg_int(args, 0, "N")?;
