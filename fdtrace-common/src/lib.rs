@@ -120,9 +120,11 @@ pub struct FdInfo {
     pub syscall: u16,
     /// [`FdKind`] as u8.
     pub kind: u8,
-    /// [`FD_CLOEXEC`] | [`FD_PREEXISTING`].
+    /// [`FD_CLOEXEC`] | [`FD_PREEXISTING`] | [`FD_RESYNCED`].
     pub flags: u8,
-    pub _pad: u32,
+    /// Sockets from socket(2): `family << 16 | type` (SOCK_TYPE_MASK bits),
+    /// so an unbound socket still has a protocol; 0 otherwise.
+    pub detail: u32,
 }
 
 /// `ProcStats::flags`: children forked by this process are traced too.
@@ -185,6 +187,9 @@ pub const EV_EXEC: u32 = 2;
 pub const EV_EXIT: u32 = 3;
 pub const EV_EMFILE: u32 = 4;
 pub const EV_ENFILE: u32 = 5;
+/// A traced process's RLIMIT_NOFILE changed (setrlimit, or prlimit64 from
+/// any process).
+pub const EV_RLIMIT: u32 = 6;
 
 /// A ring-buffer event. Per-fd changes are not streamed: they live in the maps.
 /// Only process lifecycle and failures travel, so the stream cannot be flooded
@@ -204,9 +209,37 @@ pub struct Event {
     pub live: u64,
     pub opened: u64,
     pub closed: u64,
+    /// EV_EMFILE/EV_ENFILE: the failing call's user stack id, or NO_SITE.
+    pub site: u64,
+    /// EV_EXEC: fds numbered 3 and up that survived exec (inherited without
+    /// close-on-exec).
+    pub inherited: u32,
+    pub _pad: u32,
     /// The task's comm when the event happened (NUL-padded): a short-lived
     /// process may be gone before user space could read /proc.
     pub comm: [u8; 16],
+    /// EV_EMFILE/EV_ENFILE of the open family: the path asked for (NUL-padded,
+    /// truncated).
+    pub path: [u8; EVENT_PATH_LEN],
+}
+
+pub const EVENT_PATH_LEN: usize = 64;
+
+/// Words of user stack saved per call-site stack (see [`StackWindow`]).
+pub const WINDOW_WORDS: usize = 64;
+
+/// The top of the user stack when a call site was first seen. A libc syscall
+/// wrapper built without frame pointers hides its caller from the
+/// frame-pointer walk; that caller's return address is in these words, and
+/// user space finds it there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackWindow {
+    /// Words at the user stack pointer, lowest address first.
+    pub words: [u64; WINDOW_WORDS],
+    /// The user stack pointer (address of `words[0]`) and frame pointer.
+    pub sp: u64,
+    pub bp: u64,
 }
 
 /// Indexes into the global counters array.
@@ -227,10 +260,11 @@ mod pod {
     unsafe impl aya::Pod for super::FdInfo {}
     unsafe impl aya::Pod for super::ProcStats {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::StackWindow {}
 }
 
 // Layouts are shared with the kernel: a size change is an ABI change.
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 7 * 8 + 8 + 8 * FD_KINDS);
-const _: () = assert!(core::mem::size_of::<Event>() == 64);
+const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -19,23 +19,26 @@ mod syscalls;
 mod table;
 
 use aya_ebpf::{
-    bindings::pt_regs,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext as _},
 };
 use core::ffi::c_void;
 use fdtrace_common::{
-    CNT_PROCS_MAP_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, FdKind, NO_FIELD,
-    PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats,
+    CNT_PROCS_MAP_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, FdKind,
+    NO_FIELD, NO_SITE, PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats, StackWindow, WINDOW_WORDS,
 };
 use syscalls::*;
-use table::{Bulk, bulk, count, emit, inexact, install, kind_of, proc_of, remove, set_cloexec};
+use table::{
+    Bulk, Extra, Origin, bulk, count, emit, inexact, install, kind_of, proc_of, remove, set_cloexec,
+};
 
-use crate::maps::PROCS;
+use crate::maps::{PROCS, STACKS, WINDOW_SCRATCH, WINDOWS};
 
 /// Offset of `child_pid` in the sched_process_fork record; set by user space
 /// from the tracepoint's format file (it moved between kernel versions).
@@ -45,6 +48,11 @@ static FORK_CHILD_PID_OFF: u32 = NO_FIELD;
 /// kernels without it (then the leader's exit ends the process).
 #[unsafe(no_mangle)]
 static EXIT_GROUP_DEAD_OFF: u32 = NO_FIELD;
+
+/// 0 when user space asked for no call sites (`--no-stacks`): the user stack
+/// walk is the largest part of the cost of a traced fd creation.
+#[unsafe(no_mangle)]
+static STACKS_ENABLED: u32 = 1;
 
 #[inline(always)]
 fn global(v: &u32) -> u32 {
@@ -81,6 +89,51 @@ impl Regs {
     #[inline(always)]
     fn a4(&self) -> u64 {
         unsafe { (*self.0).r8 }
+    }
+    #[inline(always)]
+    fn sp(&self) -> u64 {
+        unsafe { (*self.0).rsp }
+    }
+    #[inline(always)]
+    fn bp(&self) -> u64 {
+        unsafe { (*self.0).rbp }
+    }
+}
+
+/// The calling user stack's id in STACKS, or NO_SITE. The first time an id
+/// is seen, the top of the user stack is saved with it (see StackWindow).
+#[inline(always)]
+fn user_site(ctx: &BtfTracePointContext, r: &Regs) -> u64 {
+    if global(&STACKS_ENABLED) == 0 {
+        return NO_SITE;
+    }
+    let Ok(id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
+        return NO_SITE;
+    };
+    // SAFETY: presence check only.
+    if unsafe { WINDOWS.get(id as u32) }.is_none() {
+        save_window(id as u32, r);
+    }
+    id as u64
+}
+
+fn save_window(id: u32, r: &Regs) {
+    let Some(w) = WINDOW_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let (sp, bp) = (r.sp(), r.bp());
+    // SAFETY: w is this CPU's scratch value; the helper checks the address.
+    unsafe {
+        let words =
+            core::slice::from_raw_parts_mut((&raw mut (*w).words).cast::<u8>(), WINDOW_WORDS * 8);
+        if bpf_probe_read_user_buf(sp as *const u8, words).is_err() {
+            return;
+        }
+        (*w).sp = sp;
+        (*w).bp = bp;
+        // By reference: the window is larger than the BPF stack.
+        let window: &StackWindow = &*w;
+        let _ = WINDOWS.insert(id, window, u64::from(BPF_NOEXIST));
     }
 }
 
@@ -119,6 +172,16 @@ pub fn fdtrace_sys_enter(ctx: BtfTracePointContext) -> i32 {
         bulk(p, tgid, first, last.saturating_add(1), op, None);
     }
     0
+}
+
+/// The syscall being handled, for the helpers of fdtrace_sys_exit (a BPF
+/// call takes at most five arguments).
+struct Call<'a> {
+    ctx: &'a BtfTracePointContext,
+    r: &'a Regs,
+    p: *mut ProcStats,
+    tgid: u32,
+    nr: u64,
 }
 
 /// What a successful syscall did to the fd table.
@@ -165,6 +228,10 @@ enum Action {
         cloexec: bool,
     },
     Exec,
+    /// RLIMIT_NOFILE of `target` (0: the caller) was set.
+    Rlimit {
+        target: u32,
+    },
 }
 
 impl Action {
@@ -172,7 +239,11 @@ impl Action {
     fn creates(&self) -> bool {
         !matches!(
             self,
-            Action::SetCloexec { .. } | Action::Recv { .. } | Action::Exec | Action::Clone { .. }
+            Action::SetCloexec { .. }
+                | Action::Recv { .. }
+                | Action::Exec
+                | Action::Clone { .. }
+                | Action::Rlimit { .. }
         )
     }
 }
@@ -295,6 +366,11 @@ fn decode(nr: u64, r: &Regs) -> Option<Action> {
             cloexec: r.a3() & MSG_CMSG_CLOEXEC != 0,
         }),
         EXECVE | EXECVEAT => Some(Action::Exec),
+        SETRLIMIT if r.a0() == RLIMIT_NOFILE => Some(Action::Rlimit { target: 0 }),
+        // prlimit64(pid, resource, new, old): only a new limit changes anything.
+        PRLIMIT64 if r.a1() == RLIMIT_NOFILE && r.a2() != 0 => Some(Action::Rlimit {
+            target: r.a0() as u32,
+        }),
         _ => None,
     }
 }
@@ -307,23 +383,61 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let tgid = table::tgid();
+    let ret: i64 = ctx.arg(1);
+    if let Action::Rlimit { target } = action {
+        // The target may be traced while the caller (prlimit) is not.
+        let target = if target == 0 { tgid } else { target };
+        if ret == 0
+            && let Some(p) = proc_of(target)
+        {
+            let extra = Extra {
+                syscall: nr,
+                ..Extra::NONE
+            };
+            emit(EV_RLIMIT, target, tgid, p, extra);
+        }
+        return 0;
+    }
     let Some(p) = proc_of(tgid) else {
         return 0;
     };
-    let ret: i64 = ctx.arg(1);
+    let call = Call {
+        ctx: &ctx,
+        r: &r,
+        p,
+        tgid,
+        nr,
+    };
     if ret < 0 {
         if action.creates() {
-            failed(p, tgid, nr, -ret);
+            failed(&call, -ret);
         }
         return 0;
     }
     let fd = ret as u32;
+    // The stack walk is paid only for calls that made fds (SCM_RIGHTS: only
+    // when a message carried some).
+    let origin = Origin {
+        syscall: nr,
+        site: if action.creates() || matches!(action, Action::Clone { .. }) {
+            user_site(&ctx, &r)
+        } else {
+            NO_SITE
+        },
+        // socket(family, type) and socketpair: the protocol of a socket
+        // that may never be bound or connected.
+        detail: if nr == SOCKET || nr == SOCKETPAIR {
+            ((r.a0() as u32) << 16) | (r.a1() as u32 & SOCK_TYPE_MASK)
+        } else {
+            0
+        },
+    };
     match action {
-        Action::New { kind, cloexec } => install(p, tgid, fd, kind as u8, cloexec, nr, false),
+        Action::New { kind, cloexec } => install(p, tgid, fd, kind as u8, cloexec, origin, false),
         Action::Pair { kind, cloexec, ptr } => match read_user::<[i32; 2]>(ptr) {
             Some([a, b]) => {
-                install(p, tgid, a as u32, kind as u8, cloexec, nr, false);
-                install(p, tgid, b as u32, kind as u8, cloexec, nr, false);
+                install(p, tgid, a as u32, kind as u8, cloexec, origin, false);
+                install(p, tgid, b as u32, kind as u8, cloexec, origin, false);
             }
             None => inexact(p),
         },
@@ -334,7 +448,7 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
         } => {
             // dup2(fd, fd) returns fd and changes nothing.
             if !(replaces && src == fd) {
-                install(p, tgid, fd, kind_of(tgid, src), cloexec, nr, replaces);
+                install(p, tgid, fd, kind_of(tgid, src), cloexec, origin, replaces);
             }
         }
         Action::Openat2 { how } => match read_user::<u64>(how) {
@@ -344,11 +458,11 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
                 fd,
                 FdKind::File as u8,
                 flags & O_CLOEXEC != 0,
-                nr,
+                origin,
                 false,
             ),
             None => {
-                install(p, tgid, fd, FdKind::File as u8, false, nr, false);
+                install(p, tgid, fd, FdKind::File as u8, false, origin, false);
                 inexact(p);
             }
         },
@@ -356,7 +470,7 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
             // struct io_uring_params { u32 sq_entries, cq_entries, flags; ... }
             let flags = read_user::<u32>(params + 8).unwrap_or(0);
             if flags & IORING_SETUP_REGISTERED_FD_ONLY == 0 {
-                install(p, tgid, fd, FdKind::IoUring as u8, true, nr, false);
+                install(p, tgid, fd, FdKind::IoUring as u8, true, origin, false);
             }
         }
         Action::Clone {
@@ -379,9 +493,15 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
             };
             if flags & CLONE_PIDFD != 0 {
                 match read_user::<i32>(ptr) {
-                    Some(pidfd) => {
-                        install(p, tgid, pidfd as u32, FdKind::Pidfd as u8, true, nr, false)
-                    }
+                    Some(pidfd) => install(
+                        p,
+                        tgid,
+                        pidfd as u32,
+                        FdKind::Pidfd as u8,
+                        true,
+                        origin,
+                        false,
+                    ),
                     None => inexact(p),
                 }
             }
@@ -391,18 +511,27 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
             msg,
             multi,
             cloexec,
-        } => recv_fds(p, tgid, nr, msg, if multi { ret } else { 1 }, cloexec),
+        } => recv_fds(&call, msg, if multi { ret } else { 1 }, cloexec),
         Action::Exec => {
             if ret == 0 {
-                bulk(p, tgid, 0, u32::MAX, Bulk::Exec, None);
-                emit(EV_EXEC, tgid, bpf_get_current_pid_tgid() as u32, nr, p);
+                let inherited = bulk(p, tgid, 0, u32::MAX, Bulk::Exec, None);
+                let extra = Extra {
+                    syscall: nr,
+                    inherited,
+                    ..Extra::NONE
+                };
+                emit(EV_EXEC, tgid, bpf_get_current_pid_tgid() as u32, p, extra);
             }
         }
+        Action::Rlimit { .. } => {}
     }
     0
 }
 
-fn failed(p: *mut ProcStats, tgid: u32, nr: u64, errno: i64) {
+/// A creating call failed: EMFILE/ENFILE are counted and reported with the
+/// calling stack and, for the open family, the path asked for.
+fn failed(c: &Call, errno: i64) {
+    let (p, tgid, nr, r) = (c.p, c.tgid, c.nr, c.r);
     let (field, ev) = match errno {
         // SAFETY: p is a live PROCS value.
         EMFILE => (unsafe { &raw mut (*p).emfile }, EV_EMFILE),
@@ -410,7 +539,18 @@ fn failed(p: *mut ProcStats, tgid: u32, nr: u64, errno: i64) {
         _ => return,
     };
     table::add64(field, 1);
-    emit(ev, tgid, bpf_get_current_pid_tgid() as u32, nr, p);
+    let path = match nr {
+        OPEN | CREAT => r.a0(),
+        OPENAT | OPENAT2 => r.a1(),
+        _ => 0,
+    };
+    let extra = Extra {
+        syscall: nr,
+        site: user_site(c.ctx, r),
+        path,
+        ..Extra::NONE
+    };
+    emit(ev, tgid, bpf_get_current_pid_tgid() as u32, p, extra);
 }
 
 /// Most messages of one recvmmsg and control messages of one msghdr decoded;
@@ -427,15 +567,15 @@ const MMSGHDR_SIZE: u64 = 64;
 const MSG_CONTROL: u64 = 32;
 const CMSG_HDR: u64 = 16;
 
-fn recv_fds(p: *mut ProcStats, tgid: u32, nr: u64, msgvec: u64, n: i64, cloexec: bool) {
+fn recv_fds(c: &Call, msgvec: u64, n: i64, cloexec: bool) {
     for i in 0..MAX_MSGS {
         if i as i64 >= n {
             return;
         }
-        scm_rights(p, tgid, nr, msgvec + i * MMSGHDR_SIZE, cloexec);
+        scm_rights(c, msgvec + i * MMSGHDR_SIZE, cloexec);
     }
     if n as u64 > MAX_MSGS {
-        inexact(p);
+        inexact(c.p);
     }
 }
 
@@ -445,7 +585,7 @@ struct ScmCtx {
     tgid: u32,
     cloexec: u32,
     data: u64,
-    nr: u64,
+    origin: Origin,
 }
 
 extern "C" fn scm_fd(i: u32, ctx: *mut c_void) -> i64 {
@@ -458,7 +598,7 @@ extern "C" fn scm_fd(i: u32, ctx: *mut c_void) -> i64 {
             fd as u32,
             FdKind::Unknown as u8,
             c.cloexec != 0,
-            c.nr,
+            c.origin,
             false,
         ),
         None => inexact(c.p),
@@ -469,7 +609,8 @@ extern "C" fn scm_fd(i: u32, ctx: *mut c_void) -> i64 {
 /// Walks the control messages the kernel wrote back (msg_controllen is
 /// updated to the bytes written) and installs every SCM_RIGHTS fd.
 /// https://github.com/torvalds/linux/blob/v6.18/net/core/scm.c (scm_detach_fds)
-fn scm_rights(p: *mut ProcStats, tgid: u32, nr: u64, msg: u64, cloexec: bool) {
+fn scm_rights(c: &Call, msg: u64, cloexec: bool) {
+    let (p, tgid) = (c.p, c.tgid);
     let Some([control, controllen]) = read_user::<[u64; 2]>(msg + MSG_CONTROL) else {
         return;
     };
@@ -491,15 +632,19 @@ fn scm_rights(p: *mut ProcStats, tgid: u32, nr: u64, msg: u64, cloexec: bool) {
             if n > SCM_MAX_FD {
                 n = SCM_MAX_FD;
             }
-            let mut ctx = ScmCtx {
+            let mut scm = ScmCtx {
                 p,
                 tgid,
                 cloexec: cloexec as u32,
                 data: control + off + CMSG_HDR,
-                nr,
+                origin: Origin {
+                    syscall: c.nr,
+                    site: user_site(c.ctx, c.r),
+                    detail: 0,
+                },
             };
-            // SAFETY: static callback; ctx outlives the call.
-            unsafe { bpf_loop(n, scm_fd as *mut c_void, (&raw mut ctx).cast(), 0) };
+            // SAFETY: static callback; scm outlives the call.
+            unsafe { bpf_loop(n, scm_fd as *mut c_void, (&raw mut scm).cast(), 0) };
         }
         off += (len + 7) & !7;
     }
@@ -562,7 +707,11 @@ fn try_fork(ctx: &TracePointContext) -> Option<()> {
     }
     let cp = proc_of(child)?;
     bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
-    emit(EV_FORK, child, parent, saved.orig_rax, cp);
+    let extra = Extra {
+        syscall: saved.orig_rax,
+        ..Extra::NONE
+    };
+    emit(EV_FORK, child, parent, cp, extra);
     Some(())
 }
 
@@ -583,7 +732,7 @@ pub fn fdtrace_exit(ctx: TracePointContext) -> u32 {
     if !group_dead {
         return 0;
     }
-    emit(EV_EXIT, tgid, pid, 0, p);
+    emit(EV_EXIT, tgid, pid, p, Extra::NONE);
     bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
     let _ = PROCS.remove(tgid);
     0

@@ -3,9 +3,9 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
 };
-use fdtrace_common::{CNT_LEN, FdInfo, FdKey, ProcStats};
+use fdtrace_common::{CNT_LEN, FdInfo, FdKey, ProcStats, StackWindow};
 
 /// Live fds of every traced process. Not preallocated: memory follows the
 /// number of live fds, not the configured maximum.
@@ -23,3 +23,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Global counters (`CNT_*`), updated with atomic adds.
 #[map]
 pub static COUNTERS: Array<u64> = Array::with_max_entries(CNT_LEN, 0);
+
+/// User stacks that created fds (call sites), by id; FdInfo::site points here.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// The top of the user stack when each STACKS id was first seen.
+#[map]
+pub static WINDOWS: HashMap<u32, StackWindow> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Per-CPU room to read a StackWindow (too large for the BPF stack).
+#[map]
+pub static WINDOW_SCRATCH: PerCpuArray<StackWindow> = PerCpuArray::with_max_entries(1, 0);

@@ -27,6 +27,10 @@ pub const CLONE_THREAD: u64 = 0x10000;
 /// index, not an fd.
 pub const IORING_SETUP_REGISTERED_FD_ONLY: u32 = 1 << 15;
 
+pub const RLIMIT_NOFILE: u64 = 7;
+/// The socket type without SOCK_NONBLOCK / SOCK_CLOEXEC.
+pub const SOCK_TYPE_MASK: u32 = 0xf;
+
 pub const EMFILE: i64 = 24;
 pub const ENFILE: i64 = 23;
 

@@ -9,11 +9,12 @@ use core::{
 };
 
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_loop,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    bpf_probe_read_user_str_bytes, generated::bpf_loop,
 };
 use fdtrace_common::{
-    CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, Event, FD_CLOEXEC, FD_KINDS, FdInfo, FdKey, NO_SITE,
-    ProcStats,
+    CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC, FD_KINDS, FdInfo, FdKey,
+    NO_SITE, ProcStats,
 };
 
 use crate::maps::{COUNTERS, EVENTS, FDS, PROCS};
@@ -72,26 +73,38 @@ pub fn kind_of(tgid: u32, fd: u32) -> u8 {
     }
 }
 
-/// A new fd `fd` appeared in process `tgid`. `replaces` is true when the
+/// Where new fds come from: the syscall, and the user stack that called it
+/// (an id in STACKS, or NO_SITE).
+#[derive(Clone, Copy)]
+pub struct Origin {
+    pub syscall: u64,
+    pub site: u64,
+    /// FdInfo::detail of the new fds.
+    pub detail: u32,
+}
+
+/// A new fd `fd` appeared in process `tgid`. Inlined: a BPF call takes at
+/// most five arguments. `replaces` is true when the
 /// syscall atomically closes whatever `fd` was (dup2, dup3): then an existing
 /// entry is an implicit close, otherwise it means fdtrace missed a close.
+#[inline(always)]
 pub fn install(
     p: *mut ProcStats,
     tgid: u32,
     fd: u32,
     kind: u8,
     cloexec: bool,
-    syscall: u64,
+    origin: Origin,
     replaces: bool,
 ) {
     let key = FdKey { tgid, fd };
     let info = FdInfo {
         created_ns: unsafe { bpf_ktime_get_ns() },
-        site: NO_SITE,
-        syscall: syscall as u16,
+        site: origin.site,
+        syscall: origin.syscall as u16,
         kind,
         flags: if cloexec { FD_CLOEXEC } else { 0 },
-        _pad: 0,
+        detail: origin.detail,
     };
     // SAFETY: p is a live PROCS value for the whole handler.
     unsafe {
@@ -182,11 +195,13 @@ struct BulkCtx {
     first: u32,
     op: Bulk,
     dst: *mut ProcStats,
+    /// Bulk::Exec: fds numbered 3 and up that stay open across exec.
+    inherited: u32,
 }
 
 extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: ctx is the BulkCtx on bulk()'s stack, alive for the loop.
-    let c = unsafe { &*(ctx as *const BulkCtx) };
+    let c = unsafe { &mut *(ctx as *mut BulkCtx) };
     let fd = c.first.wrapping_add(i);
     match c.op {
         Bulk::Close => {
@@ -195,10 +210,12 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
         Bulk::MarkCloexec => set_cloexec(c.p, c.tgid, fd, true),
         Bulk::Exec => {
             // SAFETY: plain read of a map value.
-            if let Some(info) = unsafe { FDS.get(FdKey { tgid: c.tgid, fd }) }
-                && info.flags & FD_CLOEXEC != 0
-            {
-                remove(c.p, c.tgid, fd);
+            if let Some(info) = unsafe { FDS.get(FdKey { tgid: c.tgid, fd }) } {
+                if info.flags & FD_CLOEXEC != 0 {
+                    remove(c.p, c.tgid, fd);
+                } else if fd > 2 {
+                    c.inherited += 1;
+                }
             }
         }
         Bulk::Copy => {
@@ -235,7 +252,7 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
 }
 
 /// Runs `op` over fds `first..end` of `tgid`, end bounded by the process's
-/// high-water mark.
+/// high-water mark. Returns, for Bulk::Exec, the fds >= 3 left open.
 pub fn bulk(
     p: *mut ProcStats,
     tgid: u32,
@@ -243,12 +260,12 @@ pub fn bulk(
     end: u32,
     op: Bulk,
     dst: Option<(u32, *mut ProcStats)>,
-) {
+) -> u32 {
     // SAFETY: p is a live PROCS value.
     let hwm = unsafe { (*p).fd_hwm };
     let end = if end > hwm { hwm } else { end };
     if first >= end {
-        return;
+        return 0;
     }
     let mut n = end - first;
     if n > MAX_LOOP {
@@ -266,32 +283,63 @@ pub fn bulk(
         first,
         op,
         dst,
+        inherited: 0,
     };
     // SAFETY: the callback is a static function and ctx outlives the call.
     let done = unsafe { bpf_loop(n, bulk_step as *mut c_void, (&raw mut ctx).cast(), 0) };
     if done < n as i64 {
         inexact(p);
     }
+    ctx.inherited
+}
+
+/// What an event carries beyond the process's counters.
+#[derive(Clone, Copy)]
+pub struct Extra {
+    /// The syscall the event is about (EV_EMFILE, EV_EXEC, ...), 0 if none.
+    pub syscall: u64,
+    pub site: u64,
+    pub inherited: u32,
+    /// User pointer to a path to copy (0: none).
+    pub path: u64,
+}
+
+impl Extra {
+    pub const NONE: Extra = Extra {
+        syscall: 0,
+        site: NO_SITE,
+        inherited: 0,
+        path: 0,
+    };
 }
 
 /// Sends an event about `tgid` with its current counters.
-pub fn emit(kind: u32, tgid: u32, aux: u32, syscall: u64, p: *const ProcStats) {
+/// (BPF calls take at most five arguments: the rest travels in `extra`.)
+pub fn emit(kind: u32, tgid: u32, aux: u32, p: *const ProcStats, extra: Extra) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(CNT_RINGBUF_FULL);
         return;
     };
-    // SAFETY: p is a live PROCS value.
-    let (live, opened, closed) = unsafe { ((*p).live, (*p).opened, (*p).closed) };
-    entry.write(Event {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        kind,
-        tgid,
-        aux,
-        syscall: syscall as u32,
-        live,
-        opened,
-        closed,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    });
+    let ev = entry.as_mut_ptr();
+    // SAFETY: p is a live PROCS value; ev is the reserved, writable entry,
+    // filled field by field so the 160-byte event never sits on the stack.
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).kind = kind;
+        (*ev).tgid = tgid;
+        (*ev).aux = aux;
+        (*ev).syscall = extra.syscall as u32;
+        (*ev).live = (*p).live;
+        (*ev).opened = (*p).opened;
+        (*ev).closed = (*p).closed;
+        (*ev).site = extra.site;
+        (*ev).inherited = extra.inherited;
+        (*ev)._pad = 0;
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).path = [0; EVENT_PATH_LEN];
+        if extra.path != 0 {
+            let _ = bpf_probe_read_user_str_bytes(extra.path as *const u8, &mut (*ev).path);
+        }
+    }
     entry.submit(0);
 }

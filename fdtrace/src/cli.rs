@@ -3,9 +3,15 @@ use std::{ffi::OsString, time::Duration};
 
 use clap::{Parser, Subcommand};
 
+use crate::leaks::Status;
+
 const EXAMPLES: &str = "\
 Examples:
   sudo fdtrace --pid 1234                      live view of one process, Ctrl-C for the summary
+  sudo fdtrace --pid 1234 --window 2m --min-age 30s
+                                               leak rates over 2 minutes, fds older than 30s only
+  sudo fdtrace run --fail-on critical -- ./soak-test
+                                               CI: exit 3 if the program heads for EMFILE
   sudo fdtrace run -- python agent.py          trace a program (and its children) from its first syscall
   sudo fdtrace --pid 1234 --duration 2m --json > report.ndjson
                                                one-off diagnosis as NDJSON
@@ -14,8 +20,8 @@ Counts are the kernel's; every interval fdtrace compares them with /proc/PID/fd
 and reports any difference as drift (then resyncs).";
 
 /// Trace file-descriptor leaks from the kernel: how many fds each process
-/// holds, of which kind, against its own RLIMIT_NOFILE, and how fast they are
-/// opened and closed.
+/// holds, of which kind, against its own RLIMIT_NOFILE; which call sites open
+/// fds that are never closed, how fast, and when the process will hit EMFILE.
 #[derive(Debug, Parser)]
 #[command(name = "fdtrace", version, after_help = EXAMPLES)]
 pub struct Cli {
@@ -39,6 +45,43 @@ pub struct Cli {
     /// Print NDJSON on stdout, one object per line (schema in the README)
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Sliding window of the leak rates (least squares over the reports in it)
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub window: Duration,
+
+    /// Only fds at least this old count as leak candidates
+    #[arg(long, value_name = "DUR", default_value = "0s", value_parser = humantime::parse_duration, global = true)]
+    pub min_age: Duration,
+
+    /// Call sites reported per process and interval (fastest-growing first)
+    #[arg(long, value_name = "N", default_value_t = 10, global = true)]
+    pub top: usize,
+
+    /// Exit with code 3 if a traced process reached this status (for CI)
+    #[arg(long, value_name = "STATUS", value_enum, global = true)]
+    pub fail_on: Option<Status>,
+
+    /// Status warning at this % of the soft fd limit
+    #[arg(long, value_name = "PCT", default_value_t = 80.0, global = true)]
+    pub warn_pct: f64,
+
+    /// Status critical at this % of the soft fd limit
+    #[arg(long, value_name = "PCT", default_value_t = 90.0, global = true)]
+    pub crit_pct: f64,
+
+    /// Status warning when EMFILE is forecast within this time
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = humantime::parse_duration, global = true)]
+    pub warn_within: Duration,
+
+    /// Status critical when EMFILE is forecast within this time
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = humantime::parse_duration, global = true)]
+    pub crit_within: Duration,
+
+    /// Do not record call-site stacks (cheaper per fd; sites then differ by
+    /// kind and resource only)
+    #[arg(long, global = true)]
+    pub no_stacks: bool,
 
     /// Most fds tracked at once, all processes together (kernel map size)
     #[arg(long, value_name = "N", default_value_t = 1 << 20, global = true)]

@@ -8,10 +8,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf},
+    maps::{Array, HashMap, MapData, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, TracePoint},
 };
-use fdtrace_common::{FdInfo, FdKey, NO_FIELD, ProcStats};
+use fdtrace_common::{FdInfo, FdKey, NO_FIELD, ProcStats, StackWindow};
 
 use crate::error::Fatal;
 
@@ -24,15 +24,19 @@ pub struct Kernel {
     pub procs: HashMap<MapData, u32, ProcStats>,
     pub fds: HashMap<MapData, FdKey, FdInfo>,
     pub counters: Array<MapData, u64>,
+    pub stacks: StackTraceMap<MapData>,
+    pub windows: HashMap<MapData, u32, StackWindow>,
     pub events: Option<RingBuf<MapData>>,
     /// Keeps the programs attached.
     _ebpf: Ebpf,
 }
 
-/// Map sizes, configurable from the command line.
+/// Map sizes and what to record, from the command line.
 pub struct Limits {
     pub max_fds: u32,
     pub max_procs: u32,
+    /// Record the user stack of every fd creation (call sites).
+    pub stacks: bool,
 }
 
 impl Kernel {
@@ -57,6 +61,8 @@ impl Kernel {
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
             fds: HashMap::try_from(take_map(&mut ebpf, "FDS")?)?,
             counters: Array::try_from(take_map(&mut ebpf, "COUNTERS")?)?,
+            stacks: StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?)?,
+            windows: HashMap::try_from(take_map(&mut ebpf, "WINDOWS")?)?,
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
             _ebpf: ebpf,
         })
@@ -81,7 +87,9 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
     let fork_off = field_offset(&tracefs, "sched_process_fork", "child_pid")?
         .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
     let exit_off = field_offset(&tracefs, "sched_process_exit", "group_dead")?.unwrap_or(NO_FIELD);
+    let stacks_enabled = u32::from(limits.stacks);
     let ebpf = EbpfLoader::new()
+        .override_global("STACKS_ENABLED", &stacks_enabled, true)
         .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
         .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
         .map_max_entries("FDS", limits.max_fds)

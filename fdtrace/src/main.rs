@@ -1,10 +1,14 @@
 //! fdtrace: a kernel-level file-descriptor leak tracer.
 mod cli;
 mod error;
+mod label;
+mod leaks;
 mod loader;
 mod output;
 mod procfd;
+mod scan;
 mod spawn;
+mod symbols;
 mod sync;
 mod tracer;
 
@@ -25,7 +29,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(tracer::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("fdtrace: {e:#}");
             error::exit_code(&e)

@@ -7,6 +7,8 @@ use std::{
 use fdtrace_common::{FD_KINDS, FdKind};
 use serde_json::{Map, Value, json};
 
+use crate::leaks::{Finding, Status};
+
 /// One process at one report.
 pub struct ProcessRow<'a> {
     pub pid: u32,
@@ -23,6 +25,31 @@ pub struct ProcessRow<'a> {
     pub emfile: u64,
     pub enfile: u64,
     pub drift: Option<i64>,
+    pub status: Status,
+    pub leak_per_s: f64,
+    pub seconds_to_emfile: Option<f64>,
+}
+
+/// One call site at one report.
+pub struct SiteRow<'a> {
+    pub pid: u32,
+    pub id: &'a str,
+    pub kind: &'a str,
+    pub resource: &'a str,
+    pub stack: &'a [String],
+    pub open_fds: u64,
+    pub leak_per_s: f64,
+    pub oldest_age_s: f64,
+}
+
+/// A call that failed with EMFILE or ENFILE.
+pub struct FdErrorRow<'a> {
+    pub pid: u32,
+    pub tid: u32,
+    pub syscall: &'a str,
+    pub errno: &'a str,
+    pub resource: Option<&'a str>,
+    pub stack: &'a [String],
 }
 
 impl ProcessRow<'_> {
@@ -42,6 +69,33 @@ pub struct SummaryRow {
     pub closed: u64,
     pub emfile: u64,
     pub exited: bool,
+    pub status: Status,
+    pub leak_per_s: f64,
+    pub seconds_to_emfile: Option<f64>,
+    /// Worst sites: (kind, resource, stack, open, rate, oldest age).
+    pub sites: Vec<(String, String, Vec<String>, u64, f64, f64)>,
+    pub findings: Vec<Finding>,
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// "3h12m", "45s": how long until EMFILE.
+fn eta(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(s) if s >= 86_400.0 * 99.0 => ">99d".into(),
+        Some(s) => {
+            let s = s.max(0.0) as u64;
+            match s {
+                0..60 => format!("{s}s"),
+                60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+                3600..86_400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+                _ => format!("{}d{:02}h", s / 86_400, s / 3600 % 24),
+            }
+        }
+    }
 }
 
 pub struct Output {
@@ -117,14 +171,27 @@ impl Output {
                 "opened_per_s": (r.opened_per_s * 10.0).round() / 10.0,
                 "closed_per_s": (r.closed_per_s * 10.0).round() / 10.0,
                 "emfile_errors": r.emfile, "enfile_errors": r.enfile, "drift": r.drift,
+                "status": r.status.name(), "leak_per_s": round1(r.leak_per_s),
+                "seconds_to_emfile": r.seconds_to_emfile.map(f64::round),
             }));
         }
         if self.header_due {
             self.header_due = false;
             writeln!(
                 self.out,
-                "\n{:<8} {:>7} {:<15} {:>15} {:>6} {:>8} {:>8} {:>6} {:>5}  BY KIND",
-                "TIME", "PID", "COMM", "FDS/LIMIT", "USED", "OPEN/s", "CLOSE/s", "EMFILE", "DRIFT"
+                "\n{:<8} {:>7} {:<15} {:>15} {:>6} {:>8} {:>8} {:>7} {:>8} {:<9} {:>6} {:>5}  BY KIND",
+                "TIME",
+                "PID",
+                "COMM",
+                "FDS/LIMIT",
+                "USED",
+                "OPEN/s",
+                "CLOSE/s",
+                "LEAK/s",
+                "EMFILE IN",
+                "STATUS",
+                "EMFILE",
+                "DRIFT"
             )?;
         }
         let limit = r.soft_limit.map_or("-".into(), |l| l.to_string());
@@ -132,7 +199,7 @@ impl Output {
         let drift = r.drift.map_or("?".into(), |d| d.to_string());
         writeln!(
             self.out,
-            "{:<8} {:>7} {:<15} {:>15} {:>6} {:>8.1} {:>8.1} {:>6} {:>5}  {}",
+            "{:<8} {:>7} {:<15} {:>15} {:>6} {:>8.1} {:>8.1} {:>+7.1} {:>9} {:<9} {:>6} {:>5}  {}",
             clock(ts),
             r.pid,
             r.comm,
@@ -140,10 +207,64 @@ impl Output {
             used,
             r.opened_per_s,
             r.closed_per_s,
+            r.leak_per_s,
+            eta(r.seconds_to_emfile),
+            r.status.name(),
             r.emfile + r.enfile,
             drift,
             kinds_text(r.by_kind)
         )
+    }
+
+    /// A call site under its process: every one in NDJSON, the growing ones
+    /// on a terminal.
+    pub fn site(&mut self, ts: f64, s: &SiteRow) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({
+                "type": "site", "ts": ts, "pid": s.pid, "site": s.id, "kind": s.kind,
+                "resource": s.resource, "stack": s.stack, "open_fds": s.open_fds,
+                "leak_per_s": round1(s.leak_per_s), "oldest_age_s": s.oldest_age_s.round(),
+            }));
+        }
+        if s.leak_per_s < 0.05 {
+            return Ok(());
+        }
+        let at = s
+            .stack
+            .first()
+            .map_or(String::new(), |f| format!("  at {f}"));
+        writeln!(
+            self.out,
+            "{:>17} {:+.1} fds/s  {} {}  ({} open, oldest {:.0}s){at}",
+            "site", s.leak_per_s, s.kind, s.resource, s.open_fds, s.oldest_age_s
+        )
+    }
+
+    pub fn finding(&mut self, ts: f64, pid: u32, f: &Finding) -> io::Result<()> {
+        if self.json {
+            let mut v = json!({
+                "type": "finding", "ts": ts, "pid": pid, "finding": f.kind,
+                "message": f.message, "recommendation": f.recommendation,
+            });
+            if let Some(site) = &f.site {
+                v["site"] = json!(site);
+            }
+            if let Some(n) = f.count {
+                v["count"] = json!(n);
+            }
+            if let Some(fds) = &f.fds {
+                v["fds"] = json!(fds);
+            }
+            return self.line(v);
+        }
+        writeln!(
+            self.out,
+            "{:<8} {pid:>7} FINDING {}: {}",
+            clock(ts),
+            f.kind,
+            f.message
+        )?;
+        writeln!(self.out, "{:>17} fix: {}", "", f.recommendation)
     }
 
     pub fn fork(&mut self, ts: f64, pid: u32, ppid: u32) -> io::Result<()> {
@@ -186,28 +307,52 @@ impl Output {
         )
     }
 
-    pub fn fd_error(
-        &mut self,
-        ts: f64,
-        pid: u32,
-        tid: u32,
-        syscall: &str,
-        errno: &str,
-    ) -> io::Result<()> {
+    pub fn fd_error(&mut self, ts: f64, e: &FdErrorRow) -> io::Result<()> {
         if self.json {
             return self.line(json!({
-                "type": "emfile", "ts": ts, "pid": pid, "tid": tid, "syscall": syscall, "errno": errno,
+                "type": "emfile", "ts": ts, "pid": e.pid, "tid": e.tid, "syscall": e.syscall,
+                "errno": e.errno, "resource": e.resource, "stack": e.stack,
             }));
         }
-        let why = if errno == "EMFILE" {
+        let why = if e.errno == "EMFILE" {
             "the process is at its RLIMIT_NOFILE"
         } else {
             "the system-wide fs.file-max is reached"
         };
+        let what = e.resource.map_or(String::new(), |r| format!(" ({r})"));
+        let at = e
+            .stack
+            .first()
+            .map_or(String::new(), |f| format!(" at {f}"));
         writeln!(
             self.out,
-            "{:<8} {pid:>7} {syscall} failed with {errno} ({why})",
-            clock(ts)
+            "{:<8} {:>7} {}{what} failed with {}{at}: {why}",
+            clock(ts),
+            e.pid,
+            e.syscall,
+            e.errno
+        )
+    }
+
+    pub fn rlimit(
+        &mut self,
+        ts: f64,
+        pid: u32,
+        soft: Option<u64>,
+        hard: Option<u64>,
+    ) -> io::Result<()> {
+        if self.json {
+            return self.line(json!({
+                "type": "rlimit", "ts": ts, "pid": pid, "fd_soft_limit": soft, "fd_hard_limit": hard,
+            }));
+        }
+        let show = |l: Option<u64>| l.map_or("unlimited".to_string(), |v| v.to_string());
+        writeln!(
+            self.out,
+            "{:<8} {pid:>7} RLIMIT_NOFILE now {} (hard {})",
+            clock(ts),
+            show(soft),
+            show(hard)
         )
     }
 
@@ -264,22 +409,53 @@ impl Output {
         writeln!(self.out, "\nSummary ({secs:.1}s traced):")?;
         writeln!(
             self.out,
-            "{:>7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>6}  STATE",
-            "PID", "COMM", "OPEN", "OPENED", "CLOSED", "NET", "EMFILE"
+            "{:>7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:<9} {:>6}  STATE",
+            "PID",
+            "COMM",
+            "OPEN",
+            "OPENED",
+            "CLOSED",
+            "NET",
+            "LEAK/s",
+            "EMFILE IN",
+            "STATUS",
+            "EMFILE"
         )?;
         for r in rows {
             writeln!(
                 self.out,
-                "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8} {:>6}  {}",
+                "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8} {:>+7.1} {:>9} {:<9} {:>6}  {}",
                 r.pid,
                 r.comm,
                 r.open_fds,
                 r.opened,
                 r.closed,
                 r.opened as i64 - r.closed as i64,
+                r.leak_per_s,
+                eta(r.seconds_to_emfile),
+                r.status.name(),
                 r.emfile,
                 if r.exited { "exited" } else { "running" }
             )?;
+        }
+        for r in rows
+            .iter()
+            .filter(|r| !r.sites.is_empty() || !r.findings.is_empty())
+        {
+            writeln!(self.out, "\n{} ({}): {}", r.pid, r.comm, r.status.name())?;
+            for (kind, resource, stack, open, rate, age) in &r.sites {
+                writeln!(
+                    self.out,
+                    "  {rate:+.1} fds/s  {kind} {resource}: {open} open, oldest {age:.0}s"
+                )?;
+                for frame in stack.iter().take(8) {
+                    writeln!(self.out, "      {frame}")?;
+                }
+            }
+            for f in &r.findings {
+                writeln!(self.out, "  {}: {}", f.kind, f.message)?;
+                writeln!(self.out, "    fix: {}", f.recommendation)?;
+            }
         }
         self.out.flush()
     }

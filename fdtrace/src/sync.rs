@@ -145,7 +145,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
             syscall: u16::MAX,
             kind: f.kind as u8,
             flags: flags | if f.cloexec { FD_CLOEXEC } else { 0 },
-            _pad: 0,
+            detail: 0,
         };
         k.fds.insert(key, info, BPF_NOEXIST).with_context(|| {
             format!(
@@ -234,7 +234,7 @@ pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut Kind
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, so user-made entries
 /// compare with kernel-made ones.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -1,17 +1,18 @@
-//! The session: attach, then every interval report each traced process and
-//! check it against /proc; between reports, handle fork/exec/exit/EMFILE
-//! events from the ring buffer.
+//! The session: attach, then every interval report each traced process (its
+//! counts checked against /proc, its call sites and leak rates); between
+//! reports, handle fork/exec/exit/EMFILE/rlimit events from the ring buffer.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
-    time::{Duration, Instant},
+    process::ExitCode,
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT,
-    EV_FORK, Event, syscalls,
+    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKind, syscalls,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -21,10 +22,17 @@ use tokio::{
 use crate::{
     cli::{Cli, Command},
     error::Fatal,
+    label,
+    leaks::{self, Finding, LiveFd, ProcLeaks},
     loader::{Kernel, Limits},
-    output::{Output, ProcessRow, SummaryRow, now},
-    procfd, spawn, sync,
+    output::{FdErrorRow, Output, ProcessRow, SiteRow, SummaryRow, now},
+    procfd, scan, spawn,
+    symbols::Symbols,
+    sync,
 };
+
+/// Exit code of `--fail-on` when a process reached the status.
+const EXIT_STATUS_REACHED: u8 = 3;
 
 /// What user space remembers of a traced process between reports.
 struct View {
@@ -35,14 +43,16 @@ struct View {
     last_at: Instant,
     /// Final figures once it exited (kept for the summary).
     exited: Option<(u64, u64, u64)>,
+    /// (open, opened, closed, emfile + enfile) at the last report.
     last: Option<(u64, u64, u64, u64)>,
     kind_fix: sync::KindFix,
     /// The kernel's `inexact` count at the last report.
     seen_inexact: u64,
+    leaks: ProcLeaks,
 }
 
 impl View {
-    fn new(pid: u32) -> Self {
+    fn new(pid: u32, cfg: leaks::Config) -> Self {
         let info = procfd::info(pid).unwrap_or_default();
         View {
             comm: info.comm,
@@ -54,17 +64,18 @@ impl View {
             last: None,
             kind_fix: sync::KindFix::default(),
             seen_inexact: 0,
+            leaks: ProcLeaks::new(cfg),
         }
     }
 }
 
 fn event_comm(ev: &Event) -> String {
-    let len = ev
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(ev.comm.len());
-    String::from_utf8_lossy(&ev.comm[..len]).into_owned()
+    c_str(&ev.comm)
+}
+
+fn c_str(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
 }
 
 struct Session {
@@ -75,17 +86,27 @@ struct Session {
     counters_seen: [u64; 3],
     max_fds: u32,
     max_procs: u32,
+    cfg: leaks::Config,
+    top: usize,
+    symbols: Symbols,
+    started: Instant,
 }
 
-pub async fn run(cli: Cli) -> Result<()> {
+pub async fn run(cli: Cli) -> Result<ExitCode> {
     // A wrong pid is the user's to fix before anything else.
     for &pid in &cli.pids {
         if !procfd::exists(pid) {
             return Err(Fatal::NoSuchPid(pid).into());
         }
     }
+    let limits = Limits {
+        max_fds: cli.max_fds,
+        max_procs: cli.max_procs,
+        stacks: !cli.no_stacks,
+    };
     if let Some(Command::NoopHooks) = cli.command {
-        return noop_hooks(&cli).await;
+        noop_hooks(&limits).await?;
+        return Ok(ExitCode::SUCCESS);
     }
     if cli.pids.is_empty() && cli.command.is_none() {
         return Err(Fatal::Usage(
@@ -93,10 +114,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         )
         .into());
     }
-    let limits = Limits {
-        max_fds: cli.max_fds,
-        max_procs: cli.max_procs,
-    };
     let mut k = Kernel::load(&limits)?;
     let ring = k.events.take().context("ring buffer already taken")?;
     // SAFETY: the RingBuf owns its map fd, which stays open and the same for
@@ -105,6 +122,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         .map_err(|e| e.into_parts().1)
         .context("polling the ring buffer")?;
 
+    let cfg = leaks::Config {
+        window: cli.window,
+        min_age: cli.min_age,
+        thresholds: leaks::Thresholds {
+            warn_pct: cli.warn_pct,
+            crit_pct: cli.crit_pct,
+            warn_within: cli.warn_within,
+            crit_within: cli.crit_within,
+        },
+    };
     let mut s = Session {
         k,
         out: Output::new(cli.json),
@@ -113,19 +140,22 @@ pub async fn run(cli: Cli) -> Result<()> {
         counters_seen: [0; 3],
         max_fds: cli.max_fds,
         max_procs: cli.max_procs,
+        cfg,
+        top: cli.top,
+        symbols: Symbols::new(),
+        started: Instant::now(),
     };
     for &pid in &cli.pids {
         sync::attach(&mut s.k, pid, cli.follow)
             .with_context(|| format!("attaching to pid {pid}"))?;
-        s.views.insert(pid, View::new(pid));
+        s.views.insert(pid, View::new(pid, cfg));
     }
     if let Some(Command::Run { no_follow, argv }) = &cli.command {
         let spawned = spawn::start(&mut s.k, argv, !no_follow)?;
-        s.views.insert(spawned.pid, View::new(spawned.pid));
+        s.views.insert(spawned.pid, View::new(spawned.pid, cfg));
         s.child = Some(spawned);
     }
 
-    let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = async {
@@ -160,21 +190,26 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
         }
         s.drain(ring.get_mut())?;
-        s.summary(started.elapsed())
+        s.summary()
     }
     .await;
     match result {
         // A closed stdout (`fdtrace ... | head`) ends the session quietly.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing the report"),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        other => other.context("writing the report")?,
     }
+    let reached = cli
+        .fail_on
+        .is_some_and(|on| s.views.values().any(|v| v.leaks.worst >= on));
+    Ok(if reached {
+        ExitCode::from(EXIT_STATUS_REACHED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-async fn noop_hooks(cli: &Cli) -> Result<()> {
-    let _ebpf = crate::loader::noop_hooks(&Limits {
-        max_fds: cli.max_fds,
-        max_procs: cli.max_procs,
-    })?;
+async fn noop_hooks(limits: &Limits) -> Result<()> {
+    let _ebpf = crate::loader::noop_hooks(limits)?;
     eprintln!("fdtrace: empty programs attached to tp_btf/sys_enter and sys_exit; Ctrl-C detaches");
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -204,7 +239,7 @@ impl Session {
         let ts = now();
         match ev.kind {
             EV_FORK => {
-                let mut view = View::new(ev.tgid);
+                let mut view = View::new(ev.tgid, self.cfg);
                 view.ppid = Some(ev.aux);
                 // The event ran in the parent: its comm is the child's too.
                 view.comm = event_comm(ev);
@@ -216,7 +251,11 @@ impl Session {
                 if let Some(v) = self.views.get_mut(&ev.tgid) {
                     v.comm.clone_from(&comm);
                 }
-                self.out.exec(ts, ev.tgid, &comm)
+                self.out.exec(ts, ev.tgid, &comm)?;
+                if ev.inherited > 0 {
+                    self.inherited(ts, ev.tgid, &comm, ev.inherited)?;
+                }
+                Ok(())
             }
             EV_EXIT => {
                 if let Some(v) = self.views.get_mut(&ev.tgid) {
@@ -224,16 +263,96 @@ impl Session {
                 }
                 self.exited(ev.tgid, Some((ev.live, ev.opened, ev.closed)))
             }
-            EV_EMFILE | EV_ENFILE => {
-                let errno = if ev.kind == EV_EMFILE {
-                    "EMFILE"
-                } else {
-                    "ENFILE"
-                };
-                let name = syscalls::name(u64::from(ev.syscall)).unwrap_or("unknown");
-                self.out.fd_error(ts, ev.tgid, ev.aux, name, errno)
+            EV_EMFILE | EV_ENFILE => self.fd_error(ts, ev),
+            EV_RLIMIT => {
+                let info = procfd::info(ev.tgid).unwrap_or_default();
+                self.out
+                    .rlimit(ts, ev.tgid, info.soft_limit, info.hard_limit)
             }
             _ => Ok(()),
+        }
+    }
+
+    /// A call failed with EMFILE/ENFILE: reported with its call site, and a
+    /// finding once per site.
+    fn fd_error(&mut self, ts: f64, ev: &Event) -> io::Result<()> {
+        let errno = if ev.kind == EV_EMFILE {
+            "EMFILE"
+        } else {
+            "ENFILE"
+        };
+        let syscall = syscalls::name(u64::from(ev.syscall)).unwrap_or("unknown");
+        let path = c_str(&ev.path);
+        let resource = (!path.is_empty()).then(|| label::normalize_path(&path));
+        let stack = self.symbols.stack(&self.k, ev.tgid, ev.site);
+        self.out.fd_error(
+            ts,
+            &FdErrorRow {
+                pid: ev.tgid,
+                tid: ev.aux,
+                syscall,
+                errno,
+                resource: resource.as_deref(),
+                stack: &stack,
+            },
+        )?;
+        let Some(v) = self.views.get_mut(&ev.tgid) else {
+            return Ok(());
+        };
+        let at = stack
+            .first()
+            .map_or("an unknown call site".to_string(), |f| f.clone());
+        let what = resource.map_or(String::new(), |r| format!(" of {r}"));
+        let finding = Finding {
+            kind: "emfile",
+            message: format!("{syscall}{what} failed with {errno} at {at}"),
+            recommendation: if errno == "EMFILE" {
+                "The process is out of fds: fix the fastest-growing site first; raising RLIMIT_NOFILE only delays the failure.".into()
+            } else {
+                "The whole system is out of open files (fs.file-max): find the process holding most of them.".into()
+            },
+            site: None,
+            count: None,
+            fds: None,
+        };
+        let key = format!("emfile {} {}", ev.site, syscall);
+        match v.leaks.event_finding(key, finding) {
+            Some(f) => self.out.finding(ts, ev.tgid, &f),
+            None => Ok(()),
+        }
+    }
+
+    /// A process exec'd holding fds >= 3 without close-on-exec: what they are,
+    /// from /proc, right after the exec.
+    fn inherited(&mut self, ts: f64, pid: u32, comm: &str, n: u32) -> io::Result<()> {
+        let mut sockets = None;
+        let fds: Vec<String> = procfd::list_fds(pid)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f.fd > 2)
+            .map(|f| {
+                let what = label::label(pid, f.fd, f.kind, 0, &mut sockets)
+                    .map_or(f.kind.name().to_string(), |l| l.text);
+                format!("{} ({what})", f.fd)
+            })
+            .collect();
+        let Some(v) = self.views.get_mut(&pid) else {
+            return Ok(());
+        };
+        let finding = Finding {
+            kind: "inherited",
+            message: format!(
+                "{comm} started holding {n} fds it did not open (inherited without close-on-exec): {}",
+                fds.join(", ")
+            ),
+            recommendation: "Open fds with O_CLOEXEC / SOCK_CLOEXEC (or set FD_CLOEXEC), or start children with close_fds=True, so a child never inherits them.".into(),
+            site: None,
+            count: Some(u64::from(n)),
+            fds: Some(fds),
+        };
+        match v.leaks.event_finding(format!("inherited {comm}"), finding) {
+            Some(f) => self.out.finding(ts, pid, &f),
+            None => Ok(()),
         }
     }
 
@@ -260,12 +379,15 @@ impl Session {
 
     fn report(&mut self) -> io::Result<()> {
         let ts = now();
+        let t = self.started.elapsed().as_secs_f64();
         self.report_counters(ts)?;
         // The kernel map says who is traced: a fork or exit event lost to a
         // full ring buffer still shows up here.
         let traced: Vec<u32> = self.k.procs.keys().filter_map(|k| k.ok()).collect();
         for &pid in &traced {
-            self.views.entry(pid).or_insert_with(|| View::new(pid));
+            self.views
+                .entry(pid)
+                .or_insert_with(|| View::new(pid, self.cfg));
         }
         let live: Vec<u32> = self
             .views
@@ -273,12 +395,27 @@ impl Session {
             .filter(|(_, v)| v.exited.is_none())
             .map(|(p, _)| *p)
             .collect();
+        let mut entries: HashMap<u32, Vec<(u32, FdInfo)>> =
+            match scan::live_fds(&self.k.fds, |tgid| live.contains(&tgid)) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("fdtrace: reading the live-fd map failed: {e}");
+                    HashMap::new()
+                }
+            };
+        let now_ns = sync::monotonic_ns();
         for pid in live {
             let Some(snap) = sync::check(&self.k, pid) else {
                 self.exited(pid, None)?;
                 continue;
             };
             let info = procfd::info(pid);
+            let fds: Vec<LiveFd> = entries
+                .remove(&pid)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(fd, info)| LiveFd { fd, info })
+                .collect();
             let v = self.views.get_mut(&pid).expect("live view");
             let st = snap.stats;
             sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix);
@@ -295,17 +432,27 @@ impl Session {
             v.last_opened = st.opened;
             v.last_closed = st.closed;
             v.last_at = Instant::now();
-            v.last = Some((st.live, st.opened, st.closed, st.emfile));
+            v.last = Some((st.live, st.opened, st.closed, st.emfile + st.enfile));
             if let Some(i) = &info {
                 v.comm.clone_from(&i.comm);
                 v.ppid = v.ppid.or(i.ppid);
             }
+            let soft_limit = info.as_ref().and_then(|i| i.soft_limit);
+            let findings = v.leaks.update(
+                pid,
+                &fds,
+                now_ns,
+                t,
+                st.live,
+                soft_limit,
+                st.emfile + st.enfile > 0,
+            );
             let row = ProcessRow {
                 pid,
                 ppid: v.ppid,
                 comm: &v.comm,
                 open_fds: st.live,
-                soft_limit: info.as_ref().and_then(|i| i.soft_limit),
+                soft_limit,
                 hard_limit: info.as_ref().and_then(|i| i.hard_limit),
                 by_kind: &by_kind,
                 opened: st.opened,
@@ -315,8 +462,30 @@ impl Session {
                 emfile: st.emfile,
                 enfile: st.enfile,
                 drift: snap.drift,
+                status: v.leaks.status,
+                leak_per_s: v.leaks.leak_per_s,
+                seconds_to_emfile: v.leaks.seconds_to_emfile,
             };
             self.out.process(ts, &row)?;
+            for site in v.leaks.top_sites(self.top) {
+                let stack = self.symbols.stack(&self.k, pid, site.key.stack);
+                self.out.site(
+                    ts,
+                    &SiteRow {
+                        pid,
+                        id: &site.id,
+                        kind: FdKind::from_u8(site.key.kind).name(),
+                        resource: &site.key.resource,
+                        stack: &stack,
+                        open_fds: site.open,
+                        leak_per_s: site.leak_per_s,
+                        oldest_age_s: site.oldest_age_s,
+                    },
+                )?;
+            }
+            for f in &findings {
+                self.out.finding(ts, pid, f)?;
+            }
             // The kernel side flags what it could not follow exactly (a user
             // read that failed, a loop cap): resync even when the count agrees.
             let inexact = st.inexact > v.seen_inexact;
@@ -364,27 +533,50 @@ impl Session {
         Ok(())
     }
 
-    fn summary(&mut self, elapsed: Duration) -> io::Result<()> {
-        let rows: Vec<SummaryRow> = self
-            .views
-            .iter()
-            .map(|(&pid, v)| {
-                let (open, opened, closed, emfile) = match (v.exited, v.last) {
-                    (Some((o, op, cl)), last) => (o, op, cl, last.map_or(0, |l| l.3)),
-                    (None, Some(l)) => l,
-                    (None, None) => (0, 0, 0, 0),
-                };
-                SummaryRow {
-                    pid,
-                    comm: v.comm.clone(),
-                    open_fds: open,
-                    opened,
-                    closed,
-                    emfile,
-                    exited: v.exited.is_some(),
-                }
-            })
-            .collect();
-        self.out.summary(elapsed.as_secs_f64(), &rows)
+    fn summary(&mut self) -> io::Result<()> {
+        let mut rows = Vec::new();
+        for (&pid, v) in &self.views {
+            let (open, opened, closed, emfile) = match (v.exited, v.last) {
+                (Some((o, op, cl)), last) => (o, op, cl, last.map_or(0, |l| l.3)),
+                (None, Some(l)) => l,
+                (None, None) => (0, 0, 0, 0),
+            };
+            let sites = v
+                .leaks
+                .top_sites(3)
+                .into_iter()
+                .filter(|s| s.leak_per_s >= 0.05)
+                .map(|s| {
+                    (
+                        FdKind::from_u8(s.key.kind).name().to_string(),
+                        s.key.resource.clone(),
+                        self.symbols.stack(&self.k, pid, s.key.stack).to_vec(),
+                        s.open,
+                        s.leak_per_s,
+                        s.oldest_age_s,
+                    )
+                })
+                .collect();
+            rows.push(SummaryRow {
+                pid,
+                comm: v.comm.clone(),
+                open_fds: open,
+                opened,
+                closed,
+                emfile,
+                exited: v.exited.is_some(),
+                status: if v.exited.is_some() {
+                    v.leaks.worst
+                } else {
+                    v.leaks.status
+                },
+                leak_per_s: v.leaks.leak_per_s,
+                seconds_to_emfile: v.leaks.seconds_to_emfile,
+                sites,
+                findings: v.leaks.findings.clone(),
+            });
+        }
+        self.out
+            .summary(self.started.elapsed().as_secs_f64(), &rows)
     }
 }

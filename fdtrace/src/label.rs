@@ -1,0 +1,231 @@
+//! Resource labels: what an fd points at, named so that the fds of one leak
+//! group together (paths differing only by digits or random suffixes are one
+//! label; a socket is its protocol and peer).
+use std::{collections::HashMap, net::SocketAddr};
+
+use fdtrace_common::FdKind;
+use procfs::{
+    net::TcpState,
+    process::{FDTarget, Process},
+};
+
+/// A socket as the kernel's socket tables show it.
+#[derive(Clone, Debug)]
+pub struct SockInfo {
+    pub label: String,
+    /// TCP sockets only.
+    pub state: Option<TcpState>,
+    /// Not yet connected or bound: its label may still change.
+    pub provisional: bool,
+}
+
+/// The socket tables of a process's network namespace, by inode; read at most
+/// once per report.
+#[derive(Default)]
+pub struct Sockets {
+    by_inode: HashMap<u64, SockInfo>,
+}
+
+impl Sockets {
+    pub fn read(pid: u32) -> Sockets {
+        let mut by_inode = HashMap::new();
+        let Ok(proc) = Process::new(pid as i32) else {
+            return Sockets { by_inode };
+        };
+        for e in proc.tcp().into_iter().chain(proc.tcp6()).flatten() {
+            let listen = e.state == TcpState::Listen;
+            let label = if listen {
+                format!("tcp listen {}", e.local_address)
+            } else {
+                format!("tcp {}", e.remote_address)
+            };
+            let provisional = !listen && e.remote_address.port() == 0;
+            by_inode.insert(
+                e.inode,
+                SockInfo {
+                    label,
+                    state: Some(e.state),
+                    provisional,
+                },
+            );
+        }
+        for e in proc.udp().into_iter().chain(proc.udp6()).flatten() {
+            let connected = e.remote_address.port() != 0;
+            let label = if connected {
+                format!("udp {}", e.remote_address)
+            } else {
+                format!("udp {}", unspecified_port(e.local_address))
+            };
+            by_inode.insert(
+                e.inode,
+                SockInfo {
+                    label,
+                    state: None,
+                    provisional: !connected,
+                },
+            );
+        }
+        for e in proc.unix().into_iter().flatten() {
+            let label = match &e.path {
+                Some(p) => format!("unix {}", normalize_path(&p.to_string_lossy())),
+                None => "unix".to_string(),
+            };
+            by_inode.insert(
+                e.inode,
+                SockInfo {
+                    label,
+                    state: None,
+                    provisional: false,
+                },
+            );
+        }
+        Sockets { by_inode }
+    }
+
+    pub fn get(&self, inode: u64) -> Option<&SockInfo> {
+        self.by_inode.get(&inode)
+    }
+}
+
+/// An unbound UDP socket shows port 0; keep the address family only.
+fn unspecified_port(a: SocketAddr) -> String {
+    if a.port() == 0 {
+        if a.is_ipv4() { "ipv4" } else { "ipv6" }.to_string()
+    } else {
+        a.to_string()
+    }
+}
+
+/// What one fd is, for grouping.
+#[derive(Clone, Debug)]
+pub struct Label {
+    pub text: String,
+    /// The socket's inode, to look its state up again at later reports.
+    pub socket_inode: Option<u64>,
+    /// May change later (an unconnected socket): do not cache.
+    pub provisional: bool,
+}
+
+/// The protocol of a socket from its socket(2) arguments (FdInfo::detail),
+/// for sockets no socket table lists yet (unbound, unconnected).
+fn protocol(detail: u32) -> &'static str {
+    const AF_UNIX: u32 = 1;
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    const AF_NETLINK: u32 = 16;
+    const AF_PACKET: u32 = 17;
+    let (family, ty) = (detail >> 16, detail & 0xf);
+    match (family, ty) {
+        (AF_INET | AF_INET6, 1) => "tcp",
+        (AF_INET | AF_INET6, 2) => "udp",
+        (AF_INET | AF_INET6, 3) => "raw",
+        (AF_UNIX, _) => "unix",
+        (AF_NETLINK, _) => "netlink",
+        (AF_PACKET, _) => "packet",
+        _ => "socket",
+    }
+}
+
+/// Labels `fd` of `pid` from /proc; `sockets` is read on first need.
+/// `detail` is the fd's FdInfo::detail.
+pub fn label(
+    pid: u32,
+    fd: u32,
+    kind: FdKind,
+    detail: u32,
+    sockets: &mut Option<Sockets>,
+) -> Option<Label> {
+    let target = Process::new(pid as i32)
+        .ok()?
+        .fd_from_fd(fd as i32)
+        .ok()?
+        .target;
+    let plain = |text: String| Label {
+        text,
+        socket_inode: None,
+        provisional: false,
+    };
+    Some(match target {
+        FDTarget::Path(p) => plain(normalize_path(&p.to_string_lossy())),
+        FDTarget::Socket(inode) => {
+            let table = sockets.get_or_insert_with(|| Sockets::read(pid));
+            match table.get(inode) {
+                Some(s) => Label {
+                    text: s.label.clone(),
+                    socket_inode: Some(inode),
+                    provisional: s.provisional,
+                },
+                None => Label {
+                    text: match protocol(detail) {
+                        "tcp" => "tcp unconnected".into(),
+                        "udp" => "udp unbound".into(),
+                        p => p.into(),
+                    },
+                    socket_inode: Some(inode),
+                    provisional: true,
+                },
+            }
+        }
+        FDTarget::Net(_) => plain("socket".into()),
+        FDTarget::Pipe(_) => plain("pipe".into()),
+        FDTarget::MemFD(name) => plain(format!("memfd:{}", normalize_path(&name))),
+        _ => plain(kind.name().into()),
+    })
+}
+
+/// Groups paths that differ only by numbers or random parts:
+/// `/tmp/tmpk2j3h4x9/log-2024-11-27.txt` -> `/tmp/*/log-N-N-N.txt`.
+pub fn normalize_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        if token.is_empty() {
+            return;
+        }
+        let digits = token.chars().filter(char::is_ascii_digit).count();
+        let letters = token.chars().filter(char::is_ascii_alphabetic).count();
+        if token.len() >= 6 && digits >= 2 && letters >= 2 {
+            out.push('*'); // a random suffix such as mkstemp's
+        } else {
+            let mut in_digits = false;
+            for c in token.chars() {
+                if c.is_ascii_digit() {
+                    if !in_digits {
+                        out.push('N');
+                    }
+                    in_digits = true;
+                } else {
+                    out.push(c);
+                    in_digits = false;
+                }
+            }
+        }
+        token.clear();
+    };
+    for c in path.chars() {
+        if c.is_ascii_alphanumeric() {
+            token.push(c);
+        } else {
+            flush(&mut token, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut token, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    #[test]
+    fn numbers_and_random_parts_group() {
+        assert_eq!(
+            normalize_path("/tmp/tmpk2j3h4x9/log-2024-11-27.txt"),
+            "/tmp/*/log-N-N-N.txt"
+        );
+        assert_eq!(normalize_path("/proc/1234/fd"), "/proc/N/fd");
+        assert_eq!(normalize_path("/data/agent.db"), "/data/agent.db");
+        assert_eq!(normalize_path("/var/log/app.log.1"), "/var/log/app.log.N");
+    }
+}

@@ -1,0 +1,99 @@
+//! Reads every live-fd entry of the kernel map in a few syscalls
+//! (BPF_MAP_LOOKUP_BATCH), instead of one lookup per fd number.
+//! https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/hashtab.c (__htab_map_lookup_and_delete_batch)
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::maps::{HashMap, IterableMap as _, MapData};
+use fdtrace_common::{FdInfo, FdKey};
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries asked for per call; a hash bucket holding more makes the kernel
+/// answer ENOSPC, and the chunk is doubled.
+const CHUNK: u32 = 4096;
+
+/// `union bpf_attr` as used by the batch commands (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Live fds of the processes `want` selects, grouped by tgid.
+pub fn live_fds(
+    fds: &HashMap<MapData, FdKey, FdInfo>,
+    want: impl Fn(u32) -> bool,
+) -> io::Result<StdHashMap<u32, Vec<(u32, FdInfo)>>> {
+    let map_fd = fds.map().fd().as_fd().as_raw_fd() as u32;
+    let mut out: StdHashMap<u32, Vec<(u32, FdInfo)>> = StdHashMap::new();
+    let mut chunk = CHUNK;
+    let mut keys: Vec<FdKey> = Vec::new();
+    let mut values: Vec<FdInfo> = Vec::new();
+    // The batch token of a hash map is a bucket index (u32).
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        keys.resize(chunk as usize, FdKey { tgid: 0, fd: 0 });
+        values.resize(chunk as usize, empty_info());
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw const token_in as u64 },
+            out_batch: &raw mut token_out as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk,
+            map_fd,
+            ..Default::default()
+        };
+        // SAFETY: attr points at buffers of `count` keys and values that
+        // outlive the call; the kernel writes at most that many.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        match err.as_ref().and_then(io::Error::raw_os_error) {
+            Some(libc::ENOSPC) => {
+                chunk *= 2;
+                continue;
+            }
+            None | Some(libc::ENOENT) => {}
+            Some(_) => return Err(err.unwrap_or_else(|| io::Error::other("bpf batch lookup"))),
+        }
+        for (k, v) in keys.iter().zip(&values).take(attr.count as usize) {
+            if want(k.tgid) {
+                out.entry(k.tgid).or_default().push((k.fd, *v));
+            }
+        }
+        if err.is_some() {
+            // ENOENT: that was the last bucket.
+            return Ok(out);
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+fn empty_info() -> FdInfo {
+    FdInfo {
+        created_ns: 0,
+        site: 0,
+        syscall: 0,
+        kind: 0,
+        flags: 0,
+        detail: 0,
+    }
+}
