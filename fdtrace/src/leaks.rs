@@ -131,12 +131,14 @@ impl ProcLeaks {
     }
 
     /// Takes one report's view of the process: its live fds (from the kernel
-    /// map), `now_ns` on the kernel's clock, `t` seconds since start.
+    /// map), `now_ns` on the kernel's clock, `t` seconds since start;
+    /// `site_of` maps a kernel stack id to its canonical call-site stack.
     /// Returns the findings that are new since the last report.
     #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
         pid: u32,
+        site_of: &mut dyn FnMut(u64) -> u64,
         fds: &[LiveFd],
         now_ns: u64,
         t: f64,
@@ -172,7 +174,7 @@ impl ProcLeaks {
                 }
             };
             let key = SiteKey {
-                stack: f.info.site,
+                stack: site_of(f.info.site),
                 kind: f.info.kind,
                 resource: label.text.clone(),
             };
@@ -252,6 +254,9 @@ impl ProcLeaks {
     fn new_findings(&mut self) -> Vec<Finding> {
         let mut out = Vec::new();
         let enough = self.samples.len() >= 3;
+        // CLOSE_WAIT is about the peer: one finding per resource, whatever
+        // the sites (pre-existing fds form a site of their own).
+        let mut close_wait: HashMap<&str, (u64, &Site)> = HashMap::new();
         for s in self.sites.values() {
             if enough && !s.preexisting && s.leak_per_s >= LEAK_FINDING_RATE {
                 let key = format!("leak {}", s.id);
@@ -260,10 +265,16 @@ impl ProcLeaks {
                 }
             }
             if s.close_wait > 0 {
-                let key = format!("close_wait {}", s.id);
-                if self.reported.insert(key) {
-                    out.push(close_wait_finding(s));
+                let e = close_wait.entry(&s.key.resource).or_insert((0, s));
+                e.0 += s.close_wait;
+                if s.leak_per_s > e.1.leak_per_s {
+                    e.1 = s;
                 }
+            }
+        }
+        for (resource, (n, s)) in close_wait {
+            if self.reported.insert(format!("close_wait {resource}")) {
+                out.push(close_wait_finding(s, n));
             }
         }
         self.findings.extend(out.iter().cloned());
@@ -368,16 +379,16 @@ fn leak_finding(s: &Site) -> Finding {
     }
 }
 
-fn close_wait_finding(s: &Site) -> Finding {
+fn close_wait_finding(s: &Site, n: u64) -> Finding {
     Finding {
         kind: "close_wait",
         message: format!(
-            "{} sockets to {} are in CLOSE_WAIT: the peer closed them and this process never did",
-            s.close_wait, s.key.resource
+            "{n} sockets to {} are in CLOSE_WAIT: the peer closed them and this process never did",
+            s.key.resource
         ),
         recommendation: "Close the connection once the response is read, including on error paths; CLOSE_WAIT sockets only go away when the process closes them.".to_string(),
         site: Some(s.id.clone()),
-        count: Some(s.close_wait),
+        count: Some(n),
         fds: None,
     }
 }

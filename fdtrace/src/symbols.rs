@@ -1,7 +1,11 @@
 //! Call-site stacks: user stack ids recorded by the kernel side, symbolized
 //! with blazesym while the process is alive (it reads /proc/PID/maps and the
 //! mapped files), then cached.
-use std::{collections::HashMap, rc::Rc};
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    rc::Rc,
+};
 
 use std::{fs::File, os::unix::fs::FileExt as _};
 
@@ -21,7 +25,12 @@ pub type Stack = Rc<Vec<String>>;
 
 pub struct Symbols {
     symbolizer: Symbolizer,
-    cache: HashMap<(u32, u64), Stack>,
+    /// (pid, kernel stack id) -> canonical site stack (hash of the repaired,
+    /// validated frames): stack ids whose frames differ only in garbage past
+    /// a frame without a frame pointer are one site.
+    canon: HashMap<(u32, u64), u64>,
+    /// (pid, canonical stack) -> symbolized frames.
+    frames: HashMap<(u32, u64), Stack>,
     unknown: Stack,
 }
 
@@ -29,23 +38,60 @@ impl Symbols {
     pub fn new() -> Self {
         Symbols {
             symbolizer: Symbolizer::new(),
-            cache: HashMap::new(),
+            canon: HashMap::new(),
+            frames: HashMap::new(),
             unknown: Rc::new(Vec::new()),
         }
     }
 
-    /// The stack `id` of process `pid`, "function (file:line)" where debug
-    /// info exists, "function" from the symbol table, "module+0xoffset"
-    /// otherwise. Empty when no stack was recorded.
-    pub fn stack(&mut self, k: &Kernel, pid: u32, id: u64) -> Stack {
+    /// The canonical stack of kernel stack `id` in process `pid` (NO_SITE
+    /// when none was recorded). Symbolized on first sight, while the process
+    /// is alive.
+    pub fn site(&mut self, k: &Kernel, pid: u32, id: u64) -> u64 {
         if id == NO_SITE {
-            return self.unknown.clone();
+            return NO_SITE;
         }
-        if let Some(s) = self.cache.get(&(pid, id)) {
-            return s.clone();
+        if let Some(&c) = self.canon.get(&(pid, id)) {
+            return c;
         }
+        let ips = self.frames_of(k, pid, id);
+        let canon = if ips.is_empty() {
+            NO_SITE
+        } else {
+            let mut h = DefaultHasher::new();
+            ips.hash(&mut h);
+            h.finish() & !(1 << 63) // never NO_SITE
+        };
+        if canon != NO_SITE && !self.frames.contains_key(&(pid, canon)) {
+            let maps = Process::new(pid as i32).and_then(|p| p.maps()).ok();
+            let text = self.symbolize(pid, &ips, maps.as_ref());
+            self.frames.insert((pid, canon), Rc::new(text));
+        }
+        self.canon.insert((pid, id), canon);
+        canon
+    }
+
+    /// "function (file:line)" where debug info exists, "function" from the
+    /// symbol table, "module+0xoffset" otherwise; innermost first.
+    pub fn frames(&self, pid: u32, canon: u64) -> Stack {
+        self.frames
+            .get(&(pid, canon))
+            .cloned()
+            .unwrap_or_else(|| self.unknown.clone())
+    }
+
+    /// Drops the stack ids of a process that is gone (its symbolized frames
+    /// stay, for the summary).
+    pub fn forget(&mut self, pid: u32) {
+        self.canon.retain(|k, _| k.0 != pid);
+    }
+
+    /// The frames of kernel stack `id`, repaired where libc hid a caller,
+    /// and cut at the first frame that is not a return address (a walk that
+    /// went astray through code without frame pointers).
+    fn frames_of(&self, k: &Kernel, pid: u32, id: u64) -> Vec<u64> {
         let Ok(trace) = k.stacks.get(&(id as u32), 0) else {
-            return self.unknown.clone();
+            return Vec::new();
         };
         let mut ips: Vec<u64> = trace
             .frames()
@@ -54,15 +100,21 @@ impl Symbols {
             .filter(|&ip| ip != 0)
             .take(MAX_FRAMES)
             .collect();
-        let maps = Process::new(pid as i32).and_then(|p| p.maps()).ok();
-        if let (Ok(window), Some(maps)) = (k.windows.get(&(id as u32), 0), &maps)
+        let (Ok(maps), Ok(mem)) = (
+            Process::new(pid as i32).and_then(|p| p.maps()),
+            File::open(format!("/proc/{pid}/mem")),
+        ) else {
+            return ips;
+        };
+        if let Ok(window) = k.windows.get(&(id as u32), 0)
             && !ips.is_empty()
         {
-            repair(pid, &window, &mut ips, maps);
+            repair(&mem, &window, &mut ips, &maps);
         }
-        let stack = Rc::new(self.symbolize(pid, &ips, maps.as_ref()));
-        self.cache.insert((pid, id), stack.clone());
-        stack
+        if let Some(bad) = (1..ips.len()).find(|&i| !is_return_address(&mem, &maps, ips[i])) {
+            ips.truncate(bad);
+        }
+        ips
     }
 
     fn symbolize(&self, pid: u32, ips: &[u64], maps: Option<&MemoryMaps>) -> Vec<String> {
@@ -120,12 +172,9 @@ fn module_offset(maps: Option<&MemoryMaps>, ip: u64) -> String {
 /// - a wrapper that reuses the register (open64 does) first saves it on its
 ///   own frame: the saved value points at the caller's frame record, and the
 ///   walk is rebuilt from there, as far as the window reaches.
-fn repair(pid: u32, w: &StackWindow, ips: &mut Vec<u64>, maps: &MemoryMaps) {
-    let Ok(mem) = File::open(format!("/proc/{pid}/mem")) else {
-        return;
-    };
+fn repair(mem: &File, w: &StackWindow, ips: &mut Vec<u64>, maps: &MemoryMaps) {
     let n = w.words.len();
-    let ret = |a: u64| is_return_address(&mem, maps, a);
+    let ret = |a: u64| is_return_address(mem, maps, a);
     let slot = |addr: u64| {
         addr.checked_sub(w.sp)
             .filter(|off| off % 8 == 0)

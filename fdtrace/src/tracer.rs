@@ -284,7 +284,8 @@ impl Session {
         let syscall = syscalls::name(u64::from(ev.syscall)).unwrap_or("unknown");
         let path = c_str(&ev.path);
         let resource = (!path.is_empty()).then(|| label::normalize_path(&path));
-        let stack = self.symbols.stack(&self.k, ev.tgid, ev.site);
+        let canon = self.symbols.site(&self.k, ev.tgid, ev.site);
+        let stack = self.symbols.frames(ev.tgid, canon);
         self.out.fd_error(
             ts,
             &FdErrorRow {
@@ -315,7 +316,7 @@ impl Session {
             count: None,
             fds: None,
         };
-        let key = format!("emfile {} {}", ev.site, syscall);
+        let key = format!("emfile {canon} {syscall}");
         match v.leaks.event_finding(key, finding) {
             Some(f) => self.out.finding(ts, ev.tgid, &f),
             None => Ok(()),
@@ -370,6 +371,7 @@ impl Session {
             .unwrap_or((0, 0, 0));
         v.exited = Some((open, opened, closed));
         let comm = v.comm.clone();
+        self.symbols.forget(pid);
         if let Some(c) = self.child.as_mut().filter(|c| c.pid == pid) {
             // Reap it; it is gone already, so this does not block.
             let _ = c.child.wait();
@@ -438,8 +440,10 @@ impl Session {
                 v.ppid = v.ppid.or(i.ppid);
             }
             let soft_limit = info.as_ref().and_then(|i| i.soft_limit);
+            let (k, symbols) = (&self.k, &mut self.symbols);
             let findings = v.leaks.update(
                 pid,
+                &mut |id| symbols.site(k, pid, id),
                 &fds,
                 now_ns,
                 t,
@@ -468,7 +472,7 @@ impl Session {
             };
             self.out.process(ts, &row)?;
             for site in v.leaks.top_sites(self.top) {
-                let stack = self.symbols.stack(&self.k, pid, site.key.stack);
+                let stack = self.symbols.frames(pid, site.key.stack);
                 self.out.site(
                     ts,
                     &SiteRow {
@@ -550,7 +554,7 @@ impl Session {
                     (
                         FdKind::from_u8(s.key.kind).name().to_string(),
                         s.key.resource.clone(),
-                        self.symbols.stack(&self.k, pid, s.key.stack).to_vec(),
+                        self.symbols.frames(pid, s.key.stack).to_vec(),
                         s.open,
                         s.leak_per_s,
                         s.oldest_age_s,
