@@ -107,6 +107,9 @@ pub const FD_RESYNCED: u8 = 1 << 2;
 
 /// `FdInfo::site` when no call site was recorded.
 pub const NO_SITE: u64 = u64::MAX;
+/// `FdInfo::site` when the stack was not taken because the process was over
+/// its stack budget (see `ProcStats::stack_slot`).
+pub const SITE_NOT_SAMPLED: u64 = u64::MAX - 1;
 
 /// Value of the live-fd map: one per open fd of a traced process.
 #[repr(C)]
@@ -162,6 +165,14 @@ pub struct ProcStats {
     pub flags: u32,
     /// Open fds by [`FdKind`].
     pub by_kind: [u64; FD_KINDS],
+    /// Stack budget: the 100 ms slot (`ktime / 100ms`) of the last stack
+    /// taken, and how many were taken in it. Walking a user stack is most of
+    /// the cost of a traced fd creation; past the budget fds get
+    /// SITE_NOT_SAMPLED.
+    pub stack_slot: u64,
+    pub stacks_in_slot: u64,
+    /// Fds created without a stack (over budget).
+    pub not_sampled: u64,
 }
 
 impl ProcStats {
@@ -177,6 +188,9 @@ impl ProcStats {
             fd_hwm: 0,
             flags,
             by_kind: [0; FD_KINDS],
+            stack_slot: 0,
+            stacks_in_slot: 0,
+            not_sampled: 0,
         }
     }
 }
@@ -266,5 +280,5 @@ mod pod {
 // Layouts are shared with the kernel: a size change is an ABI change.
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 7 * 8 + 8 + 8 * FD_KINDS);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

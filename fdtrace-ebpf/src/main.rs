@@ -21,7 +21,7 @@ mod table;
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_probe_read_user_buf,
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
@@ -31,7 +31,8 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use fdtrace_common::{
     CNT_PROCS_MAP_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, FdKind,
-    NO_FIELD, NO_SITE, PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats, StackWindow, WINDOW_WORDS,
+    NO_FIELD, NO_SITE, PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats, SITE_NOT_SAMPLED, StackWindow,
+    WINDOW_WORDS,
 };
 use syscalls::*;
 use table::{
@@ -49,10 +50,14 @@ static FORK_CHILD_PID_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
 static EXIT_GROUP_DEAD_OFF: u32 = NO_FIELD;
 
-/// 0 when user space asked for no call sites (`--no-stacks`): the user stack
-/// walk is the largest part of the cost of a traced fd creation.
+/// Stacks taken per process per 100 ms (`--stack-rate` / 10); 0 for none
+/// (`--no-stacks`). The user stack walk is the largest part of the cost of a
+/// traced fd creation; a process creating fds faster than the budget has
+/// its fds over budget recorded without a stack.
 #[unsafe(no_mangle)]
-static STACKS_ENABLED: u32 = 1;
+static STACKS_PER_SLOT: u32 = 100;
+
+const SLOT_NS: u64 = 100_000_000;
 
 #[inline(always)]
 fn global(v: &u32) -> u32 {
@@ -100,12 +105,28 @@ impl Regs {
     }
 }
 
-/// The calling user stack's id in STACKS, or NO_SITE. The first time an id
-/// is seen, the top of the user stack is saved with it (see StackWindow).
+/// The calling user stack's id in STACKS; NO_SITE without stacks, and
+/// SITE_NOT_SAMPLED over the process's budget. The first time an id is seen,
+/// the top of the user stack is saved with it (see StackWindow).
 #[inline(always)]
-fn user_site(ctx: &BtfTracePointContext, r: &Regs) -> u64 {
-    if global(&STACKS_ENABLED) == 0 {
+fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats) -> u64 {
+    let budget = u64::from(global(&STACKS_PER_SLOT));
+    if budget == 0 {
         return NO_SITE;
+    }
+    // SAFETY: p is a live PROCS value. Threads race on the budget fields;
+    // a lost update only shifts a few fds across the budget line.
+    unsafe {
+        let slot = bpf_ktime_get_ns() / SLOT_NS;
+        if (*p).stack_slot != slot {
+            (*p).stack_slot = slot;
+            (*p).stacks_in_slot = 0;
+        }
+        if (*p).stacks_in_slot >= budget {
+            table::add64(&raw mut (*p).not_sampled, 1);
+            return SITE_NOT_SAMPLED;
+        }
+        (*p).stacks_in_slot += 1;
     }
     let Ok(id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
         return NO_SITE;
@@ -420,7 +441,7 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let origin = Origin {
         syscall: nr,
         site: if action.creates() || matches!(action, Action::Clone { .. }) {
-            user_site(&ctx, &r)
+            user_site(&ctx, &r, p)
         } else {
             NO_SITE
         },
@@ -546,7 +567,7 @@ fn failed(c: &Call, errno: i64) {
     };
     let extra = Extra {
         syscall: nr,
-        site: user_site(c.ctx, r),
+        site: user_site(c.ctx, r, p),
         path,
         ..Extra::NONE
     };
@@ -639,7 +660,7 @@ fn scm_rights(c: &Call, msg: u64, cloexec: bool) {
                 data: control + off + CMSG_HDR,
                 origin: Origin {
                     syscall: c.nr,
-                    site: user_site(c.ctx, c.r),
+                    site: user_site(c.ctx, c.r, c.p),
                     detail: 0,
                 },
             };

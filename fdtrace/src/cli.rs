@@ -83,6 +83,12 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_stacks: bool,
 
+    /// Most call-site stacks taken per process per second; fds created faster
+    /// than this are tracked without a stack (the stack walk is most of the
+    /// cost of a traced fd creation)
+    #[arg(long, value_name = "N", default_value_t = 1000, global = true)]
+    pub stack_rate: u32,
+
     /// Most fds tracked at once, all processes together (kernel map size)
     #[arg(long, value_name = "N", default_value_t = 1 << 20, global = true)]
     pub max_fds: u32,

@@ -35,8 +35,8 @@ pub struct Kernel {
 pub struct Limits {
     pub max_fds: u32,
     pub max_procs: u32,
-    /// Record the user stack of every fd creation (call sites).
-    pub stacks: bool,
+    /// User stacks taken per process per second (call sites); 0 for none.
+    pub stack_rate: u32,
 }
 
 impl Kernel {
@@ -87,9 +87,13 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
     let fork_off = field_offset(&tracefs, "sched_process_fork", "child_pid")?
         .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
     let exit_off = field_offset(&tracefs, "sched_process_exit", "group_dead")?.unwrap_or(NO_FIELD);
-    let stacks_enabled = u32::from(limits.stacks);
+    // The kernel side counts per 100 ms; a non-zero rate keeps at least one.
+    let per_slot = match limits.stack_rate {
+        0 => 0,
+        r => (r / 10).max(1),
+    };
     let ebpf = EbpfLoader::new()
-        .override_global("STACKS_ENABLED", &stacks_enabled, true)
+        .override_global("STACKS_PER_SLOT", &per_slot, true)
         .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
         .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
         .map_max_entries("FDS", limits.max_fds)

@@ -13,7 +13,7 @@ use blazesym::{
     Pid,
     symbolize::{Input, Symbolized, Symbolizer, source::Process as ProcSource, source::Source},
 };
-use fdtrace_common::{NO_SITE, StackWindow};
+use fdtrace_common::{NO_SITE, SITE_NOT_SAMPLED, StackWindow};
 use procfs::process::{MMPermissions, MMapPath, MemoryMaps, Process};
 
 use crate::loader::Kernel;
@@ -32,6 +32,7 @@ pub struct Symbols {
     /// (pid, canonical stack) -> symbolized frames.
     frames: HashMap<(u32, u64), Stack>,
     unknown: Stack,
+    not_sampled: Stack,
 }
 
 impl Symbols {
@@ -41,6 +42,7 @@ impl Symbols {
             canon: HashMap::new(),
             frames: HashMap::new(),
             unknown: Rc::new(Vec::new()),
+            not_sampled: Rc::new(vec!["[not sampled: over --stack-rate]".to_string()]),
         }
     }
 
@@ -48,8 +50,8 @@ impl Symbols {
     /// when none was recorded). Symbolized on first sight, while the process
     /// is alive.
     pub fn site(&mut self, k: &Kernel, pid: u32, id: u64) -> u64 {
-        if id == NO_SITE {
-            return NO_SITE;
+        if id == NO_SITE || id == SITE_NOT_SAMPLED {
+            return id;
         }
         if let Some(&c) = self.canon.get(&(pid, id)) {
             return c;
@@ -74,6 +76,9 @@ impl Symbols {
     /// "function (file:line)" where debug info exists, "function" from the
     /// symbol table, "module+0xoffset" otherwise; innermost first.
     pub fn frames(&self, pid: u32, canon: u64) -> Stack {
+        if canon == SITE_NOT_SAMPLED {
+            return self.not_sampled.clone();
+        }
         self.frames
             .get(&(pid, canon))
             .cloned()

@@ -102,7 +102,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let limits = Limits {
         max_fds: cli.max_fds,
         max_procs: cli.max_procs,
-        stacks: !cli.no_stacks,
+        stack_rate: if cli.no_stacks { 0 } else { cli.stack_rate },
     };
     if let Some(Command::NoopHooks) = cli.command {
         noop_hooks(&limits).await?;

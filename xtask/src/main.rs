@@ -1,5 +1,6 @@
 //! Build and provisioning tasks for fdtrace: `cargo xtask <command>`.
 
+mod bench;
 mod proc;
 mod setup;
 mod tasks;
@@ -39,7 +40,9 @@ enum Command {
     Run(RunArgs),
     /// Run setup, fmt and clippy checks, a release build, then the tests (as root).
     Test,
-    // Later: `Bench` (overhead measurements).
+    /// Run setup, build fdtrace and fdloop (release), then measure what
+    /// fdtrace costs against bpftrace and empty programs (as root).
+    Bench(bench::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,5 +86,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run(args) => tasks::run(&tools, &args.args),
         Command::Test => tasks::test(&tools),
+        Command::Bench(args) => bench::bench(&tools, &args),
     }
 }

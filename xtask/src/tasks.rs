@@ -15,13 +15,13 @@ use crate::setup::{self, Tools};
 const EBPF_CRATE: &str = "fdtrace-ebpf";
 
 /// The workspace as cargo sees it.
-struct Workspace {
-    root: PathBuf,
-    target_dir: PathBuf,
+pub struct Workspace {
+    pub root: PathBuf,
+    pub target_dir: PathBuf,
 }
 
 impl Workspace {
-    fn locate() -> Result<Self> {
+    pub fn locate() -> Result<Self> {
         // xtask/ sits directly in the workspace root.
         let start = Path::new(env!("CARGO_MANIFEST_DIR"));
         let start = start.parent().unwrap_or(start);
@@ -45,7 +45,7 @@ impl Workspace {
     }
 
     /// `cargo <args>` in the workspace root, with setup's bin dir on PATH.
-    fn cargo(&self, tools: &Tools, args: &[&str]) -> Result<Command> {
+    pub fn cargo(&self, tools: &Tools, args: &[&str]) -> Result<Command> {
         let mut cmd = Command::new("cargo");
         cmd.args(args)
             .current_dir(&self.root)
@@ -78,7 +78,7 @@ pub fn build(tools: &Tools, release: bool) -> Result<()> {
     Ok(())
 }
 
-fn build_fdtrace(ws: &Workspace, tools: &Tools, release: bool) -> Result<PathBuf> {
+pub fn build_fdtrace(ws: &Workspace, tools: &Tools, release: bool) -> Result<PathBuf> {
     let mut args = vec!["build", "--package", "fdtrace"];
     if release {
         args.push("--release");

@@ -1,0 +1,154 @@
+//! Attach time and kernel memory per tracked fd: fdtrace attached with
+//! `--pid` to a process that holds many fds, and to one that holds few.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::child::Proc;
+use super::{ATTACH_TIMEOUT, Bins, STOP_GRACE};
+use crate::proc::capture;
+
+/// The name fdtrace's live-fd hash map has in the kernel.
+const FDS_MAP: &str = "FDS";
+
+/// fdtrace attached to one `fdloop hold N` process.
+pub struct Attach {
+    /// fds the holder opened (plus its stdin, stdout and stderr).
+    pub held: u64,
+    /// Entries in /proc/PID/fd right before fdtrace started.
+    pub proc_fds: u64,
+    /// open_fds of fdtrace's first `process` line for the holder.
+    pub reported: Option<u64>,
+    /// From starting fdtrace to its first `process` line.
+    pub time: Duration,
+    /// The FDS map as bpftool shows it, or why not.
+    pub map: Result<MapInfo, String>,
+}
+
+/// One line of `bpftool map show --json`.
+pub struct MapInfo {
+    pub id: u64,
+    pub bytes_memlock: u64,
+    pub max_entries: u64,
+}
+
+/// The figures for a holder of 19000 fds (the hard RLIMIT_NOFILE here is
+/// 20000) and for one of 16.
+pub fn attach_figures(bins: &Bins) -> Result<Vec<Attach>> {
+    let mut out = Vec::new();
+    for n in [19_000, 16] {
+        super::check_interrupted()?;
+        eprintln!("bench: attach to a process holding {n} fds");
+        out.push(attach_once(bins, n).with_context(|| format!("attaching to {n} held fds"))?);
+    }
+    Ok(out)
+}
+
+fn attach_once(bins: &Bins, n: u64) -> Result<Attach> {
+    let mut holder = Proc::spawn(
+        "fdloop hold",
+        Command::new(&bins.fdloop)
+            .args(["hold", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )?;
+    let ready = holder
+        .stdout()?
+        .wait_for(ATTACH_TIMEOUT, |l| l.starts_with("fdloop hold"));
+    ready.map_err(|e| holder.fail(format!("never held its fds: {e:#}")))?;
+    let pid = holder.pid();
+    let proc_fds = count_fds(pid)?;
+
+    let mut cmd = Command::new(&bins.fdtrace);
+    cmd.args(["--json", "--interval", "10s", "--pid", &pid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut ft = Proc::spawn("fdtrace --pid", &mut cmd)?;
+    let first = ft
+        .stdout()?
+        .wait_for(ATTACH_TIMEOUT, |l| is_process_line(l, pid));
+    let time = started.elapsed();
+    let first = first.map_err(|e| ft.fail(format!("no `process` line: {e:#}")))?;
+    let map = fds_map(ft.pid()).map_err(|e| format!("{e:#}"));
+    ft.stop(STOP_GRACE)?;
+    Ok(Attach {
+        held: n,
+        proc_fds,
+        reported: open_fds(&first),
+        time,
+        map,
+    })
+}
+
+fn is_process_line(line: &str, pid: u32) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return false;
+    };
+    v.get("type").and_then(|t| t.as_str()) == Some("process")
+        && v.get("pid").and_then(|p| p.as_u64()) == Some(u64::from(pid))
+}
+
+fn open_fds(line: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get("open_fds")?.as_u64()
+}
+
+/// Entries in /proc/PID/fd.
+fn count_fds(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        entry.with_context(|| format!("reading {dir}"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The ids of the BPF maps process `pid` holds fds to (from fdinfo).
+fn map_ids(pid: u32) -> Result<Vec<u64>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry.with_context(|| format!("reading {dir}"))?;
+        // An fd may close meanwhile: skip what cannot be read.
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        ids.extend(id);
+    }
+    Ok(ids)
+}
+
+/// fdtrace's own FDS map (others may run: pick it by the map ids it holds).
+fn fds_map(fdtrace_pid: u32) -> Result<MapInfo> {
+    let ids = map_ids(fdtrace_pid)?;
+    let json = capture(Command::new("bpftool").args(["map", "show", "--json"]))?;
+    let maps: serde_json::Value =
+        serde_json::from_str(&json).context("cannot parse `bpftool map show --json`")?;
+    let Some(maps) = maps.as_array() else {
+        bail!("`bpftool map show --json` did not print an array");
+    };
+    let field = |m: &serde_json::Value, key: &str| m.get(key).and_then(|v| v.as_u64());
+    let map = maps
+        .iter()
+        .find(|m| {
+            m.get("name").and_then(|v| v.as_str()) == Some(FDS_MAP)
+                && field(m, "id").is_some_and(|id| ids.contains(&id))
+        })
+        .with_context(|| format!("no map named {FDS_MAP} among fdtrace's maps {ids:?}"))?;
+    Ok(MapInfo {
+        id: field(map, "id").unwrap_or(0),
+        bytes_memlock: field(map, "bytes_memlock")
+            .with_context(|| format!("bpftool shows no bytes_memlock for {FDS_MAP}"))?,
+        max_entries: field(map, "max_entries").unwrap_or(0),
+    })
+}

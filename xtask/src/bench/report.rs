@@ -1,0 +1,351 @@
+//! The bench report, on stdout.
+
+use std::time::Duration;
+
+use super::extras::Attach;
+use super::{Cond, MODES, Samples, Setting, TracedRun, median};
+
+/// Ratios are printed only when the denominator is at least this many ns:
+/// below it they are noise divided by noise.
+const MIN_DENOMINATOR_NS: f64 = 5.0;
+
+/// What one iteration of each mode does, and how many fds it opens.
+fn iteration(mode: &str) -> (&'static str, u64) {
+    match mode {
+        "open" => ("openat(/dev/null) + close", 1),
+        "socket" => ("socket(AF_UNIX, SOCK_STREAM) + close", 1),
+        "pipe" => ("pipe2 + 2 closes", 2),
+        _ => ("one raw getppid syscall (no fd)", 0),
+    }
+}
+
+pub fn print(setting: &Setting, samples: &Samples, attach: &[Attach]) {
+    header(setting, samples);
+    table(setting, samples);
+    raw(samples);
+    zero_loss(setting, samples);
+    cpu(samples);
+    attach_time(attach);
+    memory(attach);
+}
+
+fn header(s: &Setting, samples: &Samples) {
+    println!();
+    println!("=== fdtrace bench ===");
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "revision {}, kernel {}, {cpus} CPUs, {} round(s){}",
+        s.revision,
+        s.kernel,
+        s.rounds,
+        if s.quick {
+            " (--quick: a smoke check, short loops, not a measurement)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "conditions interleaved: each round measures every condition, in an order rotated per round"
+    );
+    println!("one iteration and iterations per run (sized for ~0.4 s untraced):");
+    for (mode, n) in MODES.iter().zip(&s.iters) {
+        println!("  {mode:<8} {:<38} {n} iterations", iteration(mode).0);
+    }
+    if !samples.others.is_empty() {
+        println!(
+            "WARNING: other tracers ran during the bench (seen between measurements); their hooks \
+             tax every syscall, so every figure is skewed:"
+        );
+    }
+    for o in &samples.others {
+        println!("  {o}");
+    }
+}
+
+fn med(samples: &Samples, mode: usize, cond: Cond) -> Option<f64> {
+    median(samples.ns.get(&(mode, cond))?)
+}
+
+fn added(samples: &Samples, mode: usize, cond: Cond) -> Option<f64> {
+    Some(med(samples, mode, cond)? - med(samples, mode, Cond::Untraced)?)
+}
+
+fn fmt_added(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{x:+.1}"))
+}
+
+fn fmt_ratio(num: Option<f64>, den: Option<f64>) -> String {
+    match (num, den) {
+        (Some(n), Some(d)) if d >= MIN_DENOMINATOR_NS => format!("{:.2}", n / d),
+        _ => "n/a".into(),
+    }
+}
+
+fn table(s: &Setting, samples: &Samples) {
+    println!();
+    println!(
+        "MEDIANS over {} round(s), ns per iteration. `untraced` is the median itself; every \
+         `+ns` is median(condition) - median(untraced).",
+        s.rounds
+    );
+    println!(
+        "Traced: fdloop traced by fdtrace / by the bpftrace script. Tax: fdloop NOT traced while \
+         fdtrace / empty programs on fdtrace's hooks (noop floor) / bpftrace trace a sleeping process."
+    );
+    println!(
+        "Ratios are of the added ns (n/a when the denominator is under {MIN_DENOMINATOR_NS} ns: noise)."
+    );
+    println!();
+    println!(
+        "{:<8} {:>9} | {:>11} {:>12} {:>9} | {:>11} {:>11} {:>12} {:>13} {:>12}",
+        "", "", "traced", "", "fdtrace/", "tax", "", "", "fdtrace tax/", "fdtrace tax/"
+    );
+    println!(
+        "{:<8} {:>9} | {:>11} {:>12} {:>9} | {:>11} {:>11} {:>12} {:>13} {:>12}",
+        "mode",
+        "untraced",
+        "fdtrace +ns",
+        "bpftrace +ns",
+        "bpftrace",
+        "fdtrace +ns",
+        "noop +ns",
+        "bpftrace +ns",
+        "bpftrace tax",
+        "noop floor"
+    );
+    for (i, mode) in MODES.iter().enumerate() {
+        let untraced = med(samples, i, Cond::Untraced).map_or("-".into(), |x| format!("{x:.1}"));
+        let a = |c| added(samples, i, c);
+        println!(
+            "{:<8} {:>9} | {:>11} {:>12} {:>9} | {:>11} {:>11} {:>12} {:>13} {:>12}",
+            mode,
+            untraced,
+            fmt_added(a(Cond::Fdtrace)),
+            fmt_added(a(Cond::Bpftrace)),
+            fmt_ratio(a(Cond::Fdtrace), a(Cond::Bpftrace)),
+            fmt_added(a(Cond::FdtraceTax)),
+            fmt_added(a(Cond::Noop)),
+            fmt_added(a(Cond::BpftraceTax)),
+            fmt_ratio(a(Cond::FdtraceTax), a(Cond::BpftraceTax)),
+            fmt_ratio(a(Cond::FdtraceTax), a(Cond::Noop)),
+        );
+    }
+}
+
+fn raw(samples: &Samples) {
+    println!();
+    println!("Raw ns per iteration per round (absolute, in round order) [min .. max]:");
+    for (i, mode) in MODES.iter().enumerate() {
+        for cond in Cond::ALL {
+            let Some(xs) = samples.ns.get(&(i, cond)) else {
+                continue;
+            };
+            let list: Vec<String> = xs.iter().map(|x| format!("{x:8.1}")).collect();
+            let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            println!(
+                "  {mode:<8} {:<13} {}  [{min:.1} .. {max:.1}]",
+                cond.label(),
+                list.join(" ")
+            );
+        }
+    }
+}
+
+fn runs_of<'a>(samples: &'a Samples, mode: &'a str) -> impl Iterator<Item = &'a TracedRun> {
+    samples.traced.iter().filter(move |r| r.mode == mode)
+}
+
+fn zero_loss(s: &Setting, samples: &Samples) {
+    println!();
+    println!(
+        "Zero loss (`fdtrace --json run -- fdloop`, every round): `lost` counts summed, \
+         `map_full` objects, and the exit object's opened_total against the fds the loop opened \
+         (the surplus is the loader's startup opens):"
+    );
+    for (mode, &iters) in MODES.iter().zip(&s.iters) {
+        let expected = iters * iteration(mode).1;
+        let runs: Vec<&TracedRun> = runs_of(samples, mode).collect();
+        let lost: u64 = runs.iter().map(|r| r.lost).sum();
+        let map_full: usize = runs.iter().map(|r| r.map_full.len()).sum();
+        let totals: Vec<String> = runs
+            .iter()
+            .map(|r| match r.opened_total {
+                Some(t) => format!("{t} ({:+})", t as i128 - i128::from(expected)),
+                None => "no exit object".into(),
+            })
+            .collect();
+        let all_ok = !runs.is_empty()
+            && runs
+                .iter()
+                .all(|r| r.opened_total.is_some_and(|t| t >= expected));
+        let verdict = if lost == 0 && map_full == 0 && all_ok {
+            "OK"
+        } else {
+            "NOT OK"
+        };
+        println!(
+            "  {mode:<8} lost={lost} map_full={map_full} opened_total >= {expected}: {} -> {verdict}",
+            totals.join(", ")
+        );
+        for r in runs {
+            for m in &r.map_full {
+                println!("           {m}");
+            }
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn median_of(runs: &[&TracedRun], f: impl Fn(&TracedRun) -> f64) -> f64 {
+    let xs: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+    median(&xs).unwrap_or(f64::NAN)
+}
+
+fn cpu(samples: &Samples) {
+    println!();
+    println!(
+        "fdtrace's own CPU in `fdtrace run -- fdloop` (medians over rounds): its wait4 rusage minus \
+         fdloop's own (fdtrace reaps fdloop). Its kernel-side (eBPF) work is charged to fdloop, not \
+         here. The run is fdtrace's whole life: loading and attaching the programs, the loop, the exit."
+    );
+    println!(
+        "  {:<8} {:>12} {:>10} {:>9} {:>9} {:>9} {:>13} {:>15}",
+        "mode",
+        "fd events/s",
+        "loop s",
+        "run s",
+        "user s",
+        "sys s",
+        "user % core",
+        "user+sys % core"
+    );
+    for mode in MODES {
+        let runs: Vec<&TracedRun> = runs_of(samples, mode).collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let per_iter = if mode == "getppid" {
+            0.0
+        } else {
+            2.0 * iteration(mode).1 as f64
+        };
+        let ns = median_of(&runs, |r| r.lp.ns);
+        let loop_s = median_of(&runs, |r| r.lp.ns * r.lp.iters as f64 / 1e9);
+        let wall = median_of(&runs, |r| secs(r.wall));
+        let user = median_of(&runs, |r| secs(r.fdtrace_cpu.user));
+        let sys = median_of(&runs, |r| secs(r.fdtrace_cpu.system));
+        let user_pct = median_of(&runs, |r| 100.0 * secs(r.fdtrace_cpu.user) / secs(r.wall));
+        let all_pct = median_of(&runs, |r| {
+            100.0 * secs(r.fdtrace_cpu.user + r.fdtrace_cpu.system) / secs(r.wall)
+        });
+        println!(
+            "  {mode:<8} {:>12.0} {loop_s:>10.3} {wall:>9.3} {user:>9.4} {sys:>9.4} {user_pct:>12.2}% {all_pct:>14.2}%",
+            per_iter * 1e9 / ns
+        );
+    }
+    println!(
+        "  (fd events = fds opened + fds closed; pipe counts 2 opens + 2 closes per iteration)"
+    );
+    event_cpu(samples);
+}
+
+/// fdtrace's user CPU in the open runs above that of the getppid runs (no fd
+/// event, same startup): what handling the events costs it.
+fn event_cpu(samples: &Samples) {
+    let open: Vec<&TracedRun> = runs_of(samples, "open").collect();
+    let idle: Vec<&TracedRun> = runs_of(samples, "getppid").collect();
+    if open.is_empty() || idle.is_empty() {
+        return;
+    }
+    let user = |runs: &[&TracedRun]| median_of(runs, |r| secs(r.fdtrace_cpu.user));
+    let extra = user(&open) - user(&idle);
+    let loop_s = median_of(&open, |r| r.lp.ns * r.lp.iters as f64 / 1e9);
+    println!(
+        "  open vs getppid (same startup, no fd event): fdtrace user CPU {extra:+.4} s over the \
+         {loop_s:.3} s open loop = {:+.2}% of one core while the loop runs",
+        100.0 * extra / loop_s
+    );
+}
+
+fn attach_time(attach: &[Attach]) {
+    println!();
+    println!(
+        "Attach time (`fdtrace --pid PID --json`, from its start to its first `process` line for \
+         PID; `fdloop hold N` opens N fds on /dev/null, on top of its stdio and what it inherits):"
+    );
+    for a in attach {
+        let check = match a.reported {
+            Some(r) if r == a.proc_fds => format!("open_fds={r} = /proc/PID/fd count: OK"),
+            Some(r) => format!("open_fds={r} but /proc/PID/fd has {}: MISMATCH", a.proc_fds),
+            None => "no open_fds in the line: MISMATCH".into(),
+        };
+        println!(
+            "  holding {:>5} fds ({} in /proc/PID/fd): {:.3} s; {check}",
+            a.held,
+            a.proc_fds,
+            secs(a.time)
+        );
+    }
+    if let [big, small] = attach {
+        let dfd = big.proc_fds as f64 - small.proc_fds as f64;
+        if dfd > 0.0 {
+            println!(
+                "  per fd found at attach: {:.1} us ((difference of the two times) / (difference of the fd counts))",
+                (secs(big.time) - secs(small.time)) * 1e6 / dfd
+            );
+        }
+    }
+}
+
+fn memory(attach: &[Attach]) {
+    println!();
+    println!(
+        "Kernel memory of fdtrace's FDS map (`bpftool map show --json`, bytes_memlock; on this \
+         kernel a BPF_F_NO_PREALLOC hash map reports (element size + overhead) x live entries):"
+    );
+    for a in attach {
+        match &a.map {
+            Ok(m) => println!(
+                "  tracing a process with {:>5} fds: map id {} max_entries {}: {} bytes",
+                a.proc_fds, m.id, m.max_entries, m.bytes_memlock
+            ),
+            Err(e) => println!(
+                "  tracing a process with {:>5} fds: unavailable: {e}",
+                a.proc_fds
+            ),
+        }
+    }
+    let [big, small] = attach else {
+        return;
+    };
+    let (Ok(mb), Ok(ms)) = (&big.map, &small.map) else {
+        println!("  per fd: unavailable");
+        return;
+    };
+    println!(
+        "  the fixed part (what the few-fd figure is almost all of) is the table's buckets, sized \
+         by max_entries (--max-fds), not by use"
+    );
+    let dfd = big.proc_fds as f64 - small.proc_fds as f64;
+    let dbytes = mb.bytes_memlock as f64 - ms.bytes_memlock as f64;
+    if dfd <= 0.0 || dbytes <= 0.0 {
+        println!(
+            "  per fd: bytes_memlock did not grow with the fds ({} -> {} bytes): it does not \
+             reflect usage here",
+            ms.bytes_memlock, mb.bytes_memlock
+        );
+        return;
+    }
+    println!(
+        "  per tracked fd: ({} - {}) bytes / ({} - {}) fds = {:.1} bytes",
+        mb.bytes_memlock,
+        ms.bytes_memlock,
+        big.proc_fds,
+        small.proc_fds,
+        dbytes / dfd
+    );
+}
