@@ -105,6 +105,11 @@ pub const FD_PREEXISTING: u8 = 1 << 1;
 /// it when it resynced with /proc; `created_ns` is the resync time.
 pub const FD_RESYNCED: u8 = 1 << 2;
 
+/// `FdInfo::flags`: the number was reused before the close of its previous
+/// fd reached fdtrace (threads racing on one table); that late close clears
+/// this flag instead of removing the new fd.
+pub const FD_CLOSE_PENDING: u8 = 1 << 3;
+
 /// `FdInfo::site` when no call site was recorded.
 pub const NO_SITE: u64 = u64::MAX;
 /// `FdInfo::site` when the stack was not taken because the process was over
@@ -123,7 +128,7 @@ pub struct FdInfo {
     pub syscall: u16,
     /// [`FdKind`] as u8.
     pub kind: u8,
-    /// [`FD_CLOEXEC`] | [`FD_PREEXISTING`] | [`FD_RESYNCED`].
+    /// [`FD_CLOEXEC`] | [`FD_PREEXISTING`] | [`FD_RESYNCED`] | [`FD_CLOSE_PENDING`].
     pub flags: u8,
     /// Sockets from socket(2): `family << 16 | type` (SOCK_TYPE_MASK bits),
     /// so an unbound socket still has a protocol; 0 otherwise.

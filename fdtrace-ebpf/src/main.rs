@@ -1,11 +1,11 @@
 //! fdtrace's kernel side: keeps the live-fd table of every traced process.
 //!
 //! Hooks (chosen by measurement, see README "How it works"):
-//! - `tp_btf/sys_exit`: every fd-creating syscall, decoded from the saved user
-//!   registers once the kernel has returned the new fd;
-//! - `tp_btf/sys_enter`: close and close_range, removed *before* the kernel
-//!   frees the numbers, so a concurrent open that reuses one cannot be undone
-//!   by a late removal;
+//! - `tp_btf/sys_exit` only: every fd-creating and fd-closing syscall, decoded
+//!   from the saved user registers once the kernel has returned. One program
+//!   per syscall is what every untraced process pays; a close that reaches
+//!   sys_exit after another thread reused its number is told apart by
+//!   FD_CLOSE_PENDING (see table::install);
 //! - `sched/sched_process_fork` and `sched/sched_process_exit`: copy the table
 //!   into a followed child, drop it when the whole thread group is gone.
 #![no_std]
@@ -164,37 +164,6 @@ fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-#[btf_tracepoint(function = "sys_enter")]
-pub fn fdtrace_sys_enter(ctx: BtfTracePointContext) -> i32 {
-    let nr: u64 = ctx.arg(1);
-    if nr != CLOSE && nr != CLOSE_RANGE {
-        return 0;
-    }
-    let tgid = table::tgid();
-    let Some(p) = proc_of(tgid) else {
-        return 0;
-    };
-    let r = Regs(ctx.arg(0));
-    if nr == CLOSE {
-        // close() releases the fd whatever it returns (EINTR included); only
-        // EBADF leaves the table as it was, and then the fd is not in FDS.
-        // https://github.com/torvalds/linux/blob/v6.18/fs/file.c (file_close_fd)
-        remove(p, tgid, r.a0() as u32);
-    } else {
-        let (first, last, flags) = (r.a0() as u32, r.a1() as u32, r.a2());
-        if first > last {
-            return 0; // EINVAL
-        }
-        let op = if flags & CLOSE_RANGE_CLOEXEC != 0 {
-            Bulk::MarkCloexec
-        } else {
-            Bulk::Close
-        };
-        bulk(p, tgid, first, last.saturating_add(1), op, None);
-    }
-    0
-}
-
 /// The syscall being handled, for the helpers of fdtrace_sys_exit (a BPF
 /// call takes at most five arguments).
 struct Call<'a> {
@@ -249,6 +218,16 @@ enum Action {
         cloexec: bool,
     },
     Exec,
+    /// close(fd).
+    Close {
+        fd: u32,
+    },
+    /// close_range(first, last, flags).
+    CloseRange {
+        first: u32,
+        last: u32,
+        cloexec: bool,
+    },
     /// RLIMIT_NOFILE of `target` (0: the caller) was set.
     Rlimit {
         target: u32,
@@ -261,6 +240,8 @@ impl Action {
         !matches!(
             self,
             Action::SetCloexec { .. }
+                | Action::Close { .. }
+                | Action::CloseRange { .. }
                 | Action::Recv { .. }
                 | Action::Exec
                 | Action::Clone { .. }
@@ -387,6 +368,12 @@ fn decode(nr: u64, r: &Regs) -> Option<Action> {
             cloexec: r.a3() & MSG_CMSG_CLOEXEC != 0,
         }),
         EXECVE | EXECVEAT => Some(Action::Exec),
+        CLOSE => Some(Action::Close { fd: r.a0() as u32 }),
+        CLOSE_RANGE => Some(Action::CloseRange {
+            first: r.a0() as u32,
+            last: r.a1() as u32,
+            cloexec: r.a2() & CLOSE_RANGE_CLOEXEC != 0,
+        }),
         SETRLIMIT if r.a0() == RLIMIT_NOFILE => Some(Action::Rlimit { target: 0 }),
         // prlimit64(pid, resource, new, old): only a new limit changes anything.
         PRLIMIT64 if r.a1() == RLIMIT_NOFILE && r.a2() != 0 => Some(Action::Rlimit {
@@ -429,6 +416,15 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
         tgid,
         nr,
     };
+    if let Action::Close { fd } = action {
+        // close() releases the fd whatever it returns (EINTR included); only
+        // EBADF means there was nothing to close.
+        // https://github.com/torvalds/linux/blob/v6.18/fs/open.c (SYSCALL_DEFINE1(close))
+        if ret != -EBADF {
+            remove(p, tgid, fd);
+        }
+        return 0;
+    }
     if ret < 0 {
         if action.creates() {
             failed(&call, -ret);
@@ -544,7 +540,19 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
                 emit(EV_EXEC, tgid, bpf_get_current_pid_tgid() as u32, p, extra);
             }
         }
-        Action::Rlimit { .. } => {}
+        Action::CloseRange {
+            first,
+            last,
+            cloexec,
+        } => {
+            let op = if cloexec {
+                Bulk::MarkCloexec
+            } else {
+                Bulk::Close
+            };
+            bulk(p, tgid, first, last.saturating_add(1), op, None);
+        }
+        Action::Rlimit { .. } | Action::Close { .. } => {}
     }
     0
 }
@@ -759,13 +767,8 @@ pub fn fdtrace_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Empty programs on the same hooks as fdtrace_sys_enter/exit: the kernel's
-/// own cost for those hooks, the floor `cargo xtask bench` compares against.
-#[btf_tracepoint(function = "sys_enter")]
-pub fn noop_sys_enter(_ctx: BtfTracePointContext) -> i32 {
-    0
-}
-
+/// An empty program on fdtrace's syscall hook: the kernel's own cost for the
+/// hook, the floor `cargo xtask bench` compares against.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn noop_sys_exit(_ctx: BtfTracePointContext) -> i32 {
     0

@@ -31,6 +31,7 @@ pub const RLIMIT_NOFILE: u64 = 7;
 /// The socket type without SOCK_NONBLOCK / SOCK_CLOEXEC.
 pub const SOCK_TYPE_MASK: u32 = 0xf;
 
+pub const EBADF: i64 = 9;
 pub const EMFILE: i64 = 24;
 pub const ENFILE: i64 = 23;
 

@@ -13,8 +13,8 @@ use aya_ebpf::helpers::{
     bpf_probe_read_user_str_bytes, generated::bpf_loop,
 };
 use fdtrace_common::{
-    CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC, FD_KINDS, FdInfo, FdKey,
-    NO_SITE, ProcStats,
+    CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC, FD_CLOSE_PENDING,
+    FD_KINDS, FdInfo, FdKey, NO_SITE, ProcStats,
 };
 
 use crate::maps::{COUNTERS, EVENTS, FDS, PROCS};
@@ -83,8 +83,13 @@ pub struct Origin {
     pub detail: u32,
 }
 
-/// A new fd `fd` appeared in process `tgid`. Inlined: a BPF call takes at
-/// most five arguments. `replaces` is true when the
+/// A new fd `fd` appeared in process `tgid`. `replaces` is true when the
+/// syscall atomically closes whatever `fd` was (dup2, dup3): an existing
+/// entry is then an implicit close. Otherwise the kernel only hands out free
+/// numbers, so an existing entry is an fd whose close has not reached
+/// fdtrace yet (another thread's close still on its way to sys_exit): it is
+/// counted closed now, and the new entry is marked so that the late close
+/// does not remove it. Inlined: a BPF call takes at most five arguments. `replaces` is true when the
 /// syscall atomically closes whatever `fd` was (dup2, dup3): then an existing
 /// entry is an implicit close, otherwise it means fdtrace missed a close.
 #[inline(always)]
@@ -111,8 +116,9 @@ pub fn install(
         if let Some(old) = FDS.get_ptr_mut(key) {
             add64(kind_slot(p, (*old).kind), u64::MAX);
             add64(&raw mut (*p).closed, 1);
+            let mut info = info;
             if !replaces {
-                inexact(p);
+                info.flags |= FD_CLOSE_PENDING;
             }
             *old = info;
         } else if FDS.insert(key, info, 0).is_err() {
@@ -140,10 +146,16 @@ pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
     let key = FdKey { tgid, fd };
     // SAFETY: p is a live PROCS value.
     unsafe {
-        let Some(info) = FDS.get(key) else {
+        let Some(info) = FDS.get_ptr_mut(key) else {
             return false;
         };
-        let kind = info.kind;
+        if (*info).flags & FD_CLOSE_PENDING != 0 {
+            // This close was of the number's previous fd, already counted
+            // when the number was reused (see install).
+            (*info).flags &= !FD_CLOSE_PENDING;
+            return true;
+        }
+        let kind = (*info).kind;
         if FDS.remove(key).is_err() {
             // Another thread closed it first.
             return false;

@@ -112,8 +112,8 @@ pub enum Command {
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         argv: Vec<OsString>,
     },
-    /// Attach empty programs to fdtrace's syscall hooks until Ctrl-C: the
-    /// kernel's floor for them, measured by `cargo xtask bench`
+    /// Attach an empty program to fdtrace's syscall hook until Ctrl-C: the
+    /// kernel's floor for it, measured by `cargo xtask bench`
     #[command(hide = true)]
     NoopHooks,
 }

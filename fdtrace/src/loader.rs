@@ -42,12 +42,7 @@ pub struct Limits {
 impl Kernel {
     pub fn load(limits: &Limits) -> Result<Self> {
         let (mut ebpf, btf) = open(limits)?;
-        for (prog, hook) in [
-            ("fdtrace_sys_enter", "sys_enter"),
-            ("fdtrace_sys_exit", "sys_exit"),
-        ] {
-            attach_btf(&mut ebpf, &btf, prog, hook)?;
-        }
+        attach_btf(&mut ebpf, &btf, "fdtrace_sys_exit", "sys_exit")?;
         for (prog, event) in [
             ("fdtrace_fork", "sched_process_fork"),
             ("fdtrace_exit", "sched_process_exit"),
@@ -116,11 +111,10 @@ fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, prog: &str, hook: &str) -> Result<()> 
     Ok(())
 }
 
-/// Empty programs on fdtrace's syscall hooks, for `cargo xtask bench`: what
-/// the hooks cost before fdtrace does any work. Detached when dropped.
+/// An empty program on fdtrace's syscall hook, for `cargo xtask bench`: what
+/// the hook costs before fdtrace does any work. Detached when dropped.
 pub fn noop_hooks(limits: &Limits) -> Result<Ebpf> {
     let (mut ebpf, btf) = open(limits)?;
-    attach_btf(&mut ebpf, &btf, "noop_sys_enter", "sys_enter")?;
     attach_btf(&mut ebpf, &btf, "noop_sys_exit", "sys_exit")?;
     Ok(ebpf)
 }

@@ -210,7 +210,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn noop_hooks(limits: &Limits) -> Result<()> {
     let _ebpf = crate::loader::noop_hooks(limits)?;
-    eprintln!("fdtrace: empty programs attached to tp_btf/sys_enter and sys_exit; Ctrl-C detaches");
+    eprintln!("fdtrace: an empty program attached to tp_btf/sys_exit; Ctrl-C detaches");
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {

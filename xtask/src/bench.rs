@@ -573,7 +573,7 @@ fn start_fdtrace_on(bins: &Bins, pid: u32) -> Result<Proc> {
     Ok(ft)
 }
 
-/// `fdtrace noop-hooks`, once it says its programs are attached.
+/// `fdtrace noop-hooks`, once it says its program is attached.
 fn start_noop(bins: &Bins) -> Result<Proc> {
     let mut cmd = Command::new(&bins.fdtrace);
     cmd.arg("noop-hooks")
