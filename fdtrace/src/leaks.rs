@@ -147,6 +147,7 @@ impl ProcLeaks {
         failed: bool,
     ) -> Vec<Finding> {
         let min_age_ns = self.cfg.min_age.as_nanos() as u64;
+        let attached_ns = (t * 1e9) as u64;
         let mut sockets: Option<Sockets> = None;
         let mut counts: HashMap<SiteKey, (u64, u64, u64, bool)> = HashMap::new();
         let mut live_keys = HashSet::with_capacity(fds.len());
@@ -180,9 +181,9 @@ impl ProcLeaks {
             };
             let e = counts.entry(key).or_insert((0, 0, 0, preexisting));
             e.0 += 1;
-            if !preexisting {
-                e.1 = e.1.max(age_ns);
-            }
+            // Pre-existing fds are at least as old as the tracing.
+            let age_ns = if preexisting { attached_ns } else { age_ns };
+            e.1 = e.1.max(age_ns);
             if let Some(inode) = label.socket_inode {
                 let table = sockets.get_or_insert_with(|| Sockets::read(pid));
                 if table
@@ -253,7 +254,10 @@ impl ProcLeaks {
 
     fn new_findings(&mut self) -> Vec<Finding> {
         let mut out = Vec::new();
-        let enough = self.samples.len() >= 3;
+        // A site that grows while the process does not is replacing fds of
+        // another site (a pool refilling after attach: its old fds count as
+        // pre-existing), not leaking.
+        let enough = self.samples.len() >= 3 && self.leak_per_s >= LEAK_FINDING_RATE;
         // CLOSE_WAIT is about the peer: one finding per resource, whatever
         // the sites (pre-existing fds form a site of their own).
         let mut close_wait: HashMap<&str, (u64, &Site)> = HashMap::new();

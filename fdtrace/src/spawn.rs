@@ -11,7 +11,8 @@ use std::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
     },
-    process::{Child, Command},
+    process::Command,
+    sync::mpsc,
     thread::JoinHandle,
 };
 
@@ -21,7 +22,8 @@ use crate::{error::Fatal, loader::Kernel, sync};
 
 pub struct Spawned {
     pub pid: u32,
-    pub child: Child,
+    /// The thread that forked the command and reaps it.
+    _reaper: JoinHandle<()>,
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -67,35 +69,50 @@ pub fn start(k: &mut Kernel, argv: &[OsString], follow: bool) -> Result<Spawned>
     // Command::spawn returns only once the child has exec'd (or failed to), so
     // it runs on its own thread. That thread owns the child's ends of the
     // pipes until then, so a child that dies early gives us EOF, not a hang.
-    let spawner: JoinHandle<io::Result<Child>> = std::thread::spawn(move || {
+    // It then stays, reaping the child when it exits: the kernel sends
+    // PR_SET_PDEATHSIG when the thread that forked a child exits, so a thread
+    // that ended early would kill such a command at once.
+    let (tx, rx) = mpsc::channel::<io::Result<()>>();
+    let spawner = std::thread::spawn(move || {
         let child = cmd.spawn();
         drop((ready_w, go_r));
-        child
+        match child {
+            Ok(mut child) => {
+                let _ = tx.send(Ok(()));
+                let _ = child.wait();
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
     });
 
     let name = argv[0].to_string_lossy().into_owned();
-    let spawn_failed = |spawner: JoinHandle<io::Result<Child>>| -> anyhow::Error {
-        match spawner.join() {
-            Ok(Err(e)) => Fatal::Usage(format!("cannot run {name}: {e}")).into(),
-            Ok(Ok(_)) => anyhow::anyhow!("{name} started without waiting for fdtrace"),
-            Err(_) => anyhow::anyhow!("the thread starting {name} panicked"),
-        }
-    };
 
     let mut pid = [0u8; 4];
     if File::from(ready_r).read_exact(&mut pid).is_err() {
-        return Err(spawn_failed(spawner));
+        return Err(spawn_failed(&name, rx.recv()));
     }
     let pid = u32::from_ne_bytes(pid);
     sync::attach(k, pid, follow)?;
     let mut go = File::from(go_w);
     if go.write_all(&[1]).is_err() {
-        return Err(spawn_failed(spawner));
+        return Err(spawn_failed(&name, rx.recv()));
     }
     drop(go);
-    match spawner.join() {
-        Ok(Ok(child)) => Ok(Spawned { pid, child }),
-        Ok(Err(e)) => Err(Fatal::Usage(format!("cannot run {name}: {e}")).into()),
-        Err(_) => Err(anyhow::anyhow!("the thread starting {name} panicked")),
+    match rx.recv() {
+        Ok(Ok(())) => Ok(Spawned {
+            pid,
+            _reaper: spawner,
+        }),
+        other => Err(spawn_failed(&name, other)),
+    }
+}
+
+fn spawn_failed(name: &str, r: Result<io::Result<()>, mpsc::RecvError>) -> anyhow::Error {
+    match r {
+        Ok(Err(e)) => Fatal::Usage(format!("cannot run {name}: {e}")).into(),
+        Ok(Ok(())) => anyhow::anyhow!("{name} started without waiting for fdtrace"),
+        Err(_) => anyhow::anyhow!("the thread starting {name} ended early"),
     }
 }

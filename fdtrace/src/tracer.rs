@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT,
-    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKind, syscalls,
+    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKey, FdKind, syscalls,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -253,7 +253,7 @@ impl Session {
                 }
                 self.out.exec(ts, ev.tgid, &comm)?;
                 if ev.inherited > 0 {
-                    self.inherited(ts, ev.tgid, &comm, ev.inherited)?;
+                    self.inherited(ts, ev, &comm)?;
                 }
                 Ok(())
             }
@@ -323,18 +323,22 @@ impl Session {
         }
     }
 
-    /// A process exec'd holding fds >= 3 without close-on-exec: what they are,
-    /// from /proc, right after the exec.
-    fn inherited(&mut self, ts: f64, pid: u32, comm: &str, n: u32) -> io::Result<()> {
+    /// A process exec'd holding fds >= 3 without close-on-exec: those the
+    /// kernel map had from before the exec, named from /proc.
+    fn inherited(&mut self, ts: f64, ev: &Event, comm: &str) -> io::Result<()> {
+        let pid = ev.tgid;
+        let hwm = self.k.procs.get(&pid, 0).map_or(0, |s| s.fd_hwm);
         let mut sockets = None;
-        let fds: Vec<String> = procfd::list_fds(pid)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|f| f.fd > 2)
-            .map(|f| {
-                let what = label::label(pid, f.fd, f.kind, 0, &mut sockets)
-                    .map_or(f.kind.name().to_string(), |l| l.text);
-                format!("{} ({what})", f.fd)
+        let fds: Vec<String> = (3..hwm)
+            .filter_map(|fd| {
+                let info = self.k.fds.get(&FdKey { tgid: pid, fd }, 0).ok()?;
+                (info.created_ns < ev.ts_ns).then_some((fd, info))
+            })
+            .map(|(fd, info)| {
+                let kind = FdKind::from_u8(info.kind);
+                let what = label::label(pid, fd, kind, info.detail, &mut sockets)
+                    .map_or(kind.name().to_string(), |l| l.text);
+                format!("{fd} ({what})")
             })
             .collect();
         let Some(v) = self.views.get_mut(&pid) else {
@@ -343,12 +347,13 @@ impl Session {
         let finding = Finding {
             kind: "inherited",
             message: format!(
-                "{comm} started holding {n} fds it did not open (inherited without close-on-exec): {}",
+                "{comm} started holding {} fds it did not open (inherited without close-on-exec): {}",
+                fds.len(),
                 fds.join(", ")
             ),
             recommendation: "Open fds with O_CLOEXEC / SOCK_CLOEXEC (or set FD_CLOEXEC), or start children with close_fds=True, so a child never inherits them.".into(),
             site: None,
-            count: Some(u64::from(n)),
+            count: Some(fds.len() as u64),
             fds: Some(fds),
         };
         match v.leaks.event_finding(format!("inherited {comm}"), finding) {
@@ -372,10 +377,6 @@ impl Session {
         v.exited = Some((open, opened, closed));
         let comm = v.comm.clone();
         self.symbols.forget(pid);
-        if let Some(c) = self.child.as_mut().filter(|c| c.pid == pid) {
-            // Reap it; it is gone already, so this does not block.
-            let _ = c.child.wait();
-        }
         self.out.exit(now(), pid, &comm, open, opened, closed)
     }
 
