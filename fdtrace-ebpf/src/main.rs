@@ -730,6 +730,7 @@ fn try_fork(ctx: &TracePointContext) -> Option<()> {
     let mut st = ProcStats::new(PROC_FOLLOW | shared);
     // SAFETY: pp is a live PROCS value.
     st.fd_hwm = unsafe { (*pp).fd_hwm };
+    table::set_traced(child, true);
     if PROCS.insert(child, st, 0).is_err() {
         count(CNT_PROCS_MAP_FULL);
         return None;
@@ -764,6 +765,7 @@ pub fn fdtrace_exit(ctx: TracePointContext) -> u32 {
     emit(EV_EXIT, tgid, pid, p, Extra::NONE);
     bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
     let _ = PROCS.remove(tgid);
+    table::set_traced(tgid, false);
     0
 }
 

@@ -16,6 +16,13 @@ pub static FDS: HashMap<FdKey, FdInfo> = HashMap::with_max_entries(1 << 20, BPF_
 #[map]
 pub static PROCS: HashMap<u32, ProcStats> = HashMap::with_max_entries(8192, 0);
 
+/// 1 at index tgid when PROCS may hold the process: a lookup the verifier
+/// inlines, in front of the PROCS hash lookup that every fd syscall of every
+/// process would otherwise pay. Sized from /proc/sys/kernel/pid_max at load;
+/// a tgid past it takes the hash lookup.
+#[map]
+pub static TRACED: Array<u8> = Array::with_max_entries(1 << 22, 0);
+
 /// Process lifecycle and failure events.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);

@@ -17,7 +17,7 @@ use fdtrace_common::{
     FD_KINDS, FdInfo, FdKey, NO_SITE, ProcStats,
 };
 
-use crate::maps::{COUNTERS, EVENTS, FDS, PROCS};
+use crate::maps::{COUNTERS, EVENTS, FDS, PROCS, TRACED};
 
 /// Most fds one bpf_loop may visit (the helper's own limit is 1 << 23).
 const MAX_LOOP: u32 = 1 << 23;
@@ -61,7 +61,19 @@ pub fn tgid() -> u32 {
 
 #[inline(always)]
 pub fn proc_of(tgid: u32) -> Option<*mut ProcStats> {
+    if TRACED.get(tgid).is_some_and(|&t| t == 0) {
+        return None;
+    }
     PROCS.get_ptr_mut(tgid)
+}
+
+/// Marks `tgid` in the TRACED filter (before it enters PROCS) or clears it
+/// (after it left).
+pub fn set_traced(tgid: u32, on: bool) {
+    if let Some(t) = TRACED.get_ptr_mut(tgid) {
+        // SAFETY: t is an element of the TRACED array.
+        unsafe { *t = u8::from(on) };
+    }
 }
 
 pub fn kind_of(tgid: u32, fd: u32) -> u8 {

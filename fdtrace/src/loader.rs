@@ -25,6 +25,7 @@ pub struct Kernel {
     pub fds: HashMap<MapData, FdKey, FdInfo>,
     pub counters: Array<MapData, u64>,
     pub stacks: StackTraceMap<MapData>,
+    pub traced: Array<MapData, u8>,
     pub windows: HashMap<MapData, u32, StackWindow>,
     pub events: Option<RingBuf<MapData>>,
     /// Keeps the programs attached.
@@ -57,6 +58,7 @@ impl Kernel {
             fds: HashMap::try_from(take_map(&mut ebpf, "FDS")?)?,
             counters: Array::try_from(take_map(&mut ebpf, "COUNTERS")?)?,
             stacks: StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?)?,
+            traced: Array::try_from(take_map(&mut ebpf, "TRACED")?)?,
             windows: HashMap::try_from(take_map(&mut ebpf, "WINDOWS")?)?,
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
             _ebpf: ebpf,
@@ -93,6 +95,7 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
         .map_max_entries("FDS", limits.max_fds)
         .map_max_entries("PROCS", limits.max_procs)
+        .map_max_entries("TRACED", pid_max())
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/fdtrace"
@@ -100,6 +103,16 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         .context("loading the eBPF programs")?;
     let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
     Ok((ebpf, btf))
+}
+
+/// Room for every tgid the kernel hands out now; a larger pid_max set later
+/// only sends the new tgids through the slower PROCS lookup.
+fn pid_max() -> u32 {
+    fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1 << 22)
+        .clamp(1, 1 << 22)
 }
 
 fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, prog: &str, hook: &str) -> Result<()> {

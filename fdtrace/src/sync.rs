@@ -34,6 +34,9 @@ pub struct Snapshot {
 /// table from /proc (those fds have origin "pre-existing").
 pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<()> {
     let flags = if follow { PROC_FOLLOW } else { 0 };
+    // The filter first, so the kernel side sees the process once it is in
+    // PROCS. A tgid past the array's end needs no mark.
+    let _ = k.traced.set(pid, 1, 0);
     match k.procs.insert(pid, ProcStats::new(flags), BPF_NOEXIST) {
         Ok(()) => {}
         // Already traced (a followed child of another traced process).
