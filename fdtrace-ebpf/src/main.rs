@@ -109,7 +109,7 @@ impl Regs {
 /// SITE_NOT_SAMPLED over the process's budget. The first time an id is seen,
 /// the top of the user stack is saved with it (see StackWindow).
 #[inline(always)]
-fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats) -> u64 {
+fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) -> u64 {
     let budget = u64::from(global(&STACKS_PER_SLOT));
     if budget == 0 {
         return NO_SITE;
@@ -117,7 +117,7 @@ fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats) -> u64 {
     // SAFETY: p is a live PROCS value. Threads race on the budget fields;
     // a lost update only shifts a few fds across the budget line.
     unsafe {
-        let slot = bpf_ktime_get_ns() / SLOT_NS;
+        let slot = now / SLOT_NS;
         if (*p).stack_slot != slot {
             (*p).stack_slot = slot;
             (*p).stacks_in_slot = 0;
@@ -434,10 +434,14 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let fd = ret as u32;
     // The stack walk is paid only for calls that made fds (SCM_RIGHTS: only
     // when a message carried some).
+    // One clock read per syscall: the fds' creation time and the stack budget.
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let origin = Origin {
         syscall: nr,
+        now,
         site: if action.creates() || matches!(action, Action::Clone { .. }) {
-            user_site(&ctx, &r, p)
+            user_site(&ctx, &r, p, now)
         } else {
             NO_SITE
         },
@@ -575,7 +579,8 @@ fn failed(c: &Call, errno: i64) {
     };
     let extra = Extra {
         syscall: nr,
-        site: user_site(c.ctx, r, p),
+        // SAFETY: helper without arguments.
+        site: user_site(c.ctx, r, p, unsafe { bpf_ktime_get_ns() }),
         path,
         ..Extra::NONE
     };
@@ -666,10 +671,15 @@ fn scm_rights(c: &Call, msg: u64, cloexec: bool) {
                 tgid,
                 cloexec: cloexec as u32,
                 data: control + off + CMSG_HDR,
-                origin: Origin {
-                    syscall: c.nr,
-                    site: user_site(c.ctx, c.r, c.p),
-                    detail: 0,
+                origin: {
+                    // SAFETY: helper without arguments.
+                    let now = unsafe { bpf_ktime_get_ns() };
+                    Origin {
+                        syscall: c.nr,
+                        site: user_site(c.ctx, c.r, c.p, now),
+                        detail: 0,
+                        now,
+                    }
                 },
             };
             // SAFETY: static callback; scm outlives the call.

@@ -19,6 +19,9 @@ use fdtrace_common::{
 
 use crate::maps::{COUNTERS, EVENTS, FDS, PROCS, TRACED};
 
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = -17;
+
 /// Most fds one bpf_loop may visit (the helper's own limit is 1 << 23).
 const MAX_LOOP: u32 = 1 << 23;
 
@@ -93,6 +96,8 @@ pub struct Origin {
     pub site: u64,
     /// FdInfo::detail of the new fds.
     pub detail: u32,
+    /// bpf_ktime_get_ns() at sys_exit: the creation time of the new fds.
+    pub now: u64,
 }
 
 /// A new fd `fd` appeared in process `tgid`. `replaces` is true when the
@@ -116,7 +121,7 @@ pub fn install(
 ) {
     let key = FdKey { tgid, fd };
     let info = FdInfo {
-        created_ns: unsafe { bpf_ktime_get_ns() },
+        created_ns: origin.now,
         site: origin.site,
         syscall: origin.syscall as u16,
         kind,
@@ -125,22 +130,31 @@ pub fn install(
     };
     // SAFETY: p is a live PROCS value for the whole handler.
     unsafe {
-        if let Some(old) = FDS.get_ptr_mut(key) {
-            add64(kind_slot(p, (*old).kind), u64::MAX);
-            add64(&raw mut (*p).closed, 1);
-            let mut info = info;
-            if !replaces {
-                info.flags |= FD_CLOSE_PENDING;
+        // The common case, a free number, costs one hash operation: the
+        // kernel checks BPF_NOEXIST before it allocates.
+        match FDS.insert(key, info, BPF_NOEXIST) {
+            Ok(()) => add64(&raw mut (*p).live, 1),
+            Err(EEXIST) => {
+                let Some(old) = FDS.get_ptr_mut(key) else {
+                    // Removed between the two calls by another thread.
+                    inexact(p);
+                    return;
+                };
+                add64(kind_slot(p, (*old).kind), u64::MAX);
+                add64(&raw mut (*p).closed, 1);
+                let mut info = info;
+                if !replaces {
+                    info.flags |= FD_CLOSE_PENDING;
+                }
+                *old = info;
             }
-            *old = info;
-        } else if FDS.insert(key, info, 0).is_err() {
-            // Map full: the fd is real but untracked. Count it, and let the
-            // drift check report the difference.
-            count(CNT_FDS_MAP_FULL);
-            inexact(p);
-            return;
-        } else {
-            add64(&raw mut (*p).live, 1);
+            Err(_) => {
+                // Map full: the fd is real but untracked. Count it, and let
+                // the drift check report the difference.
+                count(CNT_FDS_MAP_FULL);
+                inexact(p);
+                return;
+            }
         }
         add64(kind_slot(p, kind), 1);
         add64(&raw mut (*p).opened, 1);
