@@ -517,6 +517,27 @@ fn exec(mode: Mode) {
         );
     }
 
+    // The subprocess leak: what survived exec above stdio is reported, from
+    // the kernel's table as it was at exec.
+    let mut inherited: Vec<i32> = now.keys().copied().filter(|&fd| fd > 2).collect();
+    inherited.sort_unstable();
+    let finding = s.wait_event(idx, &format!("inherited finding for pid {p}"), |e| {
+        e["type"] == "finding" && e["finding"] == "inherited" && e["pid"].as_i64() == Some(p as i64)
+    });
+    assert_eq!(
+        finding["count"].as_u64(),
+        Some(inherited.len() as u64),
+        "{finding}"
+    );
+    let mut listed: Vec<i32> = finding["fds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("fds list: {finding}"))
+        .iter()
+        .filter_map(|f| f.as_str()?.split(' ').next()?.parse().ok())
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(listed, inherited, "{finding}");
+
     // Counting is exact again in the new image.
     s.ostep(p, "open", 1, 0, &[("file", 1)]);
     s.ostep(p, &format!("close {keep}"), 0, 1, &[("socket", -1)]);
@@ -524,6 +545,34 @@ fn exec(mode: Mode) {
     s.expect_fdtrace_exit_0("its only traced process exited");
 }
 both_modes!(exec);
+
+/// RLIMIT_NOFILE changed by another, untraced process (prlimit(1) calls
+/// prlimit64 on the traced pid): fdtrace reports the new limit at once and
+/// its process objects carry it (checked against /proc by the harness).
+fn rlimit_from_another_process(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let hard = std::fs::read_to_string(format!("/proc/{p}/limits"))
+        .expect("limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .expect("Max open files line");
+    let idx = s.mark();
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &p.to_string(), &format!("--nofile=512:{hard}")])
+        .status()
+        .expect("run prlimit(1)");
+    assert!(st.success(), "prlimit failed: {st}");
+    let ev = s.wait_event(idx, &format!("rlimit object for pid {p}"), |e| {
+        e["type"] == "rlimit" && e["pid"].as_i64() == Some(p as i64)
+    });
+    assert_eq!(ev["fd_soft_limit"].as_u64(), Some(512), "{ev}");
+    // The next reports carry it; the harness compares them with /proc.
+    s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    assert_eq!(s.last(p).obj["fd_soft_limit"].as_u64(), Some(512));
+}
+both_modes!(rlimit_from_another_process);
 
 /// A process sharing the fd table (clone(CLONE_FILES) without CLONE_VM or
 /// CLONE_THREAD) opens fds in it: the traced parent's kernel count does not see
