@@ -4,6 +4,8 @@
 use std::{collections::HashMap, net::SocketAddr};
 
 use fdtrace_common::FdKind;
+
+use crate::procfd::ProcDir;
 use procfs::{
     net::TcpState,
     process::{FDTarget, Process},
@@ -126,20 +128,17 @@ fn protocol(detail: u32) -> &'static str {
     }
 }
 
-/// Labels `fd` of `pid` from /proc; `sockets` is read on first need.
+/// Labels `fd` of the process `dir` is of; `sockets` is read on first need.
 /// `detail` is the fd's FdInfo::detail.
 pub fn label(
-    pid: u32,
+    dir: &ProcDir,
     fd: u32,
     kind: FdKind,
     detail: u32,
     sockets: &mut Option<Sockets>,
 ) -> Option<Label> {
-    let target = Process::new(pid as i32)
-        .ok()?
-        .fd_from_fd(fd as i32)
-        .ok()?
-        .target;
+    let pid = dir.pid();
+    let target = dir.target(fd)?;
     let plain = |text: String| Label {
         text,
         socket_inode: None,

@@ -11,7 +11,10 @@ use std::{
 use fdtrace_common::{FD_PREEXISTING, FdInfo, FdKind};
 use procfs::net::TcpState;
 
-use crate::label::{self, Label, Sockets};
+use crate::{
+    label::{self, Label, Sockets},
+    procfd::ProcDir,
+};
 
 /// When a process counts as heading for EMFILE.
 #[derive(Clone, Copy, Debug)]
@@ -149,6 +152,7 @@ impl ProcLeaks {
         let min_age_ns = self.cfg.min_age.as_nanos() as u64;
         let attached_ns = (t * 1e9) as u64;
         let mut sockets: Option<Sockets> = None;
+        let dir = ProcDir::open(pid).ok();
         let mut counts: HashMap<SiteKey, (u64, u64, u64, bool)> = HashMap::new();
         let mut live_keys = HashSet::with_capacity(fds.len());
         let mut candidates = 0u64;
@@ -165,7 +169,10 @@ impl ProcLeaks {
             let label = match self.labels.get(&cache_key) {
                 Some(l) => l.clone(),
                 None => {
-                    let Some(l) = label::label(pid, f.fd, kind, f.info.detail, &mut sockets) else {
+                    let Some(l) = dir
+                        .as_ref()
+                        .and_then(|d| label::label(d, f.fd, kind, f.info.detail, &mut sockets))
+                    else {
                         continue; // closed since the map was read
                     };
                     if !l.provisional {

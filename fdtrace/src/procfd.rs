@@ -1,6 +1,15 @@
 //! What /proc says about a process: the ground truth fdtrace seeds from and
 //! checks its kernel counts against.
-use std::{fs, io, os::unix::fs::MetadataExt as _};
+use std::{
+    ffi::{CStr, CString},
+    fs::{self, File},
+    io::{self, Read as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
+    str::FromStr as _,
+};
 
 use fdtrace_common::FdKind;
 use procfs::process::{FDTarget, Process};
@@ -28,39 +37,102 @@ pub fn fd_count(pid: u32) -> io::Result<u64> {
     Ok(n as u64)
 }
 
-/// Every open fd with its kind and close-on-exec bit.
-pub fn list_fds(pid: u32) -> io::Result<Vec<ProcFd>> {
-    let proc = Process::new(pid as i32).map_err(io::Error::other)?;
-    let mut out = Vec::new();
-    for info in proc.fd().map_err(io::Error::other)? {
-        // An fd closed while we list it is simply not there.
-        let Ok(info) = info else { continue };
-        let Ok(fd) = u32::try_from(info.fd) else {
-            continue;
-        };
-        let Some(cloexec) = fd_cloexec(pid, fd) else {
-            continue;
-        };
-        out.push(ProcFd {
-            fd,
-            kind: kind_of(&info.target),
-            cloexec,
-        });
+/// /proc/PID/fd, opened once: links are read relative to it, since a path
+/// lookup per fd would dominate at attach and at the first report, which
+/// both visit every fd.
+pub struct ProcDir {
+    pid: u32,
+    fd_dir: File,
+}
+
+impl ProcDir {
+    pub fn open(pid: u32) -> io::Result<ProcDir> {
+        Ok(ProcDir {
+            pid,
+            fd_dir: File::open(format!("/proc/{pid}/fd"))?,
+        })
     }
-    Ok(out)
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What `fd` points at; None when it is gone.
+    pub fn target(&self, fd: u32) -> Option<FDTarget> {
+        let name = CString::new(fd.to_string()).ok()?;
+        let link = read_link_at(&self.fd_dir, &name)?;
+        FDTarget::from_str(&link).ok()
+    }
+
+    /// Every open fd with its kind and close-on-exec bit.
+    pub fn list(&self) -> io::Result<Vec<ProcFd>> {
+        let info_dir = File::open(format!("/proc/{}/fdinfo", self.pid))?;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(format!("/proc/{}/fd", self.pid))? {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name();
+            let Some(fd) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cname) = CString::new(name.as_bytes()) else {
+                continue;
+            };
+            // An fd closed while we list it is simply not there.
+            let Some(link) = read_link_at(&self.fd_dir, &cname) else {
+                continue;
+            };
+            let Some(cloexec) = fd_cloexec(&info_dir, &cname) else {
+                continue;
+            };
+            let kind = FDTarget::from_str(&link)
+                .map(|t| kind_of(&t))
+                .unwrap_or(FdKind::Unknown);
+            out.push(ProcFd { fd, kind, cloexec });
+        }
+        Ok(out)
+    }
 }
 
-/// Kind of one open fd; None when it is gone.
-pub fn kind_of_fd(pid: u32, fd: u32) -> Option<FdKind> {
-    let info = Process::new(pid as i32).ok()?.fd_from_fd(fd as i32).ok()?;
-    Some(kind_of(&info.target))
+/// Every open fd of `pid` with its kind and close-on-exec bit.
+pub fn list_fds(pid: u32) -> io::Result<Vec<ProcFd>> {
+    ProcDir::open(pid)?.list()
 }
 
-/// O_CLOEXEC from the octal `flags:` line of /proc/PID/fdinfo/FD; None when
-/// the fd is gone.
-fn fd_cloexec(pid: u32, fd: u32) -> Option<bool> {
+fn read_link_at(dir: &File, name: &CStr) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    // SAFETY: buf is writable for its length; name is NUL-terminated.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// O_CLOEXEC from the octal `flags:` line of fdinfo/FD; None when the fd is
+/// gone.
+fn fd_cloexec(info_dir: &File, name: &CStr) -> Option<bool> {
     const O_CLOEXEC: u32 = 0o2_000_000;
-    let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    // SAFETY: name is NUL-terminated; the fd is owned by the File below.
+    let raw = unsafe {
+        libc::openat(
+            info_dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: raw is a new fd nobody else owns.
+    let mut file = unsafe { File::from_raw_fd(raw) };
+    let mut buf = [0u8; 512];
+    let n = file.read(&mut buf).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
     let flags = text
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))

@@ -11,6 +11,7 @@ use aya::maps::{HashMap, IterableMap as _, MapData};
 use fdtrace_common::{FdInfo, FdKey};
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// Entries asked for per call; a hash bucket holding more makes the kernel
 /// answer ENOSPC, and the chunk is doubled.
 const CHUNK: u32 = 4096;
@@ -85,6 +86,43 @@ pub fn live_fds(
         token_in = token_out;
         first = false;
     }
+}
+
+/// Inserts `entries` in as few syscalls as the kernel allows
+/// (BPF_MAP_UPDATE_BATCH; it takes no BPF_NOEXIST, so an entry the kernel
+/// side made meanwhile is overwritten: same fd, same kind, only its stack
+/// and creation time are lost). Fails when the map is full.
+pub fn insert_batch(
+    fds: &HashMap<MapData, FdKey, FdInfo>,
+    entries: &[(FdKey, FdInfo)],
+) -> io::Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let map_fd = fds.map().fd().as_fd().as_raw_fd() as u32;
+    let keys: Vec<FdKey> = entries.iter().map(|e| e.0).collect();
+    let values: Vec<FdInfo> = entries.iter().map(|e| e.1).collect();
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd,
+        ..Default::default()
+    };
+    // SAFETY: keys and values hold `count` elements and outlive the call;
+    // the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn empty_info() -> FdInfo {

@@ -1,6 +1,9 @@
 //! Keeping the kernel's tables equal to /proc: seeding at attach, the drift
 //! check every interval, and the resync after a non-zero drift.
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
@@ -9,7 +12,7 @@ use fdtrace_common::{
     ProcStats,
 };
 
-use crate::{loader::Kernel, procfd};
+use crate::{loader::Kernel, procfd, scan};
 
 /// BPF_NOEXIST: insert only if absent, so an fd the kernel side recorded
 /// between our /proc read and the insert keeps its own (exact) entry.
@@ -107,6 +110,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     let mut by_kind = [0u64; FD_KINDS];
     let mut seen = 0usize;
     let (mut added, mut dropped) = (0u64, 0u64);
+    let mut known = HashSet::new();
     for fd in 0..hwm {
         let key = FdKey { tgid: pid, fd };
         let Ok(info) = k.fds.get(&key, 0) else {
@@ -115,6 +119,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
         if listed.contains_key(&fd) {
             by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
             seen += 1;
+            known.insert(fd);
         } else {
             // Gone since: a close fdtrace missed.
             if k.fds.remove(&key).is_ok() {
@@ -122,44 +127,41 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
             }
         }
     }
+    let (created_ns, flags) = match origin {
+        Origin::Attach => (0, FD_PREEXISTING),
+        Origin::Drift => (monotonic_ns(), FD_RESYNCED),
+    };
     let mut top = hwm;
-    for f in listed.values() {
-        top = top.max(f.fd + 1);
-        let key = FdKey {
-            tgid: pid,
-            fd: f.fd,
-        };
-        if let Ok(info) = k.fds.get(&key, 0) {
-            // Below hwm it was counted above; above it, the kernel side
-            // created it after we read hwm.
-            if f.fd >= hwm {
-                by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
-                seen += 1;
-            }
-            continue;
-        }
-        let (created_ns, flags) = match origin {
-            Origin::Attach => (0, FD_PREEXISTING),
-            Origin::Drift => (monotonic_ns(), FD_RESYNCED),
-        };
-        let info = FdInfo {
-            created_ns,
-            site: NO_SITE,
-            syscall: u16::MAX,
-            kind: f.kind as u8,
-            flags: flags | if f.cloexec { FD_CLOEXEC } else { 0 },
-            detail: 0,
-        };
-        k.fds.insert(key, info, BPF_NOEXIST).with_context(|| {
-            format!(
-                "seeding fd {} of pid {pid}: the fd map is full, raise --max-fds",
-                f.fd
+    let new: Vec<(FdKey, FdInfo)> = listed
+        .values()
+        .filter(|f| !known.contains(&f.fd))
+        .map(|f| {
+            top = top.max(f.fd + 1);
+            let info = FdInfo {
+                created_ns,
+                site: NO_SITE,
+                syscall: u16::MAX,
+                kind: f.kind as u8,
+                flags: flags | if f.cloexec { FD_CLOEXEC } else { 0 },
+                detail: 0,
+            };
+            (
+                FdKey {
+                    tgid: pid,
+                    fd: f.fd,
+                },
+                info,
             )
-        })?;
-        by_kind[f.kind as usize] += 1;
-        seen += 1;
-        added += 1;
+        })
+        .collect();
+    scan::insert_batch(&k.fds, &new).with_context(|| {
+        format!("seeding the fds of pid {pid}: the fd map is full, raise --max-fds")
+    })?;
+    for (_, info) in &new {
+        by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
     }
+    seen += new.len();
+    added += new.len() as u64;
     // Read-modify-write of the counters: the kernel may bump them in between;
     // the next drift check sees and repairs any difference.
     let Ok(mut stats) = k.procs.get(&pid, 0) else {
@@ -213,6 +215,7 @@ pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut Kind
         return;
     }
     let mut unnamed = 0;
+    let dir = procfd::ProcDir::open(pid).ok();
     for fd in 0..stats.fd_hwm {
         let key = FdKey { tgid: pid, fd };
         let Ok(mut info) = k.fds.get(&key, 0) else {
@@ -221,7 +224,10 @@ pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut Kind
         if info.kind != FdKind::Unknown as u8 {
             continue;
         }
-        let kind = procfd::kind_of_fd(pid, fd).unwrap_or(FdKind::Unknown);
+        let kind = dir
+            .as_ref()
+            .and_then(|d| d.target(fd))
+            .map_or(FdKind::Unknown, |t| procfd::kind_of(&t));
         if kind == FdKind::Unknown {
             unnamed += 1;
             continue;

@@ -329,6 +329,7 @@ impl Session {
         let pid = ev.tgid;
         let hwm = self.k.procs.get(&pid, 0).map_or(0, |s| s.fd_hwm);
         let mut sockets = None;
+        let dir = procfd::ProcDir::open(pid).ok();
         let fds: Vec<String> = (3..hwm)
             .filter_map(|fd| {
                 let info = self.k.fds.get(&FdKey { tgid: pid, fd }, 0).ok()?;
@@ -336,7 +337,9 @@ impl Session {
             })
             .map(|(fd, info)| {
                 let kind = FdKind::from_u8(info.kind);
-                let what = label::label(pid, fd, kind, info.detail, &mut sockets)
+                let what = dir
+                    .as_ref()
+                    .and_then(|d| label::label(d, fd, kind, info.detail, &mut sockets))
                     .map_or(kind.name().to_string(), |l| l.text);
                 format!("{fd} ({what})")
             })
