@@ -28,6 +28,11 @@ pub struct ProcessRow<'a> {
     pub status: Status,
     pub leak_per_s: f64,
     pub seconds_to_emfile: Option<f64>,
+    /// Fds created over the --stack-rate budget (no call-site stack).
+    pub stacks_not_sampled: u64,
+    /// Shares its fd table with another process (clone CLONE_FILES without
+    /// CLONE_THREAD): its counts may drift, and are resynced.
+    pub shares_fd_table: bool,
 }
 
 /// One call site at one report.
@@ -173,6 +178,7 @@ impl Output {
                 "emfile_errors": r.emfile, "enfile_errors": r.enfile, "drift": r.drift,
                 "status": r.status.name(), "leak_per_s": round1(r.leak_per_s),
                 "seconds_to_emfile": r.seconds_to_emfile.map(f64::round),
+                "stacks_not_sampled": r.stacks_not_sampled, "shares_fd_table": r.shares_fd_table,
             }));
         }
         if self.header_due {

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT,
-    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKey, FdKind, syscalls,
+    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKey, FdKind, PROC_SHARED_TABLE, syscalls,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -473,6 +473,8 @@ impl Session {
                 status: v.leaks.status,
                 leak_per_s: v.leaks.leak_per_s,
                 seconds_to_emfile: v.leaks.seconds_to_emfile,
+                stacks_not_sampled: st.not_sampled,
+                shares_fd_table: st.flags & PROC_SHARED_TABLE != 0,
             };
             self.out.process(ts, &row)?;
             for site in v.leaks.top_sites(self.top) {

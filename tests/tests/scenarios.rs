@@ -612,6 +612,14 @@ fn drift_resync(mode: Mode) {
     assert_eq!(after.opened, before.opened + 3);
     assert_kind_delta(&before, &after, &[("file", 3)]);
 
+    // Only a followed process's forks are looked at: then the parent is
+    // marked as sharing its table.
+    assert_eq!(
+        after.obj["shares_fd_table"].as_bool(),
+        Some(follow),
+        "{}",
+        after.obj
+    );
     if follow {
         let ev = s.wait_event(idx, &format!("fork object for sharer {sharer}"), |e| {
             e["type"] == "fork" && e["pid"].as_i64() == Some(sharer)
