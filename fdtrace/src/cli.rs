@@ -58,7 +58,8 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 10, global = true)]
     pub top: usize,
 
-    /// Exit with code 3 if a traced process reached this status (for CI)
+    /// Exit with code 3 if a traced process reached this status or a worse one
+    /// (for CI)
     #[arg(long, value_name = "STATUS", value_enum, global = true)]
     pub fail_on: Option<Status>,
 

@@ -57,15 +57,7 @@ pub fn live_fds(
         };
         // SAFETY: attr points at buffers of `count` keys and values that
         // outlive the call; the kernel writes at most that many.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
+        let err = unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match err.as_ref().and_then(io::Error::raw_os_error) {
             Some(libc::ENOSPC) => {
                 chunk *= 2;
@@ -111,15 +103,25 @@ pub fn insert_batch(
     };
     // SAFETY: keys and values hold `count` elements and outlive the call;
     // the kernel only reads them.
+    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr) }
+}
+
+/// bpf(cmd, attr) for the batch commands.
+///
+/// # Safety
+/// `attr`'s keys and values must point at `count` elements that stay valid
+/// for the call (written to for lookups).
+unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: per the contract above; the size is the struct's.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
+            cmd,
+            attr as *mut BatchAttr,
             size_of::<BatchAttr>(),
         )
     };
-    if rc != 0 {
+    if rc < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

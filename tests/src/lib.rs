@@ -1486,7 +1486,8 @@ impl Session {
     }
 }
 
-fn tail(s: &str, n: usize) -> &str {
+/// The last `n` bytes of `s` (on a char boundary), for failure messages.
+pub fn tail(s: &str, n: usize) -> &str {
     if s.len() <= n {
         return s;
     }

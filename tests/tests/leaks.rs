@@ -45,7 +45,7 @@ use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fdtrace_tests::{KINDS, fdtrace_bin, now_ts, proc_comm, require_root};
+use fdtrace_tests::{KINDS, fdtrace_bin, now_ts, proc_comm, require_root, tail};
 use serde_json::Value;
 
 /// The leaker programs.
@@ -1198,17 +1198,6 @@ impl Outcome {
         self.check_site(r.process, top, self.scn.rate(), "top site");
         self.check_process(r.process, status);
     }
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    if s.len() <= n {
-        return s;
-    }
-    let mut i = s.len() - n;
-    while !s.is_char_boundary(i) {
-        i += 1;
-    }
-    &s[i..]
 }
 
 // ---- the tests ------------------------------------------------------------------

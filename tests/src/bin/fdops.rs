@@ -619,9 +619,8 @@ fn tcp_accept(c: &mut Counts, use_accept4: bool, flags: c_int) -> Res<[c_int; 3]
     Ok([l, cl, a])
 }
 
-/// Sends `fds` over `tx` with SCM_RIGHTS and receives them on `rx`.
-fn scm_pass(c: &mut Counts, tx: c_int, rx: c_int, fds: &[c_int], cloexec: bool) -> Res<Vec<c_int>> {
-    let n = fds.len();
+/// Sends one byte with `fds` attached (SCM_RIGHTS) over `tx`.
+fn send_fds(tx: c_int, fds: &[c_int]) -> Res<()> {
     let payload = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
@@ -637,18 +636,28 @@ fn scm_pass(c: &mut Counts, tx: c_int, rx: c_int, fds: &[c_int], cloexec: bool) 
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: the control buffer holds one header and `n` fds.
+    // SAFETY: the control buffer holds one header and the fds.
     unsafe {
         let cm = libc::CMSG_FIRSTHDR(&msg);
         (*cm).cmsg_level = libc::SOL_SOCKET;
         (*cm).cmsg_type = libc::SCM_RIGHTS;
         (*cm).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-        ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cm).cast::<c_int>(), n);
+        ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cm).cast::<c_int>(), fds.len());
     }
     // SAFETY: msg and everything it points to are live.
     if unsafe { libc::sendmsg(tx, &msg, 0) } < 0 {
         return Err(format!("sendmsg: {}", errno_name(errno())));
     }
+    Ok(())
+}
+
+/// Sends `fds` over `tx` with SCM_RIGHTS and receives them on `rx`.
+fn scm_pass(c: &mut Counts, tx: c_int, rx: c_int, fds: &[c_int], cloexec: bool) -> Res<Vec<c_int>> {
+    let n = fds.len();
+    let payload = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    send_fds(tx, fds)?;
 
     let mut rbuf = vec![0u64; space.div_ceil(8)];
     let mut rbyte = [0u8];
@@ -702,30 +711,7 @@ fn scm_many(c: &mut Counts, tx: c_int, rx: c_int, fd: c_int, m: usize) -> Res<Ve
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(fd_size as u32) } as usize;
     for i in 0..m {
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        let mut byte = [b'x'];
-        let mut iov = libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        // SAFETY: msghdr is plain data; the pointers set below are live.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds one header and one fd.
-        unsafe {
-            let cm = libc::CMSG_FIRSTHDR(&msg);
-            (*cm).cmsg_level = libc::SOL_SOCKET;
-            (*cm).cmsg_type = libc::SCM_RIGHTS;
-            (*cm).cmsg_len = libc::CMSG_LEN(fd_size as u32) as _;
-            ptr::write_unaligned(libc::CMSG_DATA(cm).cast::<c_int>(), fd);
-        }
-        // SAFETY: msg and everything it points to are live.
-        if unsafe { libc::sendmsg(tx, &msg, 0) } < 0 {
-            return Err(format!("sendmsg #{i}: {}", errno_name(errno())));
-        }
+        send_fds(tx, &[fd]).map_err(|e| format!("message #{i}: {e}"))?;
     }
 
     // One byte buffer, one iovec, one control buffer and one header per message.
