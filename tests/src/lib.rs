@@ -504,38 +504,37 @@ pub struct Session {
     exit_status: Option<ExitStatus>,
 }
 
-fn spawn_reader<R: Read + Send + 'static>(r: R, src: Src, tx: Sender<Msg>) {
+/// Reads `r` line by line on a thread of its own, handing each line (without
+/// its newline) and the time it arrived to `each`, then `None` at the end.
+/// Stops early when `each` returns false (the receiver is gone).
+pub fn read_lines<R: Read + Send + 'static>(
+    r: R,
+    mut each: impl FnMut(Option<String>, f64) -> bool + Send + 'static,
+) {
     thread::spawn(move || {
         let mut br = BufReader::new(r);
         loop {
             let mut buf = Vec::new();
             match br.read_until(b'\n', &mut buf) {
                 Ok(0) | Err(_) => {
-                    let _ = tx.send(Msg {
-                        src,
-                        line: None,
-                        at: now_ts(),
-                    });
+                    each(None, now_ts());
                     return;
                 }
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&buf)
                         .trim_end_matches(['\n', '\r'])
                         .to_string();
-                    if tx
-                        .send(Msg {
-                            src,
-                            line: Some(line),
-                            at: now_ts(),
-                        })
-                        .is_err()
-                    {
+                    if !each(Some(line), now_ts()) {
                         return;
                     }
                 }
             }
         }
     });
+}
+
+fn spawn_reader<R: Read + Send + 'static>(r: R, src: Src, tx: Sender<Msg>) {
+    read_lines(r, move |line, at| tx.send(Msg { src, line, at }).is_ok());
 }
 
 fn spawn_collector<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>) {

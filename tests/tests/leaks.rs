@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, Read};
 use std::os::unix::process::CommandExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -45,7 +45,7 @@ use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fdtrace_tests::{KINDS, fdtrace_bin, now_ts, proc_comm, require_root, tail};
+use fdtrace_tests::{KINDS, fdtrace_bin, now_ts, proc_comm, read_lines, require_root, tail};
 use serde_json::Value;
 
 /// The leaker programs.
@@ -194,26 +194,7 @@ type Line = (Option<String>, f64);
 
 fn spawn_lines<R: Read + Send + 'static>(r: R) -> Receiver<Line> {
     let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut br = BufReader::new(r);
-        loop {
-            let mut buf = Vec::new();
-            match br.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send((None, now_ts()));
-                    return;
-                }
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string();
-                    if tx.send((Some(line), now_ts())).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
+    read_lines(r, move |line, at| tx.send((line, at)).is_ok());
     rx
 }
 
