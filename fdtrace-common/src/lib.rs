@@ -261,6 +261,28 @@ pub struct StackWindow {
     pub bp: u64,
 }
 
+/// One open fd of a process, as the seed iterator (`iter/task_file`) writes
+/// it to user space; `path_len` bytes of the fd's link text (what
+/// readlink(/proc/PID/fd/N) shows, NUL included) follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeedRecord {
+    pub fd: u32,
+    /// [`SEED_CLOEXEC`] | [`SEED_NO_CLOEXEC`] | [`SEED_NO_PATH`].
+    pub flags: u32,
+    pub path_len: u32,
+    pub _pad: u32,
+}
+
+/// `SeedRecord::flags`: the fd is closed by execve.
+pub const SEED_CLOEXEC: u32 = 1 << 0;
+/// `SeedRecord::flags`: the close-on-exec bit could not be read.
+pub const SEED_NO_CLOEXEC: u32 = 1 << 2;
+/// `SeedRecord::flags`: the kernel could not name the file (path_len is 0).
+pub const SEED_NO_PATH: u32 = 1 << 1;
+/// Longest link text a seed record carries (PATH_MAX).
+pub const SEED_PATH_MAX: usize = 4096;
+
 /// Indexes into the global counters array.
 pub const CNT_RINGBUF_FULL: u32 = 0;
 pub const CNT_FDS_MAP_FULL: u32 = 1;
@@ -284,6 +306,7 @@ mod pod {
 
 // Layouts are shared with the kernel: a size change is an ABI change.
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -15,6 +15,7 @@
 #![feature(core_intrinsics)]
 
 mod maps;
+mod seed;
 mod syscalls;
 mod table;
 
@@ -60,7 +61,7 @@ static STACKS_PER_SLOT: u32 = 100;
 const SLOT_NS: u64 = 100_000_000;
 
 #[inline(always)]
-fn global(v: &u32) -> u32 {
+pub(crate) fn global(v: &u32) -> u32 {
     // SAFETY: read of a .rodata global the loader may have rewritten.
     unsafe { core::ptr::read_volatile(v) }
 }

@@ -1,11 +1,11 @@
 //! Resource labels: what an fd points at, named so that the fds of one leak
 //! group together (paths differing only by digits or random suffixes are one
 //! label; a socket is its protocol and peer).
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd};
 
 use fdtrace_common::FdKind;
 
-use crate::procfd::ProcDir;
+use crate::{procfd::ProcDir, seed};
 use procfs::{
     net::TcpState,
     process::{FDTarget, Process},
@@ -19,6 +19,51 @@ pub struct SockInfo {
     pub state: Option<TcpState>,
     /// Not yet connected or bound: its label may still change.
     pub provisional: bool,
+}
+
+/// Above this many fds to label at once, their link texts come from one
+/// kernel walk of the table (the seed iterator) instead of a readlink each.
+const WALK_OVER: usize = 64;
+
+/// Where the link texts of a process's fds come from.
+pub enum Links {
+    /// readlink of /proc/PID/fd/N, per fd.
+    Each(ProcDir),
+    /// All of them, from one walk of the table.
+    Walked {
+        pid: u32,
+        targets: HashMap<u32, FDTarget>,
+    },
+}
+
+impl Links {
+    /// For labelling `wanted` fds of `pid`; None when the process is gone.
+    pub fn open(seed_prog: BorrowedFd<'_>, pid: u32, wanted: usize) -> Option<Links> {
+        if wanted > WALK_OVER
+            && let Ok(fds) = seed::list(seed_prog, pid)
+        {
+            let targets = fds
+                .into_iter()
+                .filter_map(|f| Some((f.fd, f.target?)))
+                .collect();
+            return Some(Links::Walked { pid, targets });
+        }
+        ProcDir::open(pid).ok().map(Links::Each)
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Links::Each(dir) => dir.pid(),
+            Links::Walked { pid, .. } => *pid,
+        }
+    }
+
+    fn target(&self, fd: u32) -> Option<FDTarget> {
+        match self {
+            Links::Each(dir) => dir.target(fd),
+            Links::Walked { targets, .. } => targets.get(&fd).cloned(),
+        }
+    }
 }
 
 /// The socket tables of a process's network namespace, by inode; read at most
@@ -128,17 +173,17 @@ fn protocol(detail: u32) -> &'static str {
     }
 }
 
-/// Labels `fd` of the process `dir` is of; `sockets` is read on first need.
-/// `detail` is the fd's FdInfo::detail.
+/// Labels `fd` of the process `links` is of; `sockets` is read on first
+/// need. `detail` is the fd's FdInfo::detail.
 pub fn label(
-    dir: &ProcDir,
+    links: &Links,
     fd: u32,
     kind: FdKind,
     detail: u32,
     sockets: &mut Option<Sockets>,
 ) -> Option<Label> {
-    let pid = dir.pid();
-    let target = dir.target(fd)?;
+    let pid = links.pid();
+    let target = links.target(fd)?;
     let plain = |text: String| Label {
         text,
         socket_inode: None,

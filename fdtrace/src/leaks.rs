@@ -11,10 +11,7 @@ use std::{
 use fdtrace_common::{FD_PREEXISTING, FdInfo, FdKind};
 use procfs::net::TcpState;
 
-use crate::{
-    label::{self, Label, Sockets},
-    procfd::ProcDir,
-};
+use crate::label::{self, Label, Links, Sockets};
 
 /// When a process counts as heading for EMFILE.
 #[derive(Clone, Copy, Debug)]
@@ -137,13 +134,15 @@ impl ProcLeaks {
 
     /// Takes one report's view of the process: its live fds (from the kernel
     /// map), `now_ns` on the kernel's clock, `t` seconds since start;
-    /// `site_of` maps a kernel stack id to its canonical call-site stack.
+    /// `site_of` maps a kernel stack id to its canonical call-site stack;
+    /// `links(n)` opens what names the process's fds when n need a label.
     /// Returns the findings that are new since the last report.
     #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
         pid: u32,
         site_of: &mut dyn FnMut(u64) -> u64,
+        links: &dyn Fn(usize) -> Option<Links>,
         fds: &[LiveFd],
         now_ns: u64,
         t: f64,
@@ -154,7 +153,15 @@ impl ProcLeaks {
         let min_age_ns = self.cfg.min_age.as_nanos() as u64;
         let attached_ns = (t * 1e9) as u64;
         let mut sockets: Option<Sockets> = None;
-        let dir = ProcDir::open(pid).ok();
+        let unlabeled = fds
+            .iter()
+            .filter(|f| !self.labels.contains_key(&(f.fd, f.info.created_ns)))
+            .count();
+        let links = if unlabeled > 0 {
+            links(unlabeled)
+        } else {
+            None
+        };
         let mut counts: HashMap<SiteKey, (u64, u64, u64, bool)> = HashMap::new();
         let mut live_keys = HashSet::with_capacity(fds.len());
         let mut candidates = 0u64;
@@ -171,7 +178,7 @@ impl ProcLeaks {
             let label = match self.labels.get(&cache_key) {
                 Some(l) => l.clone(),
                 None => {
-                    let Some(l) = dir
+                    let Some(l) = links
                         .as_ref()
                         .and_then(|d| label::label(d, f.fd, kind, f.info.detail, &mut sockets))
                     else {

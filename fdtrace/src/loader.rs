@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf, StackTraceMap},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, Iter, ProgramFd, TracePoint},
 };
 use fdtrace_common::{FdInfo, FdKey, NO_FIELD, ProcStats, StackWindow};
 
@@ -28,6 +28,8 @@ pub struct Kernel {
     pub traced: Array<MapData, u8>,
     pub windows: HashMap<MapData, u32, StackWindow>,
     pub events: Option<RingBuf<MapData>>,
+    /// The seed iterator (iter/task_file), for seed::list.
+    pub seed: ProgramFd,
     /// Keeps the programs attached.
     _ebpf: Ebpf,
 }
@@ -53,7 +55,12 @@ impl Kernel {
             p.attach("sched", event)
                 .with_context(|| format!("attaching {prog} to sched/{event}"))?;
         }
+        let seed: &mut Iter = program(&mut ebpf, "fdtrace_seed")?.try_into()?;
+        seed.load("task_file", &btf)
+            .context("loading fdtrace_seed (iter/task_file)")?;
+        let seed = seed.fd()?.try_clone()?;
         Ok(Kernel {
+            seed,
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
             fds: HashMap::try_from(take_map(&mut ebpf, "FDS")?)?,
             counters: Array::try_from(take_map(&mut ebpf, "COUNTERS")?)?,
@@ -89,7 +96,12 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         0 => 0,
         r => (r / 10).max(1),
     };
-    let ebpf = EbpfLoader::new()
+    let offsets = kernel_offsets()?;
+    let mut loader = EbpfLoader::new();
+    for (global, value) in &offsets {
+        loader.override_global(global, value, true);
+    }
+    let ebpf = loader
         .override_global("STACKS_PER_SLOT", &per_slot, true)
         .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
         .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
@@ -103,6 +115,20 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         .context("loading the eBPF programs")?;
     let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
     Ok((ebpf, btf))
+}
+
+/// Kernel struct offsets the seed iterator reads at (see fdtrace-ebpf
+/// seed.rs), from this kernel's BTF.
+fn kernel_offsets() -> Result<[(&'static str, u32); 4]> {
+    let data = fs::read(BTF_VMLINUX).with_context(|| format!("reading {BTF_VMLINUX}"))?;
+    let btf = crate::btf::Btf::parse(&data)?;
+    let off = |s, m| btf.member_offset(s, m);
+    Ok([
+        ("FILE_F_PATH_OFF", off("file", "f_path")?),
+        ("TASK_FILES_OFF", off("task_struct", "files")?),
+        ("FILES_FDT_OFF", off("files_struct", "fdt")?),
+        ("FDT_CLOEXEC_OFF", off("fdtable", "close_on_exec")?),
+    ])
 }
 
 /// Room for every tgid the kernel hands out now; a larger pid_max set later

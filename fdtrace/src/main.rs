@@ -1,4 +1,5 @@
 //! fdtrace: a kernel-level file-descriptor leak tracer.
+mod btf;
 mod cli;
 mod error;
 mod label;
@@ -7,6 +8,7 @@ mod loader;
 mod output;
 mod procfd;
 mod scan;
+mod seed;
 mod spawn;
 mod symbols;
 mod sync;

@@ -4,22 +4,21 @@ use std::{
     ffi::{CStr, CString},
     fs::{self, File},
     io::{self, Read as _},
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _},
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
-    },
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     str::FromStr as _,
 };
 
 use fdtrace_common::FdKind;
 use procfs::process::{FDTarget, Process};
 
-/// One open fd as /proc shows it.
-#[derive(Clone, Copy, Debug)]
+/// One open fd of a process: what the kernel walk (or /proc) says it is.
+#[derive(Clone, Debug)]
 pub struct ProcFd {
     pub fd: u32,
     pub kind: FdKind,
     pub cloexec: bool,
+    /// What the fd points at; None when it could not be named.
+    pub target: Option<FDTarget>,
 }
 
 /// Number of open fds. Since Linux 6.2 `stat(/proc/PID/fd)` reports it in
@@ -38,8 +37,7 @@ pub fn fd_count(pid: u32) -> io::Result<u64> {
 }
 
 /// /proc/PID/fd, opened once: links are read relative to it, since a path
-/// lookup per fd would dominate at attach and at the first report, which
-/// both visit every fd.
+/// lookup per fd would dominate when a report labels many fds.
 pub struct ProcDir {
     pid: u32,
     fd_dir: File,
@@ -64,38 +62,10 @@ impl ProcDir {
         FDTarget::from_str(&link).ok()
     }
 
-    /// Every open fd with its kind and close-on-exec bit.
-    pub fn list(&self) -> io::Result<Vec<ProcFd>> {
-        let info_dir = File::open(format!("/proc/{}/fdinfo", self.pid))?;
-        let mut out = Vec::new();
-        for entry in fs::read_dir(format!("/proc/{}/fd", self.pid))? {
-            let Ok(entry) = entry else { continue };
-            let name = entry.file_name();
-            let Some(fd) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            let Ok(cname) = CString::new(name.as_bytes()) else {
-                continue;
-            };
-            // An fd closed while we list it is simply not there.
-            let Some(link) = read_link_at(&self.fd_dir, &cname) else {
-                continue;
-            };
-            let Some(cloexec) = fd_cloexec(&info_dir, &cname) else {
-                continue;
-            };
-            let kind = FDTarget::from_str(&link)
-                .map(|t| kind_of(&t))
-                .unwrap_or(FdKind::Unknown);
-            out.push(ProcFd { fd, kind, cloexec });
-        }
-        Ok(out)
+    /// The fd's close-on-exec bit from fdinfo; None when it is gone.
+    pub fn cloexec(&self, fd: u32) -> Option<bool> {
+        fd_cloexec(&format!("/proc/{}/fdinfo/{fd}", self.pid))
     }
-}
-
-/// Every open fd of `pid` with its kind and close-on-exec bit.
-pub fn list_fds(pid: u32) -> io::Result<Vec<ProcFd>> {
-    ProcDir::open(pid)?.list()
 }
 
 fn read_link_at(dir: &File, name: &CStr) -> Option<String> {
@@ -113,23 +83,12 @@ fn read_link_at(dir: &File, name: &CStr) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-/// O_CLOEXEC from the octal `flags:` line of fdinfo/FD; None when the fd is
-/// gone.
-fn fd_cloexec(info_dir: &File, name: &CStr) -> Option<bool> {
+/// O_CLOEXEC from the octal `flags:` line of an fdinfo file; None when the
+/// fd is gone.
+fn fd_cloexec(path: &str) -> Option<bool> {
     const O_CLOEXEC: u32 = 0o2_000_000;
-    // SAFETY: name is NUL-terminated; the fd is owned by the File below.
-    let raw = unsafe {
-        libc::openat(
-            info_dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        return None;
-    }
-    // SAFETY: raw is a new fd nobody else owns.
-    let mut file = unsafe { File::from_raw_fd(raw) };
+    // The flags line comes second; epoll and inotify fdinfo go on for long.
+    let mut file = File::open(path).ok()?;
     let mut buf = [0u8; 512];
     let n = file.read(&mut buf).ok()?;
     let text = std::str::from_utf8(&buf[..n]).ok()?;

@@ -2,6 +2,7 @@
 //! check every interval, and the resync after a non-zero drift.
 use std::{
     collections::{HashMap, HashSet},
+    os::fd::AsFd as _,
     time::Duration,
 };
 
@@ -12,7 +13,7 @@ use fdtrace_common::{
     ProcStats,
 };
 
-use crate::{loader::Kernel, procfd, scan};
+use crate::{loader::Kernel, procfd, scan, seed};
 
 /// BPF_NOEXIST: insert only if absent, so an fd the kernel side recorded
 /// between our /proc read and the insert keeps its own (exact) entry.
@@ -101,7 +102,7 @@ pub enum Origin {
 /// per-kind counts. After a drift, the fds added and dropped also count in the
 /// opened and closed totals.
 pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
-    let listed: HashMap<u32, procfd::ProcFd> = procfd::list_fds(pid)?
+    let listed: HashMap<u32, procfd::ProcFd> = seed::list(k.seed.as_fd(), pid)?
         .into_iter()
         .map(|f| (f.fd, f))
         .collect();

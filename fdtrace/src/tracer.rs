@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
+    os::fd::AsFd as _,
     process::ExitCode,
     time::Instant,
 };
@@ -329,15 +330,18 @@ impl Session {
         let pid = ev.tgid;
         let hwm = self.k.procs.get(&pid, 0).map_or(0, |s| s.fd_hwm);
         let mut sockets = None;
-        let dir = procfd::ProcDir::open(pid).ok();
-        let fds: Vec<String> = (3..hwm)
+        let held: Vec<(u32, FdInfo)> = (3..hwm)
             .filter_map(|fd| {
                 let info = self.k.fds.get(&FdKey { tgid: pid, fd }, 0).ok()?;
                 (info.created_ns < ev.ts_ns).then_some((fd, info))
             })
+            .collect();
+        let links = label::Links::open(self.k.seed.as_fd(), pid, held.len());
+        let fds: Vec<String> = held
+            .into_iter()
             .map(|(fd, info)| {
                 let kind = FdKind::from_u8(info.kind);
-                let what = dir
+                let what = links
                     .as_ref()
                     .and_then(|d| label::label(d, fd, kind, info.detail, &mut sockets))
                     .map_or(kind.name().to_string(), |l| l.text);
@@ -448,6 +452,7 @@ impl Session {
             let findings = v.leaks.update(
                 pid,
                 &mut |id| symbols.site(k, pid, id),
+                &|n| label::Links::open(k.seed.as_fd(), pid, n),
                 &fds,
                 now_ns,
                 t,

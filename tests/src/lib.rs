@@ -572,6 +572,16 @@ impl Session {
     /// Like [`Session::start_many`], with more global fdtrace flags (before
     /// `run`).
     pub fn start_with(fdops: &str, mode: Mode, n: usize, extra: &[&str]) -> Session {
+        Session::start_inner(fdops, mode, n, extra, &[])
+    }
+
+    /// `fdtrace --pid` on one fdops that first ran `prep`: the fds those
+    /// commands made exist before fdtrace attaches (they are seeded).
+    pub fn start_prepared(fdops: &str, prep: &[&str]) -> Session {
+        Session::start_inner(fdops, Mode::PID, 1, &[], prep)
+    }
+
+    fn start_inner(fdops: &str, mode: Mode, n: usize, extra: &[&str], prep: &[&str]) -> Session {
         require_root();
         let bin = fdtrace_bin();
         let (tx, rx) = mpsc::channel();
@@ -640,6 +650,9 @@ impl Session {
                     if ready.status != "ready" || ready.pid() != s.targets[i].pid {
                         s.fail(&format!("fdops did not start: {}", ready.line));
                     }
+                }
+                for cmd in prep {
+                    s.send_to(0, cmd);
                 }
                 for t in &s.targets {
                     args.push("--pid".into());

@@ -546,6 +546,46 @@ fn exec(mode: Mode) {
 }
 both_modes!(exec);
 
+/// Fds open before fdtrace attached: their kinds and close-on-exec bits come
+/// from the kernel walk at attach (the first snapshot checks the kinds
+/// against /proc); exec must then close exactly the close-on-exec ones.
+#[test]
+fn exec_seeded() {
+    let prep = [
+        "open cloexec",
+        "open",
+        "pipe2 cloexec",
+        "pipe",
+        "socket cloexec",
+        "socket",
+        "eventfd cloexec",
+        "memfd",
+    ];
+    let mut s = Session::start_prepared(FDOPS, &prep);
+    let p = s.pid(0);
+    let before = proc_fds(p).unwrap();
+    let seeded_cloexec: Vec<i32> = before
+        .keys()
+        .copied()
+        .filter(|&fd| proc_cloexec(p, fd))
+        .collect();
+    assert!(
+        seeded_cloexec.len() >= 4,
+        "prep made close-on-exec fds: {before:?}"
+    );
+    s.step_expect(0, "exec", |r| Expect {
+        exec: true,
+        ..Expect::from_reply(r)
+    });
+    let now = proc_fds(p).unwrap();
+    for fd in seeded_cloexec {
+        assert!(!now.contains_key(&fd), "fd {fd} survived exec: {now:?}");
+    }
+    s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its only traced process exited");
+}
+
 /// RLIMIT_NOFILE changed by another, untraced process (prlimit(1) calls
 /// prlimit64 on the traced pid): fdtrace reports the new limit at once and
 /// its process objects carry it (checked against /proc by the harness).

@@ -1,0 +1,128 @@
+//! The seed iterator: every open fd of one process, walked by the kernel.
+//!
+//! Attaching to a process that already holds fds needs each fd's kind and
+//! close-on-exec bit. Read from /proc, that is a readlink and an fdinfo
+//! open/read/close per fd (about 20 us each); this `iter/task_file` program
+//! writes them all in one read of an iterator fd. User space creates the
+//! iterator for one process (bpf_iter_link_info.task.pid), so the kernel
+//! visits only that process's table.
+//! https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/task_iter.c (task_file_seq_show)
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{path, seq_file},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_d_path, bpf_seq_write},
+    },
+    macros::map,
+    maps::PerCpuArray,
+};
+use fdtrace_common::{
+    NO_FIELD, SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SEED_PATH_MAX, SeedRecord,
+};
+
+use crate::global;
+
+/// Offsets in kernel structures this kernel's BTF gives (set by user space
+/// before load; Rust has no CO-RE relocations): `file.f_path`,
+/// `task_struct.files`, `files_struct.fdt`, `fdtable.close_on_exec`.
+#[unsafe(no_mangle)]
+static FILE_F_PATH_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static TASK_FILES_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static FILES_FDT_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static FDT_CLOEXEC_OFF: u32 = NO_FIELD;
+
+const HDR: usize = core::mem::size_of::<SeedRecord>();
+
+/// A record being built: header then link text (too large for the BPF stack).
+#[repr(C)]
+pub struct SeedBuf {
+    hdr: SeedRecord,
+    path: [u8; SEED_PATH_MAX],
+}
+
+#[map]
+static SEED_SCRATCH: PerCpuArray<SeedBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// struct bpf_iter_meta (include/linux/bpf.h).
+#[repr(C)]
+struct IterMeta {
+    seq: *mut seq_file,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// struct bpf_iter__task_file (kernel/bpf/task_iter.c). `task` and `file`
+/// are NULL on the last call, which ends the walk.
+#[repr(C)]
+struct TaskFileCtx {
+    meta: *const IterMeta,
+    task: *const u8,
+    fd: u32,
+    _pad: u32,
+    file: *const u8,
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn fdtrace_seed(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes a bpf_iter__task_file.
+    let _ = try_seed(unsafe { &*(ctx as *const TaskFileCtx) });
+    0
+}
+
+fn try_seed(ctx: &TaskFileCtx) -> Option<()> {
+    let (task, file, fd) = (ctx.task, ctx.file, ctx.fd);
+    if task.is_null() || file.is_null() {
+        return None;
+    }
+    let buf = SEED_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: buf is this CPU's scratch value; file is a BTF pointer the
+    // verifier checks f_path against (the offset is a constant of .rodata).
+    unsafe {
+        let mut flags = match cloexec(task, fd) {
+            Some(true) => SEED_CLOEXEC,
+            Some(false) => 0,
+            None => SEED_NO_CLOEXEC,
+        };
+        let f_path = file.add(global(&FILE_F_PATH_OFF) as usize) as *mut path;
+        // The name /proc/PID/fd shows: d_path, with the dname of sockets,
+        // pipes and anonymous inodes ("socket:[123]", "anon_inode:[eventfd]").
+        let n = bpf_d_path(f_path, (&raw mut (*buf).path).cast(), SEED_PATH_MAX as u32);
+        let len = if n > 0 && n as usize <= SEED_PATH_MAX {
+            n as usize
+        } else {
+            flags |= SEED_NO_PATH;
+            0
+        };
+        (*buf).hdr = SeedRecord {
+            fd,
+            flags,
+            path_len: len as u32,
+            _pad: 0,
+        };
+        let seq = (*ctx.meta).seq;
+        bpf_seq_write(seq, buf as *const c_void, (HDR + len) as u32);
+    }
+    Some(())
+}
+
+/// The fd's bit in its table's close_on_exec bitmap; None when a read
+/// failed (user space then reads fdinfo).
+/// https://github.com/torvalds/linux/blob/v6.18/include/linux/fdtable.h (close_on_exec)
+fn cloexec(task: *const u8, fd: u32) -> Option<bool> {
+    let read = |addr: u64| -> Option<u64> {
+        // SAFETY: the helper checks the address.
+        unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
+    };
+    let off = |g: &u32| u64::from(global(g));
+    let files = read(task as u64 + off(&TASK_FILES_OFF))?;
+    let fdt = read(files + off(&FILES_FDT_OFF))?;
+    let bits = read(fdt + off(&FDT_CLOEXEC_OFF))?;
+    let word = read(bits + u64::from(fd / 64) * 8)?;
+    Some(word & (1 << (fd % 64)) != 0)
+}

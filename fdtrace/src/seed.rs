@@ -1,0 +1,139 @@
+//! Every open fd of a process with its kind and close-on-exec bit, walked by
+//! the kernel (the `fdtrace_seed` iter/task_file program) in one read,
+//! instead of a readlink and an fdinfo read per fd from /proc.
+//! https://docs.kernel.org/bpf/bpf_iterators.html
+use std::{
+    fs::File,
+    io::{self, Read as _},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    str::FromStr as _,
+};
+
+use fdtrace_common::{SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SeedRecord};
+use procfs::process::FDTarget;
+
+use crate::procfd::{self, ProcDir, ProcFd};
+
+/// bpf(2) commands and the iterator attach type (include/uapi/linux/bpf.h).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u32 = 28;
+
+/// `union bpf_attr` for BPF_LINK_CREATE of an iterator.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    iter_info: u64,
+    iter_info_len: u32,
+    _pad: u32,
+}
+
+/// `union bpf_iter_link_info`, task member: a non-zero pid restricts the
+/// walk to that process (Linux 6.1+).
+#[repr(C)]
+#[derive(Default)]
+struct IterLinkInfo {
+    tid: u32,
+    pid: u32,
+    pid_fd: u32,
+    _pad: u32,
+}
+
+/// `union bpf_attr` for BPF_ITER_CREATE.
+#[repr(C)]
+struct IterCreateAttr {
+    link_fd: u32,
+    flags: u32,
+}
+
+/// Every open fd of `pid`. An fd whose link or close-on-exec bit the kernel
+/// could not read is looked up in /proc instead.
+pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
+    let mut info = IterLinkInfo {
+        pid,
+        ..Default::default()
+    };
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_TRACE_ITER,
+        iter_info: &raw mut info as u64,
+        iter_info_len: size_of::<IterLinkInfo>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr and the link info it points at outlive the call.
+    let link = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
+    let mut attr = IterCreateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        flags: 0,
+    };
+    // SAFETY: plain attr, no pointers.
+    let iter = unsafe { bpf(BPF_ITER_CREATE, &mut attr) }?;
+    let mut data = Vec::new();
+    File::from(iter).read_to_end(&mut data)?;
+    parse(&data, pid)
+}
+
+fn parse(data: &[u8], pid: u32) -> io::Result<Vec<ProcFd>> {
+    const HDR: usize = size_of::<SeedRecord>();
+    let truncated = || io::Error::other("seed iterator: truncated record");
+    let mut out = Vec::new();
+    let mut dir = None;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let hdr = rest.get(..HDR).ok_or_else(truncated)?;
+        let word = |i: usize| u32::from_ne_bytes(hdr[4 * i..4 * i + 4].try_into().unwrap());
+        let (fd, flags, len) = (word(0), word(1), word(2) as usize);
+        let text = rest.get(HDR..HDR + len).ok_or_else(truncated)?;
+        rest = &rest[HDR + len..];
+        // /proc is read only for what the kernel walk could not.
+        let target = if flags & SEED_NO_PATH != 0 {
+            proc_dir(&mut dir, pid)?.target(fd)
+        } else {
+            let text = text.strip_suffix(&[0]).unwrap_or(text);
+            FDTarget::from_str(&String::from_utf8_lossy(text)).ok()
+        };
+        let cloexec = if flags & SEED_NO_CLOEXEC != 0 {
+            match proc_dir(&mut dir, pid)?.cloexec(fd) {
+                Some(c) => c,
+                None => continue, // closed meanwhile
+            }
+        } else {
+            flags & SEED_CLOEXEC != 0
+        };
+        let kind = target
+            .as_ref()
+            .map_or(fdtrace_common::FdKind::Unknown, procfd::kind_of);
+        out.push(ProcFd {
+            fd,
+            kind,
+            cloexec,
+            target,
+        });
+    }
+    Ok(out)
+}
+
+fn proc_dir(dir: &mut Option<ProcDir>, pid: u32) -> io::Result<&ProcDir> {
+    match dir {
+        Some(d) => Ok(d),
+        None => Ok(dir.insert(ProcDir::open(pid)?)),
+    }
+}
+
+/// bpf(cmd, attr) for commands that return a new fd.
+///
+/// # Safety
+/// Pointers in `attr` must be valid for the command.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: per the contract above; the size is the struct's.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
