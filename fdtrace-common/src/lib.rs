@@ -110,13 +110,21 @@ pub const FD_RESYNCED: u8 = 1 << 2;
 /// this flag instead of removing the new fd.
 pub const FD_CLOSE_PENDING: u8 = 1 << 3;
 
+/// `FdInfo::flags`: the fd is open. A close clears every flag and leaves the
+/// entry in place, so the next fd with that number is written over it
+/// instead of allocating a map element (fds reuse the lowest free number:
+/// a process's entries stay below its peak fd count). Entries without this
+/// flag are not fds; they go when the process exits.
+pub const FD_OPEN: u8 = 1 << 4;
+
 /// `FdInfo::site` when no call site was recorded.
 pub const NO_SITE: u64 = u64::MAX;
 /// `FdInfo::site` when the stack was not taken because the process was over
 /// its stack budget (see `ProcStats::stack_slot`).
 pub const SITE_NOT_SAMPLED: u64 = u64::MAX - 1;
 
-/// Value of the live-fd map: one per open fd of a traced process.
+/// Value of the live-fd map: one per fd number a traced process has used,
+/// open when [`FD_OPEN`] is set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FdInfo {
@@ -128,7 +136,8 @@ pub struct FdInfo {
     pub syscall: u16,
     /// [`FdKind`] as u8.
     pub kind: u8,
-    /// [`FD_CLOEXEC`] | [`FD_PREEXISTING`] | [`FD_RESYNCED`] | [`FD_CLOSE_PENDING`].
+    /// [`FD_OPEN`] | [`FD_CLOEXEC`] | [`FD_PREEXISTING`] | [`FD_RESYNCED`] |
+    /// [`FD_CLOSE_PENDING`].
     pub flags: u8,
     /// Sockets from socket(2): `family << 16 | type` (SOCK_TYPE_MASK bits),
     /// so an unbound socket still has a protocol; 0 otherwise.

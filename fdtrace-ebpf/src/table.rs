@@ -14,7 +14,7 @@ use aya_ebpf::helpers::{
 };
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC, FD_CLOSE_PENDING,
-    FD_KINDS, FdInfo, FdKey, NO_SITE, ProcStats,
+    FD_KINDS, FD_OPEN, FdInfo, FdKey, NO_SITE, ProcStats,
 };
 
 use crate::maps::{COUNTERS, EVENTS, FDS, PROCS, TRACED};
@@ -79,13 +79,18 @@ pub fn set_traced(tgid: u32, on: bool) {
     }
 }
 
+/// The entry of open fd `fd` of `tgid`.
+#[inline(always)]
+fn open_entry(tgid: u32, fd: u32) -> Option<*mut FdInfo> {
+    let info = FDS.get_ptr_mut(FdKey { tgid, fd })?;
+    // SAFETY: info is a live FDS value.
+    (unsafe { (*info).flags } & FD_OPEN != 0).then_some(info)
+}
+
 pub fn kind_of(tgid: u32, fd: u32) -> u8 {
-    // SAFETY: read of a plain value; a concurrent delete at worst yields a
+    // SAFETY: read of a plain value; a concurrent close at worst yields a
     // stale kind, which the drift check catches.
-    match unsafe { FDS.get(FdKey { tgid, fd }) } {
-        Some(info) => info.kind,
-        None => 0,
-    }
+    open_entry(tgid, fd).map_or(0, |info| unsafe { (*info).kind })
 }
 
 /// Where new fds come from: the syscall, and the user stack that called it
@@ -101,14 +106,12 @@ pub struct Origin {
 }
 
 /// A new fd `fd` appeared in process `tgid`. `replaces` is true when the
-/// syscall atomically closes whatever `fd` was (dup2, dup3): an existing
-/// entry is then an implicit close. Otherwise the kernel only hands out free
-/// numbers, so an existing entry is an fd whose close has not reached
-/// fdtrace yet (another thread's close still on its way to sys_exit): it is
-/// counted closed now, and the new entry is marked so that the late close
-/// does not remove it. Inlined: a BPF call takes at most five arguments. `replaces` is true when the
-/// syscall atomically closes whatever `fd` was (dup2, dup3): then an existing
-/// entry is an implicit close, otherwise it means fdtrace missed a close.
+/// syscall atomically closes whatever `fd` was (dup2, dup3): an open entry is
+/// then an implicit close. Otherwise the kernel only hands out free numbers,
+/// so an open entry is an fd whose close has not reached fdtrace yet
+/// (another thread's close still on its way to sys_exit): it is counted
+/// closed now, and the new entry is marked so that the late close does not
+/// remove it. Inlined: a BPF call takes at most five arguments.
 #[inline(always)]
 pub fn install(
     p: *mut ProcStats,
@@ -120,42 +123,63 @@ pub fn install(
     replaces: bool,
 ) {
     let key = FdKey { tgid, fd };
-    let info = FdInfo {
+    let mut info = FdInfo {
         created_ns: origin.now,
         site: origin.site,
         syscall: origin.syscall as u16,
         kind,
-        flags: if cloexec { FD_CLOEXEC } else { 0 },
+        flags: FD_OPEN | if cloexec { FD_CLOEXEC } else { 0 },
         detail: origin.detail,
     };
-    // SAFETY: p is a live PROCS value for the whole handler.
+    // SAFETY: p is a live PROCS value for the whole handler; entries are
+    // live FDS values.
     unsafe {
-        // The common case, a free number, costs one hash operation: the
-        // kernel checks BPF_NOEXIST before it allocates.
-        match FDS.insert(key, info, BPF_NOEXIST) {
-            Ok(()) => add64(&raw mut (*p).live, 1),
-            Err(EEXIST) => {
-                let Some(old) = FDS.get_ptr_mut(key) else {
-                    // Removed between the two calls by another thread.
+        // The common case: the number was used before, and its entry is
+        // rewritten in place (no element allocation, no bucket lock).
+        let entry = match FDS.get_ptr_mut(key) {
+            Some(e) => e,
+            None => match FDS.insert(key, info, BPF_NOEXIST) {
+                Ok(()) => {
+                    add64(&raw mut (*p).live, 1);
+                    counted_new(p, fd, kind);
+                    return;
+                }
+                // Made meanwhile (user space seeding): rewrite it below.
+                Err(EEXIST) => match FDS.get_ptr_mut(key) {
+                    Some(e) => e,
+                    None => {
+                        inexact(p);
+                        return;
+                    }
+                },
+                Err(_) => {
+                    // Map full: the fd is real but untracked. Count it, and
+                    // let the drift check report the difference.
+                    count(CNT_FDS_MAP_FULL);
                     inexact(p);
                     return;
-                };
-                add64(kind_slot(p, (*old).kind), u64::MAX);
-                add64(&raw mut (*p).closed, 1);
-                let mut info = info;
-                if !replaces {
-                    info.flags |= FD_CLOSE_PENDING;
                 }
-                *old = info;
+            },
+        };
+        if (*entry).flags & FD_OPEN != 0 {
+            add64(kind_slot(p, (*entry).kind), u64::MAX);
+            add64(&raw mut (*p).closed, 1);
+            if !replaces {
+                info.flags |= FD_CLOSE_PENDING;
             }
-            Err(_) => {
-                // Map full: the fd is real but untracked. Count it, and let
-                // the drift check report the difference.
-                count(CNT_FDS_MAP_FULL);
-                inexact(p);
-                return;
-            }
+        } else {
+            add64(&raw mut (*p).live, 1);
         }
+        *entry = info;
+        counted_new(p, fd, kind);
+    }
+}
+
+/// The counters of a new fd, once its entry is written.
+#[inline(always)]
+fn counted_new(p: *mut ProcStats, fd: u32, kind: u8) {
+    // SAFETY: p is a live PROCS value.
+    unsafe {
         add64(kind_slot(p, kind), 1);
         add64(&raw mut (*p).opened, 1);
         add64(&raw mut (*p).generation, 1);
@@ -169,12 +193,11 @@ pub fn install(
 
 /// `fd` of `tgid` was closed. Returns false when fdtrace did not know it.
 pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
-    let key = FdKey { tgid, fd };
-    // SAFETY: p is a live PROCS value.
+    let Some(info) = open_entry(tgid, fd) else {
+        return false;
+    };
+    // SAFETY: p is a live PROCS value, info a live FDS value.
     unsafe {
-        let Some(info) = FDS.get_ptr_mut(key) else {
-            return false;
-        };
         if (*info).flags & FD_CLOSE_PENDING != 0 {
             // This close was of the number's previous fd, already counted
             // when the number was reused (see install).
@@ -182,10 +205,8 @@ pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
             return true;
         }
         let kind = (*info).kind;
-        if FDS.remove(key).is_err() {
-            // Another thread closed it first.
-            return false;
-        }
+        // Closed: the entry stays for the number's next fd (see FD_OPEN).
+        (*info).flags = 0;
         add64(kind_slot(p, kind), u64::MAX);
         add64(&raw mut (*p).live, u64::MAX);
         add64(&raw mut (*p).closed, 1);
@@ -195,7 +216,7 @@ pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
 }
 
 pub fn set_cloexec(p: *mut ProcStats, tgid: u32, fd: u32, on: bool) {
-    if let Some(info) = FDS.get_ptr_mut(FdKey { tgid, fd }) {
+    if let Some(info) = open_entry(tgid, fd) {
         // SAFETY: info is a live FDS value.
         unsafe {
             if on {
@@ -247,9 +268,9 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
         }
         Bulk::MarkCloexec => set_cloexec(c.p, c.tgid, fd, true),
         Bulk::Exec => {
-            // SAFETY: plain read of a map value.
-            if let Some(info) = unsafe { FDS.get(FdKey { tgid: c.tgid, fd }) } {
-                if info.flags & FD_CLOEXEC != 0 {
+            if let Some(info) = open_entry(c.tgid, fd) {
+                // SAFETY: info is a live FDS value.
+                if unsafe { (*info).flags } & FD_CLOEXEC != 0 {
                     remove(c.p, c.tgid, fd);
                 } else if fd > 2 {
                     c.inherited += 1;
@@ -257,9 +278,9 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
             }
         }
         Bulk::Copy => {
-            // SAFETY: plain read of a map value.
-            if let Some(info) = unsafe { FDS.get(FdKey { tgid: c.tgid, fd }) } {
-                let info = *info;
+            if let Some(info) = open_entry(c.tgid, fd) {
+                // SAFETY: info is a live FDS value.
+                let info = unsafe { *info };
                 if FDS
                     .insert(
                         FdKey {
@@ -283,6 +304,7 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
             }
         }
         Bulk::Drop => {
+            // Open and closed entries alike.
             let _ = FDS.remove(FdKey { tgid: c.tgid, fd });
         }
     }

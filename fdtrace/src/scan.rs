@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap as _, MapData};
-use fdtrace_common::{FdInfo, FdKey};
+use fdtrace_common::{FD_OPEN, FdInfo, FdKey};
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -28,6 +28,13 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// The entry of open fd `fd` of `tgid` (entries of closed fds stay in the
+/// map, without FD_OPEN).
+pub fn open_fd(fds: &HashMap<MapData, FdKey, FdInfo>, tgid: u32, fd: u32) -> Option<FdInfo> {
+    let info = fds.get(&FdKey { tgid, fd }, 0).ok()?;
+    (info.flags & FD_OPEN != 0).then_some(info)
 }
 
 /// Live fds of the processes `want` selects, grouped by tgid.
@@ -67,7 +74,7 @@ pub fn live_fds(
             Some(_) => return Err(err.unwrap_or_else(|| io::Error::other("bpf batch lookup"))),
         }
         for (k, v) in keys.iter().zip(&values).take(attr.count as usize) {
-            if want(k.tgid) {
+            if v.flags & FD_OPEN != 0 && want(k.tgid) {
                 out.entry(k.tgid).or_default().push((k.fd, *v));
             }
         }

@@ -9,8 +9,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use fdtrace_common::{
-    FD_CLOEXEC, FD_KINDS, FD_PREEXISTING, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW,
-    ProcStats,
+    FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_PREEXISTING, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE,
+    PROC_FOLLOW, ProcStats,
 };
 
 use crate::{loader::Kernel, procfd, scan, seed};
@@ -113,8 +113,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     let (mut added, mut dropped) = (0u64, 0u64);
     let mut known = HashSet::new();
     for fd in 0..hwm {
-        let key = FdKey { tgid: pid, fd };
-        let Ok(info) = k.fds.get(&key, 0) else {
+        let Some(info) = scan::open_fd(&k.fds, pid, fd) else {
             continue;
         };
         if listed.contains_key(&fd) {
@@ -123,7 +122,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
             known.insert(fd);
         } else {
             // Gone since: a close fdtrace missed.
-            if k.fds.remove(&key).is_ok() {
+            if k.fds.remove(&FdKey { tgid: pid, fd }).is_ok() {
                 dropped += 1;
             }
         }
@@ -143,7 +142,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
                 site: NO_SITE,
                 syscall: u16::MAX,
                 kind: f.kind as u8,
-                flags: flags | if f.cloexec { FD_CLOEXEC } else { 0 },
+                flags: FD_OPEN | flags | if f.cloexec { FD_CLOEXEC } else { 0 },
                 detail: 0,
             };
             (
@@ -218,8 +217,7 @@ pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut Kind
     let mut unnamed = 0;
     let dir = procfd::ProcDir::open(pid).ok();
     for fd in 0..stats.fd_hwm {
-        let key = FdKey { tgid: pid, fd };
-        let Ok(mut info) = k.fds.get(&key, 0) else {
+        let Some(mut info) = scan::open_fd(&k.fds, pid, fd) else {
             continue;
         };
         if info.kind != FdKind::Unknown as u8 {
@@ -234,7 +232,10 @@ pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut Kind
             continue;
         }
         info.kind = kind as u8;
-        if k.fds.insert(key, info, BPF_EXIST).is_ok() {
+        if k.fds
+            .insert(FdKey { tgid: pid, fd }, info, BPF_EXIST)
+            .is_ok()
+        {
             fix.delta[FdKind::Unknown as usize] -= 1;
             fix.delta[kind as usize] += 1;
         }

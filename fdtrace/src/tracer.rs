@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT,
-    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKey, FdKind, PROC_SHARED_TABLE, syscalls,
+    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKind, PROC_SHARED_TABLE, syscalls,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -332,7 +332,7 @@ impl Session {
         let mut sockets = None;
         let held: Vec<(u32, FdInfo)> = (3..hwm)
             .filter_map(|fd| {
-                let info = self.k.fds.get(&FdKey { tgid: pid, fd }, 0).ok()?;
+                let info = scan::open_fd(&self.k.fds, pid, fd)?;
                 (info.created_ns < ev.ts_ns).then_some((fd, info))
             })
             .collect();
