@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::extras::Attach;
+use super::progtime::ProgTime;
 use super::{Cond, MODES, Samples, Setting, TracedRun, median};
 
 /// Ratios are printed only when the denominator is at least this many ns:
@@ -19,14 +20,40 @@ fn iteration(mode: &str) -> (&'static str, u64) {
     }
 }
 
-pub fn print(setting: &Setting, samples: &Samples, attach: &[Attach]) {
+pub fn print(setting: &Setting, samples: &Samples, progs: &[ProgTime], attach: &[Attach]) {
     header(setting, samples);
     table(setting, samples);
     raw(samples);
+    program_time(progs);
     zero_loss(setting, samples);
     cpu(samples);
     attach_time(attach);
     memory(attach);
+}
+
+fn program_time(progs: &[ProgTime]) {
+    println!();
+    println!(
+        "Time inside the tracers' BPF programs per iteration (kernel bpf_stats: run_time_ns and \
+         run_cnt of every program the tracer holds, over the traced loop; medians over rounds). \
+         Steady on a noisy machine; leaves out what a hook costs around its programs (bpftrace's \
+         per-syscall perf tracepoints build a record first), which the wall figures above include:"
+    );
+    println!(
+        "  {:<8} {:>13} {:>9} {:>14} {:>9} {:>18}",
+        "mode", "fdtrace ns", "runs", "bpftrace ns", "runs", "fdtrace/bpftrace"
+    );
+    for p in progs {
+        let ratio = if p.bpftrace.0 >= MIN_DENOMINATOR_NS {
+            format!("{:.2}", p.fdtrace.0 / p.bpftrace.0)
+        } else {
+            "n/a".into()
+        };
+        println!(
+            "  {:<8} {:>13.1} {:>9.2} {:>14.1} {:>9.2} {:>18}",
+            p.mode, p.fdtrace.0, p.fdtrace.1, p.bpftrace.0, p.bpftrace.1, ratio
+        );
+    }
 }
 
 fn header(s: &Setting, samples: &Samples) {
