@@ -65,7 +65,12 @@ pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
         ..Default::default()
     };
     // SAFETY: attr and the link info it points at outlive the call.
-    let link = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
+    let link = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("creating the fd-table iterator (Linux 6.1 or newer): {e}"),
+        )
+    })?;
     let mut attr = IterCreateAttr {
         link_fd: link.as_raw_fd() as u32,
         flags: 0,

@@ -49,7 +49,7 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<()> {
             return Err(e).with_context(|| format!("registering pid {pid} in the kernel map"));
         }
     }
-    resync(k, pid, Origin::Attach).with_context(|| format!("reading /proc/{pid}/fd"))
+    resync(k, pid, Origin::Attach).with_context(|| format!("reading the fd table of pid {pid}"))
 }
 
 /// How long to wait before re-checking a non-zero drift: a syscall that has
