@@ -112,10 +112,15 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     let mut seen = 0usize;
     let (mut added, mut dropped) = (0u64, 0u64);
     let mut known = HashSet::new();
-    for fd in 0..hwm {
-        let Some(info) = scan::open_fd(&k.fds, pid, fd) else {
-            continue;
-        };
+    // At attach the process has no entry yet: nothing to read.
+    let entries = if hwm == 0 {
+        Vec::new()
+    } else {
+        scan::live_fds(&k.fds, |t| t == pid)?
+            .remove(&pid)
+            .unwrap_or_default()
+    };
+    for (fd, info) in entries {
         if listed.contains_key(&fd) {
             by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
             seen += 1;
@@ -206,21 +211,24 @@ impl KindFix {
     }
 }
 
-/// Names the `unknown` fds of `pid` from /proc/PID/fd. Costs one map lookup
-/// per fd number below the high-water mark, so it runs only when the kernel
-/// counts unknown fds that were not looked at yet.
-pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut KindFix) {
+/// Names the `unknown` fds of `pid` from /proc/PID/fd; `fds` are its open
+/// entries as this report read them. Runs only when the kernel counts
+/// unknown fds that were not looked at yet.
+pub fn resolve_kinds(
+    k: &mut Kernel,
+    pid: u32,
+    stats: &ProcStats,
+    fix: &mut KindFix,
+    fds: impl Iterator<Item = (u32, FdInfo)>,
+) {
     let unknown = stats.by_kind[FdKind::Unknown as usize].saturating_add_signed(fix.delta[0]);
     if unknown <= fix.unnamed {
         return;
     }
     let mut unnamed = 0;
     let dir = procfd::ProcDir::open(pid).ok();
-    for fd in 0..stats.fd_hwm {
-        let Some(mut info) = scan::open_fd(&k.fds, pid, fd) else {
-            continue;
-        };
-        if info.kind != FdKind::Unknown as u8 {
+    for (fd, seen) in fds {
+        if seen.kind != FdKind::Unknown as u8 {
             continue;
         }
         let kind = dir
@@ -229,6 +237,13 @@ pub fn resolve_kinds(k: &mut Kernel, pid: u32, stats: &ProcStats, fix: &mut Kind
             .map_or(FdKind::Unknown, |t| procfd::kind_of(&t));
         if kind == FdKind::Unknown {
             unnamed += 1;
+            continue;
+        }
+        // Read again: the number may hold another fd since the report's read.
+        let Some(mut info) = scan::open_fd(&k.fds, pid, fd) else {
+            continue;
+        };
+        if info.created_ns != seen.created_ns || info.kind != FdKind::Unknown as u8 {
             continue;
         }
         info.kind = kind as u8;

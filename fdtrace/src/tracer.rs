@@ -328,14 +328,19 @@ impl Session {
     /// kernel map had from before the exec, named from /proc.
     fn inherited(&mut self, ts: f64, ev: &Event, comm: &str) -> io::Result<()> {
         let pid = ev.tgid;
-        let hwm = self.k.procs.get(&pid, 0).map_or(0, |s| s.fd_hwm);
         let mut sockets = None;
-        let held: Vec<(u32, FdInfo)> = (3..hwm)
-            .filter_map(|fd| {
-                let info = scan::open_fd(&self.k.fds, pid, fd)?;
-                (info.created_ns < ev.ts_ns).then_some((fd, info))
-            })
+        let table = match scan::live_fds(&self.k.fds, |t| t == pid) {
+            Ok(mut t) => t.remove(&pid).unwrap_or_default(),
+            Err(e) => {
+                eprintln!("fdtrace: reading the live-fd map failed: {e}");
+                Vec::new()
+            }
+        };
+        let mut held: Vec<(u32, FdInfo)> = table
+            .into_iter()
+            .filter(|(fd, info)| *fd > 2 && info.created_ns < ev.ts_ns)
             .collect();
+        held.sort_unstable_by_key(|(fd, _)| *fd);
         let links = label::Links::open(self.k.seed.as_fd(), pid, held.len());
         let fds: Vec<String> = held
             .into_iter()
@@ -428,7 +433,8 @@ impl Session {
                 .collect();
             let v = self.views.get_mut(&pid).expect("live view");
             let st = snap.stats;
-            sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix);
+            let entries = fds.iter().map(|f| (f.fd, f.info));
+            sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix, entries);
             let by_kind = v.kind_fix.apply(&st.by_kind);
             let dt = v.last_at.elapsed().as_secs_f64().max(1e-3);
             let (opened_per_s, closed_per_s) = if v.last.is_some() {
