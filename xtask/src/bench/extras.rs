@@ -13,15 +13,16 @@ use crate::proc::capture;
 /// The name fdtrace's live-fd hash map has in the kernel.
 const FDS_MAP: &str = "FDS";
 
-/// fdtrace attached to one `fdloop hold N` process.
+/// fdtrace attached to `procs` `fdloop hold N` processes at once.
 pub struct Attach {
-    /// fds the holder opened (plus its stdin, stdout and stderr).
+    /// fds each holder opened (plus its stdin, stdout and stderr).
     pub held: u64,
-    /// Entries in /proc/PID/fd right before fdtrace started.
+    pub procs: usize,
+    /// Entries in the holders' /proc/PID/fd right before fdtrace started.
     pub proc_fds: u64,
-    /// open_fds of fdtrace's first `process` line for the holder.
+    /// open_fds of fdtrace's first `process` line for each holder, summed.
     pub reported: Option<u64>,
-    /// From starting fdtrace to its first `process` line.
+    /// From starting fdtrace to its first `process` line for every holder.
     pub time: Duration,
     /// The FDS map as bpftool shows it, or why not.
     pub map: Result<MapInfo, String>,
@@ -35,51 +36,74 @@ pub struct MapInfo {
 }
 
 /// The figures for a holder of 19000 fds (the hard RLIMIT_NOFILE here is
-/// 20000) and for one of 16.
+/// 20000), for one of 16, and for five holders of 19000 traced by one
+/// fdtrace (about 100k fds, which one process cannot hold here).
 pub fn attach_figures(bins: &Bins) -> Result<Vec<Attach>> {
     let mut out = Vec::new();
-    for n in [19_000, 16] {
+    for (n, procs) in [(19_000, 1), (16, 1), (19_000, 5)] {
         super::check_interrupted()?;
-        eprintln!("bench: attach to a process holding {n} fds");
-        out.push(attach_once(bins, n).with_context(|| format!("attaching to {n} held fds"))?);
+        eprintln!("bench: attach to {procs} process(es) holding {n} fds each");
+        out.push(
+            attach_once(bins, n, procs)
+                .with_context(|| format!("attaching to {procs} x {n} held fds"))?,
+        );
     }
     Ok(out)
 }
 
-fn attach_once(bins: &Bins, n: u64) -> Result<Attach> {
-    let mut holder = Proc::spawn(
-        "fdloop hold",
-        Command::new(&bins.fdloop)
-            .args(["hold", &n.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )?;
-    let ready = holder
-        .stdout()?
-        .wait_for(ATTACH_TIMEOUT, |l| l.starts_with("fdloop hold"));
-    ready.map_err(|e| holder.fail(format!("never held its fds: {e:#}")))?;
-    let pid = holder.pid();
-    let proc_fds = count_fds(pid)?;
+fn attach_once(bins: &Bins, n: u64, procs: usize) -> Result<Attach> {
+    let mut holders = Vec::new();
+    for _ in 0..procs {
+        let mut holder = Proc::spawn(
+            "fdloop hold",
+            Command::new(&bins.fdloop)
+                .args(["hold", &n.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )?;
+        let ready = holder
+            .stdout()?
+            .wait_for(ATTACH_TIMEOUT, |l| l.starts_with("fdloop hold"));
+        ready.map_err(|e| holder.fail(format!("never held its fds: {e:#}")))?;
+        holders.push(holder);
+    }
+    let pids: Vec<u32> = holders.iter().map(Proc::pid).collect();
+    let mut proc_fds = 0;
+    for &pid in &pids {
+        proc_fds += count_fds(pid)?;
+    }
 
     let mut cmd = Command::new(&bins.fdtrace);
-    cmd.args(["--json", "--interval", "10s", "--pid", &pid.to_string()])
-        .stdin(Stdio::null())
+    cmd.args(["--json", "--interval", "10s"]);
+    for pid in &pids {
+        cmd.args(["--pid", &pid.to_string()]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let started = Instant::now();
     let mut ft = Proc::spawn("fdtrace --pid", &mut cmd)?;
-    let first = ft
-        .stdout()?
-        .wait_for(ATTACH_TIMEOUT, |l| is_process_line(l, pid));
+    // The first `process` line of each holder, in whatever order they come.
+    let mut reported = Some(0);
+    let mut waiting = pids.clone();
+    while !waiting.is_empty() {
+        let first = ft.stdout()?.wait_for(ATTACH_TIMEOUT, |l| {
+            waiting.iter().any(|&p| is_process_line(l, p))
+        });
+        let first =
+            first.map_err(|e| ft.fail(format!("no `process` line for {waiting:?}: {e:#}")))?;
+        waiting.retain(|&p| !is_process_line(&first, p));
+        reported = reported.zip(open_fds(&first)).map(|(a, b)| a + b);
+    }
     let time = started.elapsed();
-    let first = first.map_err(|e| ft.fail(format!("no `process` line: {e:#}")))?;
     let map = fds_map(ft.pid()).map_err(|e| format!("{e:#}"));
     ft.stop(STOP_GRACE)?;
     Ok(Attach {
         held: n,
+        procs,
         proc_fds,
-        reported: open_fds(&first),
+        reported,
         time,
         map,
     })

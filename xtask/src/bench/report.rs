@@ -301,23 +301,28 @@ fn event_cpu(samples: &Samples) {
 fn attach_time(attach: &[Attach]) {
     println!();
     println!(
-        "Attach time (`fdtrace --pid PID --json`, from its start to its first `process` line for \
-         PID; `fdloop hold N` opens N fds on /dev/null, on top of its stdio and what it inherits):"
+        "Attach time (`fdtrace --pid PID... --json`, from its start to its first `process` line \
+         for every PID; `fdloop hold N` opens N fds on /dev/null, on top of its stdio and what it \
+         inherits):"
     );
     for a in attach {
         let check = match a.reported {
             Some(r) if r == a.proc_fds => format!("open_fds={r} = /proc/PID/fd count: OK"),
             Some(r) => format!("open_fds={r} but /proc/PID/fd has {}: MISMATCH", a.proc_fds),
-            None => "no open_fds in the line: MISMATCH".into(),
+            None => "no open_fds in a line: MISMATCH".into(),
+        };
+        let who = match a.procs {
+            1 => "1 process holding".to_string(),
+            n => format!("{n} processes each holding"),
         };
         println!(
-            "  holding {:>5} fds ({} in /proc/PID/fd): {:.3} s; {check}",
+            "  {who} {:>5} fds ({} in /proc/PID/fd): {:.3} s; {check}",
             a.held,
             a.proc_fds,
             secs(a.time)
         );
     }
-    if let [big, small] = attach {
+    if let [big, small, ..] = attach {
         let dfd = big.proc_fds as f64 - small.proc_fds as f64;
         if dfd > 0.0 {
             println!(
@@ -334,7 +339,7 @@ fn memory(attach: &[Attach]) {
         "Kernel memory of fdtrace's FDS map (`bpftool map show --json`, bytes_memlock; on this \
          kernel a BPF_F_NO_PREALLOC hash map reports (element size + overhead) x live entries):"
     );
-    for a in attach {
+    for a in attach.iter().filter(|a| a.procs == 1) {
         match &a.map {
             Ok(m) => println!(
                 "  tracing a process with {:>5} fds: map id {} max_entries {}: {} bytes",
@@ -346,7 +351,7 @@ fn memory(attach: &[Attach]) {
             ),
         }
     }
-    let [big, small] = attach else {
+    let [big, small, ..] = attach else {
         return;
     };
     let (Ok(mb), Ok(ms)) = (&big.map, &small.map) else {
