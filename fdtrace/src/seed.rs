@@ -142,3 +142,46 @@ unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     // SAFETY: the kernel returned a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fdtrace_common::FdKind;
+
+    fn record(fd: u32, flags: u32, text: &str) -> Vec<u8> {
+        let mut text = text.as_bytes().to_vec();
+        text.push(0);
+        let mut out = Vec::new();
+        for w in [fd, flags, text.len() as u32, 0] {
+            out.extend(w.to_ne_bytes());
+        }
+        out.extend(text);
+        out
+    }
+
+    #[test]
+    fn records_as_the_iterator_writes_them() {
+        let mut data = record(0, 0, "/dev/pts/3");
+        data.extend(record(5, SEED_CLOEXEC, "socket:[4242]"));
+        data.extend(record(9, SEED_CLOEXEC, "anon_inode:[eventfd]"));
+        data.extend(record(12, 0, "pipe:[77]"));
+        let fds = parse(&data, 0).expect("parses");
+        let got: Vec<(u32, FdKind, bool)> = fds.iter().map(|f| (f.fd, f.kind, f.cloexec)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, FdKind::File, false),
+                (5, FdKind::Socket, true),
+                (9, FdKind::Eventfd, true),
+                (12, FdKind::Pipe, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cut_record_is_an_error() {
+        let data = record(3, 0, "/tmp/x");
+        assert!(parse(&data[..data.len() - 2], 0).is_err());
+        assert!(parse(&data[..10], 0).is_err());
+    }
+}
