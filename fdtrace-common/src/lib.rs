@@ -151,8 +151,7 @@ pub const PROC_FOLLOW: u32 = 1 << 0;
 /// user space resyncs.
 pub const PROC_SHARED_TABLE: u32 = 1 << 1;
 
-/// Per traced process (tgid) state; the presence of a tgid in the map is the
-/// kernel-side filter.
+/// Per traced process (tgid) state, in a STATS slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcStats {
@@ -187,11 +186,17 @@ pub struct ProcStats {
     pub stacks_in_slot: u64,
     /// Fds created without a stack (over budget).
     pub not_sampled: u64,
+    /// Whose counters these are: a STATS slot is reused after its process
+    /// exits, and a reader checks this against the tgid it looked up.
+    pub tgid: u32,
+    pub _pad: u32,
 }
 
 impl ProcStats {
-    pub const fn new(flags: u32) -> Self {
+    pub const fn new(tgid: u32, flags: u32) -> Self {
         ProcStats {
+            tgid,
+            _pad: 0,
             live: 0,
             opened: 0,
             closed: 0,
@@ -317,5 +322,5 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS + 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -31,16 +31,15 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use fdtrace_common::{
-    CNT_PROCS_MAP_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, FdKind,
-    NO_FIELD, NO_SITE, PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats, SITE_NOT_SAMPLED, StackWindow,
-    WINDOW_WORDS,
+    EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, FdKind, NO_FIELD, NO_SITE,
+    PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats, SITE_NOT_SAMPLED, StackWindow, WINDOW_WORDS,
 };
 use syscalls::*;
 use table::{
-    Bulk, Extra, Origin, bulk, count, emit, inexact, install, kind_of, proc_of, remove, set_cloexec,
+    Bulk, Extra, Origin, bulk, emit, inexact, install, kind_of, proc_of, remove, set_cloexec,
 };
 
-use crate::maps::{PROCS, STACKS, WINDOW_SCRATCH, WINDOWS};
+use crate::maps::{STACKS, WINDOW_SCRATCH, WINDOWS};
 
 /// Offset of `child_pid` in the sched_process_fork record; set by user space
 /// from the tracepoint's format file (it moved between kernel versions).
@@ -115,7 +114,7 @@ fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) 
     if budget == 0 {
         return NO_SITE;
     }
-    // SAFETY: p is a live PROCS value. Threads race on the budget fields;
+    // SAFETY: p is a live STATS element. Threads race on the budget fields;
     // a lost update only shifts a few fds across the budget line.
     unsafe {
         let slot = now / SLOT_NS;
@@ -567,7 +566,7 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
 fn failed(c: &Call, errno: i64) {
     let (p, tgid, nr, r) = (c.p, c.tgid, c.nr, c.r);
     let (field, ev) = match errno {
-        // SAFETY: p is a live PROCS value.
+        // SAFETY: p is a live STATS element.
         EMFILE => (unsafe { &raw mut (*p).emfile }, EV_EMFILE),
         ENFILE => (unsafe { &raw mut (*p).enfile }, EV_ENFILE),
         _ => return,
@@ -704,7 +703,7 @@ fn try_fork(ctx: &TracePointContext) -> Option<()> {
     // https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c (kernel_clone)
     let parent = table::tgid();
     let pp = proc_of(parent)?;
-    // SAFETY: pp is a live PROCS value.
+    // SAFETY: pp is a live STATS element.
     let pflags = unsafe { (*pp).flags };
     if pflags & PROC_FOLLOW == 0 {
         return None;
@@ -735,15 +734,13 @@ fn try_fork(ctx: &TracePointContext) -> Option<()> {
     let mut shared = 0;
     if flags & CLONE_FILES != 0 {
         shared = PROC_SHARED_TABLE;
-        // SAFETY: pp is a live PROCS value.
+        // SAFETY: pp is a live STATS element.
         unsafe { (*pp).flags |= PROC_SHARED_TABLE };
     }
-    let mut st = ProcStats::new(PROC_FOLLOW | shared);
-    // SAFETY: pp is a live PROCS value.
+    let mut st = ProcStats::new(child, PROC_FOLLOW | shared);
+    // SAFETY: pp is a live STATS element.
     st.fd_hwm = unsafe { (*pp).fd_hwm };
-    table::set_traced(child, true);
-    if PROCS.insert(child, st, 0).is_err() {
-        count(CNT_PROCS_MAP_FULL);
+    if !table::register(child, &st) {
         return None;
     }
     let cp = proc_of(child)?;
@@ -775,8 +772,7 @@ pub fn fdtrace_exit(ctx: TracePointContext) -> u32 {
     }
     emit(EV_EXIT, tgid, pid, p, Extra::NONE);
     bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
-    let _ = PROCS.remove(tgid);
-    table::set_traced(tgid, false);
+    table::unregister(tgid, p);
     0
 }
 

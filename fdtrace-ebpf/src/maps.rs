@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, Queue, RingBuf, StackTrace},
 };
 use fdtrace_common::{CNT_LEN, FdInfo, FdKey, ProcStats, StackWindow};
 
@@ -12,16 +12,27 @@ use fdtrace_common::{CNT_LEN, FdInfo, FdKey, ProcStats, StackWindow};
 #[map]
 pub static FDS: HashMap<FdKey, FdInfo> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
-/// Traced processes; presence of a tgid is the kernel-side filter.
+/// Traced processes: tgid -> slot in STATS. User space lists the traced
+/// processes here; the programs look a tgid up here only past TRACED's end.
 #[map]
-pub static PROCS: HashMap<u32, ProcStats> = HashMap::with_max_entries(8192, 0);
+pub static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(8192, 0);
 
-/// 1 at index tgid when PROCS may hold the process: a lookup the verifier
-/// inlines, in front of the PROCS hash lookup that every fd syscall of every
-/// process would otherwise pay. Sized from /proc/sys/kernel/pid_max at load;
-/// a tgid past it takes the hash lookup.
+/// Counters of each traced process, by slot (same size as PROCS).
 #[map]
-pub static TRACED: Array<u8> = Array::with_max_entries(1 << 22, 0);
+pub static STATS: Array<ProcStats> = Array::with_max_entries(8192, 0);
+
+/// STATS slots not in use: taken at fork and attach, given back at exit.
+/// User space fills it at load.
+#[map]
+pub static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(8192, 0);
+
+/// slot + 1 at index tgid when the process is traced, 0 otherwise: two
+/// array lookups (which the verifier inlines) find a traced process's
+/// counters, where a hash lookup would cost every fd syscall of every
+/// process. Sized from /proc/sys/kernel/pid_max at load; a tgid past it
+/// takes the PROCS lookup.
+#[map]
+pub static TRACED: Array<u16> = Array::with_max_entries(1 << 22, 0);
 
 /// Process lifecycle and failure events.
 #[map]

@@ -13,11 +13,11 @@ use aya_ebpf::helpers::{
     bpf_probe_read_user_str_bytes, generated::bpf_loop,
 };
 use fdtrace_common::{
-    CNT_FDS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC, FD_CLOSE_PENDING,
-    FD_KINDS, FD_OPEN, FdInfo, FdKey, NO_SITE, ProcStats,
+    CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC,
+    FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FdInfo, FdKey, NO_SITE, ProcStats,
 };
 
-use crate::maps::{COUNTERS, EVENTS, FDS, PROCS, TRACED};
+use crate::maps::{COUNTERS, EVENTS, FDS, FREE_SLOTS, PROCS, STATS, TRACED};
 
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = -17;
@@ -53,7 +53,7 @@ pub fn count(idx: u32) {
 /// Marks the process's counts as possibly inexact: user space compares them
 /// with /proc at the next interval and resyncs.
 pub fn inexact(p: *mut ProcStats) {
-    // SAFETY: p is a live PROCS value.
+    // SAFETY: p is a live STATS element.
     add64(unsafe { &raw mut (*p).inexact }, 1);
 }
 
@@ -64,18 +64,58 @@ pub fn tgid() -> u32 {
 
 #[inline(always)]
 pub fn proc_of(tgid: u32) -> Option<*mut ProcStats> {
-    if TRACED.get(tgid).is_some_and(|&t| t == 0) {
-        return None;
-    }
-    PROCS.get_ptr_mut(tgid)
+    let slot = match TRACED.get(tgid) {
+        Some(&0) => return None,
+        Some(&s) => u32::from(s) - 1,
+        // SAFETY: plain read of a map value.
+        None => *unsafe { PROCS.get(tgid) }?,
+    };
+    let p = STATS.get_ptr_mut(slot)?;
+    // SAFETY: p is an element of STATS; a slot given back and reused
+    // carries another tgid.
+    (unsafe { (*p).tgid } == tgid).then_some(p)
 }
 
-/// Marks `tgid` in the TRACED filter (before it enters PROCS) or clears it
-/// (after it left).
-pub fn set_traced(tgid: u32, on: bool) {
+/// Starts tracing `tgid` with `stats`: takes a free STATS slot, registers
+/// it in PROCS, then in TRACED (which the programs read first). False when
+/// no slot or PROCS entry is left.
+pub fn register(tgid: u32, stats: &ProcStats) -> bool {
+    let Ok(Some(slot)) = FREE_SLOTS.pop() else {
+        count(CNT_PROCS_MAP_FULL);
+        return false;
+    };
+    let Some(p) = STATS.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: p is an element of STATS, free until PROCS names it.
+    unsafe { *p = *stats };
+    if PROCS.insert(tgid, slot, 0).is_err() {
+        // SAFETY: as above.
+        unsafe { (*p).tgid = 0 };
+        let _ = FREE_SLOTS.push(slot, 0);
+        count(CNT_PROCS_MAP_FULL);
+        return false;
+    }
     if let Some(t) = TRACED.get_ptr_mut(tgid) {
-        // SAFETY: t is an element of the TRACED array.
-        unsafe { *t = u8::from(on) };
+        // SAFETY: t is an element of TRACED; slots fit (max_procs <= 65535).
+        unsafe { *t = (slot + 1) as u16 };
+    }
+    true
+}
+
+/// `tgid` (counters at `p`) is gone: the reverse of [`register`].
+pub fn unregister(tgid: u32, p: *mut ProcStats) {
+    if let Some(t) = TRACED.get_ptr_mut(tgid) {
+        // SAFETY: t is an element of TRACED.
+        unsafe { *t = 0 };
+    }
+    // SAFETY: plain read of a map value.
+    let slot = unsafe { PROCS.get(tgid) }.copied();
+    let _ = PROCS.remove(tgid);
+    // SAFETY: p is an element of STATS.
+    unsafe { (*p).tgid = 0 };
+    if let Some(slot) = slot {
+        let _ = FREE_SLOTS.push(slot, 0);
     }
 }
 
@@ -131,7 +171,7 @@ pub fn install(
         flags: FD_OPEN | if cloexec { FD_CLOEXEC } else { 0 },
         detail: origin.detail,
     };
-    // SAFETY: p is a live PROCS value for the whole handler; entries are
+    // SAFETY: p is a live STATS element for the whole handler; entries are
     // live FDS values.
     unsafe {
         // The common case: the number was used before, and its entry is
@@ -178,7 +218,7 @@ pub fn install(
 /// The counters of a new fd, once its entry is written.
 #[inline(always)]
 fn counted_new(p: *mut ProcStats, fd: u32, kind: u8) {
-    // SAFETY: p is a live PROCS value.
+    // SAFETY: p is a live STATS element.
     unsafe {
         add64(kind_slot(p, kind), 1);
         add64(&raw mut (*p).opened, 1);
@@ -196,7 +236,7 @@ pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
     let Some(info) = open_entry(tgid, fd) else {
         return false;
     };
-    // SAFETY: p is a live PROCS value, info a live FDS value.
+    // SAFETY: p is a live STATS element, info a live FDS value.
     unsafe {
         if (*info).flags & FD_CLOSE_PENDING != 0 {
             // This close was of the number's previous fd, already counted
@@ -292,7 +332,7 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
                     )
                     .is_ok()
                 {
-                    // SAFETY: dst is the child's live PROCS value.
+                    // SAFETY: dst is the child's live STATS element.
                     unsafe {
                         add64(&raw mut (*c.dst).live, 1);
                         add64(kind_slot(c.dst, info.kind), 1);
@@ -321,7 +361,7 @@ pub fn bulk(
     op: Bulk,
     dst: Option<(u32, *mut ProcStats)>,
 ) -> u32 {
-    // SAFETY: p is a live PROCS value.
+    // SAFETY: p is a live STATS element.
     let hwm = unsafe { (*p).fd_hwm };
     let end = if end > hwm { hwm } else { end };
     if first >= end {
@@ -381,7 +421,7 @@ pub fn emit(kind: u32, tgid: u32, aux: u32, p: *const ProcStats, extra: Extra) {
         return;
     };
     let ev = entry.as_mut_ptr();
-    // SAFETY: p is a live PROCS value; ev is the reserved, writable entry,
+    // SAFETY: p is a live STATS element; ev is the reserved, writable entry,
     // filled field by field so the 160-byte event never sits on the stack.
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();

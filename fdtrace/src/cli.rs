@@ -94,8 +94,9 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1 << 20, global = true)]
     pub max_fds: u32,
 
-    /// Most processes traced at once (kernel map size)
-    #[arg(long, value_name = "N", default_value_t = 8192, global = true)]
+    /// Most processes traced at once (kernel map size, at most 65535)
+    #[arg(long, value_name = "N", default_value_t = 8192, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub max_procs: u32,
 
     #[command(subcommand)]

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf, StackTraceMap},
+    maps::{Array, HashMap, MapData, Queue, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, Iter, ProgramFd, TracePoint},
 };
 use fdtrace_common::{FdInfo, FdKey, NO_FIELD, ProcStats, StackWindow};
@@ -21,11 +21,14 @@ const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 /// The loaded programs and the maps user space works with. Dropping it
 /// detaches every program and frees the maps.
 pub struct Kernel {
-    pub procs: HashMap<MapData, u32, ProcStats>,
+    /// Traced processes: tgid -> slot in `stats`.
+    pub procs: HashMap<MapData, u32, u32>,
+    pub stats: Array<MapData, ProcStats>,
+    pub free_slots: Queue<MapData, u32>,
     pub fds: HashMap<MapData, FdKey, FdInfo>,
     pub counters: Array<MapData, u64>,
     pub stacks: StackTraceMap<MapData>,
-    pub traced: Array<MapData, u8>,
+    pub traced: Array<MapData, u16>,
     pub windows: HashMap<MapData, u32, StackWindow>,
     pub events: Option<RingBuf<MapData>>,
     /// The seed iterator (iter/task_file), for seed::list.
@@ -62,6 +65,8 @@ impl Kernel {
         Ok(Kernel {
             seed,
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
+            stats: Array::try_from(take_map(&mut ebpf, "STATS")?)?,
+            free_slots: free_slots(take_map(&mut ebpf, "FREE_SLOTS")?, limits.max_procs)?,
             fds: HashMap::try_from(take_map(&mut ebpf, "FDS")?)?,
             counters: Array::try_from(take_map(&mut ebpf, "COUNTERS")?)?,
             stacks: StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?)?,
@@ -75,6 +80,63 @@ impl Kernel {
     pub fn counter(&self, idx: u32) -> u64 {
         self.counters.get(&idx, 0).unwrap_or(0)
     }
+
+    /// The counters of traced process `pid`; None when it is not traced.
+    pub fn stats_of(&self, pid: u32) -> Option<ProcStats> {
+        let slot = self.procs.get(&pid, 0).ok()?;
+        let st = self.stats.get(&slot, 0).ok()?;
+        (st.tgid == pid).then_some(st)
+    }
+
+    /// Overwrites the counters of traced process `pid`.
+    pub fn set_stats(&mut self, pid: u32, st: &ProcStats) -> Result<()> {
+        let slot = self
+            .procs
+            .get(&pid, 0)
+            .with_context(|| format!("pid {pid} is not traced"))?;
+        self.stats.set(slot, st, 0)?;
+        Ok(())
+    }
+
+    /// Starts tracing `pid` with `st` as the kernel side does at fork (see
+    /// fdtrace-ebpf table.rs `register`). False when it is already traced.
+    pub fn register(&mut self, pid: u32, st: &ProcStats) -> Result<bool> {
+        if self.stats_of(pid).is_some() {
+            return Ok(false);
+        }
+        let slot = self.free_slots.pop(0).map_err(|_| {
+            anyhow!("no room to trace pid {pid}: every process slot is taken, raise --max-procs")
+        })?;
+        self.stats.set(slot, st, 0)?;
+        match self.procs.insert(pid, slot, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(e) => {
+                let mut free = *st;
+                free.tgid = 0;
+                let _ = self.stats.set(slot, free, 0);
+                let _ = self.free_slots.push(slot, 0);
+                if self.stats_of(pid).is_some() {
+                    return Ok(false); // registered meanwhile by a traced parent's fork
+                }
+                return Err(e).with_context(|| format!("registering pid {pid} in the kernel map"));
+            }
+        }
+        // A tgid past the array's end is found through PROCS.
+        let _ = self.traced.set(pid, (slot + 1) as u16, 0);
+        Ok(true)
+    }
+}
+
+/// BPF_NOEXIST: insert only if absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// Every STATS slot starts free.
+fn free_slots(map: aya::maps::Map, n: u32) -> Result<Queue<MapData, u32>> {
+    let mut q = Queue::try_from(map)?;
+    for slot in 0..n {
+        q.push(slot, 0).context("filling the free process slots")?;
+    }
+    Ok(q)
 }
 
 /// Checks the machine, then loads the object with the tracepoint offsets of
@@ -107,6 +169,8 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
         .map_max_entries("FDS", limits.max_fds)
         .map_max_entries("PROCS", limits.max_procs)
+        .map_max_entries("STATS", limits.max_procs)
+        .map_max_entries("FREE_SLOTS", limits.max_procs)
         .map_max_entries("TRACED", pid_max())
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),

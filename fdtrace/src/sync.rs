@@ -7,17 +7,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::MapError;
 use fdtrace_common::{
     FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_PREEXISTING, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE,
     PROC_FOLLOW, ProcStats,
 };
 
 use crate::{loader::Kernel, procfd, scan, seed};
-
-/// BPF_NOEXIST: insert only if absent, so an fd the kernel side recorded
-/// between our /proc read and the insert keeps its own (exact) entry.
-const BPF_NOEXIST: u64 = 1;
 
 /// BPF_EXIST: update only if present, so an fd closed meanwhile stays gone.
 const BPF_EXIST: u64 = 2;
@@ -38,17 +33,8 @@ pub struct Snapshot {
 /// table from /proc (those fds have origin "pre-existing").
 pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<()> {
     let flags = if follow { PROC_FOLLOW } else { 0 };
-    // The filter first, so the kernel side sees the process once it is in
-    // PROCS. A tgid past the array's end needs no mark.
-    let _ = k.traced.set(pid, 1, 0);
-    match k.procs.insert(pid, ProcStats::new(flags), BPF_NOEXIST) {
-        Ok(()) => {}
-        // Already traced (a followed child of another traced process).
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("registering pid {pid} in the kernel map"));
-        }
-    }
+    // Already traced: a followed child of another traced process.
+    k.register(pid, &ProcStats::new(pid, flags))?;
     resync(k, pid, Origin::Attach).with_context(|| format!("reading the fd table of pid {pid}"))
 }
 
@@ -69,13 +55,13 @@ pub fn check(k: &Kernel, pid: u32) -> Option<Snapshot> {
 }
 
 fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
-    let mut stats = k.procs.get(&pid, 0).ok()?;
+    let mut stats = k.stats_of(pid)?;
     for _ in 0..TRIES {
         let Ok(count) = procfd::fd_count(pid) else {
             // /proc entry gone: exiting; the exit event follows.
             return Some(Snapshot { stats, drift: None });
         };
-        let after = k.procs.get(&pid, 0).ok()?;
+        let after = k.stats_of(pid)?;
         if after.generation == stats.generation {
             return Some(Snapshot {
                 drift: Some(after.live as i64 - count as i64),
@@ -106,7 +92,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
         .into_iter()
         .map(|f| (f.fd, f))
         .collect();
-    let hwm = k.procs.get(&pid, 0).map(|s| s.fd_hwm).unwrap_or(0);
+    let hwm = k.stats_of(pid).map_or(0, |s| s.fd_hwm);
 
     let mut by_kind = [0u64; FD_KINDS];
     let mut seen = 0usize;
@@ -169,7 +155,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     added += new.len() as u64;
     // Read-modify-write of the counters: the kernel may bump them in between;
     // the next drift check sees and repairs any difference.
-    let Ok(mut stats) = k.procs.get(&pid, 0) else {
+    let Some(mut stats) = k.stats_of(pid) else {
         return Ok(()); // exited meanwhile
     };
     stats.live = seen as u64;
@@ -180,8 +166,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     stats.by_kind = by_kind;
     stats.fd_hwm = stats.fd_hwm.max(top);
     stats.generation += 1;
-    k.procs
-        .insert(pid, stats, 0)
+    k.set_stats(pid, &stats)
         .with_context(|| format!("updating counters of pid {pid}"))?;
     Ok(())
 }

@@ -777,3 +777,49 @@ fn pid_two_processes() {
     s.exit_target(1);
     s.expect_fdtrace_exit_0("both traced processes exited");
 }
+
+/// More processes than `--max-procs`: the fork past the limit is counted and
+/// reported as a full `procs` map, and the traced processes stay exact.
+#[test]
+fn procs_map_full() {
+    let mut s = Session::start_with(FDOPS, Mode::RUN, 1, &["--max-procs", "2"]);
+    let p = s.pid(0);
+    let idx = s.mark();
+    let (r, _) = s.ostep(p, "fork", 4, 2, &[("pipe", 2)]);
+    let c = r.num("child") as i32;
+    s.wait_event(idx, &format!("fork object for child {c}"), |e| {
+        e["type"] == "fork" && e["pid"].as_i64() == Some(c as i64)
+    });
+    s.check(c, r.at, idx, Expect::first());
+
+    // Both slots are taken: the next child is not traced.
+    let idx = s.mark();
+    let (r, _) = s.ostep(p, "fork", 4, 2, &[("pipe", 2)]);
+    let untraced = r.num("child");
+    let full = s.wait_event(idx, "a map_full object for procs", |e| {
+        e["type"] == "map_full" && e["map"] == "procs"
+    });
+    assert_eq!(full["count"].as_u64(), Some(1), "{full}");
+    assert_eq!(full["max_entries"].as_u64(), Some(2), "{full}");
+    assert!(
+        s.any_event(idx, |e| e["type"] == "fork"
+            && e["pid"].as_i64() == Some(untraced))
+            .is_none(),
+        "child {untraced} is past --max-procs and must not be traced"
+    );
+    s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    s.ostep(c, &format!("child {c} open"), 1, 0, &[("file", 1)]);
+
+    // A slot given back at exit is taken again by the next fork.
+    s.exit_child("", p, c);
+    let idx = s.mark();
+    let (r, _) = s.ostep(p, "fork", 4, 2, &[("pipe", 2)]);
+    let c2 = r.num("child") as i32;
+    s.wait_event(idx, &format!("fork object for child {c2}"), |e| {
+        e["type"] == "fork" && e["pid"].as_i64() == Some(c2 as i64)
+    });
+    s.check(c2, r.at, idx, Expect::first());
+    s.exit_child("", p, c2);
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its traced processes exited");
+}
