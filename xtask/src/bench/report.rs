@@ -74,6 +74,10 @@ fn header(s: &Setting, samples: &Samples) {
     println!(
         "conditions interleaved: each round measures every condition, in an order rotated per round"
     );
+    println!(
+        "every loop runs pinned to the last CPU (CPU {}), under every condition",
+        cpus.saturating_sub(1)
+    );
     println!("one iteration and iterations per run (sized for ~0.4 s untraced):");
     for (mode, n) in MODES.iter().zip(&s.iters) {
         println!("  {mode:<8} {:<38} {n} iterations", iteration(mode).0);
