@@ -413,7 +413,7 @@ fn measure_tax(bins: &Bins, cond: Cond, iters: &[u64]) -> Result<Vec<f64>> {
     };
     let sleeper_pid = sleeper.as_ref().map_or(0, Proc::pid);
     let mut tracer = match cond {
-        Cond::FdtraceTax => start_fdtrace_on(bins, sleeper_pid)?,
+        Cond::FdtraceTax => start_fdtrace_on(bins, &[sleeper_pid])?,
         Cond::BpftraceTax => start_bpftrace(sleeper_pid)?,
         _ => start_noop(bins)?,
     };
@@ -588,12 +588,15 @@ fn start_sleeper() -> Result<Proc> {
     )
 }
 
-/// `fdtrace --json --pid PID` (the default 1 s interval, as in production),
-/// once its first line is out.
-fn start_fdtrace_on(bins: &Bins, pid: u32) -> Result<Proc> {
+/// `fdtrace --json --pid PID...` (the default 1 s interval, as in
+/// production), once its first line is out.
+fn start_fdtrace_on(bins: &Bins, pids: &[u32]) -> Result<Proc> {
     let mut cmd = Command::new(&bins.fdtrace);
-    cmd.args(["--json", "--pid", &pid.to_string()])
-        .stdin(Stdio::null())
+    cmd.arg("--json");
+    for pid in pids {
+        cmd.args(["--pid", &pid.to_string()]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut ft = Proc::spawn("fdtrace --pid", &mut cmd)?;

@@ -122,8 +122,12 @@ fn checked(bins: &Bins, mode: &str, n: u64, tracer: Tracer) -> Result<(f64, f64)
 /// (program ns, program runs) per iteration of one loop under `tracer`.
 fn one(bins: &Bins, mode: &str, n: u64, tracer: Tracer) -> Result<(f64, f64)> {
     let mut lp = Proc::spawn("fdloop", &mut fdloop_cmd(bins, mode, n, true))?;
+    // fdtrace ends (and closes its programs) once every traced process has
+    // exited: a sleeper keeps it, and its counters, there until the second
+    // reading, which comes after fdloop's exit. Dropped after the tracer.
+    let sleeper = super::start_sleeper()?;
     let mut tr = match tracer {
-        Tracer::Fdtrace => start_fdtrace_on(bins, lp.pid())?,
+        Tracer::Fdtrace => start_fdtrace_on(bins, &[lp.pid(), sleeper.pid()])?,
         Tracer::Bpftrace => start_bpftrace(lp.pid())?,
     };
     let before = totals(tr.pid())?;
@@ -133,6 +137,7 @@ fn one(bins: &Bins, mode: &str, n: u64, tracer: Tracer) -> Result<(f64, f64)> {
     let after = totals(tr.pid())?;
     lp.wait_ok(LOOP_TIMEOUT)?;
     tr.stop(STOP_GRACE)?;
+    drop(sleeper);
     let n = n as f64;
     Ok((
         after.0.saturating_sub(before.0) as f64 / n,
