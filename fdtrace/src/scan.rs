@@ -64,7 +64,7 @@ pub fn live_fds(
         };
         // SAFETY: attr points at buffers of `count` keys and values that
         // outlive the call; the kernel writes at most that many.
-        let err = unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
+        let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match err.as_ref().and_then(io::Error::raw_os_error) {
             Some(libc::ENOSPC) => {
                 chunk *= 2;
@@ -110,28 +110,23 @@ pub fn insert_batch(
     };
     // SAFETY: keys and values hold `count` elements and outlive the call;
     // the kernel only reads them.
-    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr) }
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop)
 }
 
-/// bpf(cmd, attr) for the batch commands.
+/// bpf(2) for the commands aya does not wrap (batch map operations here,
+/// iterator links in seed.rs). Returns the syscall's value (a new fd for
+/// the commands that make one).
 ///
 /// # Safety
-/// `attr`'s keys and values must point at `count` elements that stay valid
-/// for the call (written to for lookups).
-unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+/// Pointers in `attr` must be valid for the command: buffers of the
+/// advertised sizes, alive for the call, writable where the kernel writes.
+pub unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: per the contract above; the size is the struct's.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 fn empty_info() -> FdInfo {

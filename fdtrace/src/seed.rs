@@ -12,7 +12,10 @@ use std::{
 use fdtrace_common::{SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SeedRecord};
 use procfs::process::FDTarget;
 
-use crate::procfd::{self, ProcDir, ProcFd};
+use crate::{
+    procfd::{self, ProcDir, ProcFd},
+    scan,
+};
 
 /// bpf(2) commands and the iterator attach type (include/uapi/linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -65,7 +68,7 @@ pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
         ..Default::default()
     };
     // SAFETY: attr and the link info it points at outlive the call.
-    let link = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }.map_err(|e| {
+    let link = unsafe { bpf_fd(BPF_LINK_CREATE, &mut attr) }.map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("creating the fd-table iterator (Linux 6.1 or newer): {e}"),
@@ -76,7 +79,7 @@ pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
         flags: 0,
     };
     // SAFETY: plain attr, no pointers.
-    let iter = unsafe { bpf(BPF_ITER_CREATE, &mut attr) }?;
+    let iter = unsafe { bpf_fd(BPF_ITER_CREATE, &mut attr) }?;
     let mut data = Vec::new();
     File::from(iter).read_to_end(&mut data)?;
     parse(&data, pid)
@@ -129,18 +132,15 @@ fn proc_dir(dir: &mut Option<ProcDir>, pid: u32) -> io::Result<&ProcDir> {
     }
 }
 
-/// bpf(cmd, attr) for commands that return a new fd.
+/// bpf(cmd, attr) for the commands that return a new fd.
 ///
 /// # Safety
-/// Pointers in `attr` must be valid for the command.
-unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
-    // SAFETY: per the contract above; the size is the struct's.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+/// As [`scan::bpf`].
+unsafe fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: per the contract above.
+    let fd = unsafe { scan::bpf(cmd, attr) }?;
+    // SAFETY: the kernel returned a new fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]
