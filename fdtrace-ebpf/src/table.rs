@@ -231,18 +231,23 @@ fn counted_new(p: *mut ProcStats, fd: u32, kind: u8) {
     }
 }
 
-/// `fd` of `tgid` was closed. Returns false when fdtrace did not know it.
-pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
-    let Some(info) = open_entry(tgid, fd) else {
-        return false;
-    };
+/// `fd` of `tgid` was closed (nothing to do when fdtrace did not know it).
+pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) {
+    if let Some(info) = open_entry(tgid, fd) {
+        close_entry(p, info);
+    }
+}
+
+/// The fd of open entry `info` was closed.
+#[inline(always)]
+fn close_entry(p: *mut ProcStats, info: *mut FdInfo) {
     // SAFETY: p is a live STATS element, info a live FDS value.
     unsafe {
         if (*info).flags & FD_CLOSE_PENDING != 0 {
             // This close was of the number's previous fd, already counted
             // when the number was reused (see install).
             (*info).flags &= !FD_CLOSE_PENDING;
-            return true;
+            return;
         }
         let kind = (*info).kind;
         // Closed: the entry stays for the number's next fd (see FD_OPEN).
@@ -252,7 +257,6 @@ pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) -> bool {
         add64(&raw mut (*p).closed, 1);
         add64(&raw mut (*p).generation, 1);
     }
-    true
 }
 
 pub fn set_cloexec(p: *mut ProcStats, tgid: u32, fd: u32, on: bool) {
@@ -303,15 +307,13 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
     let c = unsafe { &mut *(ctx as *mut BulkCtx) };
     let fd = c.first.wrapping_add(i);
     match c.op {
-        Bulk::Close => {
-            remove(c.p, c.tgid, fd);
-        }
+        Bulk::Close => remove(c.p, c.tgid, fd),
         Bulk::MarkCloexec => set_cloexec(c.p, c.tgid, fd, true),
         Bulk::Exec => {
             if let Some(info) = open_entry(c.tgid, fd) {
                 // SAFETY: info is a live FDS value.
                 if unsafe { (*info).flags } & FD_CLOEXEC != 0 {
-                    remove(c.p, c.tgid, fd);
+                    close_entry(c.p, info);
                 } else if fd > 2 {
                     c.inherited += 1;
                 }
