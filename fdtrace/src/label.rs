@@ -5,7 +5,10 @@ use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd};
 
 use fdtrace_common::FdKind;
 
-use crate::{procfd::ProcDir, seed};
+use crate::{
+    procfd::{ProcDir, ProcFd},
+    seed,
+};
 use procfs::{
     net::TcpState,
     process::{FDTarget, Process},
@@ -42,13 +45,18 @@ impl Links {
         if wanted > WALK_OVER
             && let Ok(fds) = seed::list(seed_prog, pid)
         {
-            let targets = fds
-                .into_iter()
-                .filter_map(|f| Some((f.fd, f.target?)))
-                .collect();
-            return Some(Links::Walked { pid, targets });
+            return Some(Links::walked(pid, fds));
         }
         ProcDir::open(pid).ok().map(Links::Each)
+    }
+
+    /// The links of `fds`, found by one walk of `pid`'s table.
+    pub fn walked(pid: u32, fds: Vec<ProcFd>) -> Links {
+        let targets = fds
+            .into_iter()
+            .filter_map(|f| Some((f.fd, f.target?)))
+            .collect();
+        Links::Walked { pid, targets }
     }
 
     fn pid(&self) -> u32 {

@@ -11,7 +11,10 @@ use std::{
 use fdtrace_common::{FD_PREEXISTING, FdInfo, FdKind};
 use procfs::net::TcpState;
 
-use crate::label::{self, Label, Links, Sockets};
+use crate::{
+    label::{self, Label, Links, Sockets},
+    procfd::ProcFd,
+};
 
 /// When a process counts as heading for EMFILE.
 #[derive(Clone, Copy, Debug)]
@@ -129,6 +132,22 @@ impl ProcLeaks {
             worst: Status::Ok,
             reported: HashSet::new(),
             findings: Vec::new(),
+        }
+    }
+
+    /// Labels the fds found at attach from the walk that found them, so the
+    /// first report does not walk the table a second time. Pre-existing fds
+    /// have creation time 0 in the kernel map, and are cached under it.
+    pub fn seed_labels(&mut self, pid: u32, found: Vec<ProcFd>) {
+        let kinds: Vec<(u32, FdKind)> = found.iter().map(|f| (f.fd, f.kind)).collect();
+        let links = Links::walked(pid, found);
+        let mut sockets = None;
+        for (fd, kind) in kinds {
+            if let Some(l) = label::label(&links, fd, kind, 0, &mut sockets)
+                && !l.provisional
+            {
+                self.labels.insert((fd, 0), l);
+            }
         }
     }
 

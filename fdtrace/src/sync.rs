@@ -31,7 +31,8 @@ pub struct Snapshot {
 
 /// Starts tracing `pid`: registers it in the kernel filter, then seeds its
 /// table from /proc (those fds have origin "pre-existing").
-pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<()> {
+/// Returns the fds found, as the table walk named them.
+pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::ProcFd>> {
     let flags = if follow { PROC_FOLLOW } else { 0 };
     // Already traced: a followed child of another traced process.
     k.register(pid, &ProcStats::new(pid, flags))?;
@@ -86,8 +87,8 @@ pub enum Origin {
 /// Makes the kernel table of `pid` equal to /proc/PID/fd: adds the fds it
 /// lacks, drops those /proc does not have, and recomputes the live and
 /// per-kind counts. After a drift, the fds added and dropped also count in the
-/// opened and closed totals.
-pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
+/// opened and closed totals. Returns the fds /proc (the table walk) lists.
+pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::ProcFd>> {
     let listed: HashMap<u32, procfd::ProcFd> = seed::list(k.seed.as_fd(), pid)?
         .into_iter()
         .map(|f| (f.fd, f))
@@ -156,7 +157,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     // Read-modify-write of the counters: the kernel may bump them in between;
     // the next drift check sees and repairs any difference.
     let Some(mut stats) = k.stats_of(pid) else {
-        return Ok(()); // exited meanwhile
+        return Ok(listed.into_values().collect()); // exited meanwhile
     };
     stats.live = seen as u64;
     if origin == Origin::Drift {
@@ -168,7 +169,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<()> {
     stats.generation += 1;
     k.set_stats(pid, &stats)
         .with_context(|| format!("updating counters of pid {pid}"))?;
-    Ok(())
+    Ok(listed.into_values().collect())
 }
 
 /// Corrections to the kernel's per-kind counts, kept by user space.

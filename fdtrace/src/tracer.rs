@@ -147,9 +147,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         started: Instant::now(),
     };
     for &pid in &cli.pids {
-        sync::attach(&mut s.k, pid, cli.follow)
+        let found = sync::attach(&mut s.k, pid, cli.follow)
             .with_context(|| format!("attaching to pid {pid}"))?;
-        s.views.insert(pid, View::new(pid, cfg));
+        let mut view = View::new(pid, cfg);
+        view.leaks.seed_labels(pid, found);
+        s.views.insert(pid, view);
     }
     if let Some(Command::Run { no_follow, argv }) = &cli.command {
         let spawned = spawn::start(&mut s.k, argv, !no_follow)?;
@@ -514,7 +516,7 @@ impl Session {
             let drift = snap.drift.filter(|&d| d != 0);
             if drift.is_some() || inexact {
                 match sync::resync(&mut self.k, pid, sync::Origin::Drift) {
-                    Ok(()) => {
+                    Ok(_) => {
                         // The resync recounted every kind from the entries.
                         if let Some(v) = self.views.get_mut(&pid) {
                             v.kind_fix = sync::KindFix::default();
