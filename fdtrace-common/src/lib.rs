@@ -155,8 +155,6 @@ pub const PROC_SHARED_TABLE: u32 = 1 << 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcStats {
-    /// Open fds right now.
-    pub live: u64,
     /// Fds created since tracing started (pre-existing ones not included).
     pub opened: u64,
     /// Fds closed since tracing started (explicit, implicit by dup2/dup3,
@@ -193,11 +191,17 @@ pub struct ProcStats {
 }
 
 impl ProcStats {
+    /// Open fds right now: the per-kind counts summed (wrapping: a kind
+    /// user space renamed may sit below zero in the kernel's count, see
+    /// KindFix, and the sum is still exact).
+    pub fn live(&self) -> u64 {
+        self.by_kind.iter().fold(0u64, |a, &k| a.wrapping_add(k))
+    }
+
     pub const fn new(tgid: u32, flags: u32) -> Self {
         ProcStats {
             tgid,
             _pad: 0,
-            live: 0,
             opened: 0,
             closed: 0,
             emfile: 0,
@@ -322,5 +326,5 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS + 8);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 9 * 8 + 8 + 8 * FD_KINDS + 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

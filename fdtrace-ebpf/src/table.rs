@@ -180,7 +180,6 @@ pub fn install(
             Some(e) => e,
             None => match FDS.insert(key, info, BPF_NOEXIST) {
                 Ok(()) => {
-                    add64(&raw mut (*p).live, 1);
                     counted_new(p, fd, kind);
                     return;
                 }
@@ -207,8 +206,6 @@ pub fn install(
             if !replaces {
                 info.flags |= FD_CLOSE_PENDING;
             }
-        } else {
-            add64(&raw mut (*p).live, 1);
         }
         *entry = info;
         counted_new(p, fd, kind);
@@ -253,7 +250,6 @@ fn close_entry(p: *mut ProcStats, info: *mut FdInfo) {
         // Closed: the entry stays for the number's next fd (see FD_OPEN).
         (*info).flags = 0;
         add64(kind_slot(p, kind), u64::MAX);
-        add64(&raw mut (*p).live, u64::MAX);
         add64(&raw mut (*p).closed, 1);
         add64(&raw mut (*p).generation, 1);
     }
@@ -334,11 +330,7 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
                     )
                     .is_ok()
                 {
-                    // SAFETY: dst is the child's live STATS element.
-                    unsafe {
-                        add64(&raw mut (*c.dst).live, 1);
-                        add64(kind_slot(c.dst, info.kind), 1);
-                    }
+                    add64(kind_slot(c.dst, info.kind), 1);
                 } else {
                     count(CNT_FDS_MAP_FULL);
                     inexact(c.dst);
@@ -431,7 +423,7 @@ pub fn emit(kind: u32, tgid: u32, aux: u32, p: *const ProcStats, extra: Extra) {
         (*ev).tgid = tgid;
         (*ev).aux = aux;
         (*ev).syscall = extra.syscall as u32;
-        (*ev).live = (*p).live;
+        (*ev).live = (*p).live();
         (*ev).opened = (*p).opened;
         (*ev).closed = (*p).closed;
         (*ev).site = extra.site;

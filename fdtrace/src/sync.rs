@@ -65,7 +65,7 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
         let after = k.stats_of(pid)?;
         if after.generation == stats.generation {
             return Some(Snapshot {
-                drift: Some(after.live as i64 - count as i64),
+                drift: Some(after.live() as i64 - count as i64),
                 stats: after,
             });
         }
@@ -96,7 +96,6 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::Pr
     let hwm = k.stats_of(pid).map_or(0, |s| s.fd_hwm);
 
     let mut by_kind = [0u64; FD_KINDS];
-    let mut seen = 0usize;
     let (mut added, mut dropped) = (0u64, 0u64);
     let mut known = HashSet::new();
     // At attach the process has no entry yet: nothing to read.
@@ -110,7 +109,6 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::Pr
     for (fd, info) in entries {
         if listed.contains_key(&fd) {
             by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
-            seen += 1;
             known.insert(fd);
         } else {
             // Gone since: a close fdtrace missed.
@@ -152,14 +150,12 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::Pr
     for (_, info) in &new {
         by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
     }
-    seen += new.len();
     added += new.len() as u64;
     // Read-modify-write of the counters: the kernel may bump them in between;
     // the next drift check sees and repairs any difference.
     let Some(mut stats) = k.stats_of(pid) else {
         return Ok(listed.into_values().collect()); // exited meanwhile
     };
-    stats.live = seen as u64;
     if origin == Origin::Drift {
         stats.opened += added;
         stats.closed += dropped;

@@ -450,7 +450,7 @@ impl Session {
             v.last_opened = st.opened;
             v.last_closed = st.closed;
             v.last_at = Instant::now();
-            v.last = Some((st.live, st.opened, st.closed, st.emfile + st.enfile));
+            v.last = Some((st.live(), st.opened, st.closed, st.emfile + st.enfile));
             if let Some(i) = &info {
                 v.comm.clone_from(&i.comm);
                 v.ppid = v.ppid.or(i.ppid);
@@ -464,7 +464,7 @@ impl Session {
                 &fds,
                 now_ns,
                 t,
-                st.live,
+                st.live(),
                 soft_limit,
                 st.emfile + st.enfile > 0,
             );
@@ -472,7 +472,7 @@ impl Session {
                 pid,
                 ppid: v.ppid,
                 comm: &v.comm,
-                open_fds: st.live,
+                open_fds: st.live(),
                 soft_limit,
                 hard_limit: info.as_ref().and_then(|i| i.hard_limit),
                 by_kind: &by_kind,
