@@ -1,7 +1,7 @@
 //! Resource labels: what an fd points at, named so that the fds of one leak
 //! group together (paths differing only by digits or random suffixes are one
 //! label; a socket is its protocol and peer).
-use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd};
+use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd, rc::Rc};
 
 use fdtrace_common::FdKind;
 
@@ -154,7 +154,8 @@ fn unspecified_port(a: SocketAddr) -> String {
 /// What one fd is, for grouping.
 #[derive(Clone, Debug)]
 pub struct Label {
-    pub text: String,
+    /// Shared: a report groups every fd by it, and many fds share one text.
+    pub text: Rc<str>,
     /// The socket's inode, to look its state up again at later reports.
     pub socket_inode: Option<u64>,
     /// May change later (an unconnected socket): do not cache.
@@ -193,7 +194,7 @@ pub fn label(
     let pid = links.pid();
     let target = links.target(fd)?;
     let plain = |text: String| Label {
-        text,
+        text: text.into(),
         socket_inode: None,
         provisional: false,
     };
@@ -203,7 +204,7 @@ pub fn label(
             let table = sockets.get_or_insert_with(|| Sockets::read(pid));
             match table.get(inode) {
                 Some(s) => Label {
-                    text: s.label.clone(),
+                    text: s.label.as_str().into(),
                     socket_inode: Some(inode),
                     provisional: s.provisional,
                 },

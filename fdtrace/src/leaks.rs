@@ -5,15 +5,20 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     hash::{DefaultHasher, Hash as _, Hasher as _},
+    rc::Rc,
     time::Duration,
 };
 
-use fdtrace_common::{FD_PREEXISTING, FdInfo, FdKind};
+use fdtrace_common::{FD_PREEXISTING, FdKind};
+// Every report hashes each live fd of a process twice (its label, its site):
+// foldhash instead of SipHash, since the keys are not attacker-chosen.
+use foldhash::{HashMap as FastMap, HashMapExt as _, HashSet as FastSet, HashSetExt as _};
 use procfs::net::TcpState;
 
 use crate::{
     label::{self, Label, Links, Sockets},
     procfd::ProcFd,
+    scan::LiveFd,
 };
 
 /// When a process counts as heading for EMFILE.
@@ -58,7 +63,7 @@ impl Status {
 pub struct SiteKey {
     pub stack: u64,
     pub kind: u8,
-    pub resource: String,
+    pub resource: Rc<str>,
 }
 
 impl SiteKey {
@@ -102,8 +107,14 @@ pub struct ProcLeaks {
     samples: VecDeque<(f64, f64)>,
     pub sites: HashMap<SiteKey, Site>,
     /// Labels of live fds by (fd, creation time): each fd is read from /proc
-    /// once, at the first report it survives to.
-    labels: HashMap<(u32, u64), Label>,
+    /// once, at the first report it survives to. With each, the last report
+    /// that saw the fd, so the labels of closed fds can be dropped.
+    labels: FastMap<(u32, u64), (Label, u64)>,
+    /// One copy of each label text: a process holding 19 000 fds on one file
+    /// keeps one string, not 19 000.
+    texts: FastSet<Rc<str>>,
+    /// Reports made, the stamp of `labels`.
+    reports: u64,
     pub leak_per_s: f64,
     pub seconds_to_emfile: Option<f64>,
     pub status: Status,
@@ -113,19 +124,15 @@ pub struct ProcLeaks {
     pub findings: Vec<Finding>,
 }
 
-/// One live fd, as the kernel map has it.
-pub struct LiveFd {
-    pub fd: u32,
-    pub info: FdInfo,
-}
-
 impl ProcLeaks {
     pub fn new(cfg: Config) -> Self {
         ProcLeaks {
             cfg,
             samples: VecDeque::new(),
             sites: HashMap::new(),
-            labels: HashMap::new(),
+            labels: FastMap::new(),
+            texts: FastSet::new(),
+            reports: 0,
             leak_per_s: 0.0,
             seconds_to_emfile: None,
             status: Status::Ok,
@@ -146,9 +153,20 @@ impl ProcLeaks {
             if let Some(l) = label::label(&links, fd, kind, 0, &mut sockets)
                 && !l.provisional
             {
-                self.labels.insert((fd, 0), l);
+                self.remember((fd, 0), l);
             }
         }
+    }
+
+    /// Caches the label of the fd `key` names, sharing its text.
+    fn remember(&mut self, key: (u32, u64), mut l: Label) {
+        match self.texts.get(&l.text) {
+            Some(t) => l.text = t.clone(),
+            None => {
+                self.texts.insert(l.text.clone());
+            }
+        }
+        self.labels.insert(key, (l, self.reports));
     }
 
     /// Takes one report's view of the process: its live fds (from the kernel
@@ -172,17 +190,24 @@ impl ProcLeaks {
         let min_age_ns = self.cfg.min_age.as_nanos() as u64;
         let attached_ns = (t * 1e9) as u64;
         let mut sockets: Option<Sockets> = None;
-        let unlabeled = fds
-            .iter()
-            .filter(|f| !self.labels.contains_key(&(f.fd, f.info.created_ns)))
-            .count();
+        self.reports += 1;
+        let stamp = self.reports;
+        let mut unlabeled = 0;
+        for f in fds {
+            match self.labels.get_mut(&(f.fd, f.info.created_ns)) {
+                Some(e) => e.1 = stamp,
+                None => unlabeled += 1,
+            }
+        }
+        // Labels of fds closed since the last report.
+        self.labels.retain(|_, e| e.1 == stamp);
+        self.texts.retain(|t| Rc::strong_count(t) > 1);
         let links = if unlabeled > 0 {
             links(unlabeled)
         } else {
             None
         };
-        let mut counts: HashMap<SiteKey, (u64, u64, u64, bool)> = HashMap::new();
-        let mut live_keys = HashSet::with_capacity(fds.len());
+        let mut counts: FastMap<SiteKey, (u64, u64, u64, bool)> = FastMap::new();
         let mut candidates = 0u64;
         for f in fds {
             let age_ns = now_ns.saturating_sub(f.info.created_ns);
@@ -192,10 +217,9 @@ impl ProcLeaks {
             }
             candidates += 1;
             let cache_key = (f.fd, f.info.created_ns);
-            live_keys.insert(cache_key);
             let kind = FdKind::from_u8(f.info.kind);
-            let label = match self.labels.get(&cache_key) {
-                Some(l) => l.clone(),
+            let (text, socket_inode) = match self.labels.get(&cache_key) {
+                Some((l, _)) => (l.text.clone(), l.socket_inode),
                 None => {
                     let Some(l) = links
                         .as_ref()
@@ -203,23 +227,24 @@ impl ProcLeaks {
                     else {
                         continue; // closed since the map was read
                     };
+                    let found = (l.text.clone(), l.socket_inode);
                     if !l.provisional {
-                        self.labels.insert(cache_key, l.clone());
+                        self.remember(cache_key, l);
                     }
-                    l
+                    found
                 }
             };
             let key = SiteKey {
                 stack: site_of(f.info.site),
                 kind: f.info.kind,
-                resource: label.text.clone(),
+                resource: text,
             };
             let e = counts.entry(key).or_insert((0, 0, 0, preexisting));
             e.0 += 1;
             // Pre-existing fds are at least as old as the tracing.
             let age_ns = if preexisting { attached_ns } else { age_ns };
             e.1 = e.1.max(age_ns);
-            if let Some(inode) = label.socket_inode {
+            if let Some(inode) = socket_inode {
                 let table = sockets.get_or_insert_with(|| Sockets::read(pid));
                 if table
                     .get(inode)
@@ -229,7 +254,6 @@ impl ProcLeaks {
                 }
             }
         }
-        self.labels.retain(|k, _| live_keys.contains(k));
 
         // Series: every known site gets a sample, 0 when it has no fd now.
         for (key, &(_, _, _, preexisting)) in &counts {

@@ -37,13 +37,20 @@ pub fn open_fd(fds: &HashMap<MapData, FdKey, FdInfo>, tgid: u32, fd: u32) -> Opt
     (info.flags & FD_OPEN != 0).then_some(info)
 }
 
+/// One live fd, as the kernel map has it.
+#[derive(Clone, Copy)]
+pub struct LiveFd {
+    pub fd: u32,
+    pub info: FdInfo,
+}
+
 /// Live fds of the processes `want` selects, grouped by tgid.
 pub fn live_fds(
     fds: &HashMap<MapData, FdKey, FdInfo>,
     want: impl Fn(u32) -> bool,
-) -> io::Result<StdHashMap<u32, Vec<(u32, FdInfo)>>> {
+) -> io::Result<StdHashMap<u32, Vec<LiveFd>>> {
     let map_fd = fds.map().fd().as_fd().as_raw_fd() as u32;
-    let mut out: StdHashMap<u32, Vec<(u32, FdInfo)>> = StdHashMap::new();
+    let mut out: StdHashMap<u32, Vec<LiveFd>> = StdHashMap::new();
     let mut chunk = CHUNK;
     let mut keys: Vec<FdKey> = Vec::new();
     let mut values: Vec<FdInfo> = Vec::new();
@@ -75,7 +82,9 @@ pub fn live_fds(
         }
         for (k, v) in keys.iter().zip(&values).take(attr.count as usize) {
             if v.flags & FD_OPEN != 0 && want(k.tgid) {
-                out.entry(k.tgid).or_default().push((k.fd, *v));
+                out.entry(k.tgid)
+                    .or_default()
+                    .push(LiveFd { fd: k.fd, info: *v });
             }
         }
         if err.is_some() {

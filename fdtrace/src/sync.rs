@@ -106,7 +106,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::Pr
             .remove(&pid)
             .unwrap_or_default()
     };
-    for (fd, info) in entries {
+    for scan::LiveFd { fd, info } in entries {
         if listed.contains_key(&fd) {
             by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
             known.insert(fd);
@@ -194,14 +194,15 @@ impl KindFix {
 }
 
 /// Names the `unknown` fds of `pid` from /proc/PID/fd; `fds` are its open
-/// entries as this report read them. Runs only when the kernel counts
-/// unknown fds that were not looked at yet.
+/// entries as read from the kernel, and those renamed here are renamed in it
+/// too. Runs only when the kernel counts unknown fds that were not looked at
+/// yet.
 pub fn resolve_kinds(
     k: &mut Kernel,
     pid: u32,
     stats: &ProcStats,
     fix: &mut KindFix,
-    fds: impl Iterator<Item = (u32, FdInfo)>,
+    fds: &mut [scan::LiveFd],
 ) {
     let unknown = stats.by_kind[FdKind::Unknown as usize].saturating_add_signed(fix.delta[0]);
     if unknown <= fix.unnamed {
@@ -209,10 +210,11 @@ pub fn resolve_kinds(
     }
     let mut unnamed = 0;
     let dir = procfd::ProcDir::open(pid).ok();
-    for (fd, seen) in fds {
-        if seen.kind != FdKind::Unknown as u8 {
+    for seen in fds {
+        if seen.info.kind != FdKind::Unknown as u8 {
             continue;
         }
+        let fd = seen.fd;
         let kind = dir
             .as_ref()
             .and_then(|d| d.target(fd))
@@ -225,7 +227,7 @@ pub fn resolve_kinds(
         let Some(mut info) = scan::open_fd(&k.fds, pid, fd) else {
             continue;
         };
-        if info.created_ns != seen.created_ns || info.kind != FdKind::Unknown as u8 {
+        if info.created_ns != seen.info.created_ns || info.kind != FdKind::Unknown as u8 {
             continue;
         }
         info.kind = kind as u8;
@@ -233,6 +235,7 @@ pub fn resolve_kinds(
             .insert(FdKey { tgid: pid, fd }, info, BPF_EXIST)
             .is_ok()
         {
+            seen.info.kind = kind as u8;
             fix.delta[FdKind::Unknown as usize] -= 1;
             fix.delta[kind as usize] += 1;
         }

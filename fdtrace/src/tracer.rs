@@ -24,10 +24,12 @@ use crate::{
     cli::{Cli, Command},
     error::Fatal,
     label,
-    leaks::{self, Finding, LiveFd, ProcLeaks},
+    leaks::{self, Finding, ProcLeaks},
     loader::{Kernel, Limits},
     output::{FdErrorRow, Output, ProcessRow, SiteRow, SummaryRow, now},
-    procfd, scan, spawn,
+    procfd,
+    scan::{self, LiveFd},
+    spawn,
     symbols::Symbols,
     sync,
 };
@@ -50,6 +52,11 @@ struct View {
     /// The kernel's `inexact` count at the last report.
     seen_inexact: u64,
     leaks: ProcLeaks,
+    /// Its open entries in the kernel map, as last read, and its
+    /// ProcStats::generation before that read: the map is read again only
+    /// for processes whose table changed since.
+    fds: Vec<LiveFd>,
+    fds_generation: Option<u64>,
 }
 
 impl View {
@@ -66,6 +73,8 @@ impl View {
             kind_fix: sync::KindFix::default(),
             seen_inexact: 0,
             leaks: ProcLeaks::new(cfg),
+            fds: Vec::new(),
+            fds_generation: None,
         }
     }
 }
@@ -340,6 +349,7 @@ impl Session {
         };
         let mut held: Vec<(u32, FdInfo)> = table
             .into_iter()
+            .map(|f| (f.fd, f.info))
             .filter(|(fd, info)| *fd > 2 && info.created_ns < ev.ts_ns)
             .collect();
         held.sort_unstable_by_key(|(fd, _)| *fd);
@@ -351,7 +361,7 @@ impl Session {
                 let what = links
                     .as_ref()
                     .and_then(|d| label::label(d, fd, kind, info.detail, &mut sockets))
-                    .map_or(kind.name().to_string(), |l| l.text);
+                    .map_or(kind.name().to_string(), |l| l.text.to_string());
                 format!("{fd} ({what})")
             })
             .collect();
@@ -389,9 +399,45 @@ impl Session {
             .or(v.last.map(|(o, op, cl, _)| (o, op, cl)))
             .unwrap_or((0, 0, 0));
         v.exited = Some((open, opened, closed));
+        v.fds = Vec::new();
         let comm = v.comm.clone();
         self.symbols.forget(pid);
         self.out.exit(now(), pid, &comm, open, opened, closed)
+    }
+
+    /// Reads the kernel map's entries of the processes in `live` whose
+    /// tables changed since their entries were last read. Reading the map
+    /// means walking all of it (one hash for every traced process), which
+    /// for a million tracked fds costs a quarter of a second of kernel time:
+    /// a report of processes that did not change skips it.
+    fn read_changed_tables(&mut self, live: &[u32]) {
+        let mut changed: HashMap<u32, u64> = HashMap::new();
+        for &pid in live {
+            let Some(st) = self.k.stats_of(pid) else {
+                continue; // exited: the caller finds out
+            };
+            let v = self.views.get_mut(&pid).expect("live view");
+            if v.fds_generation != Some(st.generation) {
+                changed.insert(pid, st.generation);
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let mut entries = match scan::live_fds(&self.k.fds, |tgid| changed.contains_key(&tgid)) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("fdtrace: reading the live-fd map failed: {e}");
+                return;
+            }
+        };
+        for (pid, generation) in changed {
+            let v = self.views.get_mut(&pid).expect("live view");
+            v.fds = entries.remove(&pid).unwrap_or_default();
+            // The generation read before the map: a change during the read
+            // moves it on, and the next report reads again.
+            v.fds_generation = Some(generation);
+        }
     }
 
     fn report(&mut self) -> io::Result<()> {
@@ -412,14 +458,7 @@ impl Session {
             .filter(|(_, v)| v.exited.is_none())
             .map(|(p, _)| *p)
             .collect();
-        let mut entries: HashMap<u32, Vec<(u32, FdInfo)>> =
-            match scan::live_fds(&self.k.fds, |tgid| live.contains(&tgid)) {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("fdtrace: reading the live-fd map failed: {e}");
-                    HashMap::new()
-                }
-            };
+        self.read_changed_tables(&live);
         let now_ns = sync::monotonic_ns();
         for pid in live {
             let Some(snap) = sync::check(&self.k, pid) else {
@@ -427,16 +466,9 @@ impl Session {
                 continue;
             };
             let info = procfd::info(pid);
-            let fds: Vec<LiveFd> = entries
-                .remove(&pid)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(fd, info)| LiveFd { fd, info })
-                .collect();
             let v = self.views.get_mut(&pid).expect("live view");
             let st = snap.stats;
-            let entries = fds.iter().map(|f| (f.fd, f.info));
-            sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix, entries);
+            sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix, &mut v.fds);
             let by_kind = v.kind_fix.apply(&st.by_kind);
             let dt = v.last_at.elapsed().as_secs_f64().max(1e-3);
             let (opened_per_s, closed_per_s) = if v.last.is_some() {
@@ -461,7 +493,7 @@ impl Session {
                 pid,
                 &mut |id| symbols.site(k, pid, id),
                 &|n| label::Links::open(k.seed.as_fd(), pid, n),
-                &fds,
+                &v.fds,
                 now_ns,
                 t,
                 st.live(),
@@ -572,7 +604,7 @@ impl Session {
                 .map(|s| {
                     (
                         FdKind::from_u8(s.key.kind).name().to_string(),
-                        s.key.resource.clone(),
+                        s.key.resource.to_string(),
                         self.symbols.frames(pid, s.key.stack).to_vec(),
                         s.open,
                         s.leak_per_s,
