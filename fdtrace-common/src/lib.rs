@@ -301,6 +301,17 @@ pub const SEED_NO_PATH: u32 = 1 << 1;
 /// Longest link text a seed record carries (PATH_MAX).
 pub const SEED_PATH_MAX: usize = 4096;
 
+/// One open fd of a process as the kernel map has it, written by the
+/// entries iterator (`iter/task_file`) for every fd in the process's table
+/// that has an open entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EntryRecord {
+    pub fd: u32,
+    pub _pad: u32,
+    pub info: FdInfo,
+}
+
 /// Indexes into the global counters array.
 pub const CNT_RINGBUF_FULL: u32 = 0;
 pub const CNT_FDS_MAP_FULL: u32 = 1;
@@ -326,5 +337,6 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<EntryRecord>() == 32);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 9 * 8 + 8 + 8 * FD_KINDS + 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -33,6 +33,8 @@ pub struct Kernel {
     pub events: Option<RingBuf<MapData>>,
     /// The seed iterator (iter/task_file), for seed::list.
     pub seed: ProgramFd,
+    /// The entries iterator (iter/task_file), for seed::entries.
+    pub entries: ProgramFd,
     /// Keeps the programs attached.
     _ebpf: Ebpf,
 }
@@ -62,8 +64,14 @@ impl Kernel {
         seed.load("task_file", &btf)
             .context("loading fdtrace_seed (iter/task_file)")?;
         let seed = seed.fd()?.try_clone()?;
+        let entries: &mut Iter = program(&mut ebpf, "fdtrace_entries")?.try_into()?;
+        entries
+            .load("task_file", &btf)
+            .context("loading fdtrace_entries (iter/task_file)")?;
+        let entries = entries.fd()?.try_clone()?;
         Ok(Kernel {
             seed,
+            entries,
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
             stats: Array::try_from(take_map(&mut ebpf, "STATS")?)?,
             free_slots: free_slots(take_map(&mut ebpf, "FREE_SLOTS")?, limits.max_procs)?,
@@ -183,7 +191,7 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
 
 /// Kernel struct offsets the seed iterator reads at (see fdtrace-ebpf
 /// seed.rs), from this kernel's BTF.
-fn kernel_offsets() -> Result<[(&'static str, u32); 4]> {
+fn kernel_offsets() -> Result<[(&'static str, u32); 5]> {
     let data = fs::read(BTF_VMLINUX).with_context(|| format!("reading {BTF_VMLINUX}"))?;
     let btf = crate::btf::Btf::parse(&data)?;
     let off = |s, m| btf.member_offset(s, m);
@@ -192,6 +200,7 @@ fn kernel_offsets() -> Result<[(&'static str, u32); 4]> {
         ("TASK_FILES_OFF", off("task_struct", "files")?),
         ("FILES_FDT_OFF", off("files_struct", "fdt")?),
         ("FDT_CLOEXEC_OFF", off("fdtable", "close_on_exec")?),
+        ("TASK_TGID_OFF", off("task_struct", "tgid")?),
     ])
 }
 

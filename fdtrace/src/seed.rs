@@ -1,6 +1,7 @@
-//! Every open fd of a process with its kind and close-on-exec bit, walked by
-//! the kernel (the `fdtrace_seed` iter/task_file program) in one read,
-//! instead of a readlink and an fdinfo read per fd from /proc.
+//! Walks of one process's fd table by the kernel (iter/task_file programs),
+//! each in one read: every open fd with its kind and close-on-exec bit
+//! (`fdtrace_seed`), instead of a readlink and an fdinfo read per fd from
+//! /proc; and the kernel map's entries of the open fds (`fdtrace_entries`).
 //! https://docs.kernel.org/bpf/bpf_iterators.html
 use std::{
     fs::File,
@@ -9,12 +10,12 @@ use std::{
     str::FromStr as _,
 };
 
-use fdtrace_common::{SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SeedRecord};
+use fdtrace_common::{EntryRecord, SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SeedRecord};
 use procfs::process::FDTarget;
 
 use crate::{
     procfd::{self, ProcDir, ProcFd},
-    scan,
+    scan::{self, LiveFd},
 };
 
 /// bpf(2) commands and the iterator attach type (include/uapi/linux/bpf.h).
@@ -56,6 +57,16 @@ struct IterCreateAttr {
 /// Every open fd of `pid`. An fd whose link or close-on-exec bit the kernel
 /// could not read is looked up in /proc instead.
 pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
+    parse(&walk(prog, pid)?, pid)
+}
+
+/// The kernel map's entries of the open fds of `pid`.
+pub fn entries(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<LiveFd>> {
+    parse_entries(&walk(prog, pid)?)
+}
+
+/// What iterator program `prog` writes for the fd table of `pid`.
+fn walk(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<u8>> {
     let mut info = IterLinkInfo {
         pid,
         ..Default::default()
@@ -82,7 +93,26 @@ pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
     let iter = unsafe { bpf_fd(BPF_ITER_CREATE, &mut attr) }?;
     let mut data = Vec::new();
     File::from(iter).read_to_end(&mut data)?;
-    parse(&data, pid)
+    Ok(data)
+}
+
+fn parse_entries(data: &[u8]) -> io::Result<Vec<LiveFd>> {
+    const LEN: usize = size_of::<EntryRecord>();
+    if !data.len().is_multiple_of(LEN) {
+        return Err(io::Error::other("entries iterator: truncated record"));
+    }
+    Ok(data
+        .chunks_exact(LEN)
+        .map(|c| {
+            // SAFETY: c holds LEN bytes the kernel wrote as an EntryRecord
+            // (plain integers, any bit pattern valid); read unaligned.
+            let r: EntryRecord = unsafe { c.as_ptr().cast::<EntryRecord>().read_unaligned() };
+            LiveFd {
+                fd: r.fd,
+                info: r.info,
+            }
+        })
+        .collect())
 }
 
 fn parse(data: &[u8], pid: u32) -> io::Result<Vec<ProcFd>> {
@@ -176,6 +206,41 @@ mod tests {
                 (12, FdKind::Pipe, false),
             ]
         );
+    }
+
+    #[test]
+    fn entries_as_the_iterator_writes_them() {
+        let rec = |fd: u32, kind: FdKind, created_ns: u64| {
+            let r = EntryRecord {
+                fd,
+                _pad: 0,
+                info: fdtrace_common::FdInfo {
+                    created_ns,
+                    site: 7,
+                    syscall: 257,
+                    kind: kind as u8,
+                    flags: fdtrace_common::FD_OPEN,
+                    detail: 0,
+                },
+            };
+            // SAFETY: EntryRecord is plain integers without padding.
+            unsafe {
+                std::slice::from_raw_parts((&raw const r).cast::<u8>(), size_of::<EntryRecord>())
+            }
+            .to_vec()
+        };
+        let mut data = rec(3, FdKind::File, 11);
+        data.extend(rec(40, FdKind::Socket, 22));
+        let got: Vec<(u32, u8, u64)> = parse_entries(&data)
+            .expect("parses")
+            .iter()
+            .map(|f| (f.fd, f.info.kind, f.info.created_ns))
+            .collect();
+        assert_eq!(
+            got,
+            [(3, FdKind::File as u8, 11), (40, FdKind::Socket as u8, 22)]
+        );
+        assert!(parse_entries(&data[..data.len() - 1]).is_err());
     }
 
     #[test]

@@ -1,13 +1,7 @@
 //! The session: attach, then every interval report each traced process (its
 //! counts checked against /proc, its call sites and leak rates); between
 //! reports, handle fork/exec/exit/EMFILE/rlimit events from the ring buffer.
-use std::{
-    collections::{BTreeMap, HashMap},
-    io,
-    os::fd::AsFd as _,
-    process::ExitCode,
-    time::Instant,
-};
+use std::{collections::BTreeMap, io, os::fd::AsFd as _, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -29,7 +23,7 @@ use crate::{
     output::{FdErrorRow, Output, ProcessRow, SiteRow, SummaryRow, now},
     procfd,
     scan::{self, LiveFd},
-    spawn,
+    seed, spawn,
     symbols::Symbols,
     sync,
 };
@@ -406,37 +400,32 @@ impl Session {
     }
 
     /// Reads the kernel map's entries of the processes in `live` whose
-    /// tables changed since their entries were last read. Reading the map
-    /// means walking all of it (one hash for every traced process), which
-    /// for a million tracked fds costs a quarter of a second of kernel time:
-    /// a report of processes that did not change skips it.
+    /// tables changed since their entries were last read, each by a walk of
+    /// its own fd table (seed::entries): a report costs what the changed
+    /// processes hold, not what every traced process does.
     fn read_changed_tables(&mut self, live: &[u32]) {
-        let mut changed: HashMap<u32, u64> = HashMap::new();
         for &pid in live {
             let Some(st) = self.k.stats_of(pid) else {
                 continue; // exited: the caller finds out
             };
             let v = self.views.get_mut(&pid).expect("live view");
-            if v.fds_generation != Some(st.generation) {
-                changed.insert(pid, st.generation);
+            if v.fds_generation == Some(st.generation) {
+                continue;
             }
-        }
-        if changed.is_empty() {
-            return;
-        }
-        let mut entries = match scan::live_fds(&self.k.fds, |tgid| changed.contains_key(&tgid)) {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("fdtrace: reading the live-fd map failed: {e}");
-                return;
+            match seed::entries(self.k.entries.as_fd(), pid) {
+                Ok(fds) => {
+                    v.fds = fds;
+                    // The generation read before the walk: a change during
+                    // the walk moves it on, and the next report reads again.
+                    v.fds_generation = Some(st.generation);
+                }
+                // Gone meanwhile (the caller sees the exit), or the walk
+                // failed: the next report tries again.
+                Err(e) if procfd::exists(pid) => {
+                    eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}")
+                }
+                Err(_) => {}
             }
-        };
-        for (pid, generation) in changed {
-            let v = self.views.get_mut(&pid).expect("live view");
-            v.fds = entries.remove(&pid).unwrap_or_default();
-            // The generation read before the map: a change during the read
-            // moves it on, and the next report reads again.
-            v.fds_generation = Some(generation);
         }
     }
 

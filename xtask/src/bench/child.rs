@@ -152,6 +152,16 @@ impl Lines {
         Ok(out)
     }
 
+    /// The lines that arrived since the last read, without waiting.
+    pub fn arrived(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.rx.try_recv() {
+            self.seen.push(line.clone());
+            out.push(line);
+        }
+        out
+    }
+
     /// The last `n` lines received (after taking what is already there).
     pub fn tail(&mut self, n: usize) -> String {
         while let Ok(line) = self.rx.try_recv() {

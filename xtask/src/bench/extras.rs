@@ -1,5 +1,6 @@
-//! Attach time and kernel memory per tracked fd: fdtrace attached with
-//! `--pid` to a process that holds many fds, and to one that holds few.
+//! Attach time, kernel memory per tracked fd, and what fdtrace costs while
+//! it watches a million fds: fdtrace attached with `--pid` to processes that
+//! hold many fds, and to one that holds few.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +27,24 @@ pub struct Attach {
     pub time: Duration,
     /// The FDS map as bpftool shows it, or why not.
     pub map: Result<MapInfo, String>,
+    /// fdtrace's CPU while it reports on the idle holders, if measured.
+    pub watch: Option<Watch>,
 }
+
+/// fdtrace's cost once attached: the holders change nothing, fdtrace reports
+/// every second.
+pub struct Watch {
+    pub wall: Duration,
+    /// User + system time of fdtrace over `wall` (/proc/PID/stat).
+    pub cpu: Duration,
+    /// Reports made over `wall` (`process` lines of the first holder).
+    pub reports: usize,
+    /// fdtrace's resident memory at the end (VmRSS).
+    pub rss_kib: u64,
+}
+
+/// How long fdtrace is watched reporting on idle holders.
+const WATCH: Duration = Duration::from_secs(10);
 
 /// One line of `bpftool map show --json`.
 pub struct MapInfo {
@@ -36,22 +54,28 @@ pub struct MapInfo {
 }
 
 /// The figures for a holder of 19000 fds (the hard RLIMIT_NOFILE here is
-/// 20000), for one of 16, and for five holders of 19000 traced by one
-/// fdtrace (about 100k fds, which one process cannot hold here).
+/// 20000), for one of 16, for five holders of 19000 traced by one fdtrace
+/// (about 100k fds, which one process cannot hold here), and for 53 of them
+/// (about a million), which fdtrace is then watched reporting on.
 pub fn attach_figures(bins: &Bins) -> Result<Vec<Attach>> {
     let mut out = Vec::new();
-    for (n, procs) in [(19_000, 1), (16, 1), (19_000, 5)] {
+    for (n, procs, watch) in [
+        (19_000, 1, false),
+        (16, 1, false),
+        (19_000, 5, false),
+        (19_000, 53, true),
+    ] {
         super::check_interrupted()?;
         eprintln!("bench: attach to {procs} process(es) holding {n} fds each");
         out.push(
-            attach_once(bins, n, procs)
+            attach_once(bins, n, procs, watch)
                 .with_context(|| format!("attaching to {procs} x {n} held fds"))?,
         );
     }
     Ok(out)
 }
 
-fn attach_once(bins: &Bins, n: u64, procs: usize) -> Result<Attach> {
+fn attach_once(bins: &Bins, n: u64, procs: usize, watch: bool) -> Result<Attach> {
     let mut holders = Vec::new();
     for _ in 0..procs {
         let mut holder = Proc::spawn(
@@ -75,7 +99,7 @@ fn attach_once(bins: &Bins, n: u64, procs: usize) -> Result<Attach> {
     }
 
     let mut cmd = Command::new(&bins.fdtrace);
-    cmd.args(["--json", "--interval", "10s"]);
+    cmd.args(["--json", "--interval", "1s"]);
     for pid in &pids {
         cmd.args(["--pid", &pid.to_string()]);
     }
@@ -98,6 +122,11 @@ fn attach_once(bins: &Bins, n: u64, procs: usize) -> Result<Attach> {
     }
     let time = started.elapsed();
     let map = fds_map(ft.pid()).map_err(|e| format!("{e:#}"));
+    let watch = if watch {
+        Some(watch_reports(&mut ft, pids[0]).map_err(|e| ft.fail(format!("{e:#}")))?)
+    } else {
+        None
+    };
     ft.stop(STOP_GRACE)?;
     Ok(Attach {
         held: n,
@@ -106,7 +135,67 @@ fn attach_once(bins: &Bins, n: u64, procs: usize) -> Result<Attach> {
         reported,
         time,
         map,
+        watch,
     })
+}
+
+/// fdtrace's CPU over WATCH while it reports on holders that change nothing.
+fn watch_reports(ft: &mut Proc, first_holder: u32) -> Result<Watch> {
+    ft.stdout()?.arrived();
+    let before = cpu_time(ft.pid())?;
+    let started = Instant::now();
+    std::thread::sleep(WATCH);
+    let cpu = cpu_time(ft.pid())?.saturating_sub(before);
+    let wall = started.elapsed();
+    let rss_kib = rss_kib(ft.pid())?;
+    let reports = ft
+        .stdout()?
+        .arrived()
+        .iter()
+        .filter(|l| is_process_line(l, first_holder))
+        .count();
+    Ok(Watch {
+        wall,
+        cpu,
+        reports,
+        rss_kib,
+    })
+}
+
+/// User + system time of process `pid` (all its threads) so far.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name, which may hold spaces: utime and stime
+    // are fields 14 and 15, so 12 and 13 after the state field (3).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("no field {} in {path}", i + 3))
+    };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) failed");
+    }
+    let t = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_secs_f64(t as f64 / hz as f64))
+}
+
+/// VmRSS of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
 }
 
 fn is_process_line(line: &str, pid: u32) -> bool {

@@ -28,6 +28,7 @@ pub fn print(setting: &Setting, samples: &Samples, progs: &[ProgTime], attach: &
     zero_loss(setting, samples);
     cpu(samples);
     attach_time(attach);
+    watching(attach);
     memory(attach);
 }
 
@@ -337,20 +338,49 @@ fn attach_time(attach: &[Attach]) {
     }
 }
 
+/// fdtrace's cost while it reports on many fds that do not change.
+fn watching(attach: &[Attach]) {
+    for a in attach {
+        let Some(w) = &a.watch else { continue };
+        println!();
+        println!(
+            "Watching {} fds in {} idle processes (`--interval 1s`, from the first report on):",
+            a.proc_fds, a.procs
+        );
+        let per_report = match w.reports {
+            0 => "no report in that time: MISMATCH".to_string(),
+            n => format!("{:.1} ms of CPU per report", secs(w.cpu) * 1e3 / n as f64),
+        };
+        println!(
+            "  fdtrace CPU {:.2} s over {:.1} s = {:.1}% of one core; {} reports, {per_report}; \
+             resident memory {} MiB",
+            secs(w.cpu),
+            secs(w.wall),
+            100.0 * secs(w.cpu) / secs(w.wall),
+            w.reports,
+            w.rss_kib / 1024
+        );
+    }
+}
+
 fn memory(attach: &[Attach]) {
     println!();
     println!(
         "Kernel memory of fdtrace's FDS map (`bpftool map show --json`, bytes_memlock; on this \
          kernel a BPF_F_NO_PREALLOC hash map reports (element size + overhead) x live entries):"
     );
-    for a in attach.iter().filter(|a| a.procs == 1) {
+    for a in attach {
+        let who = match a.procs {
+            1 => "a process".to_string(),
+            n => format!("{n} processes"),
+        };
         match &a.map {
             Ok(m) => println!(
-                "  tracing a process with {:>5} fds: map id {} max_entries {}: {} bytes",
+                "  tracing {who} with {:>7} fds: map id {} max_entries {}: {} bytes",
                 a.proc_fds, m.id, m.max_entries, m.bytes_memlock
             ),
             Err(e) => println!(
-                "  tracing a process with {:>5} fds: unavailable: {e}",
+                "  tracing {who} with {:>7} fds: unavailable: {e}",
                 a.proc_fds
             ),
         }
