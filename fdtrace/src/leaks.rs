@@ -101,8 +101,33 @@ pub struct Finding {
     pub fds: Option<Vec<String>>,
 }
 
+/// The live fds of a process grouped into sites, without what changes while
+/// the fds stay (ages, socket states).
+struct Groups {
+    sites: FastMap<SiteKey, Group>,
+    /// Fds old enough to count as leak candidates.
+    candidates: u64,
+    /// Holds until the fds change: no fd was too young to count, none went
+    /// unlabelled, no label may still change.
+    final_: bool,
+}
+
+struct Group {
+    open: u64,
+    /// Earliest creation time among its fds that fdtrace saw created.
+    first_created: Option<u64>,
+    /// Some of its fds were there before fdtrace attached.
+    preexisting_fds: bool,
+    /// Its first fd was pre-existing (Site::preexisting).
+    preexisting: bool,
+    socket_inodes: Vec<u64>,
+}
+
 pub struct ProcLeaks {
     cfg: Config,
+    /// The last grouping, with the fds version it was made from, while it
+    /// holds: a report of a process whose fds did not change reuses it.
+    grouped: Option<(u64, Groups)>,
     /// (seconds, leak-candidate fds of the process).
     samples: VecDeque<(f64, f64)>,
     pub sites: HashMap<SiteKey, Site>,
@@ -128,6 +153,7 @@ impl ProcLeaks {
     pub fn new(cfg: Config) -> Self {
         ProcLeaks {
             cfg,
+            grouped: None,
             samples: VecDeque::new(),
             sites: HashMap::new(),
             labels: FastMap::new(),
@@ -169,26 +195,15 @@ impl ProcLeaks {
         self.labels.insert(key, (l, self.reports));
     }
 
-    /// Takes one report's view of the process: its live fds (from the kernel
-    /// map), `now_ns` on the kernel's clock, `t` seconds since start;
-    /// `site_of` maps a kernel stack id to its canonical call-site stack;
-    /// `links(n)` opens what names the process's fds when n need a label.
-    /// Returns the findings that are new since the last report.
-    #[allow(clippy::too_many_arguments)]
-    pub fn update(
+    /// Groups the live fds into sites, labelling those not labelled yet.
+    fn group(
         &mut self,
-        pid: u32,
         site_of: &mut dyn FnMut(u64) -> u64,
         links: &dyn Fn(usize) -> Option<Links>,
         fds: &[LiveFd],
         now_ns: u64,
-        t: f64,
-        open_fds: u64,
-        soft_limit: Option<u64>,
-        failed: bool,
-    ) -> Vec<Finding> {
+    ) -> Groups {
         let min_age_ns = self.cfg.min_age.as_nanos() as u64;
-        let attached_ns = (t * 1e9) as u64;
         let mut sockets: Option<Sockets> = None;
         self.reports += 1;
         let stamp = self.reports;
@@ -207,15 +222,19 @@ impl ProcLeaks {
         } else {
             None
         };
-        let mut counts: FastMap<SiteKey, (u64, u64, u64, bool)> = FastMap::new();
-        let mut candidates = 0u64;
+        let mut out = Groups {
+            sites: FastMap::new(),
+            candidates: 0,
+            final_: true,
+        };
         for f in fds {
             let age_ns = now_ns.saturating_sub(f.info.created_ns);
             let preexisting = f.info.flags & FD_PREEXISTING != 0;
             if !preexisting && age_ns < min_age_ns {
+                out.final_ = false; // a candidate at a later report
                 continue;
             }
-            candidates += 1;
+            out.candidates += 1;
             let cache_key = (f.fd, f.info.created_ns);
             let kind = FdKind::from_u8(f.info.kind);
             let (text, socket_inode) = match self.labels.get(&cache_key) {
@@ -225,10 +244,13 @@ impl ProcLeaks {
                         .as_ref()
                         .and_then(|d| label::label(d, f.fd, kind, f.info.detail, &mut sockets))
                     else {
+                        out.final_ = false;
                         continue; // closed since the map was read
                     };
                     let found = (l.text.clone(), l.socket_inode);
-                    if !l.provisional {
+                    if l.provisional {
+                        out.final_ = false;
+                    } else {
                         self.remember(cache_key, l);
                     }
                     found
@@ -239,20 +261,80 @@ impl ProcLeaks {
                 kind: f.info.kind,
                 resource: text,
             };
-            let e = counts.entry(key).or_insert((0, 0, 0, preexisting));
-            e.0 += 1;
-            // Pre-existing fds are at least as old as the tracing.
-            let age_ns = if preexisting { attached_ns } else { age_ns };
-            e.1 = e.1.max(age_ns);
-            if let Some(inode) = socket_inode {
-                let table = sockets.get_or_insert_with(|| Sockets::read(pid));
-                if table
-                    .get(inode)
-                    .is_some_and(|s| s.state == Some(TcpState::CloseWait))
-                {
-                    e.2 += 1;
-                }
+            let g = out.sites.entry(key).or_insert_with(|| Group {
+                open: 0,
+                first_created: None,
+                preexisting_fds: false,
+                preexisting,
+                socket_inodes: Vec::new(),
+            });
+            g.open += 1;
+            if preexisting {
+                g.preexisting_fds = true;
+            } else {
+                let c = f.info.created_ns;
+                g.first_created = Some(g.first_created.map_or(c, |m| m.min(c)));
             }
+            g.socket_inodes.extend(socket_inode);
+        }
+        out
+    }
+
+    /// Takes one report's view of the process: its live fds (from the kernel
+    /// map) and `fds_version`, which changes whenever they do; `now_ns` on
+    /// the kernel's clock, `t` seconds since start; `site_of` maps a kernel
+    /// stack id to its canonical call-site stack; `links(n)` opens what
+    /// names the process's fds when n need a label. Returns the findings
+    /// that are new since the last report.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        pid: u32,
+        site_of: &mut dyn FnMut(u64) -> u64,
+        links: &dyn Fn(usize) -> Option<Links>,
+        fds: &[LiveFd],
+        fds_version: u64,
+        now_ns: u64,
+        t: f64,
+        open_fds: u64,
+        soft_limit: Option<u64>,
+        failed: bool,
+    ) -> Vec<Finding> {
+        let attached_ns = (t * 1e9) as u64;
+        let groups = match self.grouped.take() {
+            Some((v, g)) if v == fds_version => g,
+            _ => self.group(site_of, links, fds, now_ns),
+        };
+        // Sockets change state without a syscall of the process's: looked up
+        // at every report.
+        let mut sockets: Option<Sockets> = None;
+        let mut counts: FastMap<SiteKey, (u64, u64, u64, bool)> = FastMap::new();
+        for (key, g) in &groups.sites {
+            // Pre-existing fds are at least as old as the tracing.
+            let seen_ns = g.first_created.map_or(0, |c| now_ns.saturating_sub(c));
+            let age_ns = if g.preexisting_fds {
+                seen_ns.max(attached_ns)
+            } else {
+                seen_ns
+            };
+            let close_wait = if g.socket_inodes.is_empty() {
+                0
+            } else {
+                let table = sockets.get_or_insert_with(|| Sockets::read(pid));
+                g.socket_inodes
+                    .iter()
+                    .filter(|&&i| {
+                        table
+                            .get(i)
+                            .is_some_and(|s| s.state == Some(TcpState::CloseWait))
+                    })
+                    .count() as u64
+            };
+            counts.insert(key.clone(), (g.open, age_ns, close_wait, g.preexisting));
+        }
+        let candidates = groups.candidates;
+        if groups.final_ {
+            self.grouped = Some((fds_version, groups));
         }
 
         // Series: every known site gets a sample, 0 when it has no fd now.

@@ -195,20 +195,20 @@ impl KindFix {
 
 /// Names the `unknown` fds of `pid` from /proc/PID/fd; `fds` are its open
 /// entries as read from the kernel, and those renamed here are renamed in it
-/// too. Runs only when the kernel counts unknown fds that were not looked at
-/// yet.
+/// too (then it returns true). Runs only when the kernel counts unknown fds
+/// that were not looked at yet.
 pub fn resolve_kinds(
     k: &mut Kernel,
     pid: u32,
     stats: &ProcStats,
     fix: &mut KindFix,
     fds: &mut [scan::LiveFd],
-) {
+) -> bool {
     let unknown = stats.by_kind[FdKind::Unknown as usize].saturating_add_signed(fix.delta[0]);
     if unknown <= fix.unnamed {
-        return;
+        return false;
     }
-    let mut unnamed = 0;
+    let (mut unnamed, mut renamed) = (0, false);
     let dir = procfd::ProcDir::open(pid).ok();
     for seen in fds {
         if seen.info.kind != FdKind::Unknown as u8 {
@@ -236,11 +236,13 @@ pub fn resolve_kinds(
             .is_ok()
         {
             seen.info.kind = kind as u8;
+            renamed = true;
             fix.delta[FdKind::Unknown as usize] -= 1;
             fix.delta[kind as usize] += 1;
         }
     }
     fix.unnamed = unnamed;
+    renamed
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, so user-made entries

@@ -51,6 +51,8 @@ struct View {
     /// for processes whose table changed since.
     fds: Vec<LiveFd>,
     fds_generation: Option<u64>,
+    /// Moves on whenever `fds` changes, for ProcLeaks::update.
+    fds_version: u64,
 }
 
 impl View {
@@ -69,6 +71,7 @@ impl View {
             leaks: ProcLeaks::new(cfg),
             fds: Vec::new(),
             fds_generation: None,
+            fds_version: 0,
         }
     }
 }
@@ -415,6 +418,7 @@ impl Session {
             match seed::entries(self.k.entries.as_fd(), pid) {
                 Ok(fds) => {
                     v.fds = fds;
+                    v.fds_version += 1;
                     // The generation read before the walk: a change during
                     // the walk moves it on, and the next report reads again.
                     v.fds_generation = Some(st.generation);
@@ -457,7 +461,9 @@ impl Session {
             let info = procfd::info(pid);
             let v = self.views.get_mut(&pid).expect("live view");
             let st = snap.stats;
-            sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix, &mut v.fds);
+            if sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix, &mut v.fds) {
+                v.fds_version += 1;
+            }
             let by_kind = v.kind_fix.apply(&st.by_kind);
             let dt = v.last_at.elapsed().as_secs_f64().max(1e-3);
             let (opened_per_s, closed_per_s) = if v.last.is_some() {
@@ -483,6 +489,7 @@ impl Session {
                 &mut |id| symbols.site(k, pid, id),
                 &|n| label::Links::open(k.seed.as_fd(), pid, n),
                 &v.fds,
+                v.fds_version,
                 now_ns,
                 t,
                 st.live(),

@@ -1352,6 +1352,11 @@ impl Session {
         }
     }
 
+    /// The JSON objects received from index `idx` on (no waiting).
+    pub fn events_since(&self, idx: usize) -> &[Value] {
+        &self.events[idx.min(self.events.len())..]
+    }
+
     /// Whether any JSON object from `idx` on satisfies `pred` (no waiting).
     pub fn any_event(&self, idx: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
         self.events[idx.min(self.events.len())..]

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use fdtrace_tests::{Expect, Mode, Session, assert_kind_delta, proc_cloexec, proc_comm, proc_fds};
+use serde_json::Value;
 
 const FDOPS: &str = env!("CARGO_BIN_EXE_fdops");
 
@@ -582,6 +583,47 @@ fn exec_seeded() {
         assert!(!now.contains_key(&fd), "fd {fd} survived exec: {now:?}");
     }
     s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its only traced process exited");
+}
+
+/// Sites count only fds older than `--min-age`. A process that opens fds
+/// and then changes nothing must have them counted once they are old
+/// enough, although fdtrace keeps the grouping of a table that did not
+/// change from one report to the next. Checked against /proc: once every
+/// fd is older than min-age, the site objects of one report add up to the
+/// process's fds.
+#[test]
+fn sites_count_fds_once_old_enough() {
+    let min_age = Duration::from_secs(1);
+    let mut s = Session::start_with(FDOPS, Mode::PID, 1, &["--min-age", "1s", "--top", "1000"]);
+    let p = s.pid(0);
+    for _ in 0..3 {
+        s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    }
+    let want = proc_fds(p).unwrap().len() as u64;
+    // The reports so far saw the 3 fds too young to count.
+    s.settle(min_age + Duration::from_millis(500));
+    let is_report = |e: &Value| e["type"] == "process" && e["pid"].as_i64() == Some(p.into());
+    let idx = s.mark();
+    let report = s.wait_event(idx, &format!("a report on pid {p}"), is_report);
+    let ts = report["ts"].clone();
+    // A report's site objects come before the next report's process object.
+    s.wait_event(idx, &format!("the report after ts {ts}"), |e| {
+        is_report(e) && e["ts"] != ts
+    });
+    let sites: Vec<&Value> = s
+        .events_since(idx)
+        .iter()
+        .filter(|e| e["type"] == "site" && e["pid"].as_i64() == Some(p.into()) && e["ts"] == ts)
+        .collect();
+    let in_sites: u64 = sites.iter().filter_map(|e| e["open_fds"].as_u64()).sum();
+    assert_eq!(report["open_fds"].as_u64(), Some(want), "{report}");
+    assert_eq!(
+        in_sites, want,
+        "the sites of the report at ts {ts} should hold all {want} fds of pid {p} \
+         (/proc/{p}/fd): {sites:?}"
+    );
     s.exit_target(0);
     s.expect_fdtrace_exit_0("its only traced process exited");
 }
