@@ -25,7 +25,12 @@ use crate::tasks::{Workspace, build_fdtrace};
 use child::{Proc, Usage, check_interrupted};
 
 /// The fdloop modes, in report order.
-pub const MODES: [&str; 4] = ["open", "socket", "pipe", "getppid"];
+pub const MODES: [&str; 4] = ["open", "socket", "pipe", NO_FD_MODE];
+/// The mode whose syscall makes no fd.
+const NO_FD_MODE: &str = "getppid";
+/// `--stack-rate` for a stack per new fd: above any loop's rate here (the
+/// budget is counted per 100 ms: this is 10 million fds per slot).
+const EVERY_FD_STACK_RATE: &str = "100000000";
 
 /// Longest a loop run may take, tracer start included.
 const LOOP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -83,6 +88,9 @@ pub enum Cond {
     Untraced,
     /// fdloop run and traced by fdtrace.
     Fdtrace,
+    /// fdloop traced by fdtrace taking a user stack for every new fd
+    /// (`--stack-rate` above the loop's rate; fd modes only).
+    FdtraceStacks,
     /// fdloop untraced while fdtrace traces a sleeping process.
     FdtraceTax,
     /// fdloop untraced while empty programs sit on fdtrace's hooks.
@@ -94,9 +102,10 @@ pub enum Cond {
 }
 
 impl Cond {
-    pub const ALL: [Cond; 6] = [
+    pub const ALL: [Cond; 7] = [
         Cond::Untraced,
         Cond::Fdtrace,
+        Cond::FdtraceStacks,
         Cond::FdtraceTax,
         Cond::Noop,
         Cond::Bpftrace,
@@ -107,6 +116,7 @@ impl Cond {
         match self {
             Cond::Untraced => "untraced",
             Cond::Fdtrace => "fdtrace",
+            Cond::FdtraceStacks => "fdtrace stacks",
             Cond::FdtraceTax => "fdtrace tax",
             Cond::Noop => "noop floor",
             Cond::Bpftrace => "bpftrace",
@@ -385,9 +395,15 @@ fn measure(bins: &Bins, cond: Cond, iters: &[u64], samples: &mut Samples) -> Res
         }
         Cond::Fdtrace => {
             for (i, (mode, n)) in modes {
-                let run = run_fdtrace(bins, mode, n)?;
+                let run = run_fdtrace(bins, mode, n, &[])?;
                 samples.push(i, cond, run.lp.ns);
                 samples.traced.push(run);
+            }
+        }
+        Cond::FdtraceStacks => {
+            for (i, (mode, n)) in modes.filter(|(_, (m, _))| *m != NO_FD_MODE) {
+                let run = run_fdtrace(bins, mode, n, &["--stack-rate", EVERY_FD_STACK_RATE])?;
+                samples.push(i, cond, run.lp.ns);
             }
         }
         Cond::Bpftrace => {
@@ -503,12 +519,14 @@ fn run_untraced(bins: &Bins, mode: &str, n: u64) -> Result<LoopLine> {
     parse_loop_line(&line)
 }
 
-/// `fdtrace --json --interval 10s run -- fdloop MODE N`.
-fn run_fdtrace(bins: &Bins, mode: &'static str, n: u64) -> Result<TracedRun> {
+/// `fdtrace --json --interval 10s EXTRA... run -- fdloop MODE N`.
+fn run_fdtrace(bins: &Bins, mode: &'static str, n: u64, extra: &[&str]) -> Result<TracedRun> {
     let mut cmd = Command::new(&bins.fdtrace);
     // fdloop inherits the CPU (fdtrace itself sleeps through the loop).
     pin_to_last_cpu(&mut cmd);
-    cmd.args(["--json", "--interval", "10s", "run", "--"])
+    cmd.args(["--json", "--interval", "10s"])
+        .args(extra)
+        .args(["run", "--"])
         .arg(&bins.fdloop)
         .args([mode, &n.to_string()])
         .stdin(Stdio::null())

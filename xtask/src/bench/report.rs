@@ -23,6 +23,7 @@ fn iteration(mode: &str) -> (&'static str, u64) {
 pub fn print(setting: &Setting, samples: &Samples, progs: &[ProgTime], attach: &[Attach]) {
     header(setting, samples);
     table(setting, samples);
+    stacks(samples);
     raw(samples);
     program_time(progs);
     zero_loss(setting, samples);
@@ -160,6 +161,47 @@ fn table(s: &Setting, samples: &Samples) {
             fmt_added(a(Cond::BpftraceTax)),
             fmt_ratio(a(Cond::FdtraceTax), a(Cond::BpftraceTax)),
             fmt_ratio(a(Cond::FdtraceTax), a(Cond::Noop)),
+        );
+    }
+}
+
+/// What taking the creating user stack of every fd costs: fdtrace with
+/// `--stack-rate` above the loop's rate against fdtrace with its default
+/// budget (1000 per second per process, which the loops exceed at once, so
+/// nearly all their fds go without a stack).
+fn stacks(samples: &Samples) {
+    println!();
+    println!(
+        "Stack capture: fdloop traced by fdtrace taking the user stack of every new fd \
+         (`--stack-rate 100000000`), against the default budget (1000 stacks per second per \
+         process, which these loops exceed, so almost none of their fds get one):"
+    );
+    println!(
+        "  {:<8} {:>16} {:>17} {:>15} {:>12} {:>22}",
+        "mode",
+        "default +ns",
+        "every fd +ns",
+        "per stack ns",
+        "bpftrace +ns",
+        "every fd / bpftrace"
+    );
+    for (i, mode) in MODES.iter().enumerate() {
+        let fds = iteration(mode).1;
+        if fds == 0 {
+            continue;
+        }
+        let a = |c| added(samples, i, c);
+        let per_stack = a(Cond::FdtraceStacks)
+            .zip(a(Cond::Fdtrace))
+            .map(|(s, d)| format!("{:+.1}", (s - d) / fds as f64));
+        println!(
+            "  {:<8} {:>16} {:>17} {:>15} {:>12} {:>22}",
+            mode,
+            fmt_added(a(Cond::Fdtrace)),
+            fmt_added(a(Cond::FdtraceStacks)),
+            per_stack.unwrap_or("-".into()),
+            fmt_added(a(Cond::Bpftrace)),
+            fmt_ratio(a(Cond::FdtraceStacks), a(Cond::Bpftrace)),
         );
     }
 }
