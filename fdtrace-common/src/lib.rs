@@ -126,7 +126,7 @@ pub const SITE_NOT_SAMPLED: u64 = u64::MAX - 1;
 /// Value of the live-fd map: one per fd number a traced process has used,
 /// open when [`FD_OPEN`] is set.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdInfo {
     /// `bpf_ktime_get_ns()` when the fd was created (0 for pre-existing fds).
     pub created_ns: u64,

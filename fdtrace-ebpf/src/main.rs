@@ -745,6 +745,10 @@ fn try_fork(ctx: &TracePointContext) -> Option<()> {
     }
     let cp = proc_of(child)?;
     bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
+    // The copy changed the child's table: a report that read it meanwhile
+    // (PROCS named the child before the copy) must read it again.
+    // SAFETY: cp is a live STATS element.
+    table::add64(unsafe { &raw mut (*cp).generation }, 1);
     let extra = Extra {
         syscall: saved.orig_rax,
         ..Extra::NONE

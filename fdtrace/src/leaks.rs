@@ -10,8 +10,9 @@ use std::{
 };
 
 use fdtrace_common::{FD_PREEXISTING, FdKind};
-// Every report hashes each live fd of a process twice (its label, its site):
-// foldhash instead of SipHash, since the keys are not attacker-chosen.
+// A grouping hashes each live fd of a process twice (its label, its site):
+// foldhash, several times faster than SipHash on these short keys, and
+// seeded per process run like std's.
 use foldhash::{HashMap as FastMap, HashMapExt as _, HashSet as FastSet, HashSetExt as _};
 use procfs::net::TcpState;
 
@@ -138,8 +139,8 @@ pub struct ProcLeaks {
     /// One copy of each label text: a process holding 19 000 fds on one file
     /// keeps one string, not 19 000.
     texts: FastSet<Rc<str>>,
-    /// Reports made, the stamp of `labels`.
-    reports: u64,
+    /// Groupings made, the stamp of `labels`.
+    groupings: u64,
     pub leak_per_s: f64,
     pub seconds_to_emfile: Option<f64>,
     pub status: Status,
@@ -158,7 +159,7 @@ impl ProcLeaks {
             sites: HashMap::new(),
             labels: FastMap::new(),
             texts: FastSet::new(),
-            reports: 0,
+            groupings: 0,
             leak_per_s: 0.0,
             seconds_to_emfile: None,
             status: Status::Ok,
@@ -184,6 +185,14 @@ impl ProcLeaks {
         }
     }
 
+    /// The process exited: what was kept about its fds goes (its sites stay
+    /// for the closing summary).
+    pub fn forget_fds(&mut self) {
+        self.labels = FastMap::new();
+        self.texts = FastSet::new();
+        self.grouped = None;
+    }
+
     /// Caches the label of the fd `key` names, sharing its text.
     fn remember(&mut self, key: (u32, u64), mut l: Label) {
         match self.texts.get(&l.text) {
@@ -192,7 +201,7 @@ impl ProcLeaks {
                 self.texts.insert(l.text.clone());
             }
         }
-        self.labels.insert(key, (l, self.reports));
+        self.labels.insert(key, (l, self.groupings));
     }
 
     /// Groups the live fds into sites, labelling those not labelled yet.
@@ -205,8 +214,8 @@ impl ProcLeaks {
     ) -> Groups {
         let min_age_ns = self.cfg.min_age.as_nanos() as u64;
         let mut sockets: Option<Sockets> = None;
-        self.reports += 1;
-        let stamp = self.reports;
+        self.groupings += 1;
+        let stamp = self.groupings;
         let mut unlabeled = 0;
         for f in fds {
             match self.labels.get_mut(&(f.fd, f.info.created_ns)) {
@@ -301,9 +310,12 @@ impl ProcLeaks {
         failed: bool,
     ) -> Vec<Finding> {
         let attached_ns = (t * 1e9) as u64;
-        let groups = match self.grouped.take() {
-            Some((v, g)) if v == fds_version => g,
-            _ => self.group(site_of, links, fds, now_ns),
+        // An outdated grouping goes before the new one is made, so that the
+        // label texts only it held are let go.
+        let kept = self.grouped.take().filter(|(v, _)| *v == fds_version);
+        let groups = match kept {
+            Some((_, g)) => g,
+            None => self.group(site_of, links, fds, now_ns),
         };
         // Sockets change state without a syscall of the process's: looked up
         // at every report.

@@ -189,9 +189,9 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
     Ok((ebpf, btf))
 }
 
-/// Kernel struct offsets the seed iterator reads at (see fdtrace-ebpf
+/// Kernel struct offsets the fd-table iterators read at (see fdtrace-ebpf
 /// seed.rs), from this kernel's BTF.
-fn kernel_offsets() -> Result<[(&'static str, u32); 5]> {
+fn kernel_offsets() -> Result<[(&'static str, u32); 6]> {
     let data = fs::read(BTF_VMLINUX).with_context(|| format!("reading {BTF_VMLINUX}"))?;
     let btf = crate::btf::Btf::parse(&data)?;
     let off = |s, m| btf.member_offset(s, m);
@@ -200,6 +200,7 @@ fn kernel_offsets() -> Result<[(&'static str, u32); 5]> {
         ("TASK_FILES_OFF", off("task_struct", "files")?),
         ("FILES_FDT_OFF", off("files_struct", "fdt")?),
         ("FDT_CLOEXEC_OFF", off("fdtable", "close_on_exec")?),
+        ("TASK_PID_OFF", off("task_struct", "pid")?),
         ("TASK_TGID_OFF", off("task_struct", "tgid")?),
     ])
 }

@@ -38,7 +38,7 @@ pub fn open_fd(fds: &HashMap<MapData, FdKey, FdInfo>, tgid: u32, fd: u32) -> Opt
 }
 
 /// One live fd, as the kernel map has it.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct LiveFd {
     pub fd: u32,
     pub info: FdInfo,

@@ -22,7 +22,7 @@ use crate::{
     loader::{Kernel, Limits},
     output::{FdErrorRow, Output, ProcessRow, SiteRow, SummaryRow, now},
     procfd,
-    scan::{self, LiveFd},
+    scan::LiveFd,
     seed, spawn,
     symbols::Symbols,
     sync,
@@ -337,10 +337,14 @@ impl Session {
     fn inherited(&mut self, ts: f64, ev: &Event, comm: &str) -> io::Result<()> {
         let pid = ev.tgid;
         let mut sockets = None;
-        let table = match scan::live_fds(&self.k.fds, |t| t == pid) {
-            Ok(mut t) => t.remove(&pid).unwrap_or_default(),
+        // A walk of its own table, not of the whole map: execs are frequent
+        // (every command a traced shell runs).
+        let table = match seed::entries(self.k.entries.as_fd(), pid) {
+            Ok(t) => t,
             Err(e) => {
-                eprintln!("fdtrace: reading the live-fd map failed: {e}");
+                if procfd::exists(pid) {
+                    eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}");
+                }
                 Vec::new()
             }
         };
@@ -397,6 +401,7 @@ impl Session {
             .unwrap_or((0, 0, 0));
         v.exited = Some((open, opened, closed));
         v.fds = Vec::new();
+        v.leaks.forget_fds();
         let comm = v.comm.clone();
         self.symbols.forget(pid);
         self.out.exit(now(), pid, &comm, open, opened, closed)
@@ -417,18 +422,20 @@ impl Session {
             }
             match seed::entries(self.k.entries.as_fd(), pid) {
                 Ok(fds) => {
-                    v.fds = fds;
-                    v.fds_version += 1;
+                    // An fd opened and closed between two reports leaves
+                    // the same list: the grouping of it still holds.
+                    if fds != v.fds {
+                        v.fds = fds;
+                        v.fds_version += 1;
+                    }
                     // The generation read before the walk: a change during
                     // the walk moves it on, and the next report reads again.
+                    // (A pid gone meanwhile walks as an empty table; the
+                    // caller then finds the process gone.)
                     v.fds_generation = Some(st.generation);
                 }
-                // Gone meanwhile (the caller sees the exit), or the walk
-                // failed: the next report tries again.
-                Err(e) if procfd::exists(pid) => {
-                    eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}")
-                }
-                Err(_) => {}
+                // The next report tries again.
+                Err(e) => eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}"),
             }
         }
     }
@@ -543,7 +550,13 @@ impl Session {
             v.seen_inexact = st.inexact;
             let drift = snap.drift.filter(|&d| d != 0);
             if drift.is_some() || inexact {
-                match sync::resync(&mut self.k, pid, sync::Origin::Drift) {
+                let resynced = sync::resync(&mut self.k, pid, sync::Origin::Drift);
+                // Read the entries again next time, whatever part of the
+                // resync was done.
+                if let Some(v) = self.views.get_mut(&pid) {
+                    v.fds_generation = None;
+                }
+                match resynced {
                     Ok(_) => {
                         // The resync recounted every kind from the entries.
                         if let Some(v) = self.views.get_mut(&pid) {
