@@ -14,6 +14,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod kind;
 mod maps;
 mod seed;
 mod syscalls;

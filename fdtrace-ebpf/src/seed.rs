@@ -25,7 +25,12 @@ use fdtrace_common::{
     SEED_PATH_MAX, SeedRecord,
 };
 
-use crate::{global, maps::FDS};
+use crate::{
+    global,
+    kind::classify,
+    maps::FDS,
+    table::{self, inexact, proc_of},
+};
 
 /// Offsets in kernel structures this kernel's BTF gives (set by user space
 /// before load; Rust has no CO-RE relocations): `file.f_path`,
@@ -75,25 +80,42 @@ struct TaskFileCtx {
     file: *const u8,
 }
 
+/// At attach: writes each fd's entry into FDS (unless the fd was made since
+/// the process was registered, and has one already) and counts it, then
+/// names it to user space. Done here, and not by user space after the walk,
+/// so that an fd closed meanwhile is not written back as open, and so that
+/// the counters are only ever moved by atomic adds.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub fn fdtrace_seed(ctx: *mut c_void) -> i32 {
     // SAFETY: the kernel passes a bpf_iter__task_file.
-    let _ = try_seed(unsafe { &*(ctx as *const TaskFileCtx) });
+    let _ = try_walk(unsafe { &*(ctx as *const TaskFileCtx) }, true);
     0
 }
 
-fn try_seed(ctx: &TaskFileCtx) -> Option<()> {
+/// Names each fd to user space only: for labels, and for the resync after a
+/// drift (which works out what to add and drop itself).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn fdtrace_names(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes a bpf_iter__task_file.
+    let _ = try_walk(unsafe { &*(ctx as *const TaskFileCtx) }, false);
+    0
+}
+
+#[inline(always)]
+fn try_walk(ctx: &TaskFileCtx, seed: bool) -> Option<()> {
     let (task, file, fd) = (ctx.task, ctx.file, ctx.fd);
     if task.is_null() || file.is_null() {
         return None;
     }
-    leader_tgid(task)?;
+    let tgid = leader_tgid(task)?;
     let buf = SEED_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: buf is this CPU's scratch value; file is a BTF pointer the
     // verifier checks f_path against (the offset is a constant of .rodata).
     unsafe {
-        let mut flags = match cloexec(task, fd) {
+        let on_exec = cloexec(task, fd);
+        let mut flags = match on_exec {
             Some(true) => SEED_CLOEXEC,
             Some(false) => 0,
             None => SEED_NO_CLOEXEC,
@@ -108,6 +130,14 @@ fn try_seed(ctx: &TaskFileCtx) -> Option<()> {
             flags |= SEED_NO_PATH;
             0
         };
+        if seed && let Some(p) = proc_of(tgid) {
+            let kind = classify(&(*buf).path, len);
+            if on_exec.is_none() {
+                // The bit is unknown: a resync at the next report.
+                inexact(p);
+            }
+            table::seed(p, tgid, fd, kind as u8, on_exec == Some(true));
+        }
         (*buf).hdr = SeedRecord {
             fd,
             flags,

@@ -14,7 +14,7 @@ use aya_ebpf::helpers::{
 };
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC,
-    FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FdInfo, FdKey, NO_SITE, ProcStats,
+    FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, NO_SITE, ProcStats,
 };
 
 use crate::maps::{COUNTERS, EVENTS, FDS, FREE_SLOTS, PROCS, STATS, TRACED};
@@ -209,6 +209,44 @@ pub fn install(
         }
         *entry = info;
         counted_new(p, fd, kind);
+    }
+}
+
+/// Fd `fd` of `tgid` was there before tracing began (the seed walk at
+/// attach found it): its entry is written and counted, unless the fd is
+/// newer than the registration and installed already. Not counted as
+/// opened.
+pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool) {
+    let key = FdKey { tgid, fd };
+    let info = FdInfo {
+        created_ns: 0,
+        site: NO_SITE,
+        syscall: u16::MAX,
+        kind,
+        flags: FD_OPEN | FD_PREEXISTING | if cloexec { FD_CLOEXEC } else { 0 },
+        detail: 0,
+    };
+    // SAFETY: p is a live STATS element; entries are live FDS values.
+    unsafe {
+        match FDS.get_ptr_mut(key) {
+            Some(e) if (*e).flags & FD_OPEN != 0 => return,
+            Some(e) => *e = info,
+            None => match FDS.insert(key, info, BPF_NOEXIST) {
+                Ok(()) => {}
+                // Installed meanwhile by the fd's own syscall.
+                Err(EEXIST) => return,
+                Err(_) => {
+                    count(CNT_FDS_MAP_FULL);
+                    inexact(p);
+                    return;
+                }
+            },
+        }
+        add64(kind_slot(p, kind), 1);
+        add64(&raw mut (*p).generation, 1);
+        if fd >= (*p).fd_hwm {
+            (*p).fd_hwm = fd + 1;
+        }
     }
 }
 

@@ -31,8 +31,11 @@ pub struct Kernel {
     pub traced: Array<MapData, u16>,
     pub windows: HashMap<MapData, u32, StackWindow>,
     pub events: Option<RingBuf<MapData>>,
-    /// The seed iterator (iter/task_file), for seed::list.
+    /// The seed iterator (iter/task_file): seeds the map at attach and
+    /// names the fds it finds (seed::list).
     pub seed: ProgramFd,
+    /// The names iterator (iter/task_file): names the fds only (seed::list).
+    pub names: ProgramFd,
     /// The entries iterator (iter/task_file), for seed::entries.
     pub entries: ProgramFd,
     /// Keeps the programs attached.
@@ -64,6 +67,11 @@ impl Kernel {
         seed.load("task_file", &btf)
             .context("loading fdtrace_seed (iter/task_file)")?;
         let seed = seed.fd()?.try_clone()?;
+        let names: &mut Iter = program(&mut ebpf, "fdtrace_names")?.try_into()?;
+        names
+            .load("task_file", &btf)
+            .context("loading fdtrace_names (iter/task_file)")?;
+        let names = names.fd()?.try_clone()?;
         let entries: &mut Iter = program(&mut ebpf, "fdtrace_entries")?.try_into()?;
         entries
             .load("task_file", &btf)
@@ -71,6 +79,7 @@ impl Kernel {
         let entries = entries.fd()?.try_clone()?;
         Ok(Kernel {
             seed,
+            names,
             entries,
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
             stats: Array::try_from(take_map(&mut ebpf, "STATS")?)?,

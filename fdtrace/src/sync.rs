@@ -8,8 +8,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use fdtrace_common::{
-    FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_PREEXISTING, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE,
-    PROC_FOLLOW, ProcStats,
+    FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW,
+    ProcStats,
 };
 
 use crate::{loader::Kernel, procfd, scan, seed};
@@ -29,14 +29,15 @@ pub struct Snapshot {
     pub drift: Option<i64>,
 }
 
-/// Starts tracing `pid`: registers it in the kernel filter, then seeds its
-/// table from /proc (those fds have origin "pre-existing").
-/// Returns the fds found, as the table walk named them.
+/// Starts tracing `pid`: registers it in the kernel filter, then has the
+/// seed walk of its fd table write and count an entry for each fd (origin
+/// "pre-existing"; see fdtrace-ebpf seed.rs). Returns the fds found, as the
+/// walk named them.
 pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::ProcFd>> {
     let flags = if follow { PROC_FOLLOW } else { 0 };
     // Already traced: a followed child of another traced process.
     k.register(pid, &ProcStats::new(pid, flags))?;
-    resync(k, pid, Origin::Attach).with_context(|| format!("reading the fd table of pid {pid}"))
+    seed::list(k.seed.as_fd(), pid).with_context(|| format!("reading the fd table of pid {pid}"))
 }
 
 /// How long to wait before re-checking a non-zero drift: a syscall that has
@@ -74,31 +75,22 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
     Some(Snapshot { stats, drift: None })
 }
 
-/// Why the table is rebuilt from /proc.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// Seeding at attach: what /proc lists existed before tracing.
-    Attach,
-    /// After a drift: what /proc lists and fdtrace lacks was opened, and what
-    /// fdtrace has and /proc lacks was closed, while fdtrace was not looking.
-    Drift,
-}
-
-/// Makes the kernel table of `pid` equal to /proc/PID/fd: adds the fds it
-/// lacks, drops those /proc does not have, and recomputes the live and
-/// per-kind counts. After a drift, the fds added and dropped also count in the
-/// opened and closed totals. Returns the fds /proc (the table walk) lists.
-pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::ProcFd>> {
-    let listed: HashMap<u32, procfd::ProcFd> = seed::list(k.seed.as_fd(), pid)?
+/// After a drift, makes the kernel table of `pid` equal to /proc/PID/fd
+/// (as the names walk lists it): adds the fds it lacks, drops those /proc
+/// does not have, and recomputes the per-kind counts. What /proc lists and
+/// fdtrace lacked was opened, and what fdtrace had and /proc lacks was
+/// closed, while fdtrace was not looking: they count in the totals.
+pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
+    let listed: HashMap<u32, procfd::ProcFd> = seed::list(k.names.as_fd(), pid)?
         .into_iter()
         .map(|f| (f.fd, f))
         .collect();
     let hwm = k.stats_of(pid).map_or(0, |s| s.fd_hwm);
 
     let mut by_kind = [0u64; FD_KINDS];
-    let (mut added, mut dropped) = (0u64, 0u64);
+    let mut dropped = 0u64;
     let mut known = HashSet::new();
-    // At attach the process has no entry yet: nothing to read.
+    // No fd number was ever used: nothing to read.
     let entries = if hwm == 0 {
         Vec::new()
     } else {
@@ -117,10 +109,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::Pr
             }
         }
     }
-    let (created_ns, flags) = match origin {
-        Origin::Attach => (0, FD_PREEXISTING),
-        Origin::Drift => (monotonic_ns(), FD_RESYNCED),
-    };
+    let created_ns = monotonic_ns();
     let mut top = hwm;
     let new: Vec<(FdKey, FdInfo)> = listed
         .values()
@@ -132,7 +121,7 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::Pr
                 site: NO_SITE,
                 syscall: u16::MAX,
                 kind: f.kind as u8,
-                flags: FD_OPEN | flags | if f.cloexec { FD_CLOEXEC } else { 0 },
+                flags: FD_OPEN | FD_RESYNCED | if f.cloexec { FD_CLOEXEC } else { 0 },
                 detail: 0,
             };
             (
@@ -145,27 +134,23 @@ pub fn resync(k: &mut Kernel, pid: u32, origin: Origin) -> Result<Vec<procfd::Pr
         })
         .collect();
     scan::insert_batch(&k.fds, &new).with_context(|| {
-        format!("seeding the fds of pid {pid}: the fd map is full, raise --max-fds")
+        format!("resyncing the fds of pid {pid}: the fd map is full, raise --max-fds")
     })?;
     for (_, info) in &new {
         by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
     }
-    added += new.len() as u64;
     // Read-modify-write of the counters: the kernel may bump them in between;
     // the next drift check sees and repairs any difference.
     let Some(mut stats) = k.stats_of(pid) else {
-        return Ok(listed.into_values().collect()); // exited meanwhile
+        return Ok(()); // exited meanwhile
     };
-    if origin == Origin::Drift {
-        stats.opened += added;
-        stats.closed += dropped;
-    }
+    stats.opened += new.len() as u64;
+    stats.closed += dropped;
     stats.by_kind = by_kind;
     stats.fd_hwm = stats.fd_hwm.max(top);
     stats.generation += 1;
     k.set_stats(pid, &stats)
-        .with_context(|| format!("updating counters of pid {pid}"))?;
-    Ok(listed.into_values().collect())
+        .with_context(|| format!("updating counters of pid {pid}"))
 }
 
 /// Corrections to the kernel's per-kind counts, kept by user space.

@@ -53,6 +53,8 @@ struct View {
     fds_generation: Option<u64>,
     /// Moves on whenever `fds` changes, for ProcLeaks::update.
     fds_version: u64,
+    /// No longer traced at the last report, with no exit event yet.
+    gone: bool,
 }
 
 impl View {
@@ -72,6 +74,7 @@ impl View {
             fds: Vec::new(),
             fds_generation: None,
             fds_version: 0,
+            gone: false,
         }
     }
 }
@@ -354,7 +357,7 @@ impl Session {
             .filter(|(fd, info)| *fd > 2 && info.created_ns < ev.ts_ns)
             .collect();
         held.sort_unstable_by_key(|(fd, _)| *fd);
-        let links = label::Links::open(self.k.seed.as_fd(), pid, held.len());
+        let links = label::Links::open(self.k.names.as_fd(), pid, held.len());
         let fds: Vec<String> = held
             .into_iter()
             .map(|(fd, info)| {
@@ -462,7 +465,14 @@ impl Session {
         let now_ns = sync::monotonic_ns();
         for pid in live {
             let Some(snap) = sync::check(&self.k, pid) else {
-                self.exited(pid, None)?;
+                // The kernel side sends the exit event before it lets the
+                // process go, so the event (with the final figures) is in
+                // the ring buffer, drained before the next report; only if
+                // it was lost is the exit reported from here.
+                let v = self.views.get_mut(&pid).expect("live view");
+                if std::mem::replace(&mut v.gone, true) {
+                    self.exited(pid, None)?;
+                }
                 continue;
             };
             let info = procfd::info(pid);
@@ -494,7 +504,7 @@ impl Session {
             let findings = v.leaks.update(
                 pid,
                 &mut |id| symbols.site(k, pid, id),
-                &|n| label::Links::open(k.seed.as_fd(), pid, n),
+                &|n| label::Links::open(k.names.as_fd(), pid, n),
                 &v.fds,
                 v.fds_version,
                 now_ns,
@@ -550,7 +560,7 @@ impl Session {
             v.seen_inexact = st.inexact;
             let drift = snap.drift.filter(|&d| d != 0);
             if drift.is_some() || inexact {
-                let resynced = sync::resync(&mut self.k, pid, sync::Origin::Drift);
+                let resynced = sync::resync(&mut self.k, pid);
                 // Read the entries again next time, whatever part of the
                 // resync was done.
                 if let Some(v) = self.views.get_mut(&pid) {
