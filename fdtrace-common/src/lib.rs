@@ -98,7 +98,8 @@ pub struct FdKey {
 
 /// `FdInfo::flags`: the fd is closed by execve.
 pub const FD_CLOEXEC: u8 = 1 << 0;
-/// `FdInfo::flags`: the fd was open before fdtrace saw it (seeded from /proc).
+/// `FdInfo::flags`: the fd was open before fdtrace saw it (seeded at attach
+/// by the walk of the process's fd table).
 pub const FD_PREEXISTING: u8 = 1 << 1;
 
 /// `FdInfo::flags`: fdtrace missed the fd's creation (a blind spot) and added

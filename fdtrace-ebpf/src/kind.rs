@@ -4,10 +4,6 @@
 //! seeded fd has the kind a report would give it.
 use fdtrace_common::{FdKind, SEED_PATH_MAX};
 
-/// Longest prefix looked through for a ':' in a text that names no known
-/// kind ("x:[N]" texts are short).
-const COLON_SCAN: usize = 32;
-
 type Text = [u8; SEED_PATH_MAX];
 
 #[inline(always)]
@@ -45,12 +41,14 @@ pub fn classify(t: &Text, len: usize) -> FdKind {
     if at(t, 0) == b'/' {
         return if has(t, 0, b"/memfd:") {
             FdKind::Memfd
-        } else if has(t, 0, b"/dev/mqueue") {
+        } else if has(t, 0, b"/dev/mqueue") && matches!(at(t, 11), b'/' | 0) {
             FdKind::Mqueue
         } else {
             FdKind::File
         };
     }
+    // The kernel writes these as "socket:[N]" and so on: the prefix is
+    // enough (procfs also parses the number).
     if has(t, 0, b"socket:") || has(t, 0, b"net:") {
         return FdKind::Socket;
     }
@@ -63,17 +61,16 @@ pub fn classify(t: &Text, len: usize) -> FdKind {
     if has(t, 0, b"anon_inode:") {
         return anon(t);
     }
-    // procfs reads a text without '/' and ':' as a path.
+    // procfs reads a text without '/' and ':' as a path, one with ':' as a
+    // kind it may not know.
     let mut i = 0;
-    while i < COLON_SCAN {
-        match at(t, i) {
-            0 => return FdKind::File,
-            b':' => return FdKind::Unknown,
-            _ => {}
+    while i < len && i < SEED_PATH_MAX {
+        if at(t, i) == b':' {
+            return FdKind::Unknown;
         }
         i += 1;
     }
-    FdKind::Unknown
+    FdKind::File
 }
 
 /// "anon_inode:NAME" or "anon_inode:[NAME]". A chain of literal tests, not

@@ -183,7 +183,8 @@ pub fn install(
                     counted_new(p, fd, kind);
                     return;
                 }
-                // Made meanwhile (user space seeding): rewrite it below.
+                // Made meanwhile (by the seed walk, or a resync): rewrite
+                // it below.
                 Err(EEXIST) => match FDS.get_ptr_mut(key) {
                     Some(e) => e,
                     None => {
@@ -213,9 +214,10 @@ pub fn install(
 }
 
 /// Fd `fd` of `tgid` was there before tracing began (the seed walk at
-/// attach found it): its entry is written and counted, unless the fd is
-/// newer than the registration and installed already. Not counted as
-/// opened.
+/// attach found it): its entry is written and counted. Any entry for the
+/// number, open or closed, was made since the registration: the walk then
+/// saw an fd whose own syscall has counted it, or is about to, and it is
+/// left alone. Not counted as opened.
 pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool) {
     let key = FdKey { tgid, fd };
     let info = FdInfo {
@@ -228,25 +230,22 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool) {
     };
     // SAFETY: p is a live STATS element; entries are live FDS values.
     unsafe {
-        match FDS.get_ptr_mut(key) {
-            Some(e) if (*e).flags & FD_OPEN != 0 => return,
-            Some(e) => *e = info,
-            None => match FDS.insert(key, info, BPF_NOEXIST) {
-                Ok(()) => {}
-                // Installed meanwhile by the fd's own syscall.
-                Err(EEXIST) => return,
-                Err(_) => {
-                    count(CNT_FDS_MAP_FULL);
-                    inexact(p);
-                    return;
-                }
-            },
+        if FDS.get_ptr_mut(key).is_some() {
+            return;
+        }
+        match FDS.insert(key, info, BPF_NOEXIST) {
+            Ok(()) => {}
+            // Installed meanwhile by the fd's own syscall.
+            Err(EEXIST) => return,
+            Err(_) => {
+                count(CNT_FDS_MAP_FULL);
+                inexact(p);
+                return;
+            }
         }
         add64(kind_slot(p, kind), 1);
         add64(&raw mut (*p).generation, 1);
-        if fd >= (*p).fd_hwm {
-            (*p).fd_hwm = fd + 1;
-        }
+        raise_hwm(p, fd);
     }
 }
 
@@ -258,10 +257,26 @@ fn counted_new(p: *mut ProcStats, fd: u32, kind: u8) {
         add64(kind_slot(p, kind), 1);
         add64(&raw mut (*p).opened, 1);
         add64(&raw mut (*p).generation, 1);
-        if fd >= (*p).fd_hwm {
-            // Racy max between threads; a lost update only shortens a later
-            // bulk loop, and installs re-raise it.
-            (*p).fd_hwm = fd + 1;
+        raise_hwm(p, fd);
+    }
+}
+
+/// Makes `fd_hwm` at least `fd + 1`. An atomic add of the shortfall, not a
+/// store: the seed walk and the fd syscalls of several threads raise it at
+/// once, and a store of a lower value after a higher one would shorten the
+/// loops over the table (close_range, exec, the drop at exit) below fds that
+/// have entries. Two raises from one reading overshoot, which only makes a
+/// loop visit more numbers.
+#[inline(always)]
+fn raise_hwm(p: *mut ProcStats, fd: u32) {
+    // SAFETY: p is a live STATS element.
+    unsafe {
+        let hwm = core::ptr::read_volatile(&raw const (*p).fd_hwm);
+        if fd >= hwm {
+            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
+                &raw mut (*p).fd_hwm,
+                fd + 1 - hwm,
+            );
         }
     }
 }

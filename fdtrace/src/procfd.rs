@@ -1,5 +1,5 @@
-//! What /proc says about a process: the ground truth fdtrace seeds from and
-//! checks its kernel counts against.
+//! What /proc says about a process: the ground truth fdtrace checks its
+//! kernel counts against, and names fds from.
 use std::{
     ffi::{CStr, CString},
     fs::{self, File},

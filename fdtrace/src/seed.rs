@@ -1,7 +1,9 @@
 //! Walks of one process's fd table by the kernel (iter/task_file programs),
-//! each in one read: every open fd with its kind and close-on-exec bit
-//! (`fdtrace_seed`), instead of a readlink and an fdinfo read per fd from
-//! /proc; and the kernel map's entries of the open fds (`fdtrace_entries`).
+//! each in one read: every open fd with its kind and close-on-exec bit,
+//! instead of a readlink and an fdinfo read per fd from /proc (`fdtrace_seed`,
+//! which at attach also writes and counts the fds' entries in the kernel,
+//! and `fdtrace_names`, which only names them); and the kernel map's entries
+//! of the open fds (`fdtrace_entries`).
 //! https://docs.kernel.org/bpf/bpf_iterators.html
 use std::{
     fs::File,

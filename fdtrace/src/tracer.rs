@@ -251,6 +251,16 @@ impl Session {
         let ts = now();
         match ev.kind {
             EV_FORK => {
+                // A pid reused after a report found the old process gone
+                // and before its exit was reported (its exit event lost):
+                // that one ends first.
+                if self
+                    .views
+                    .get(&ev.tgid)
+                    .is_some_and(|v| v.gone && v.exited.is_none())
+                {
+                    self.exited(ev.tgid, None)?;
+                }
                 let mut view = View::new(ev.tgid, self.cfg);
                 view.ppid = Some(ev.aux);
                 // The event ran in the parent: its comm is the child's too.
@@ -477,6 +487,7 @@ impl Session {
             };
             let info = procfd::info(pid);
             let v = self.views.get_mut(&pid).expect("live view");
+            v.gone = false;
             let st = snap.stats;
             if sync::resolve_kinds(&mut self.k, pid, &st, &mut v.kind_fix, &mut v.fds) {
                 v.fds_version += 1;
