@@ -371,10 +371,16 @@ fn attach_time(attach: &[Attach]) {
     }
     if let [big, small, ..] = attach {
         let dfd = big.proc_fds as f64 - small.proc_fds as f64;
-        if dfd > 0.0 {
+        let dt = secs(big.time) - secs(small.time);
+        if dfd > 0.0 && dt > 0.0 {
             println!(
                 "  per fd found at attach: {:.1} us ((difference of the two times) / (difference of the fd counts))",
-                (secs(big.time) - secs(small.time)) * 1e6 / dfd
+                dt * 1e6 / dfd
+            );
+        } else if dfd > 0.0 {
+            println!(
+                "  per fd found at attach: within the noise of the fixed cost (loading the \
+                 programs): the few-fd attach took as long"
             );
         }
     }
