@@ -1,11 +1,12 @@
 //! The iterators over one process's fd table, walked by the kernel: the
-//! seed iterator (every open fd, named) and the entries iterator (the
+//! seed and names iterators (every open fd, named; the seed iterator also
+//! writes and counts its entry, at attach) and the entries iterator (the
 //! kernel map's entry of every open fd).
 //!
 //! Attaching to a process that already holds fds needs each fd's kind and
 //! close-on-exec bit. Read from /proc, that is a readlink and an fdinfo
-//! open/read/close per fd (about 20 us each); this `iter/task_file` program
-//! writes them all in one read of an iterator fd. User space creates the
+//! open/read/close per fd (about 20 us each); these `iter/task_file`
+//! programs write them all in one read of an iterator fd. User space creates the
 //! iterator for one process (bpf_iter_link_info.task.pid), so the kernel
 //! visits only that process's table.
 //! https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/task_iter.c (task_file_seq_show)
@@ -21,14 +22,12 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 use fdtrace_common::{
-    EntryRecord, FD_OPEN, FdKey, NO_FIELD, SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH,
-    SEED_PATH_MAX, SeedRecord,
+    EntryRecord, NO_FIELD, SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SEED_PATH_MAX, SeedRecord,
 };
 
 use crate::{
     global,
     kind::classify,
-    maps::FDS,
     table::{self, inexact, proc_of},
 };
 
@@ -201,11 +200,8 @@ fn try_entries(ctx: &TaskFileCtx) -> Option<()> {
         return None;
     }
     let tgid = leader_tgid(task)?;
-    // SAFETY: plain read of a map value.
-    let info = *unsafe { FDS.get(FdKey { tgid, fd }) }?;
-    if info.flags & FD_OPEN == 0 {
-        return None;
-    }
+    // SAFETY: a live FDS value, copied.
+    let info = unsafe { *table::open_entry(tgid, fd)? };
     let rec = EntryRecord { fd, _pad: 0, info };
     // SAFETY: seq is the iterator's seq_file; rec lives on the stack.
     unsafe {

@@ -121,7 +121,7 @@ pub fn unregister(tgid: u32, p: *mut ProcStats) {
 
 /// The entry of open fd `fd` of `tgid`.
 #[inline(always)]
-fn open_entry(tgid: u32, fd: u32) -> Option<*mut FdInfo> {
+pub fn open_entry(tgid: u32, fd: u32) -> Option<*mut FdInfo> {
     let info = FDS.get_ptr_mut(FdKey { tgid, fd })?;
     // SAFETY: info is a live FDS value.
     (unsafe { (*info).flags } & FD_OPEN != 0).then_some(info)
@@ -228,24 +228,15 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool) {
         flags: FD_OPEN | FD_PREEXISTING | if cloexec { FD_CLOEXEC } else { 0 },
         detail: 0,
     };
-    // SAFETY: p is a live STATS element; entries are live FDS values.
-    unsafe {
-        if FDS.get_ptr_mut(key).is_some() {
-            return;
+    // BPF_NOEXIST: the element is only allocated when the number has no
+    // entry, which is the one case to write.
+    match FDS.insert(key, info, BPF_NOEXIST) {
+        Ok(()) => counted(p, fd, kind),
+        Err(EEXIST) => {}
+        Err(_) => {
+            count(CNT_FDS_MAP_FULL);
+            inexact(p);
         }
-        match FDS.insert(key, info, BPF_NOEXIST) {
-            Ok(()) => {}
-            // Installed meanwhile by the fd's own syscall.
-            Err(EEXIST) => return,
-            Err(_) => {
-                count(CNT_FDS_MAP_FULL);
-                inexact(p);
-                return;
-            }
-        }
-        add64(kind_slot(p, kind), 1);
-        add64(&raw mut (*p).generation, 1);
-        raise_hwm(p, fd);
     }
 }
 
@@ -253,12 +244,17 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool) {
 #[inline(always)]
 fn counted_new(p: *mut ProcStats, fd: u32, kind: u8) {
     // SAFETY: p is a live STATS element.
-    unsafe {
-        add64(kind_slot(p, kind), 1);
-        add64(&raw mut (*p).opened, 1);
-        add64(&raw mut (*p).generation, 1);
-        raise_hwm(p, fd);
-    }
+    add64(unsafe { &raw mut (*p).opened }, 1);
+    counted(p, fd, kind);
+}
+
+/// The counters of an fd whose entry was just written, opened or seeded.
+#[inline(always)]
+fn counted(p: *mut ProcStats, fd: u32, kind: u8) {
+    add64(kind_slot(p, kind), 1);
+    // SAFETY: p is a live STATS element.
+    add64(unsafe { &raw mut (*p).generation }, 1);
+    raise_hwm(p, fd);
 }
 
 /// Makes `fd_hwm` at least `fd + 1`. An atomic add of the shortfall, not a
