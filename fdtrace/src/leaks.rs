@@ -124,6 +124,35 @@ struct Group {
     socket_inodes: Vec<u64>,
 }
 
+impl Group {
+    /// Age of its oldest fd; pre-existing fds are at least as old as the
+    /// tracing (`attached_ns`).
+    fn oldest_ns(&self, now_ns: u64, attached_ns: u64) -> u64 {
+        let seen_ns = self.first_created.map_or(0, |c| now_ns.saturating_sub(c));
+        if self.preexisting_fds {
+            seen_ns.max(attached_ns)
+        } else {
+            seen_ns
+        }
+    }
+
+    /// Its sockets in CLOSE_WAIT now (`sockets` is read on first need).
+    fn close_wait(&self, sockets: &mut Option<Sockets>, pid: u32) -> u64 {
+        if self.socket_inodes.is_empty() {
+            return 0;
+        }
+        let table = sockets.get_or_insert_with(|| Sockets::read(pid));
+        self.socket_inodes
+            .iter()
+            .filter(|&&i| {
+                table
+                    .get(i)
+                    .is_some_and(|s| s.state == Some(TcpState::CloseWait))
+            })
+            .count() as u64
+    }
+}
+
 pub struct ProcLeaks {
     cfg: Config,
     /// The last grouping, with the fds version it was made from, while it
@@ -317,40 +346,8 @@ impl ProcLeaks {
             Some((_, g)) => g,
             None => self.group(site_of, links, fds, now_ns),
         };
-        // Sockets change state without a syscall of the process's: looked up
-        // at every report.
-        let mut sockets: Option<Sockets> = None;
-        let mut counts: FastMap<SiteKey, (u64, u64, u64, bool)> = FastMap::new();
-        for (key, g) in &groups.sites {
-            // Pre-existing fds are at least as old as the tracing.
-            let seen_ns = g.first_created.map_or(0, |c| now_ns.saturating_sub(c));
-            let age_ns = if g.preexisting_fds {
-                seen_ns.max(attached_ns)
-            } else {
-                seen_ns
-            };
-            let close_wait = if g.socket_inodes.is_empty() {
-                0
-            } else {
-                let table = sockets.get_or_insert_with(|| Sockets::read(pid));
-                g.socket_inodes
-                    .iter()
-                    .filter(|&&i| {
-                        table
-                            .get(i)
-                            .is_some_and(|s| s.state == Some(TcpState::CloseWait))
-                    })
-                    .count() as u64
-            };
-            counts.insert(key.clone(), (g.open, age_ns, close_wait, g.preexisting));
-        }
-        let candidates = groups.candidates;
-        if groups.final_ {
-            self.grouped = Some((fds_version, groups));
-        }
-
         // Series: every known site gets a sample, 0 when it has no fd now.
-        for (key, &(_, _, _, preexisting)) in &counts {
+        for (key, g) in &groups.sites {
             self.sites.entry(key.clone()).or_insert_with(|| Site {
                 id: key.id(pid),
                 key: key.clone(),
@@ -359,17 +356,31 @@ impl ProcLeaks {
                 leak_per_s: 0.0,
                 oldest_age_s: 0.0,
                 close_wait: 0,
-                preexisting,
+                preexisting: g.preexisting,
             });
         }
+        // Sockets change state without a syscall of the process's: looked up
+        // at every report.
+        let mut sockets: Option<Sockets> = None;
         let window = self.cfg.window.as_secs_f64();
         for site in self.sites.values_mut() {
-            let (n, age, cw, _) = counts.get(&site.key).copied().unwrap_or((0, 0, 0, false));
+            let (n, age_ns, cw) = match groups.sites.get(&site.key) {
+                Some(g) => (
+                    g.open,
+                    g.oldest_ns(now_ns, attached_ns),
+                    g.close_wait(&mut sockets, pid),
+                ),
+                None => (0, 0, 0),
+            };
             site.open = n;
-            site.oldest_age_s = age as f64 / 1e9;
+            site.oldest_age_s = age_ns as f64 / 1e9;
             site.close_wait = cw;
             push(&mut site.samples, (t, n as f64), window);
             site.leak_per_s = slope(&site.samples);
+        }
+        let candidates = groups.candidates;
+        if groups.final_ {
+            self.grouped = Some((fds_version, groups));
         }
         self.sites
             .retain(|_, s| s.open > 0 || s.samples.iter().any(|&(_, n)| n > 0.0));

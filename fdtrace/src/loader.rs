@@ -63,24 +63,10 @@ impl Kernel {
             p.attach("sched", event)
                 .with_context(|| format!("attaching {prog} to sched/{event}"))?;
         }
-        let seed: &mut Iter = program(&mut ebpf, "fdtrace_seed")?.try_into()?;
-        seed.load("task_file", &btf)
-            .context("loading fdtrace_seed (iter/task_file)")?;
-        let seed = seed.fd()?.try_clone()?;
-        let names: &mut Iter = program(&mut ebpf, "fdtrace_names")?.try_into()?;
-        names
-            .load("task_file", &btf)
-            .context("loading fdtrace_names (iter/task_file)")?;
-        let names = names.fd()?.try_clone()?;
-        let entries: &mut Iter = program(&mut ebpf, "fdtrace_entries")?.try_into()?;
-        entries
-            .load("task_file", &btf)
-            .context("loading fdtrace_entries (iter/task_file)")?;
-        let entries = entries.fd()?.try_clone()?;
         Ok(Kernel {
-            seed,
-            names,
-            entries,
+            seed: task_file_iter(&mut ebpf, &btf, "fdtrace_seed")?,
+            names: task_file_iter(&mut ebpf, &btf, "fdtrace_names")?,
+            entries: task_file_iter(&mut ebpf, &btf, "fdtrace_entries")?,
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
             stats: Array::try_from(take_map(&mut ebpf, "STATS")?)?,
             free_slots: free_slots(take_map(&mut ebpf, "FREE_SLOTS")?, limits.max_procs)?,
@@ -142,6 +128,15 @@ impl Kernel {
         let _ = self.traced.set(pid, (slot + 1) as u16, 0);
         Ok(true)
     }
+}
+
+/// Loads iter/task_file program `name`; iterators are created from its fd
+/// (see seed.rs), not attached here.
+fn task_file_iter(ebpf: &mut Ebpf, btf: &Btf, name: &str) -> Result<ProgramFd> {
+    let prog: &mut Iter = program(ebpf, name)?.try_into()?;
+    prog.load("task_file", btf)
+        .with_context(|| format!("loading {name} (iter/task_file)"))?;
+    Ok(prog.fd()?.try_clone()?)
 }
 
 /// BPF_NOEXIST: insert only if absent.

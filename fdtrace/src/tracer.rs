@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT,
-    EV_FORK, EV_RLIMIT, Event, FdInfo, FdKind, PROC_SHARED_TABLE, syscalls,
+    EV_FORK, EV_RLIMIT, Event, FdKind, PROC_SHARED_TABLE, syscalls,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -361,16 +361,15 @@ impl Session {
                 Vec::new()
             }
         };
-        let mut held: Vec<(u32, FdInfo)> = table
+        let mut held: Vec<LiveFd> = table
             .into_iter()
-            .map(|f| (f.fd, f.info))
-            .filter(|(fd, info)| *fd > 2 && info.created_ns < ev.ts_ns)
+            .filter(|f| f.fd > 2 && f.info.created_ns < ev.ts_ns)
             .collect();
-        held.sort_unstable_by_key(|(fd, _)| *fd);
+        held.sort_unstable_by_key(|f| f.fd);
         let links = label::Links::open(self.k.names.as_fd(), pid, held.len());
         let fds: Vec<String> = held
             .into_iter()
-            .map(|(fd, info)| {
+            .map(|LiveFd { fd, info }| {
                 let kind = FdKind::from_u8(info.kind);
                 let what = links
                     .as_ref()
@@ -420,36 +419,29 @@ impl Session {
         self.out.exit(now(), pid, &comm, open, opened, closed)
     }
 
-    /// Reads the kernel map's entries of the processes in `live` whose
-    /// tables changed since their entries were last read, each by a walk of
-    /// its own fd table (seed::entries): a report costs what the changed
-    /// processes hold, not what every traced process does.
-    fn read_changed_tables(&mut self, live: &[u32]) {
-        for &pid in live {
-            let Some(st) = self.k.stats_of(pid) else {
-                continue; // exited: the caller finds out
-            };
-            let v = self.views.get_mut(&pid).expect("live view");
-            if v.fds_generation == Some(st.generation) {
-                continue;
-            }
-            match seed::entries(self.k.entries.as_fd(), pid) {
-                Ok(fds) => {
-                    // An fd opened and closed between two reports leaves
-                    // the same list: the grouping of it still holds.
-                    if fds != v.fds {
-                        v.fds = fds;
-                        v.fds_version += 1;
-                    }
-                    // The generation read before the walk: a change during
-                    // the walk moves it on, and the next report reads again.
-                    // (A pid gone meanwhile walks as an empty table; the
-                    // caller then finds the process gone.)
-                    v.fds_generation = Some(st.generation);
+    /// Reads the kernel map's entries of `pid` again if its table changed
+    /// (`generation`, read before this walk, moved) since they were last
+    /// read, by a walk of its own fd table (seed::entries): a report costs
+    /// what the changed processes hold, not what every traced process does.
+    fn refresh_fds(&mut self, pid: u32, generation: u64) {
+        let v = self.views.get_mut(&pid).expect("live view");
+        if v.fds_generation == Some(generation) {
+            return;
+        }
+        match seed::entries(self.k.entries.as_fd(), pid) {
+            Ok(fds) => {
+                // An fd opened and closed between two reports leaves the
+                // same list: the grouping of it still holds.
+                if fds != v.fds {
+                    v.fds = fds;
+                    v.fds_version += 1;
                 }
-                // The next report tries again.
-                Err(e) => eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}"),
+                // A change during the walk moves the generation on, and the
+                // next report reads again.
+                v.fds_generation = Some(generation);
             }
+            // The next report tries again.
+            Err(e) => eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}"),
         }
     }
 
@@ -471,7 +463,6 @@ impl Session {
             .filter(|(_, v)| v.exited.is_none())
             .map(|(p, _)| *p)
             .collect();
-        self.read_changed_tables(&live);
         let now_ns = sync::monotonic_ns();
         for pid in live {
             let Some(snap) = sync::check(&self.k, pid) else {
@@ -485,6 +476,7 @@ impl Session {
                 }
                 continue;
             };
+            self.refresh_fds(pid, snap.stats.generation);
             let info = procfd::info(pid);
             let v = self.views.get_mut(&pid).expect("live view");
             v.gone = false;
@@ -572,17 +564,14 @@ impl Session {
             let drift = snap.drift.filter(|&d| d != 0);
             if drift.is_some() || inexact {
                 let resynced = sync::resync(&mut self.k, pid);
+                let v = self.views.get_mut(&pid).expect("live view");
                 // Read the entries again next time, whatever part of the
                 // resync was done.
-                if let Some(v) = self.views.get_mut(&pid) {
-                    v.fds_generation = None;
-                }
+                v.fds_generation = None;
                 match resynced {
-                    Ok(_) => {
+                    Ok(()) => {
                         // The resync recounted every kind from the entries.
-                        if let Some(v) = self.views.get_mut(&pid) {
-                            v.kind_fix = sync::KindFix::default();
-                        }
+                        v.kind_fix = sync::KindFix::default();
                         self.out.resynced(ts, pid, drift)?
                     }
                     Err(e) => eprintln!("fdtrace: resync of pid {pid} failed: {e:#}"),
