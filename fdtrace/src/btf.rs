@@ -1,6 +1,6 @@
 //! Offsets of kernel struct members, from the kernel's own BTF.
 //!
-//! The seed iterator reads a few kernel structures; Rust BPF programs have no
+//! The fd-table iterators read a few kernel structures; Rust BPF programs have no
 //! CO-RE relocations, so user space looks the offsets up and sets them as
 //! globals before load. aya parses BTF but keeps its type table private, and
 //! the BTF crates on crates.io are LGPL; what is needed here is one pass over

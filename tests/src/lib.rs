@@ -1359,10 +1359,7 @@ impl Session {
 
     /// Whether any JSON object from `idx` on satisfies `pred` (no waiting).
     pub fn any_event(&self, idx: usize, pred: impl Fn(&Value) -> bool) -> Option<Value> {
-        self.events[idx.min(self.events.len())..]
-            .iter()
-            .find(|e| pred(e))
-            .cloned()
+        self.events_since(idx).iter().find(|e| pred(e)).cloned()
     }
 
     /// Reads messages for a while (to let late events arrive).

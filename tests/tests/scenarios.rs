@@ -829,12 +829,9 @@ fn pid_two_processes() {
     s.expect_fdtrace_exit_0("both traced processes exited");
 }
 
-/// More processes than `--max-procs`: the fork past the limit is counted and
-/// reported as a full `procs` map, and the traced processes stay exact.
-#[test]
-fn procs_map_full() {
-    let mut s = Session::start_with(FDOPS, Mode::RUN, 1, &["--max-procs", "2"]);
-    let p = s.pid(0);
+/// `fork` in fdops `p`, whose child must be traced: its fork object, and a
+/// first snapshot checked against /proc. Returns the child's pid.
+fn traced_fork(s: &mut Session, p: i32) -> i32 {
     let idx = s.mark();
     let (r, _) = s.ostep(p, "fork", 4, 2, &[("pipe", 2)]);
     let c = r.num("child") as i32;
@@ -842,6 +839,16 @@ fn procs_map_full() {
         e["type"] == "fork" && e["pid"].as_i64() == Some(c as i64)
     });
     s.check(c, r.at, idx, Expect::first());
+    c
+}
+
+/// More processes than `--max-procs`: the fork past the limit is counted and
+/// reported as a full `procs` map, and the traced processes stay exact.
+#[test]
+fn procs_map_full() {
+    let mut s = Session::start_with(FDOPS, Mode::RUN, 1, &["--max-procs", "2"]);
+    let p = s.pid(0);
+    let c = traced_fork(&mut s, p);
 
     // Both slots are taken: the next child is not traced.
     let idx = s.mark();
@@ -863,13 +870,7 @@ fn procs_map_full() {
 
     // A slot given back at exit is taken again by the next fork.
     s.exit_child("", p, c);
-    let idx = s.mark();
-    let (r, _) = s.ostep(p, "fork", 4, 2, &[("pipe", 2)]);
-    let c2 = r.num("child") as i32;
-    s.wait_event(idx, &format!("fork object for child {c2}"), |e| {
-        e["type"] == "fork" && e["pid"].as_i64() == Some(c2 as i64)
-    });
-    s.check(c2, r.at, idx, Expect::first());
+    let c2 = traced_fork(&mut s, p);
     s.exit_child("", p, c2);
     s.exit_target(0);
     s.expect_fdtrace_exit_0("its traced processes exited");

@@ -27,7 +27,7 @@ use child::{Proc, Usage, check_interrupted};
 /// The fdloop modes, in report order.
 pub const MODES: [&str; 4] = ["open", "socket", "pipe", NO_FD_MODE];
 /// The mode whose syscall makes no fd.
-const NO_FD_MODE: &str = "getppid";
+pub const NO_FD_MODE: &str = "getppid";
 /// `--stack-rate` for a stack per new fd: above any loop's rate here (the
 /// budget is counted per 100 ms: this is 10 million fds per slot).
 const EVERY_FD_STACK_RATE: &str = "100000000";
@@ -344,7 +344,7 @@ fn kernel_release() -> String {
 fn calibrate(bins: &Bins, target: f64) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     for mode in MODES {
-        let probe = if mode == "getppid" { 200_000 } else { 20_000 };
+        let probe = if mode == NO_FD_MODE { 200_000 } else { 20_000 };
         // The first run warms caches; the second is the one that counts.
         run_untraced(bins, mode, probe)?;
         let lp = run_untraced(bins, mode, probe)?;

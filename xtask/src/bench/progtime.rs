@@ -12,7 +12,7 @@ use std::fs;
 use anyhow::{Context, Result, bail};
 
 use super::child::Proc;
-use super::{Bins, LOOP_TIMEOUT, MODES, STOP_GRACE, fdloop_cmd, is_loop_line, median};
+use super::{Bins, LOOP_TIMEOUT, MODES, NO_FD_MODE, STOP_GRACE, fdloop_cmd, is_loop_line, median};
 use super::{start_bpftrace, start_fdtrace_on};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -54,7 +54,7 @@ pub fn measure(bins: &Bins, iters: &[u64], rounds: u32) -> Result<Vec<ProgTime>>
     let _stats = StatsSwitch::set(true)?;
     let mut out = Vec::new();
     // The modes with fd events: getppid runs no traced program work.
-    let fd_modes = MODES.iter().zip(iters).filter(|(m, _)| **m != "getppid");
+    let fd_modes = MODES.iter().zip(iters).filter(|(m, _)| **m != NO_FD_MODE);
     for (&mode, &n) in fd_modes {
         let (mut ft, mut bt) = (Vec::new(), Vec::new());
         for _ in 0..rounds {

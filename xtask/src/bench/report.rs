@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::extras::Attach;
 use super::progtime::ProgTime;
-use super::{Cond, MODES, Samples, Setting, TracedRun, median};
+use super::{Cond, MODES, NO_FD_MODE, Samples, Setting, TracedRun, median};
 
 /// Ratios are printed only when the denominator is at least this many ns:
 /// below it they are noise divided by noise.
@@ -302,7 +302,7 @@ fn cpu(samples: &Samples) {
         if runs.is_empty() {
             continue;
         }
-        let per_iter = if mode == "getppid" {
+        let per_iter = if mode == NO_FD_MODE {
             0.0
         } else {
             2.0 * iteration(mode).1 as f64
@@ -331,7 +331,7 @@ fn cpu(samples: &Samples) {
 /// event, same startup): what handling the events costs it.
 fn event_cpu(samples: &Samples) {
     let open: Vec<&TracedRun> = runs_of(samples, "open").collect();
-    let idle: Vec<&TracedRun> = runs_of(samples, "getppid").collect();
+    let idle: Vec<&TracedRun> = runs_of(samples, NO_FD_MODE).collect();
     if open.is_empty() || idle.is_empty() {
         return;
     }
