@@ -1,7 +1,7 @@
 //! Command line.
 use std::{ffi::OsString, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
 use crate::leaks::Status;
 
@@ -34,11 +34,12 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub follow: bool,
 
-    /// Time between reports
+    /// Time between reports (at least 10ms)
     #[arg(short, long, value_name = "DUR", default_value = "1s", value_parser = parse_interval, global = true)]
     pub interval: Duration,
 
-    /// Stop after this long (default: until Ctrl-C or no traced process is left)
+    /// Stop after this long, at least one interval (default: until Ctrl-C or
+    /// no traced process is left)
     #[arg(short, long, value_name = "DUR", value_parser = humantime::parse_duration, global = true)]
     pub duration: Option<Duration>,
 
@@ -46,7 +47,8 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// Sliding window of the leak rates (least squares over the reports in it)
+    /// Sliding window of the leak rates (least squares over the reports in it;
+    /// at least 3 intervals)
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     pub window: Duration,
 
@@ -63,19 +65,23 @@ pub struct Cli {
     #[arg(long, value_name = "STATUS", value_enum, global = true)]
     pub fail_on: Option<Status>,
 
-    /// Status warning at this % of the soft fd limit
-    #[arg(long, value_name = "PCT", default_value_t = 80.0, global = true)]
+    /// Status warning at this % of the soft fd limit (above 0, at most 100)
+    #[arg(long, value_name = "PCT", default_value_t = 80.0, value_parser = parse_pct,
+          allow_negative_numbers = true, global = true)]
     pub warn_pct: f64,
 
-    /// Status critical at this % of the soft fd limit
-    #[arg(long, value_name = "PCT", default_value_t = 90.0, global = true)]
+    /// Status critical at this % of the soft fd limit (at least --warn-pct, at
+    /// most 100)
+    #[arg(long, value_name = "PCT", default_value_t = 90.0, value_parser = parse_pct,
+          allow_negative_numbers = true, global = true)]
     pub crit_pct: f64,
 
     /// Status warning when EMFILE is forecast within this time
     #[arg(long, value_name = "DUR", default_value = "1h", value_parser = humantime::parse_duration, global = true)]
     pub warn_within: Duration,
 
-    /// Status critical when EMFILE is forecast within this time
+    /// Status critical when EMFILE is forecast within this time (at most
+    /// --warn-within)
     #[arg(long, value_name = "DUR", default_value = "5m", value_parser = humantime::parse_duration, global = true)]
     pub crit_within: Duration,
 
@@ -90,8 +96,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1000, global = true)]
     pub stack_rate: u32,
 
-    /// Most fds tracked at once, all processes together (kernel map size)
-    #[arg(long, value_name = "N", default_value_t = 1 << 20, global = true)]
+    /// Most fds tracked at once, all processes together (kernel map size, at
+    /// most 134217728)
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_FDS)))]
     pub max_fds: u32,
 
     /// Most processes traced at once (kernel map size, at most 65535)
@@ -120,10 +128,250 @@ pub enum Command {
     NoopHooks,
 }
 
+/// Largest `--max-fds` the kernel accepts. A hash map's bucket array is
+/// `max_entries` rounded up to a power of two, times 16 bytes (`struct
+/// bucket`), and htab_map_alloc refuses it with E2BIG when that overflows a
+/// u32 (`n_buckets > U32_MAX / sizeof(struct bucket)`): 2^27 buckets is the
+/// last power of two that passes, whatever the key and value sizes and
+/// BPF_F_NO_PREALLOC.
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/hashtab.c>
+/// The bucket array is allocated when fdtrace starts (2 GiB at this size);
+/// the elements are not (BPF_F_NO_PREALLOC).
+pub const MAX_FDS: u32 = 1 << 27;
+
+/// Fewest intervals a `--window` spans: a least-squares rate over fewer
+/// reports is 0 (one report) or flips with every report (two).
+const MIN_WINDOW_INTERVALS: u32 = 3;
+
+impl Cli {
+    /// The command line, checked: a bad option ends fdtrace here with exit
+    /// code 2 and clap's usage message, which says the valid range.
+    pub fn parse_checked() -> Cli {
+        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args)?;
+        cli.check()
+            .map_err(|msg| Cli::command().error(ErrorKind::ValueValidation, msg))?;
+        Ok(cli)
+    }
+
+    /// The rules between options (each option's own range is checked by its
+    /// parser).
+    fn check(&self) -> Result<(), String> {
+        let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        // Saturating: humantime takes intervals of billions of years.
+        let min_window = self.interval.saturating_mul(MIN_WINDOW_INTERVALS);
+        if self.window < min_window {
+            return Err(format!(
+                "--window {} is shorter than {MIN_WINDOW_INTERVALS} intervals of {}: the leak \
+                 rates need {MIN_WINDOW_INTERVALS} reports in the window; give --window {} or \
+                 longer (or a shorter --interval)",
+                fmt(self.window),
+                fmt(self.interval),
+                fmt(min_window)
+            ));
+        }
+        if let Some(d) = self.duration
+            && d < self.interval
+        {
+            return Err(format!(
+                "--duration {} is shorter than one interval ({}): fdtrace would stop before its \
+                 first report; give --duration {} or longer",
+                fmt(d),
+                fmt(self.interval),
+                fmt(self.interval)
+            ));
+        }
+        if self.crit_pct < self.warn_pct {
+            return Err(format!(
+                "--crit-pct {} is below --warn-pct {}: give --crit-pct between {} and 100",
+                self.crit_pct, self.warn_pct, self.warn_pct
+            ));
+        }
+        if self.crit_within > self.warn_within {
+            return Err(format!(
+                "--crit-within {} is longer than --warn-within {}: give --crit-within {} or \
+                 shorter",
+                fmt(self.crit_within),
+                fmt(self.warn_within),
+                fmt(self.warn_within)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A percentage of the fd limit: above 0 (at 0 every process would be at the
+/// threshold), at most 100 (beyond it the status could never be reached).
+fn parse_pct(s: &str) -> Result<f64, String> {
+    const RANGE: &str = "give a percentage above 0 and at most 100";
+    let p: f64 = s.parse().map_err(|_| format!("not a number: {RANGE}"))?;
+    // Written so that NaN fails too.
+    if !(p > 0.0 && p <= 100.0) {
+        return Err(format!("out of range: {RANGE}"));
+    }
+    Ok(p)
+}
+
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d < Duration::from_millis(10) {
         return Err("the interval must be at least 10ms".into());
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `fdtrace --pid 1 ARGS...` parsed and checked; the error's message.
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        let argv = ["fdtrace", "--pid", "1"].iter().chain(args);
+        Cli::try_parse_checked(argv).map_err(|e| {
+            assert_eq!(e.exit_code(), 2, "{e}");
+            e.to_string()
+        })
+    }
+
+    fn rejected(args: &[&str], says: &str) {
+        match parse(args) {
+            Ok(cli) => panic!("{args:?} accepted: {cli:?}"),
+            Err(msg) => assert!(msg.contains(says), "{args:?}: {msg:?} lacks {says:?}"),
+        }
+    }
+
+    fn accepted(args: &[&str]) -> Cli {
+        parse(args).unwrap_or_else(|e| panic!("{args:?} rejected: {e}"))
+    }
+
+    #[test]
+    fn defaults_pass() {
+        let cli = accepted(&[]);
+        assert_eq!(
+            (cli.window, cli.interval, cli.warn_pct, cli.crit_pct),
+            (Duration::from_secs(60), Duration::from_secs(1), 80.0, 90.0)
+        );
+    }
+
+    #[test]
+    fn window_needs_three_intervals() {
+        accepted(&["--window", "3s", "--interval", "1s"]);
+        accepted(&["--window", "300ms", "--interval", "100ms"]);
+        let says = "give --window 3s or longer";
+        rejected(&["--window", "2999ms", "--interval", "1s"], says);
+        rejected(&["--window", "1s", "--interval", "1s"], says);
+        rejected(&["--window", "0s"], says);
+        // 3 intervals overflow a Duration: no panic.
+        rejected(
+            &["--interval", "200000000000y"],
+            "is shorter than 3 intervals",
+        );
+        // The default window (60s) against a long interval.
+        rejected(
+            &["--interval", "30s"],
+            "--window 1m is shorter than 3 intervals of 30s",
+        );
+    }
+
+    #[test]
+    fn duration_needs_one_interval() {
+        accepted(&["--duration", "1s"]);
+        accepted(&["--duration", "100ms", "--interval", "100ms"]);
+        let says = "give --duration 1s or longer";
+        rejected(&["--duration", "0s"], says);
+        rejected(&["--duration", "999ms"], says);
+    }
+
+    #[test]
+    fn pct_in_0_to_100() {
+        for ok in ["0.5", "50", "80", "100"] {
+            assert_eq!(
+                accepted(&["--warn-pct", ok, "--crit-pct", "100"]).warn_pct,
+                ok.parse::<f64>().unwrap()
+            );
+        }
+        for opt in ["--warn-pct", "--crit-pct"] {
+            for bad in ["0", "-5", "100.01", "150", "NaN", "inf"] {
+                rejected(
+                    &[opt, bad],
+                    "out of range: give a percentage above 0 and at most 100",
+                );
+            }
+            rejected(
+                &[opt, "lots"],
+                "not a number: give a percentage above 0 and at most 100",
+            );
+        }
+    }
+
+    #[test]
+    fn crit_pct_at_least_warn_pct() {
+        accepted(&["--warn-pct", "70", "--crit-pct", "70"]);
+        accepted(&["--warn-pct", "90"]);
+        rejected(
+            &["--warn-pct", "80", "--crit-pct", "79.5"],
+            "--crit-pct 79.5 is below --warn-pct 80: give --crit-pct between 80 and 100",
+        );
+        // The default --crit-pct (90) under a higher --warn-pct.
+        rejected(
+            &["--warn-pct", "95.5"],
+            "--crit-pct 90 is below --warn-pct 95.5",
+        );
+    }
+
+    #[test]
+    fn crit_within_at_most_warn_within() {
+        accepted(&["--crit-within", "1h"]);
+        accepted(&["--warn-within", "10m", "--crit-within", "10m"]);
+        rejected(
+            &["--crit-within", "2h"],
+            "--crit-within 2h is longer than --warn-within 1h: give --crit-within 1h or shorter",
+        );
+        rejected(
+            &["--warn-within", "1m"],
+            "--crit-within 5m is longer than --warn-within 1m",
+        );
+    }
+
+    #[test]
+    fn interval_at_least_10ms() {
+        accepted(&["--interval", "10ms", "--window", "30ms"]);
+        for bad in ["0s", "9ms"] {
+            rejected(&["--interval", bad], "the interval must be at least 10ms");
+        }
+    }
+
+    #[test]
+    fn max_fds_within_kernel_map() {
+        assert_eq!(accepted(&["--max-fds", "1"]).max_fds, 1);
+        assert_eq!(accepted(&["--max-fds", "134217728"]).max_fds, MAX_FDS);
+        for bad in ["0", "134217729", "4294967295"] {
+            rejected(&["--max-fds", bad], "is not in 1..=134217728");
+        }
+    }
+
+    #[test]
+    fn max_procs_within_kernel_map() {
+        assert_eq!(accepted(&["--max-procs", "1"]).max_procs, 1);
+        assert_eq!(accepted(&["--max-procs", "65535"]).max_procs, 65535);
+        for bad in ["0", "65536"] {
+            rejected(&["--max-procs", bad], "is not in 1..=65535");
+        }
+    }
+
+    /// Global options after `run` are checked as well.
+    #[test]
+    fn options_after_run_checked() {
+        rejected(
+            &["run", "--window", "1s", "--", "true"],
+            "--window 1s is shorter",
+        );
+    }
 }

@@ -16,10 +16,8 @@ mod tracer;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_checked();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
