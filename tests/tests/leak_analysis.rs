@@ -31,6 +31,9 @@
 //! PR_SET_PDEATHSIG: it fires when the parent *thread* that forked it ends).
 //! Only the temporary directories stay; the next run removes them.
 //!
+//! One more test drives fdops instead ([`sites_count_fds_once_old_enough`]):
+//! the site objects against /proc under `--min-age`.
+//!
 //! Needs root, gcc, python3 and a built fdtrace, like the other tests.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,8 +48,12 @@ use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fdtrace_tests::{KINDS, fdtrace_bin, now_ts, proc_comm, read_lines, require_root, tail};
+use fdtrace_tests::{
+    KINDS, Mode, Session, fdtrace_bin, now_ts, proc_comm, proc_fds, read_lines, require_root, tail,
+};
 use serde_json::Value;
+
+const FDOPS: &str = env!("CARGO_BIN_EXE_fdops");
 
 /// The leaker programs.
 const LEAKERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/leakers");
@@ -1344,4 +1351,56 @@ fn healthy_program_no_leak() {
     if let Some(f) = o.findings("emfile").first() {
         o.fail(&format!("an emfile finding for the healthy program: {f}"));
     }
+}
+
+// ---- sites against fdops -------------------------------------------------------
+
+/// Sites count only fds older than `--min-age`. A process that opens fds
+/// and then changes nothing must have them counted once they are old
+/// enough, although fdtrace keeps the grouping of a table that did not
+/// change from one report to the next. Checked against /proc: once every
+/// fd is older than min-age, the site objects of one report add up to the
+/// process's fds.
+#[test]
+fn sites_count_fds_once_old_enough() {
+    let min_age = Duration::from_secs(1);
+    let mut s = Session::start_with(FDOPS, Mode::PID, 1, &["--min-age", "1s", "--top", "1000"]);
+    let p = s.pid(0);
+    for _ in 0..3 {
+        s.ostep(p, "open", 1, 0, &[("file", 1)]);
+    }
+    let want = proc_fds(p).unwrap().len() as u64;
+    // The reports so far saw the 3 fds too young to count.
+    s.settle(min_age + Duration::from_millis(500));
+    let is_report = |e: &Value| e["type"] == "process" && e["pid"].as_i64() == Some(p.into());
+    let mut idx = s.mark();
+    // The first report regroups (the fds became old enough); the second
+    // reuses that grouping (nothing changed): both must hold every fd.
+    for _ in 0..2 {
+        let report = s.wait_event(idx, &format!("a report on pid {p}"), is_report);
+        let ts = report["ts"].clone();
+        // A report's site objects come before the next report's process object.
+        let next = s.wait_event(idx, &format!("the report after ts {ts}"), |e| {
+            is_report(e) && e["ts"] != ts
+        });
+        let sites: Vec<&Value> = s
+            .events_since(idx)
+            .iter()
+            .filter(|e| e["type"] == "site" && e["pid"].as_i64() == Some(p.into()) && e["ts"] == ts)
+            .collect();
+        let in_sites: u64 = sites.iter().filter_map(|e| e["open_fds"].as_u64()).sum();
+        assert_eq!(report["open_fds"].as_u64(), Some(want), "{report}");
+        assert_eq!(
+            in_sites, want,
+            "the sites of the report at ts {ts} should hold all {want} fds of pid {p} \
+             (/proc/{p}/fd): {sites:?}"
+        );
+        idx = s
+            .events_since(0)
+            .iter()
+            .position(|e| *e == next)
+            .expect("the next report was received");
+    }
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its only traced process exited");
 }
