@@ -18,6 +18,12 @@ pub struct Finished {
 /// Runs fdtrace with `args` and stdin closed, kills it after `timeout`.
 pub fn run_fdtrace(args: &[&str], timeout: Duration) -> Finished {
     require_root();
+    run_fdtrace_rootless(args, timeout)
+}
+
+/// [`run_fdtrace`] as any user: for what fdtrace decides before it needs
+/// privileges (its command line).
+pub fn run_fdtrace_rootless(args: &[&str], timeout: Duration) -> Finished {
     let bin = fdtrace_bin();
     let mut child = Command::new(&bin)
         .args(args)
