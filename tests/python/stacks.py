@@ -1,0 +1,46 @@
+"""Blocks in known functions at known lines, for the Python frame tests.
+
+The main thread blocks reading a pipe nobody writes, deep in a chain of
+calls through a class, a closure, a generator and a function whose name is
+not ASCII; a second thread blocks in the standard library (queue.Queue.get).
+Each line the tests expect in a stack carries a marker comment `# @name`.
+Prints one JSON line, {"pid": ..., "worker": <worker's native thread id>},
+then blocks until killed.
+"""
+
+import json
+import os
+import queue
+import threading
+
+
+def inner(r):
+    return os.read(r, 1)  # @inner
+
+
+def gen(r):
+    yield inner(r)  # @gen
+
+
+class Outer:
+    def method(self, r):
+        def nested():
+            return next(gen(r))  # @nested
+
+        return nested()  # @method
+
+
+def naïve_функция(r):
+    return Outer().method(r)  # @naive
+
+
+def worker(q):
+    q.get()  # @worker
+
+
+q = queue.Queue()
+t = threading.Thread(target=worker, args=(q,), name="worker", daemon=True)
+t.start()
+r, w = os.pipe()
+print(json.dumps({"pid": os.getpid(), "worker": t.native_id}), flush=True)
+naïve_функция(r)  # @module
