@@ -5,12 +5,17 @@ calls through a class, a closure, a generator and a function whose name is
 not ASCII; a second thread blocks in the standard library (queue.Queue.get).
 Each line the tests expect in a stack carries a marker comment `# @name`.
 Prints one JSON line, {"pid": ..., "worker": <worker's native thread id>},
-then blocks until killed.
+then blocks until killed. On SIGUSR1, CPython's own faulthandler writes
+every thread's stack to the file named by the first argument: the tests'
+oracle of frames and lines, from the interpreter itself.
 """
 
+import faulthandler
 import json
 import os
 import queue
+import signal
+import sys
 import threading
 
 
@@ -38,6 +43,8 @@ def worker(q):
     q.get()  # @worker
 
 
+dump = open(sys.argv[1], "w")
+faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
 q = queue.Queue()
 t = threading.Thread(target=worker, args=(q,), name="worker", daemon=True)
 t.start()
