@@ -83,13 +83,25 @@ pub struct PyFrame {
     pub offset: i64,
 }
 
+/// A thread's Python stack as the kernel side captures it: `len` frames,
+/// innermost first; the rest of `frames` is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyStack {
+    pub frames: [PyFrame; PY_MAX_FRAMES],
+    pub len: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data; every byte is a field (no padding).
     unsafe impl aya::Pod for super::PyLayout {}
     unsafe impl aya::Pod for super::PyFrame {}
+    unsafe impl aya::Pod for super::PyStack {}
 }
 
 // Shared with the kernel: 2 u64 then an even number of u32, no padding.
 const _: () = assert!(core::mem::size_of::<PyLayout>() == 2 * 8 + 20 * 4);
 const _: () = assert!(core::mem::size_of::<PyFrame>() == 16);
+const _: () = assert!(core::mem::size_of::<PyStack>() == 16 * PY_MAX_FRAMES + 8);
