@@ -164,7 +164,14 @@ pub fn locate(pid: u32, mem: &Mem) -> Result<Option<Interpreter>, LocateError> {
         if named_version.is_none() {
             named_version = version_in_name(name);
         }
-        let syms = read_symbols(open_mapped(pid, m, path)?, path)?;
+        // Any executable is looked at (Python can be linked into one of
+        // another name), but only a python-named file that cannot be read
+        // is worth a notice: most traced processes are not Python.
+        let syms = match open_mapped(pid, m, path).and_then(|f| read_symbols(f, path)) {
+            Ok(s) => s,
+            Err(e) if is_libpython(path) || version_in_name(name).is_some() => return Err(e),
+            Err(_) => continue,
+        };
         let Some(runtime) = syms.runtime else {
             continue;
         };
