@@ -4,20 +4,22 @@
 //!
 //! Each test runs tests/python/stacks.py under one interpreter (pyenv's
 //! 3.11.7, 3.12.1, 3.13.0, Debian's /usr/bin/python3), from a directory whose
-//! name is not ASCII, and waits until its main thread is in read(2) and its
-//! worker thread in futex(2): their stacks are then still. Checked:
+//! name is not ASCII, and waits until its main thread and its asyncio thread
+//! are in read(2) and its worker thread in futex(2): their stacks are then
+//! still. Checked:
 //! - the main thread's frames, exactly: qualname, file and line of every
 //!   frame, the lines from the `# @name` markers of the script;
-//! - both threads' frames against CPython's own walk: faulthandler's dump of
-//!   every thread on SIGUSR1 (file, line and co_name of every frame);
-//! - both threads' frames against py-spy's `dump` (PyPI, installed with
+//! - every thread's frames against CPython's own walk: faulthandler's dump
+//!   of every thread on SIGUSR1 (file, line and co_name of every frame);
+//! - every thread's frames against py-spy's `dump` (PyPI, installed with
 //!   tests/python/venv.sh), an independent reader of the same memory. py-spy
 //!   0.4.3 leaves out each thread's outermost frame (`<module>`,
-//!   `Thread._bootstrap`) and, on 3.12+, frames of generators, which
-//!   CPython's faulthandler shows, and so does fdtrace: those are taken out
-//!   of fdtrace's list before comparing;
+//!   `Thread._bootstrap`) and, on 3.12+, frames of generators and
+//!   coroutines, which CPython's faulthandler shows, and so does fdtrace:
+//!   those are taken out of fdtrace's list before comparing;
 //! - the user frame: the main thread's innermost frame is the user's, the
 //!   worker's is `worker` via `queue Queue.get`;
+//! - a coroutine's frames are in its thread's chain, under the event loop's;
 //! - the version fdtrace reports is the interpreter's own.
 //!
 //! Interpreters come from pyenv (`$PYENV_ROOT`, else `pyenv root`, else
@@ -115,6 +117,7 @@ struct Stacks {
     child: Running,
     pid: u32,
     worker: u32,
+    aio: u32,
     script: String,
     /// Where faulthandler writes on SIGUSR1.
     dump: PathBuf,
@@ -170,17 +173,20 @@ fn start_stacks(python: &Path) -> Stacks {
         .unwrap_or_else(|e| panic!("stacks.py printed {first:?}, not JSON: {e}"));
     let pid = v["pid"].as_u64().expect("pid") as u32;
     let worker = v["worker"].as_u64().expect("worker") as u32;
+    let aio = v["aio"].as_u64().expect("aio") as u32;
     assert_eq!(pid, child.0.id(), "stacks.py's pid");
     let start = Instant::now();
     while blocked_in(pid, pid).as_deref() != Some(SYS_READ)
+        || blocked_in(pid, aio).as_deref() != Some(SYS_READ)
         || blocked_in(pid, worker).as_deref() != Some(SYS_FUTEX)
     {
         assert!(
             start.elapsed() < SETTLE_TIMEOUT,
             "stacks.py under {} did not block in read and futex within {SETTLE_TIMEOUT:?} \
-             (main: {:?}, worker: {:?})",
+             (main: {:?}, aio: {:?}, worker: {:?})",
             python.display(),
             blocked_in(pid, pid),
+            blocked_in(pid, aio),
             blocked_in(pid, worker)
         );
         thread::sleep(Duration::from_millis(20));
@@ -189,6 +195,7 @@ fn start_stacks(python: &Path) -> Stacks {
         child,
         pid,
         worker,
+        aio,
         script: script.to_string_lossy().into_owned(),
         dump,
         lines,
@@ -268,9 +275,8 @@ fn py_spy(venv: &Path, pid: u32) -> HashMap<u64, Vec<String>> {
         .collect()
 }
 
-/// CPython's own stacks of every thread, from faulthandler: native thread
-/// id is not in its dump, so threads are keyed by their innermost frame's
-/// function name; each frame is (file, line, co_name).
+/// CPython's own stacks of every thread, from faulthandler (which does not
+/// give native thread ids); each frame is (file, line, co_name).
 fn faulthandler_stacks(s: &Stacks) -> Vec<Vec<(String, u32, String)>> {
     // SAFETY: kill has no memory effects; the pid is our child's.
     assert_eq!(
@@ -381,13 +387,29 @@ fn check(python: &Path) {
     );
     assert!(wf[1].starts_with("Queue.get ("), "worker frames {wf:?}");
     assert_eq!(wf[2], at("worker", "worker"));
-    assert_eq!(worker["user_frame"].as_str(), Some(wf[2].as_str()));
-    assert_eq!(worker["via"].as_str(), Some("queue Queue.get"));
-
     assert!(
         wf.last().unwrap().starts_with("Thread._bootstrap ("),
         "worker frames {wf:?}"
     );
+    assert_eq!(worker["user_frame"].as_str(), Some(wf[2].as_str()));
+    assert_eq!(worker["via"].as_str(), Some("queue Queue.get"));
+
+    let aio = py_stack(s.pid, s.aio);
+    let af = frames(&aio);
+    assert!(af.len() > 3, "aio frames {af:?}");
+    assert_eq!(
+        af[..2],
+        [at("inner", "inner"), at("fetch_async", "async")],
+        "aio frames {af:?}"
+    );
+    assert!(af.contains(&at("loop_thread", "loop")), "aio frames {af:?}");
+    assert!(
+        af.iter()
+            .any(|f| f.starts_with("BaseEventLoop.run_until_complete (")),
+        "aio frames {af:?}"
+    );
+    assert_eq!(aio["user_frame"].as_str(), Some(af[0].as_str()));
+
     let minor: u32 = main["python"]
         .as_str()
         .unwrap()
@@ -399,40 +421,41 @@ fn check(python: &Path) {
     let as_py_spy_shows = |frames: &[String]| -> Vec<String> {
         frames[..frames.len() - 1]
             .iter()
-            .filter(|f| minor < 12 || !f.starts_with("gen ("))
+            .filter(|f| minor < 12 || !(f.starts_with("gen (") || f.starts_with("fetch_async (")))
             .cloned()
             .collect()
     };
     let spy = py_spy(&venv, s.pid);
-    assert_eq!(
-        spy.get(&u64::from(s.pid)),
-        Some(&as_py_spy_shows(&want)),
-        "main: py-spy vs fdtrace"
-    );
-    assert_eq!(
-        spy.get(&u64::from(s.worker)),
-        Some(&as_py_spy_shows(&wf)),
-        "worker: py-spy vs fdtrace"
-    );
+    for (what, tid, ours) in [
+        ("main", s.pid, &want),
+        ("worker", s.worker, &wf),
+        ("aio", s.aio, &af),
+    ] {
+        assert_eq!(
+            spy.get(&u64::from(tid)),
+            Some(&as_py_spy_shows(ours)),
+            "{what}: py-spy vs fdtrace (all of fdtrace's: {ours:?})"
+        );
+    }
 
     let cpython = faulthandler_stacks(&s);
-    assert_eq!(cpython.len(), 2, "faulthandler's threads: {cpython:?}");
-    let main_cp = cpython
-        .iter()
-        .find(|t| t[0].2 == "inner")
-        .expect("main thread in the dump");
-    let worker_cp = cpython
-        .iter()
-        .find(|t| t[0].2 == "wait")
-        .expect("worker thread in the dump");
-    assert!(
-        same_as_cpython(&want, main_cp),
-        "main: fdtrace {want:?}, faulthandler {main_cp:?}"
-    );
-    assert!(
-        same_as_cpython(&wf, worker_cp),
-        "worker: fdtrace {wf:?}, faulthandler {worker_cp:?}"
-    );
+    assert_eq!(cpython.len(), 3, "faulthandler's threads: {cpython:?}");
+    let with = |name: &str| {
+        cpython
+            .iter()
+            .find(|t| t.iter().any(|f| f.2 == name))
+            .unwrap_or_else(|| panic!("no thread with {name} in faulthandler's {cpython:?}"))
+    };
+    for (what, ours, theirs) in [
+        ("main", &want, with("<module>")),
+        ("worker", &wf, with("worker")),
+        ("aio", &af, with("loop_thread")),
+    ] {
+        assert!(
+            same_as_cpython(ours, theirs),
+            "{what}: fdtrace {ours:?}, faulthandler {theirs:?}"
+        );
+    }
     drop(s.child);
 }
 
