@@ -4,6 +4,7 @@
 //! same on both sides and no byte of a map value is left uninitialised.
 #![no_std]
 
+pub mod python;
 pub mod syscalls;
 
 /// Kind of object behind an fd, decided by the syscall that created it (or, for

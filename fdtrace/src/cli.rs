@@ -126,6 +126,14 @@ pub enum Command {
     /// kernel's floor for it, measured by `cargo xtask bench`
     #[command(hide = true)]
     NoopHooks,
+    /// Print the Python stack of a thread of the --pid process, read from
+    /// its memory (no BPF): for tests, and to check a process's frames
+    #[command(hide = true)]
+    PyStack {
+        /// The thread (default: the main thread)
+        #[arg(long, value_name = "TID")]
+        tid: Option<u32>,
+    },
 }
 
 /// Largest `--max-fds` the kernel accepts. A hash map's bucket array is

@@ -7,6 +7,7 @@ mod leaks;
 mod loader;
 mod output;
 mod procfd;
+mod python;
 mod scan;
 mod seed;
 mod spawn;
@@ -18,6 +19,16 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_checked();
+    if let Some(cli::Command::PyStack { tid }) = cli.command {
+        let [pid] = cli.pids[..] else {
+            eprintln!("fdtrace: py-stack needs one --pid");
+            return ExitCode::from(2);
+        };
+        return python::py_stack(pid, tid, cli.json).unwrap_or_else(|e| {
+            eprintln!("fdtrace: {e:#}");
+            error::exit_code(&e)
+        });
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,0 +1,140 @@
+//! Python call sites: which CPython a traced process runs and where its
+//! structures are (the layout the kernel side's walker needs), the
+//! user-space walk of a thread's Python frames, their symbolization
+//! (qualname, file, line) while the process lives, and the user's own frame.
+mod code;
+mod layout;
+mod locate;
+mod mem;
+mod user;
+mod walk;
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result, bail};
+use fdtrace_common::python::PyFrame;
+use serde_json::json;
+
+pub use code::SymFrame;
+pub use locate::Interpreter;
+pub use user::UserFrame;
+
+use crate::error::Fatal;
+
+/// A Python process whose frames can be read.
+pub struct PyProc {
+    pub interp: Interpreter,
+    mem: mem::Mem,
+    codes: code::Codes,
+}
+
+impl PyProc {
+    /// Ok(None) when `pid` runs no CPython; Err with the reason, worded for
+    /// the notice shown once per process, when it runs one whose frames
+    /// cannot be read.
+    pub fn attach(pid: u32) -> Result<Option<PyProc>, String> {
+        let why = |e: &dyn std::fmt::Display| {
+            format!("Python frames are not available for pid {pid}: {e}")
+        };
+        let mem =
+            mem::Mem::open(pid).map_err(|e| why(&format!("cannot open /proc/{pid}/mem: {e}")))?;
+        let interp = match locate::locate(pid, &mem) {
+            Ok(Some(i)) => i,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(why(&e)),
+        };
+        Ok(Some(PyProc {
+            interp,
+            mem,
+            codes: code::Codes::default(),
+        }))
+    }
+
+    /// Thread `tid`'s frames, innermost first, at most `max`.
+    pub fn stack(&self, tid: u32, max: usize) -> Result<Vec<PyFrame>, walk::WalkError> {
+        let l = &self.interp.layout;
+        let ts = walk::thread_state(&self.mem, l, tid)?;
+        walk::frames(&self.mem, l, ts, max)
+    }
+
+    /// `frames` symbolized, each with the reason when its code object could
+    /// not be read.
+    pub fn symbolize(&mut self, frames: &[PyFrame]) -> Vec<(SymFrame, Option<code::CodeError>)> {
+        frames
+            .iter()
+            .map(|&f| self.codes.frame(&self.mem, &self.interp.layout, f))
+            .collect()
+    }
+
+    pub fn user_frame(&self, frames: &[SymFrame]) -> Option<UserFrame> {
+        self.interp.libraries.user_frame(frames)
+    }
+}
+
+/// Frames `py-stack` shows at most; deeper than the kernel's capture
+/// (PY_MAX_FRAMES), so a test can tell where the kernel's stops.
+const PY_STACK_MAX: usize = 256;
+
+/// `fdtrace py-stack`: prints the Python stack of one thread, read from
+/// user space.
+pub fn py_stack(pid: u32, tid: Option<u32>, as_json: bool) -> Result<ExitCode> {
+    let tid = tid.unwrap_or(pid);
+    if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+        return Err(Fatal::Usage(format!("no thread {tid} in process {pid}")).into());
+    }
+    let mut p = match PyProc::attach(pid) {
+        Ok(Some(p)) => p,
+        Ok(None) => bail!("process {pid} runs no CPython"),
+        Err(why) => bail!(why),
+    };
+    let frames = p
+        .stack(tid, PY_STACK_MAX)
+        .with_context(|| format!("pid {pid} tid {tid}"))?;
+    let syms = p.symbolize(&frames);
+    let plain: Vec<SymFrame> = syms.iter().map(|(s, _)| s.clone()).collect();
+    let user = p.user_frame(&plain);
+    let binary = p.interp.binary.display().to_string();
+    if as_json {
+        let frames: Vec<_> = frames
+            .iter()
+            .zip(&syms)
+            .map(|(f, (s, err))| {
+                let mut o = json!({
+                    "code": format!("{:#x}", f.code),
+                    "offset": f.offset,
+                    "frame": s.to_string(),
+                });
+                if let Some(e) = err {
+                    o["error"] = json!(e.to_string());
+                }
+                o
+            })
+            .collect();
+        let o = json!({
+            "pid": pid,
+            "tid": tid,
+            "python": p.interp.version.to_string(),
+            "binary": binary,
+            "frames": frames,
+            "user_frame": user.as_ref().map(|u| u.frame.clone()),
+            "via": user.as_ref().and_then(|u| u.via.clone()),
+        });
+        println!("{o}");
+    } else {
+        println!(
+            "pid {pid} tid {tid}: CPython {} ({binary})",
+            p.interp.version
+        );
+        for (i, (s, err)) in syms.iter().enumerate() {
+            match err {
+                Some(e) => println!("  #{i:<3} {s}: {e}"),
+                None => println!("  #{i:<3} {s}"),
+            }
+        }
+        match user {
+            Some(u) => println!("user frame: {u}"),
+            None => println!("user frame: none (only the standard library's and packages' code)"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,84 @@
+"""The field report's agent: an httpx.AsyncClient() per request, never closed.
+
+fetch_data_wrong() makes a new AsyncClient for every request and never
+closes it, so every request leaves a connected socket behind (in
+CLOSE_WAIT once the server drops the idle connection); fetch_data_right()
+shares one client and is healthy. Against keepalive_server.py, started as
+a child unless --url is given. Bounded: --requests requests at --rate per
+second, then it exits.
+
+  py=$(tests/python/venv.sh python3)      # a venv with httpx
+  sudo fdtrace run -- "$py" tests/python/agent.py
+
+Prints `ready <pid>` before the first request.
+"""
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+# Every client fetch_data_wrong made. The service of the field report kept
+# its clients reachable (in per-request state that outlived the request);
+# a client nothing refers to is closed by CPython's garbage collector
+# sooner or later, which hides the leak in a short test.
+clients = []
+
+
+async def fetch_data_wrong(url):
+    client = httpx.AsyncClient()
+    clients.append(client)
+    response = await client.get(url)  # @leak: the client is never closed
+    return response.json()
+
+
+async def fetch_data_right(client, url):
+    response = await client.get(url)  # @healthy: one shared client
+    return response.json()
+
+
+def start_server():
+    here = os.path.dirname(os.path.abspath(__file__))
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(here, "keepalive_server.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = server.stdout.readline().split()
+    if line[:1] != ["ready"]:
+        sys.exit(f"agent: keepalive_server.py said {line!r}, not 'ready PORT'")
+    return server, f"http://127.0.0.1:{line[1]}/data"
+
+
+async def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", help="default: start keepalive_server.py")
+    ap.add_argument("--requests", type=int, default=150)
+    ap.add_argument("--rate", type=float, default=5.0, help="requests per second")
+    args = ap.parse_args()
+    server = None
+    url = args.url
+    if url is None:
+        server, url = start_server()
+    print(f"ready {os.getpid()}", flush=True)
+    async with httpx.AsyncClient() as shared:
+        start = time.monotonic()
+        for k in range(args.requests):
+            # Paced on the clock: the k-th request at start + k/rate.
+            delay = start + k / args.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await fetch_data_wrong(url)
+            await fetch_data_right(shared, url)
+    if server is not None:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
