@@ -168,7 +168,10 @@ pub fn write_image(bin_dir: &Path, out: &Path) -> Result<()> {
     let image = oci::Image {
         name: IMAGE,
         files: &files,
-        entrypoint: &["/bin/fdloop"],
+        // A command, not an entrypoint: `ctr run` and `podman run`
+        // arguments then both replace it.
+        entrypoint: &[],
+        cmd: &["/bin/fdloop"],
     };
     oci::write_archive(&image, out).map_err(|e| format!("writing {}: {e}", out.display()))
 }
@@ -317,25 +320,11 @@ impl Containerd {
             .spawn()
             .map_err(|e| format!("ctr run: {e}"))?;
         let stdin = ctr.stdin.take();
-        let stdout = ctr.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
-        });
-        let first_line = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(line)) if !line.is_empty() => line.trim_end().to_owned(),
-            other => {
-                let _ = ctr.kill();
-                let _ = ctr.wait();
-                let log = fs::read_to_string(self.dir.path().join(format!("ctr-{}.log", spec.id)))
-                    .unwrap_or_default();
-                return Err(format!(
-                    "container {} wrote no line ({other:?}); ctr said:\n{log}",
-                    spec.id
-                ));
-            }
-        };
+        let first_line = first_line(&mut ctr, START_TIMEOUT).map_err(|e| {
+            let log = fs::read_to_string(self.dir.path().join(format!("ctr-{}.log", spec.id)))
+                .unwrap_or_default();
+            format!("container {}: {e}; ctr said:\n{log}", spec.id)
+        })?;
         self.tasks.push(Task { ctr, stdin });
         Ok(Started {
             id: spec.id.to_owned(),
@@ -559,4 +548,140 @@ pub fn proc_v2_path(pid: u32) -> Result<String> {
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_owned)
         .ok_or_else(|| format!("/proc/{pid}/cgroup has no 0:: line:\n{text}"))
+}
+
+/// podman (Debian's, with runc: crun refuses hybrid cgroups) with a
+/// `containers.conf` of the test's own (`CONTAINERS_CONF`): runc, the
+/// cgroupfs manager (no systemd here), file events, and fd limits root may
+/// set here. Its storage is the default one
+/// (`/var/lib/containers/storage`), where attribution looks.
+pub struct Podman {
+    dir: tempfile::TempDir,
+    /// Containers created (by name), removed on drop.
+    names: Vec<String>,
+    runs: Vec<Task>,
+}
+
+/// The `containers.conf` the tests run podman with.
+const CONTAINERS_CONF: &str = r#"[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+"#;
+
+impl Podman {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("fdtrace-podman-")
+            .tempdir()
+            .map_err(|e| format!("temporary directory: {e}"))?;
+        let conf = dir.path().join("containers.conf");
+        fs::write(&conf, CONTAINERS_CONF).map_err(|e| format!("{}: {e}", conf.display()))?;
+        Ok(Podman {
+            dir,
+            names: Vec::new(),
+            runs: Vec::new(),
+        })
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", self.dir.path().join("containers.conf"));
+        cmd
+    }
+
+    /// Runs `podman ARGS` and returns its stdout.
+    pub fn podman(&self, args: &[&str]) -> Result<String> {
+        run_tool(self.command().args(args))
+    }
+
+    /// Loads an image archive and checks it is listed.
+    pub fn load(&self, archive: &Path) -> Result<()> {
+        let path = archive.to_str().ok_or("archive path is not UTF-8")?;
+        self.podman(&["load", "-i", path])?;
+        self.podman(&["image", "exists", IMAGE])
+            .map(drop)
+            .map_err(|e| format!("{IMAGE} not there after the load: {e}"))
+    }
+
+    /// Starts container `name` of the test image and waits for its first
+    /// line; returns its id and host pid.
+    pub fn run(
+        &mut self,
+        name: &str,
+        annotations: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Started> {
+        let mut cmd = self.command();
+        cmd.args(["run", "-i", "--name", name]);
+        for (k, v) in annotations {
+            cmd.arg("--annotation").arg(format!("{k}={v}"));
+        }
+        cmd.arg(IMAGE).args(args);
+        let log = self.dir.path().join(format!("run-{name}.log"));
+        let stderr = fs::File::create(&log).map_err(|e| e.to_string())?;
+        self.names.push(name.to_owned());
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("podman run (apt-get install podman runc): {e}"))?;
+        let stdin = child.stdin.take();
+        let first_line = first_line(&mut child, START_TIMEOUT).map_err(|e| {
+            format!(
+                "container {name}: {e}; podman said:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+        self.runs.push(Task { ctr: child, stdin });
+        let inspect = self.podman(&["inspect", "-f", "{{.Id}} {{.State.Pid}}", name])?;
+        let (id, pid) = inspect
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("podman inspect: {inspect:?}"))?;
+        Ok(Started {
+            id: id.to_owned(),
+            host_pid: pid
+                .parse()
+                .map_err(|e| format!("podman inspect pid {pid:?}: {e}"))?,
+            first_line,
+        })
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = self.podman(&["rm", "-f", "-t", "0", name]);
+        }
+        for run in &mut self.runs {
+            drop(run.stdin.take());
+            let _ = run.ctr.kill();
+            let _ = run.ctr.wait();
+        }
+        let _ = self.podman(&["rmi", "-f", IMAGE]);
+    }
+}
+
+/// The first line a child writes on its stdout (piped), within `timeout`;
+/// the child is killed if it writes none.
+fn first_line(child: &mut Child, timeout: Duration) -> Result<String> {
+    let stdout = child.stdout.take().ok_or("stdout not piped")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(line)) if !line.is_empty() => Ok(line.trim_end().to_owned()),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("no line on stdout ({other:?})"))
+        }
+    }
 }

@@ -5,8 +5,11 @@
 //! host's files alone; a host process in a hand-made cgroup must be named by
 //! that cgroup only.
 //!
-//! Needs root, containerd and ctr (`apt-get install containerd`), and a
-//! cgroup v2 hierarchy (pure or hybrid). Never skips: a missing part fails.
+//! The same for podman's own containers, named from podman's state.
+//!
+//! Needs root, containerd and ctr (`apt-get install containerd`), podman
+//! and runc (`apt-get install podman runc`), and a cgroup v2 hierarchy
+//! (pure or hybrid). Never skips: a missing part fails.
 
 use std::fs;
 use std::io::{BufRead as _, BufReader};
@@ -14,10 +17,10 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use fdtrace_tests::containers::attribution::bundle::Source;
-use fdtrace_tests::containers::attribution::cgroup::Qos;
+use fdtrace_tests::containers::attribution::cgroup::{Qos, Runtime};
 use fdtrace_tests::containers::attribution::{Attributor, Identity};
 use fdtrace_tests::containers::{
-    Containerd, HandMadeCgroup, RunSpec, Started, proc_v2_path, random_id, random_pod_uid,
+    Containerd, HandMadeCgroup, Podman, RunSpec, Started, proc_v2_path, random_id, random_pod_uid,
     require_root, static_binaries, write_image,
 };
 use serde_json::Value;
@@ -249,4 +252,62 @@ fn host_processes_are_named_by_their_cgroup() {
 
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn podman_containers_are_named_from_podman_state() {
+    require_root().unwrap();
+    let bins = static_binaries().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    write_image(&bins, &archive).unwrap();
+    let mut podman = Podman::new().unwrap();
+    podman.load(&archive).unwrap();
+
+    // Plain podman: its own name for the container, no pod.
+    let name = format!("fdtrace-test-{}", &random_id()[..12]);
+    let plain = podman
+        .run(&name, &[], &["/bin/fdloop", "hold", "4"])
+        .unwrap();
+    check_hold_line(&plain, 4);
+    assert_eq!(
+        proc_v2_path(plain.host_pid).unwrap(),
+        format!("/libpod_parent/libpod-{}", plain.id)
+    );
+    let id = identify(plain.host_pid);
+    assert_eq!(id.pid_in_container, Some(1));
+    assert_eq!(id.cgroup.container_id.as_deref(), Some(plain.id.as_str()));
+    assert_eq!(id.cgroup.runtime, Some(Runtime::Podman));
+    assert_eq!((id.cgroup.pod_uid.as_deref(), id.cgroup.qos), (None, None));
+    let names = id
+        .names
+        .as_ref()
+        .expect("bundle read")
+        .as_ref()
+        .expect("bundle found");
+    assert_eq!(names.source, Source::Storage);
+    assert_eq!(names.container.as_deref(), Some(name.as_str()));
+    assert_eq!((&names.pod, &names.namespace), (&None, &None));
+
+    // With the annotations CRI-O sets: the Kubernetes names win.
+    let name = format!("fdtrace-test-{}", &random_id()[..12]);
+    let uid = random_pod_uid();
+    let crio = podman
+        .run(
+            &name,
+            &[
+                ("io.kubernetes.pod.name", "api-7"),
+                ("io.kubernetes.pod.namespace", "prod"),
+                ("io.kubernetes.pod.uid", &uid),
+                ("io.kubernetes.container.name", "server"),
+            ],
+            &["/bin/fdloop", "hold", "1"],
+        )
+        .unwrap();
+    let id = identify(crio.host_pid);
+    let names = id.names.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(names.pod.as_deref(), Some("api-7"));
+    assert_eq!(names.namespace.as_deref(), Some("prod"));
+    assert_eq!(names.container.as_deref(), Some("server"));
+    assert_eq!(id.pod_uid(), Some(uid.as_str()));
 }

@@ -34,7 +34,10 @@ pub struct Image<'a> {
     /// The full reference it is imported as (`docker.io/library/x:1`).
     pub name: &'a str,
     pub files: &'a [File],
+    /// The OCI `Entrypoint` (run arguments are appended to it) and `Cmd`
+    /// (run arguments replace it); empty ones are left out.
     pub entrypoint: &'a [&'a str],
+    pub cmd: &'a [&'a str],
 }
 
 /// A content-addressed blob.
@@ -57,13 +60,17 @@ impl Blob {
 /// Writes `image` as an OCI archive (a tar of the image layout) to `out`.
 pub fn write_archive(image: &Image, out: &Path) -> io::Result<()> {
     let layer = Blob::new(layer(image.files)?);
+    let mut run = json!({"Env": ["PATH=/bin"]});
+    if !image.entrypoint.is_empty() {
+        run["Entrypoint"] = json!(image.entrypoint);
+    }
+    if !image.cmd.is_empty() {
+        run["Cmd"] = json!(image.cmd);
+    }
     let config = Blob::new(serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {
-            "Entrypoint": image.entrypoint,
-            "Env": ["PATH=/bin"],
-        },
+        "config": run,
         "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
     }))?);
     let manifest = Blob::new(serde_json::to_vec(&json!({
@@ -166,6 +173,7 @@ mod tests {
                 mode: 0o755,
             }],
             entrypoint: &["/bin/hello"],
+            cmd: &[],
         };
         let out = dir.path().join("t.tar");
         write_archive(&image, &out).unwrap();
@@ -204,6 +212,7 @@ mod tests {
             manifest["layers"][0]["digest"]
         );
         assert_eq!(config["config"]["Entrypoint"][0], "/bin/hello");
+        assert!(config["config"].get("Cmd").is_none());
         let names: Vec<String> = tar::Archive::new(layer.as_slice())
             .entries()
             .unwrap()
