@@ -157,9 +157,20 @@ pub fn parse_path(path: &str) -> Result<CgroupInfo, CgroupError> {
             info.container_id = Some(c.id);
             info.runtime = c.runtime;
         }
-    } else if let Some(c) = components.iter().find_map(|c| container_of(c)) {
+    } else if let Some((at, c)) = components
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| Some((i, container_of(c)?)))
+    {
         info.container_id = Some(c.id);
-        info.runtime = c.runtime;
+        // A bare id says no runtime; docker's and podman's parents do.
+        info.runtime = c
+            .runtime
+            .or(match at.checked_sub(1).map(|i| components[i]) {
+                Some("docker") => Some(Runtime::Docker),
+                Some("libpod_parent") => Some(Runtime::Podman),
+                _ => None,
+            });
     }
     Ok(info)
 }
@@ -453,7 +464,20 @@ mod tests {
 
     #[test]
     fn docker_and_podman() {
-        check(&format!("/docker/{ID}"), Some(ID), None, None, None);
+        check(
+            &format!("/docker/{ID}"),
+            Some(ID),
+            Some(Runtime::Docker),
+            None,
+            None,
+        );
+        check(
+            &format!("/libpod_parent/{ID}"),
+            Some(ID),
+            Some(Runtime::Podman),
+            None,
+            None,
+        );
         check(
             &format!("/system.slice/docker-{ID}.scope"),
             Some(ID),
