@@ -240,7 +240,8 @@ impl Containerd {
             .prefix("fdtrace-containerd-")
             .tempdir()
             .map_err(|e| format!("temporary directory: {e}"))?;
-        let default = run_tool(Command::new("containerd").args(["config", "default"]))?;
+        let default = run_tool(Command::new("containerd").args(["config", "default"]))
+            .map_err(|e| format!("{e} (apt-get install containerd)"))?;
         let config = configure(&default, &dir.path().join("root"))?;
         let config_path = dir.path().join("config.toml");
         fs::write(&config_path, config).map_err(|e| format!("{}: {e}", config_path.display()))?;
@@ -580,11 +581,15 @@ impl Podman {
             .map_err(|e| format!("temporary directory: {e}"))?;
         let conf = dir.path().join("containers.conf");
         fs::write(&conf, CONTAINERS_CONF).map_err(|e| format!("{}: {e}", conf.display()))?;
-        Ok(Podman {
+        let podman = Podman {
             dir,
             names: Vec::new(),
             runs: Vec::new(),
-        })
+        };
+        podman
+            .podman(&["--version"])
+            .map_err(|e| format!("{e} (apt-get install podman runc)"))?;
+        Ok(podman)
     }
 
     fn command(&self) -> Command {
@@ -629,7 +634,7 @@ impl Podman {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("podman run (apt-get install podman runc): {e}"))?;
+            .map_err(|e| format!("podman run: {e}"))?;
         let stdin = child.stdin.take();
         let first_line = first_line(&mut child, START_TIMEOUT).map_err(|e| {
             format!(
