@@ -231,7 +231,9 @@ enum SavedBp {
 /// the stack: a wrong frame is worse than none. Where the unwinding reaches
 /// the frame whose frame pointer is the RBP the kernel's walk started from,
 /// the kernel's frames from there on are that frame's callers, and are kept;
-/// otherwise they came from a reused register and are dropped.
+/// otherwise they are dropped: they came from a reused register, or would
+/// follow a gap. Without call-frame information for frame 0 (code of no
+/// file) the kernel's frames stay as they are.
 fn repair(
     mem: &File,
     w: &StackWindow,
@@ -243,13 +245,17 @@ fn repair(
         w.words.get(usize::try_from(off / 8).ok()?).copied()
     };
     let mut read = |addr: u64, buf: &mut [u8]| mem.read_exact_at(buf, addr).is_ok();
-    let mut out = vec![ips[0]];
     // Frame 0 is at the instruction after the syscall; a caller's frame at
     // its call instruction, the byte before its return address.
-    let (mut ip, mut pc, mut sp, mut bp) = (ips[0], ips[0], w.sp, Some(w.bp));
+    let Some(mut r) = rules(ips[0]) else {
+        // Nothing known of frame 0 (no file, no tables): the kernel's walk
+        // stands as it is.
+        return;
+    };
+    let mut out = vec![ips[0]];
+    let (mut ip, mut sp, mut bp) = (ips[0], w.sp, Some(w.bp));
     let mut kernel_tail = false;
     while out.len() < MAX_FRAMES {
-        let Some(r) = rules(pc) else { break };
         if r.cfa == (X86_64::RBP, 16) && r.ra == -8 && bp == Some(w.bp) {
             // This frame's record is at the RBP the kernel's walk started
             // from: its return address is the kernel's frame 1.
@@ -283,7 +289,11 @@ fn repair(
             SavedBp::Lost => None,
         };
         out.push(ret);
-        (ip, pc, sp) = (ret, ret - 1, cfa);
+        (ip, sp) = (ret, cfa);
+        match rules(ret - 1) {
+            Some(next) => r = next,
+            None => break,
+        }
     }
     if kernel_tail && ips.get(1) != Some(&ip) {
         out.extend(ips.iter().skip(1).take(MAX_FRAMES - out.len()));
@@ -380,19 +390,21 @@ fn calls_into(
 #[derive(Default)]
 struct CfiCache {
     /// The file's tables, None when it has none.
-    files: HashMap<FileId, Option<Rc<Cfi>>>,
+    files: HashMap<FileId, Option<Cfi>>,
+    /// Bytes of tables held.
+    bytes: usize,
 }
 
 /// A mapped file: (device, inode).
 type FileId = ((i32, i32), u64);
 
-/// Files whose tables are kept at once; past this the cache starts over
-/// (each holds its `.eh_frame`, some hundreds of KiB).
-const MAX_CFI_FILES: usize = 256;
+/// Most bytes of tables kept at once (a C library's `.eh_frame` is some
+/// hundreds of KiB, a browser's tens of MiB); past this the cache starts
+/// over. A file is another process's data: it bounds what fdtrace keeps.
+const MAX_CFI_CACHE: usize = 256 << 20;
 
-/// Largest `.eh_frame` or `.eh_frame_hdr` read (a file is another
-/// process's data: bound what it makes fdtrace allocate).
-const MAX_CFI_BYTES: u64 = 64 << 20;
+/// Largest `.eh_frame` or `.eh_frame_hdr` read.
+const MAX_CFI_SECTION: u64 = 64 << 20;
 
 impl CfiCache {
     /// The unwind rules at address `pc` of process `pid`.
@@ -403,14 +415,18 @@ impl CfiCache {
         if m.inode == 0 {
             return None;
         }
-        if self.files.len() >= MAX_CFI_FILES {
-            self.files.clear();
+        let id = (m.dev, m.inode);
+        if !self.files.contains_key(&id) {
+            let cfi = Cfi::load(pid, m);
+            let size = cfi.as_ref().map_or(0, |c| c.hdr.len() + c.frame.len());
+            if self.bytes + size > MAX_CFI_CACHE {
+                self.files.clear();
+                self.bytes = 0;
+            }
+            self.bytes += size;
+            self.files.insert(id, cfi);
         }
-        let cfi = self
-            .files
-            .entry((m.dev, m.inode))
-            .or_insert_with(|| Cfi::load(pid, m).map(Rc::new))
-            .clone()?;
+        let cfi = self.files.get(&id)?.as_ref()?;
         let file_pc = cfi.file_addr(pc - m.address.0 + m.offset)?;
         let (func, row) = cfi.row(file_pc)?;
         // From the file's addresses to the process's (one segment).
@@ -466,7 +482,7 @@ impl Cfi {
         }
         let section = |name: &str| {
             let s = elf.section_by_name(name)?;
-            if s.size() > MAX_CFI_BYTES {
+            if s.size() > MAX_CFI_SECTION {
                 return None;
             }
             Some((s.address(), s.data().ok()?.to_vec()))
