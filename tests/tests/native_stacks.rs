@@ -48,19 +48,29 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A fresh directory for one test's files. Its name has no digits (the pid
-/// in letters): fdtrace shows numbers in paths as `N`, and the test finds its
-/// sites by their path.
-fn scratch(name: &str) -> PathBuf {
-    let tag: String = std::process::id()
-        .to_string()
-        .bytes()
-        .map(|b| char::from(b - b'0' + b'a'))
-        .collect();
-    let d = std::env::temp_dir().join(format!("fdtrace-{name}-{tag}"));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-    d
+/// A fresh directory for one test's files, removed when dropped (also when
+/// the test fails). Its name has no digits (the pid in letters): fdtrace
+/// shows numbers in paths as `N`, and the test finds its sites by their path.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let tag: String = std::process::id()
+            .to_string()
+            .bytes()
+            .map(|b| char::from(b - b'0' + b'a'))
+            .collect();
+        let d = std::env::temp_dir().join(format!("fdtrace-{name}-{tag}"));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        Scratch(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `[start, end)` of symbol `name` in `nm -S` output.
@@ -140,7 +150,8 @@ fn assert_no_repeat(stack: &[String], what: &str) {
 #[test]
 fn static_function_of_a_stripped_library_is_its_module_offset() {
     require_root();
-    let d = scratch("native-stacks");
+    let scratch = Scratch::new("native-stacks");
+    let d = &scratch.0;
     let lib_src = Path::new(NATIVE).join("stk_lib.c");
     let main_src = Path::new(NATIVE).join("stk_main.c");
     // Without frame pointers, no sibling calls (each function's frame is
@@ -186,7 +197,7 @@ fn static_function_of_a_stripped_library_is_its_module_offset() {
         .arg(&exe)
         .arg(&main_src)
         .arg("-L")
-        .arg(&d)
+        .arg(d)
         .arg("-lstk")
         .arg(format!("-Wl,-rpath,{}", d.display())));
     let target = d.join("target.txt");
@@ -257,7 +268,6 @@ fn static_function_of_a_stripped_library_is_its_module_offset() {
             "{ctx}: a frame names stk_neighbour"
         );
     }
-    let _ = fs::remove_dir_all(&d);
 }
 
 /// The interpreter that `python3` runs (not a pyenv shim: a shell script
@@ -272,7 +282,8 @@ fn python() -> PathBuf {
 /// run`; the stacks of the sites of DIR/`file`.
 fn python_stacks(script: &str, file: &str) -> Vec<Vec<String>> {
     require_root();
-    let d = scratch(script.trim_end_matches(".py"));
+    let scratch = Scratch::new(script.trim_end_matches(".py"));
+    let d = &scratch.0;
     let py = python();
     let script_path = format!("{LEAKERS}/{script}");
     let done = run_fdtrace(
@@ -297,9 +308,7 @@ fn python_stacks(script: &str, file: &str) -> Vec<Vec<String>> {
         done.status,
         done.stderr
     );
-    let stacks = stacks_of(&done.stdout, d.join(file).to_str().unwrap());
-    let _ = fs::remove_dir_all(&d);
-    stacks
+    stacks_of(&done.stdout, d.join(file).to_str().unwrap())
 }
 
 /// Frame 0 is libc's open; no frame twice in a row, none of the names that
