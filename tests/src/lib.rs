@@ -20,6 +20,8 @@
 //! Everything spawned is killed when the session is dropped, so a failed test
 //! leaves nothing running.
 
+pub mod prometheus;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
