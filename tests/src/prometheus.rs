@@ -27,6 +27,9 @@ use serde_json::Value;
 
 /// The shipped alert rules, relative to the workspace root.
 pub const RULE_FILE: &str = "deploy/prometheus/fdtrace-rules.yaml";
+/// The job name the rules expect for fdtrace's targets (FdtraceDown reads
+/// `up{job="fdtrace"}`): pass it to [`Prometheus::start`] for fdtrace.
+pub const FDTRACE_JOB: &str = "fdtrace";
 /// How long Prometheus may take to answer `/-/ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long until the first scrape's samples can be queried: Prometheus
@@ -625,6 +628,13 @@ mod tests {
             api_data(r#"{"status":"success","data":{"resultType":"scalar","result":[1,"2"]}}"#)
                 .expect("a success answer");
         assert!(parse_vector(&scalar).is_err());
+    }
+
+    #[test]
+    fn rules_name_the_fdtrace_job() {
+        let file = fs::read_to_string(workspace().join(RULE_FILE)).expect("the rule file");
+        let up = format!("up{{job=\"{FDTRACE_JOB}\"}}");
+        assert!(file.contains(&up), "{RULE_FILE} has no {up}");
     }
 
     #[test]
