@@ -3,7 +3,7 @@ use std::{ffi::OsString, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::leaks::Status;
+use crate::analysis::Status;
 
 const EXAMPLES: &str = "\
 Examples:

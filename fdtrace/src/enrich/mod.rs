@@ -1,0 +1,246 @@
+//! Phase 3: everything that reads /proc or symbols. Process identity and
+//! limits, fd labels and socket states, call-site stacks; its output is
+//! plain data for the analysis ([`crate::analysis::LabelledFd`], TCP states,
+//! symbolized stacks).
+pub mod label;
+pub mod process;
+pub mod symbols;
+
+use std::{os::fd::AsFd as _, rc::Rc, time::Duration};
+
+use fdtrace_common::{FD_PREEXISTING, FdKind};
+use foldhash::{HashMap as FastMap, HashMapExt as _, HashSet as FastSet};
+
+use crate::{
+    analysis::{Label, LabelledFd, TcpState, is_candidate},
+    kernel::{Kernel, map_batch::LiveFd},
+    procfd::ProcFd,
+};
+use label::{Links, Sockets};
+use symbols::Symbols;
+
+/// Labels of a process's live fds by (fd, creation time): each fd is read
+/// from /proc once, at the first report it survives to.
+#[derive(Default)]
+struct FdLabels {
+    /// With each label, the last labelling that saw the fd, so the labels of
+    /// closed fds can be dropped.
+    labels: FastMap<(u32, u64), (Label, u64)>,
+    /// One copy of each label text: a process holding 19 000 fds on one file
+    /// keeps one string, not 19 000.
+    texts: FastSet<Rc<str>>,
+    /// Labellings made, the stamp of `labels`.
+    stamp: u64,
+}
+
+impl FdLabels {
+    /// Caches the label of the fd `key` names, sharing its text.
+    fn remember(&mut self, key: (u32, u64), mut l: Label) {
+        match self.texts.get(&l.text) {
+            Some(t) => l.text = t.clone(),
+            None => {
+                self.texts.insert(l.text.clone());
+            }
+        }
+        self.labels.insert(key, (l, self.stamp));
+    }
+}
+
+/// What enrichment keeps of one process between reports.
+pub struct ProcessEnrichment {
+    pub comm: String,
+    pub ppid: Option<u32>,
+    labels: FdLabels,
+    /// The labelled fds of the last report, with the kernel table version
+    /// they were made from and their own version.
+    fds: Vec<LabelledFd>,
+    from_table: Option<u64>,
+    version: u64,
+    /// Every fd of `fds` is a candidate with a final label: they hold until
+    /// the table changes.
+    settled: bool,
+    has_sockets: bool,
+    tcp_states: FastMap<u64, TcpState>,
+}
+
+/// The enrichment of one process at one report.
+pub struct Enriched<'a> {
+    pub fds: &'a [LabelledFd],
+    pub version: u64,
+    pub tcp_states: &'a FastMap<u64, TcpState>,
+}
+
+impl ProcessEnrichment {
+    pub fn new(comm: String, ppid: Option<u32>) -> Self {
+        ProcessEnrichment {
+            comm,
+            ppid,
+            labels: FdLabels::default(),
+            fds: Vec::new(),
+            from_table: None,
+            version: 0,
+            settled: false,
+            has_sockets: false,
+            tcp_states: FastMap::new(),
+        }
+    }
+
+    /// From /proc, for a process found without an event naming it.
+    pub fn read(pid: u32) -> Self {
+        let info = process::info(pid).unwrap_or_default();
+        Self::new(info.comm, info.ppid)
+    }
+
+    /// Labels the fds found at attach from the walk that found them, so the
+    /// first report does not walk the table a second time. Pre-existing fds
+    /// have creation time 0 in the kernel map, and are cached under it.
+    pub fn seed_labels(&mut self, pid: u32, found: Vec<ProcFd>) {
+        let kinds: Vec<(u32, FdKind)> = found.iter().map(|f| (f.fd, f.kind)).collect();
+        let links = Links::walked(pid, found);
+        let mut sockets = None;
+        for (fd, kind) in kinds {
+            if let Some(l) = label::label(&links, fd, kind, 0, &mut sockets)
+                && !l.provisional
+            {
+                self.labels.remember((fd, 0), l);
+            }
+        }
+    }
+
+    /// The process exited: what was kept about its fds goes.
+    pub fn forget_fds(&mut self) {
+        self.labels = FdLabels::default();
+        self.fds = Vec::new();
+        self.from_table = None;
+        self.tcp_states = FastMap::new();
+    }
+
+    /// Labels `table` (the kernel's live fds of `pid`, `table_version`
+    /// changing whenever they do) and reads the TCP states of its sockets.
+    /// Labelled fds that hold are not looked at again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enrich(
+        &mut self,
+        k: &Kernel,
+        symbols: &mut Symbols,
+        pid: u32,
+        table: &[LiveFd],
+        table_version: u64,
+        now_ns: u64,
+        min_age: Duration,
+    ) -> Enriched<'_> {
+        // Sockets change state without a syscall of the process's: their
+        // table is read at every report, once.
+        let mut sockets: Option<Sockets> = None;
+        if !(self.settled && self.from_table == Some(table_version)) {
+            self.label(k, symbols, pid, table, now_ns, min_age, &mut sockets);
+            self.from_table = Some(table_version);
+            self.version += 1;
+        }
+        self.tcp_states = if self.has_sockets {
+            sockets
+                .get_or_insert_with(|| Sockets::read(pid))
+                .tcp_states()
+        } else {
+            FastMap::new()
+        };
+        Enriched {
+            fds: &self.fds,
+            version: self.version,
+            tcp_states: &self.tcp_states,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn label(
+        &mut self,
+        k: &Kernel,
+        symbols: &mut Symbols,
+        pid: u32,
+        table: &[LiveFd],
+        now_ns: u64,
+        min_age: Duration,
+        sockets: &mut Option<Sockets>,
+    ) {
+        let min_age_ns = min_age.as_nanos() as u64;
+        let labels = &mut self.labels;
+        labels.stamp += 1;
+        let stamp = labels.stamp;
+        let mut unlabelled = 0;
+        for f in table {
+            match labels.labels.get_mut(&(f.fd, f.info.created_ns)) {
+                Some(e) => e.1 = stamp,
+                None => unlabelled += 1,
+            }
+        }
+        // Labels of fds closed since the last labelling.
+        labels.labels.retain(|_, e| e.1 == stamp);
+        // The old list goes first, so that the texts only it held are let go.
+        self.fds = Vec::new();
+        labels.texts.retain(|t| Rc::strong_count(t) > 1);
+        let links = if unlabelled > 0 {
+            Links::open(k.names.as_fd(), pid, unlabelled)
+        } else {
+            None
+        };
+        let mut out = Vec::with_capacity(table.len());
+        let (mut settled, mut has_sockets) = (true, false);
+        for f in table {
+            let preexisting = f.info.flags & FD_PREEXISTING != 0;
+            let kind = FdKind::from_u8(f.info.kind);
+            let key = (f.fd, f.info.created_ns);
+            let label = if !is_candidate(preexisting, f.info.created_ns, now_ns, min_age_ns) {
+                None
+            } else if let Some((l, _)) = labels.labels.get(&key) {
+                Some(l.clone())
+            } else {
+                let found = links
+                    .as_ref()
+                    .and_then(|d| label::label(d, f.fd, kind, f.info.detail, sockets));
+                match found {
+                    // Cached with its text shared.
+                    Some(l) if !l.provisional => {
+                        labels.remember(key, l);
+                        labels.labels.get(&key).map(|(l, _)| l.clone())
+                    }
+                    other => other,
+                }
+            };
+            match &label {
+                None => settled = false,
+                Some(l) => {
+                    settled &= !l.provisional;
+                    has_sockets |= l.socket_inode.is_some();
+                }
+            }
+            out.push(LabelledFd {
+                fd: f.fd,
+                created_ns: f.info.created_ns,
+                preexisting,
+                kind,
+                stack: symbols.site(k, pid, f.info.site),
+                label,
+            });
+        }
+        self.fds = out;
+        self.settled = settled;
+        self.has_sockets = has_sockets;
+    }
+}
+
+/// "7 (pipe)" for each fd of `held`, named from /proc (or the names walk
+/// when there are many).
+pub fn describe_fds(k: &Kernel, pid: u32, held: &[LiveFd]) -> Vec<String> {
+    let mut sockets = None;
+    let links = Links::open(k.names.as_fd(), pid, held.len());
+    held.iter()
+        .map(|&LiveFd { fd, info }| {
+            let kind = FdKind::from_u8(info.kind);
+            let what = links
+                .as_ref()
+                .and_then(|d| label::label(d, fd, kind, info.detail, &mut sockets))
+                .map_or(kind.name().to_string(), |l| l.text.to_string());
+            format!("{fd} ({what})")
+        })
+        .collect()
+}
