@@ -46,7 +46,8 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::Proc
     let flags = if follow { PROC_FOLLOW } else { 0 };
     // Already traced: a followed child of another traced process.
     k.register(pid, &ProcStats::new(pid, flags))?;
-    iterators::list(k.seed.as_fd(), pid).with_context(|| format!("reading the fd table of pid {pid}"))
+    iterators::list(k.seed.as_fd(), pid)
+        .with_context(|| format!("reading the fd table of pid {pid}"))
 }
 
 /// How long to wait before re-checking a non-zero drift: a syscall that has

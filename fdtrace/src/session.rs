@@ -373,9 +373,7 @@ impl Session {
         let Some(p) = self.procs.get_mut(&pid) else {
             return Ok(());
         };
-        let totals = totals
-            .or(p.analysis.last_totals())
-            .unwrap_or_default();
+        let totals = totals.or(p.analysis.last_totals()).unwrap_or_default();
         if !p.analysis.exit(totals) {
             return Ok(());
         }

@@ -261,8 +261,8 @@ mod tests {
 
     #[test]
     fn inherited_lists_the_fds() {
-        let f = inherited("sh", vec!["3 (pipe)".into(), "7 (/tmp/x)".into()], 0.0)
-            .expect("a finding");
+        let f =
+            inherited("sh", vec!["3 (pipe)".into(), "7 (/tmp/x)".into()], 0.0).expect("a finding");
         assert_eq!(
             f.message,
             "sh started holding 2 fds it did not open (inherited without close-on-exec): 3 (pipe), 7 (/tmp/x)"

@@ -15,9 +15,9 @@ use fdtrace_common::FdKind;
 use foldhash::{HashMap as FastMap, HashMapExt as _};
 
 use super::{
-    Finding, FindingKind, LabelledFd, ProcessFigures, ProcessReport, ProcessSample,
-    ProcessSummary, Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals,
-    close_wait, is_candidate, leak, pct_used, seconds_to_emfile, status,
+    Finding, FindingKind, LabelledFd, ProcessFigures, ProcessReport, ProcessSample, ProcessSummary,
+    Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals, close_wait,
+    is_candidate, leak, pct_used, seconds_to_emfile, status,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -455,12 +455,7 @@ impl ProcessAnalysis {
     }
 
     /// The process's line of the closing summary.
-    pub fn summary(
-        &self,
-        pid: u32,
-        comm: &str,
-        stacks: &HashMap<u64, Stack>,
-    ) -> ProcessSummary {
+    pub fn summary(&self, pid: u32, comm: &str, stacks: &HashMap<u64, Stack>) -> ProcessSummary {
         let (emfile, enfile) = self.last.map_or((0, 0), |l| (l.emfile, l.enfile));
         let totals = self.exited.or(self.last_totals()).unwrap_or_default();
         ProcessSummary {
@@ -491,4 +486,307 @@ impl ProcessAnalysis {
 /// site and call.
 pub fn fd_error_key(stack: u64, syscall: &str) -> String {
     format!("emfile {stack} {syscall}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{Counts, Label, LabelledFd};
+
+    const TH: Thresholds = Thresholds {
+        warn_pct: 80.0,
+        crit_pct: 90.0,
+        warn_within: Duration::from_secs(3600),
+        crit_within: Duration::from_secs(300),
+    };
+
+    fn cfg() -> Config {
+        Config {
+            window: Duration::from_secs(60),
+            min_age: Duration::ZERO,
+            thresholds: TH,
+            top: 10,
+        }
+    }
+
+    fn fd(fd: u32, created_s: u64, text: &str) -> LabelledFd {
+        LabelledFd {
+            fd,
+            created_ns: created_s * 1_000_000_000 + 1,
+            preexisting: false,
+            kind: FdKind::File,
+            stack: 7,
+            label: Some(Label {
+                text: text.into(),
+                socket_inode: None,
+                provisional: false,
+            }),
+        }
+    }
+
+    struct Run {
+        a: ProcessAnalysis,
+        fds: Vec<LabelledFd>,
+        version: u64,
+        tcp: FastMap<u64, TcpState>,
+        stacks: HashMap<u64, Stack>,
+    }
+
+    impl Run {
+        fn new(cfg: Config) -> Self {
+            Run {
+                a: ProcessAnalysis::new(cfg),
+                fds: Vec::new(),
+                version: 0,
+                tcp: FastMap::new(),
+                stacks: HashMap::new(),
+            }
+        }
+
+        /// A report at second `t` with the fds now in `self.fds`.
+        fn report(&mut self, t: u64, soft_limit: Option<u64>) -> ProcessReport {
+            self.version += 1;
+            let counts = Counts {
+                open_fds: self.fds.len() as u64,
+                opened: self.fds.len() as u64,
+                ..Counts::default()
+            };
+            self.a.update(&ProcessSample {
+                pid: 42,
+                ppid: Some(1),
+                comm: "leaker",
+                ts: 1000.0 + t as f64,
+                t: t as f64,
+                now_ns: t * 1_000_000_000 + 2,
+                soft_limit,
+                hard_limit: soft_limit,
+                counts,
+                drift: Some(0),
+                resync: None,
+                fds: &self.fds,
+                fds_version: self.version,
+                tcp_states: &self.tcp,
+                stacks: &self.stacks,
+            })
+        }
+    }
+
+    /// Two new fds of one file every second for `secs` seconds.
+    fn leaking(secs: u64) -> (Run, Vec<ProcessReport>) {
+        let mut r = Run::new(cfg());
+        let mut reports = Vec::new();
+        for t in 0..secs {
+            let n = r.fds.len() as u32;
+            r.fds.push(fd(n + 3, t, "/tmp/log-N.txt"));
+            r.fds.push(fd(n + 4, t, "/tmp/log-N.txt"));
+            reports.push(r.report(t, Some(1024)));
+        }
+        (r, reports)
+    }
+
+    #[test]
+    fn a_growing_site_is_a_leak_once() {
+        let (_, reports) = leaking(10);
+        let leaks: Vec<&Finding> = reports
+            .iter()
+            .flat_map(|r| &r.findings)
+            .filter(|f| f.kind == FindingKind::Leak)
+            .collect();
+        assert_eq!(leaks.len(), 1);
+        let last = reports.last().unwrap();
+        assert!((last.figures.leak_per_s - 2.0).abs() < 1e-9);
+        assert_eq!(last.sites.len(), 1);
+        assert_eq!(last.sites[0].open_fds, 20);
+        assert!((last.sites[0].leak_per_s - 2.0).abs() < 1e-9);
+        assert_eq!(&*last.sites[0].resource, "/tmp/log-N.txt");
+        // (1024 - 20) / 2
+        assert_eq!(last.figures.seconds_to_emfile, Some(502.0));
+        assert_eq!(last.figures.status, Status::Warning);
+    }
+
+    #[test]
+    fn the_summary_shows_current_figures_of_a_finding() {
+        let (r, reports) = leaking(12);
+        let first = reports
+            .iter()
+            .flat_map(|r| &r.findings)
+            .find(|f| f.kind == FindingKind::Leak)
+            .expect("a leak finding")
+            .clone();
+        let summary = r.a.summary(42, "leaker", &r.stacks);
+        let f = summary
+            .findings
+            .iter()
+            .find(|f| f.kind == FindingKind::Leak)
+            .expect("the leak in the summary");
+        // First seen when it was first reported, figures of now.
+        assert_eq!(f.first_seen_ts, first.first_seen_ts);
+        assert_eq!(f.count, Some(24));
+        assert!(f.message.contains("24 open, oldest 11s"), "{}", f.message);
+        assert_ne!(f.message, first.message);
+        assert_eq!(summary.sites.len(), 1);
+        assert_eq!(summary.totals.open_fds, 24);
+    }
+
+    #[test]
+    fn an_idle_process_has_no_rate_and_no_forecast() {
+        let mut r = Run::new(cfg());
+        r.fds = (3..50).map(|n| fd(n, 0, "/etc/hosts")).collect();
+        let mut last = None;
+        for t in 0..30 {
+            last = Some(r.report(t, Some(1024)));
+        }
+        let last = last.unwrap();
+        assert_eq!(last.figures.leak_per_s, 0.0);
+        assert_eq!(last.figures.seconds_to_emfile, None);
+        assert_eq!(last.figures.status, Status::Ok);
+        assert!(last.findings.is_empty());
+    }
+
+    #[test]
+    fn a_kept_grouping_is_reused_while_the_fds_do_not_change() {
+        let mut r = Run::new(cfg());
+        r.fds = vec![fd(3, 0, "/a"), fd(4, 0, "/b")];
+        r.report(1, None);
+        // Same version, different list: a kept grouping ignores the list.
+        let v = r.version;
+        r.fds.push(fd(5, 0, "/c"));
+        let rep = r.a.update(&ProcessSample {
+            pid: 42,
+            ppid: None,
+            comm: "x",
+            ts: 2.0,
+            t: 2.0,
+            now_ns: 2_000_000_002,
+            soft_limit: None,
+            hard_limit: None,
+            counts: Counts::default(),
+            drift: None,
+            resync: None,
+            fds: &r.fds,
+            fds_version: v,
+            tcp_states: &r.tcp,
+            stacks: &r.stacks,
+        });
+        assert_eq!(rep.sites.len(), 2);
+        // A new version regroups.
+        assert_eq!(r.report(3, None).sites.len(), 3);
+    }
+
+    #[test]
+    fn young_or_unlabelled_fds_are_not_candidates() {
+        let mut r = Run::new(Config {
+            min_age: Duration::from_secs(30),
+            ..cfg()
+        });
+        r.fds = vec![fd(3, 39, "/young")];
+        let mut unlabelled = fd(4, 0, "/old");
+        unlabelled.label = None;
+        r.fds.push(unlabelled);
+        r.fds.push(fd(5, 0, "/old"));
+        let rep = r.report(40, None);
+        assert_eq!(rep.sites.len(), 1);
+        assert_eq!(&*rep.sites[0].resource, "/old");
+        assert_eq!(rep.sites[0].open_fds, 1);
+    }
+
+    #[test]
+    fn close_wait_sockets_are_one_finding_per_peer() {
+        let mut r = Run::new(cfg());
+        for n in 0..3 {
+            let mut f = fd(3 + n, 0, "tcp 127.0.0.1:8080");
+            f.kind = FdKind::Socket;
+            f.label.as_mut().unwrap().socket_inode = Some(100 + u64::from(n));
+            r.fds.push(f);
+        }
+        r.tcp.insert(100, TcpState::CloseWait);
+        r.tcp.insert(101, TcpState::CloseWait);
+        r.tcp.insert(102, TcpState::Other);
+        let rep = r.report(1, None);
+        let cw: Vec<&Finding> = rep
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::CloseWait)
+            .collect();
+        assert_eq!(cw.len(), 1);
+        assert_eq!(cw[0].count, Some(2));
+        assert!(r.report(2, None).findings.is_empty(), "reported once");
+    }
+
+    #[test]
+    fn a_pool_refilling_is_not_a_leak() {
+        // Pre-existing fds close while a new site grows: the process is flat.
+        let mut r = Run::new(cfg());
+        let mut reports = Vec::new();
+        for t in 0..10u32 {
+            r.fds = (0..10 - t)
+                .map(|n| {
+                    let mut f = fd(100 + n, 0, "tcp 10.0.0.5:5432");
+                    f.preexisting = true;
+                    f.created_ns = 0;
+                    f
+                })
+                .chain((0..t).map(|n| fd(200 + n, u64::from(t), "tcp 10.0.0.5:5432")))
+                .collect();
+            reports.push(r.report(u64::from(t), Some(1024)));
+        }
+        assert!(reports.iter().all(|r| r.findings.is_empty()));
+    }
+
+    #[test]
+    fn event_findings_once_per_key_and_never_empty() {
+        let mut a = ProcessAnalysis::new(cfg());
+        let f =
+            crate::analysis::fd_error("openat", None, crate::analysis::Errno::Emfile, None, 1.0);
+        assert!(a.event_finding("k".into(), f.clone()).is_some());
+        assert!(a.event_finding("k".into(), f).is_none());
+        let mut empty = crate::analysis::close_wait("s", "tcp x", 1, 1.0);
+        empty.count = Some(0);
+        assert!(a.event_finding("other".into(), empty).is_none());
+        let mut nothing = crate::analysis::inherited("sh", vec!["3 (pipe)".into()], 1.0).unwrap();
+        nothing.fds = Some(Vec::new());
+        assert!(a.event_finding("inherited sh".into(), nothing).is_none());
+    }
+
+    #[test]
+    fn exit_keeps_the_worst_status_for_the_summary() {
+        let mut r = Run::new(cfg());
+        r.fds = (0..950).map(|n| fd(n, 0, "/f")).collect();
+        assert_eq!(r.report(1, Some(1000)).figures.status, Status::Critical);
+        r.fds.clear();
+        assert_eq!(r.report(2, Some(1000)).figures.status, Status::Ok);
+        assert!(r.a.exit(Totals {
+            open_fds: 0,
+            opened: 950,
+            closed: 950
+        }));
+        assert!(!r.a.exit(Totals::default()), "an exit is seen once");
+        let s = r.a.summary(42, "x", &r.stacks);
+        assert!(s.exited);
+        assert_eq!(s.status, Status::Critical);
+        assert_eq!(s.totals.closed, 950);
+    }
+
+    #[test]
+    fn per_second_rates_from_consecutive_reports() {
+        let mut r = Run::new(cfg());
+        r.fds = vec![fd(3, 0, "/a")];
+        let first = r.report(0, None);
+        assert_eq!(first.figures.opened_per_s, 0.0);
+        r.fds = (3..13).map(|n| fd(n, 0, "/a")).collect();
+        let second = r.report(2, None);
+        assert!((second.figures.opened_per_s - 4.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn site_ids_are_stable_and_per_process() {
+        let k = SiteKey {
+            stack: 1,
+            kind: FdKind::File as u8,
+            resource: "/a".into(),
+        };
+        assert_eq!(k.id(1), k.id(1));
+        assert_ne!(k.id(1), k.id(2));
+        assert_eq!(k.id(1).len(), 12);
+    }
 }

@@ -100,14 +100,26 @@ mod tests {
 
     #[test]
     fn warning_within_warn_within() {
-        assert_eq!(status(10, Some(1024), Some(3600.0), false, &TH), Status::Warning);
-        assert_eq!(status(10, Some(1024), Some(1000.0), false, &TH), Status::Warning);
+        assert_eq!(
+            status(10, Some(1024), Some(3600.0), false, &TH),
+            Status::Warning
+        );
+        assert_eq!(
+            status(10, Some(1024), Some(1000.0), false, &TH),
+            Status::Warning
+        );
     }
 
     #[test]
     fn critical_within_crit_within() {
-        assert_eq!(status(10, Some(1024), Some(300.0), false, &TH), Status::Critical);
-        assert_eq!(status(10, Some(1024), Some(0.0), false, &TH), Status::Critical);
+        assert_eq!(
+            status(10, Some(1024), Some(300.0), false, &TH),
+            Status::Critical
+        );
+        assert_eq!(
+            status(10, Some(1024), Some(0.0), false, &TH),
+            Status::Critical
+        );
     }
 
     #[test]

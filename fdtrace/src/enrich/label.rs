@@ -315,7 +315,10 @@ mod tests {
 
     #[test]
     fn non_ascii_paths_keep_their_letters() {
-        assert_eq!(normalize_path("/données/été-2024.log"), "/données/été-N.log");
+        assert_eq!(
+            normalize_path("/données/été-2024.log"),
+            "/données/été-N.log"
+        );
     }
 
     #[test]

@@ -33,4 +33,3 @@ pub fn info(pid: u32) -> Option<ProcInfo> {
         hard_limit,
     })
 }
-

@@ -71,7 +71,10 @@ impl Symbols {
             ips.hash(&mut h);
             h.finish() & !(1 << 63) // never NO_SITE
         };
-        let known = self.frames.get(&pid).is_some_and(|f| f.contains_key(&canon));
+        let known = self
+            .frames
+            .get(&pid)
+            .is_some_and(|f| f.contains_key(&canon));
         if canon != NO_SITE && !known {
             let maps = Process::new(pid as i32).and_then(|p| p.maps()).ok();
             let text = self.symbolize(pid, &ips, maps.as_ref());

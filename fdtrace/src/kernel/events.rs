@@ -1,8 +1,6 @@
 //! The ring buffer, drained into typed events.
 use aya::maps::{MapData, RingBuf};
-use fdtrace_common::{
-    EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, Event, syscalls,
-};
+use fdtrace_common::{EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, Event, syscalls};
 
 use crate::analysis::{Errno, Totals};
 
@@ -180,7 +178,10 @@ mod tests {
         else {
             panic!("not an fd error");
         };
-        assert_eq!((errno, syscall, path.as_deref(), tid), (Errno::Emfile, "openat", Some("/tmp/x"), 7));
+        assert_eq!(
+            (errno, syscall, path.as_deref(), tid),
+            (Errno::Emfile, "openat", Some("/tmp/x"), 7)
+        );
         let Some(KernelEvent::FdError { errno, path, .. }) = decode(&event(EV_ENFILE)) else {
             panic!("not an fd error");
         };
@@ -189,7 +190,10 @@ mod tests {
 
     #[test]
     fn unknown_kinds_are_skipped() {
-        assert_eq!(decode(&event(EV_RLIMIT)), Some(KernelEvent::Rlimit { pid: 100 }));
+        assert_eq!(
+            decode(&event(EV_RLIMIT)),
+            Some(KernelEvent::Rlimit { pid: 100 })
+        );
         assert_eq!(decode(&event(999)), None);
     }
 

@@ -6,8 +6,8 @@ use fdtrace_common::FdKind;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::{
-    Errno, Finding, FindingKind, Loss, Notice, ProcessReport, ProcessSummary, Report,
-    SiteReport, Start, Status, Summary, display_rate,
+    Errno, Finding, FindingKind, Loss, Notice, ProcessReport, ProcessSummary, Report, SiteReport,
+    Start, Status, Summary, display_rate,
 };
 
 /// Bumped when a field changes meaning.
@@ -531,8 +531,7 @@ mod tests {
                 x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
             }
             (Value::Object(x), Value::Object(y)) => {
-                x.len() == y.len()
-                    && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
             }
             _ => a == b,
         }
@@ -543,8 +542,8 @@ mod tests {
         let examples = readme_examples();
         assert!(examples.len() >= 12, "{} examples", examples.len());
         for ex in &examples {
-            let r: Record = serde_json::from_value(ex.clone())
-                .unwrap_or_else(|e| panic!("{ex}: {e}"));
+            let r: Record =
+                serde_json::from_value(ex.clone()).unwrap_or_else(|e| panic!("{ex}: {e}"));
             let back = serde_json::to_value(&r).expect("serializes");
             // Same keys both ways: no field of the example is unknown to the
             // type (deny_unknown_fields), none of the type's is missing.
