@@ -444,8 +444,7 @@ impl Session {
                 &self.k,
                 &mut self.symbols,
                 pid,
-                &p.table.fds,
-                p.table.version,
+                &p.table,
                 now_ns,
                 self.cfg.min_age,
             );

@@ -13,7 +13,7 @@ use foldhash::{HashMap as FastMap, HashMapExt as _, HashSet as FastSet};
 
 use crate::{
     analysis::{Label, LabelledFd, TcpState, is_candidate},
-    kernel::{Kernel, map_batch::LiveFd},
+    kernel::{FdTable, Kernel, map_batch::LiveFd},
     procfd::ProcFd,
 };
 use label::{Links, Sockets};
@@ -115,26 +115,30 @@ impl ProcessEnrichment {
         self.tcp_states = FastMap::new();
     }
 
-    /// Labels `table` (the kernel's live fds of `pid`, `table_version`
-    /// changing whenever they do) and reads the TCP states of its sockets.
-    /// Labelled fds that hold are not looked at again.
-    #[allow(clippy::too_many_arguments)]
+    /// Labels the kernel's live fds of `pid` (`table`) and reads the TCP
+    /// states of its sockets. Labelled fds that hold are not looked at
+    /// again until the table changes; only fds at least `min_age` old at
+    /// `now_ns` are labelled.
     pub fn enrich(
         &mut self,
         k: &Kernel,
         symbols: &mut Symbols,
         pid: u32,
-        table: &[LiveFd],
-        table_version: u64,
+        table: &FdTable,
         now_ns: u64,
         min_age: Duration,
     ) -> Enriched<'_> {
         // Sockets change state without a syscall of the process's: their
         // table is read at every report, once.
         let mut sockets: Option<Sockets> = None;
-        if !(self.settled && self.from_table == Some(table_version)) {
-            self.label(k, symbols, pid, table, now_ns, min_age, &mut sockets);
-            self.from_table = Some(table_version);
+        if !(self.settled && self.from_table == Some(table.version)) {
+            let min_age_ns = min_age.as_nanos() as u64;
+            let young = |f: &LiveFd| {
+                let preexisting = f.info.flags & FD_PREEXISTING != 0;
+                !is_candidate(preexisting, f.info.created_ns, now_ns, min_age_ns)
+            };
+            self.label(k, symbols, pid, &table.fds, &young, &mut sockets);
+            self.from_table = Some(table.version);
             self.version += 1;
         }
         self.tcp_states = if self.has_sockets {
@@ -151,18 +155,17 @@ impl ProcessEnrichment {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Labels every fd of `table` that is not `young` (not yet a leak
+    /// candidate), from the cache or /proc.
     fn label(
         &mut self,
         k: &Kernel,
         symbols: &mut Symbols,
         pid: u32,
         table: &[LiveFd],
-        now_ns: u64,
-        min_age: Duration,
+        young: &dyn Fn(&LiveFd) -> bool,
         sockets: &mut Option<Sockets>,
     ) {
-        let min_age_ns = min_age.as_nanos() as u64;
         let labels = &mut self.labels;
         labels.stamp += 1;
         let stamp = labels.stamp;
@@ -189,7 +192,7 @@ impl ProcessEnrichment {
             let preexisting = f.info.flags & FD_PREEXISTING != 0;
             let kind = FdKind::from_u8(f.info.kind);
             let key = (f.fd, f.info.created_ns);
-            let label = if !is_candidate(preexisting, f.info.created_ns, now_ns, min_age_ns) {
+            let label = if young(f) {
                 None
             } else if let Some((l, _)) = labels.labels.get(&key) {
                 Some(l.clone())
