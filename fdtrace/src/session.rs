@@ -22,8 +22,6 @@ use crate::{
     kernel::{
         self, FdTable, Kernel, Limits, LossCounters,
         events::{self, KernelEvent},
-        iterators,
-        map_batch::LiveFd,
     },
     procfd,
     reconcile::{self, ReconcileState},
@@ -340,27 +338,9 @@ impl Session {
         }
     }
 
-    /// A process exec'd holding fds >= 3 without close-on-exec: those the
-    /// kernel map had from before the exec (at `exec_ns`), named from /proc.
+    /// A process exec'd holding fds >= 3 without close-on-exec.
     fn inherited(&mut self, ts: f64, pid: u32, exec_ns: u64, comm: &str) -> io::Result<()> {
-        use std::os::fd::AsFd as _;
-        // A walk of its own table, not of the whole map: execs are frequent
-        // (every command a traced shell runs).
-        let table = match iterators::entries(self.k.entries.as_fd(), pid) {
-            Ok(t) => t,
-            Err(e) => {
-                if procfd::exists(pid) {
-                    eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}");
-                }
-                Vec::new()
-            }
-        };
-        let mut held: Vec<LiveFd> = table
-            .into_iter()
-            .filter(|f| f.fd > 2 && f.info.created_ns < exec_ns)
-            .collect();
-        held.sort_unstable_by_key(|f| f.fd);
-        let fds = enrich::describe_fds(&self.k, pid, &held);
+        let fds = enrich::inherited_fds(&self.k, pid, exec_ns);
         match analysis::inherited(comm, fds, ts) {
             Some(f) => self.finding(ts, pid, format!("inherited {comm}"), f),
             None => Ok(()),

@@ -13,8 +13,8 @@ use foldhash::{HashMap as FastMap, HashMapExt as _, HashSet as FastSet};
 
 use crate::{
     analysis::{Label, LabelledFd, TcpState, is_candidate},
-    kernel::{FdTable, Kernel, map_batch::LiveFd},
-    procfd::ProcFd,
+    kernel::{FdTable, Kernel, iterators, map_batch::LiveFd},
+    procfd::{self, ProcFd},
 };
 use label::{Links, Sockets};
 use symbols::Symbols;
@@ -231,9 +231,26 @@ impl ProcessEnrichment {
     }
 }
 
-/// "7 (pipe)" for each fd of `held`, named from /proc (or the names walk
-/// when there are many).
-pub fn describe_fds(k: &Kernel, pid: u32, held: &[LiveFd]) -> Vec<String> {
+/// The fds numbered 3 and up that `pid` held from before its exec at
+/// `exec_ns` (those the kernel map had then), as "7 (pipe)", named from
+/// /proc (or the names walk when there are many).
+pub fn inherited_fds(k: &Kernel, pid: u32, exec_ns: u64) -> Vec<String> {
+    // A walk of its own table, not of the whole map: execs are frequent
+    // (every command a traced shell runs).
+    let table = match iterators::entries(k.entries.as_fd(), pid) {
+        Ok(t) => t,
+        Err(e) => {
+            if procfd::exists(pid) {
+                eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}");
+            }
+            return Vec::new();
+        }
+    };
+    let mut held: Vec<LiveFd> = table
+        .into_iter()
+        .filter(|f| f.fd > 2 && f.info.created_ns < exec_ns)
+        .collect();
+    held.sort_unstable_by_key(|f| f.fd);
     let mut sockets = None;
     let links = Links::open(k.names.as_fd(), pid, held.len());
     held.iter()
@@ -246,4 +263,41 @@ pub fn describe_fds(k: &Kernel, pid: u32, held: &[LiveFd]) -> Vec<String> {
             format!("{fd} ({what})")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(text: &str) -> Label {
+        Label {
+            text: text.into(),
+            socket_inode: None,
+            provisional: false,
+        }
+    }
+
+    #[test]
+    fn cached_labels_share_one_text() {
+        let mut cache = FdLabels::default();
+        for fd in 3..1000 {
+            cache.remember((fd, 0), label("/var/log/app.log"));
+        }
+        cache.remember((1000, 0), label("/etc/hosts"));
+        assert_eq!(cache.texts.len(), 2);
+        let a = &cache.labels[&(3, 0)].0.text;
+        let b = &cache.labels[&(999, 0)].0.text;
+        assert!(Rc::ptr_eq(a, b));
+        // The set's copy and 997 labels.
+        assert_eq!(Rc::strong_count(a), 998);
+    }
+
+    #[test]
+    fn one_fd_number_reused_is_two_labels() {
+        let mut cache = FdLabels::default();
+        cache.remember((3, 10), label("/a"));
+        cache.remember((3, 20), label("/b"));
+        assert_eq!(&*cache.labels[&(3, 10)].0.text, "/a");
+        assert_eq!(&*cache.labels[&(3, 20)].0.text, "/b");
+    }
 }

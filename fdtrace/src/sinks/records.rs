@@ -613,4 +613,110 @@ mod tests {
         assert_eq!(m["socket"], 40);
         assert_eq!(m["file"], 12);
     }
+
+    fn figures() -> crate::analysis::ProcessFigures {
+        crate::analysis::ProcessFigures {
+            pid: 7,
+            ppid: None,
+            comm: "idle".into(),
+            open_fds: 5,
+            soft_limit: Some(1024),
+            hard_limit: None,
+            pct_used: Some(0.5),
+            by_kind: [0; fdtrace_common::FD_KINDS],
+            opened: 9,
+            closed: 4,
+            opened_per_s: 0.0,
+            closed_per_s: 0.0,
+            emfile: 0,
+            enfile: 0,
+            drift: Some(0),
+            status: Status::Ok,
+            leak_per_s: -0.04,
+            seconds_to_emfile: None,
+            stacks_not_sampled: 0,
+            shares_fd_table: false,
+        }
+    }
+
+    #[test]
+    fn a_report_is_losses_then_each_process_with_its_sites_and_findings() {
+        let site = SiteReport {
+            id: "abc".into(),
+            kind: FdKind::Pipe,
+            resource: "pipe".into(),
+            stack: Default::default(),
+            open_fds: 2,
+            leak_per_s: 0.0,
+            oldest_age_s: 3.6,
+        };
+        let report = Report {
+            ts: 5.0,
+            losses: vec![Loss::RingBuffer { count: 3 }],
+            processes: vec![ProcessReport {
+                figures: figures(),
+                sites: vec![site],
+                findings: vec![crate::analysis::close_wait("abc", "tcp 1.2.3.4:5", 1, 5.0)],
+                resync: Some(crate::analysis::Resync::Drift(-1)),
+            }],
+        };
+        let records = Record::of_report(&report);
+        let types: Vec<String> = records
+            .iter()
+            .map(|r| {
+                serde_json::to_value(r).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(types, ["lost", "process", "site", "finding"]);
+        let process = serde_json::to_string(&records[1]).unwrap();
+        // No "-0.0" from a slope just under zero, null for no forecast.
+        assert!(
+            process.contains(r#""leak_per_s":0.0,"seconds_to_emfile":null"#),
+            "{process}"
+        );
+        let site = serde_json::to_value(&records[2]).unwrap();
+        assert_eq!(site["oldest_age_s"], 4.0);
+    }
+
+    #[test]
+    fn the_summary_record_carries_state_and_first_seen() {
+        let summary = Summary {
+            ts: 9.0,
+            duration_s: 21.94,
+            processes: vec![ProcessSummary {
+                pid: 7,
+                comm: "idle".into(),
+                totals: crate::analysis::Totals {
+                    open_fds: 5,
+                    opened: 9,
+                    closed: 4,
+                },
+                emfile: 1,
+                enfile: 0,
+                exited: true,
+                status: Status::Exhausted,
+                leak_per_s: 0.0,
+                seconds_to_emfile: None,
+                sites: Vec::new(),
+                findings: vec![crate::analysis::fd_error(
+                    "open",
+                    None,
+                    Errno::Emfile,
+                    None,
+                    3.0,
+                )],
+            }],
+        };
+        let v = serde_json::to_value(Record::Summary(SummaryRecord::from(&summary))).unwrap();
+        assert_eq!(v["duration_s"], 21.9);
+        let p = &v["processes"][0];
+        assert_eq!(p["state"], "exited");
+        assert_eq!(p["status"], "exhausted");
+        assert_eq!(p["emfile_errors"], 1);
+        assert_eq!(p["findings"][0]["finding"], "emfile");
+        assert_eq!(p["findings"][0]["first_seen_ts"], 3.0);
+    }
 }
