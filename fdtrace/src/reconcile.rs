@@ -90,7 +90,7 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
 /// does not have, and recomputes the per-kind counts. What /proc lists and
 /// fdtrace lacked was opened, and what fdtrace had and /proc lacks was
 /// closed, while fdtrace was not looking: they count in the totals.
-pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
+fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
     let listed: HashMap<u32, procfd::ProcFd> = iterators::list(k.names.as_fd(), pid)?
         .into_iter()
         .map(|f| (f.fd, f))
