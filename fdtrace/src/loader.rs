@@ -1,21 +1,18 @@
 //! Loads and attaches the eBPF programs, after checking what they need from
-//! the machine: privileges, kernel BTF, a mounted tracefs.
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+//! the machine: capabilities and kernel BTF. Every hook is a BTF tracepoint
+//! or an iterator: no tracefs, debugfs or mount is needed.
+use std::{fs, path::Path};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, Queue, RingBuf, StackTraceMap},
-    programs::{BtfTracePoint, Iter, ProgramFd, TracePoint},
+    programs::{BtfTracePoint, Iter, ProgramFd},
 };
-use fdtrace_common::{FdInfo, FdKey, NO_FIELD, ProcStats, StackWindow};
+use fdtrace_common::{FdInfo, FdKey, ProcStats, StackWindow};
 
 use crate::error::Fatal;
 
-const TRACEFS: &str = "/sys/kernel/tracing";
 const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 /// The loaded programs and the maps user space works with. Dropping it
@@ -53,15 +50,12 @@ pub struct Limits {
 impl Kernel {
     pub fn load(limits: &Limits) -> Result<Self> {
         let (mut ebpf, btf) = open(limits)?;
-        attach_btf(&mut ebpf, &btf, "fdtrace_sys_exit", "sys_exit")?;
-        for (prog, event) in [
+        for (prog, hook) in [
+            ("fdtrace_sys_exit", "sys_exit"),
             ("fdtrace_fork", "sched_process_fork"),
             ("fdtrace_exit", "sched_process_exit"),
         ] {
-            let p: &mut TracePoint = program(&mut ebpf, prog)?.try_into()?;
-            p.load().with_context(|| format!("loading {prog}"))?;
-            p.attach("sched", event)
-                .with_context(|| format!("attaching {prog} to sched/{event}"))?;
+            attach_btf(&mut ebpf, &btf, prog, hook)?;
         }
         Ok(Kernel {
             seed: task_file_iter(&mut ebpf, &btf, "fdtrace_seed")?,
@@ -151,7 +145,7 @@ fn free_slots(map: aya::maps::Map, n: u32) -> Result<Queue<MapData, u32>> {
     Ok(q)
 }
 
-/// Checks the machine, then loads the object with the tracepoint offsets of
+/// Checks the machine, then loads the object with the struct offsets of
 /// this kernel and the map sizes asked for.
 fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
     check_privileges()?;
@@ -161,24 +155,19 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         ))
         .into());
     }
-    let tracefs = ensure_tracefs()?;
-    let fork_off = field_offset(&tracefs, "sched_process_fork", "child_pid")?
-        .ok_or_else(|| anyhow!("sched_process_fork has no child_pid field on this kernel"))?;
-    let exit_off = field_offset(&tracefs, "sched_process_exit", "group_dead")?.unwrap_or(NO_FIELD);
     // The kernel side counts per 100 ms; a non-zero rate keeps at least one.
     let per_slot = match limits.stack_rate {
         0 => 0,
         r => (r / 10).max(1),
     };
-    let offsets = kernel_offsets()?;
+    let (offsets, exit_has_group_dead) = kernel_layout()?;
     let mut loader = EbpfLoader::new();
     for (global, value) in &offsets {
         loader.override_global(global, value, true);
     }
     let ebpf = loader
         .override_global("STACKS_PER_SLOT", &per_slot, true)
-        .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
-        .override_global("EXIT_GROUP_DEAD_OFF", &exit_off, true)
+        .override_global("EXIT_HAS_GROUP_DEAD", &exit_has_group_dead, true)
         .map_max_entries("FDS", limits.max_fds)
         .map_max_entries("PROCS", limits.max_procs)
         .map_max_entries("STATS", limits.max_procs)
@@ -193,20 +182,26 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
     Ok((ebpf, btf))
 }
 
-/// Kernel struct offsets the fd-table iterators read at (see fdtrace-ebpf
-/// seed.rs), from this kernel's BTF.
-fn kernel_offsets() -> Result<[(&'static str, u32); 6]> {
+/// From this kernel's BTF: the struct offsets the kernel side reads at (see
+/// fdtrace-ebpf iter.rs), and 1 when sched_process_exit passes
+/// `group_dead` (Linux 6.16+; before, the leader's exit ends the process).
+fn kernel_layout() -> Result<([(&'static str, u32); 7], u32)> {
     let data = fs::read(BTF_VMLINUX).with_context(|| format!("reading {BTF_VMLINUX}"))?;
     let btf = crate::btf::Btf::parse(&data)?;
     let off = |s, m| btf.member_offset(s, m);
-    Ok([
+    let offsets = [
         ("FILE_F_PATH_OFF", off("file", "f_path")?),
         ("TASK_FILES_OFF", off("task_struct", "files")?),
         ("FILES_FDT_OFF", off("files_struct", "fdt")?),
         ("FDT_CLOEXEC_OFF", off("fdtable", "close_on_exec")?),
+        ("FDT_FD_OFF", off("fdtable", "fd")?),
         ("TASK_PID_OFF", off("task_struct", "pid")?),
         ("TASK_TGID_OFF", off("task_struct", "tgid")?),
-    ])
+    ];
+    let exit_args = btf
+        .tracepoint_args("sched_process_exit")
+        .ok_or_else(|| anyhow!("kernel BTF has no sched_process_exit tracepoint"))?;
+    Ok((offsets, u32::from(exit_args >= 2)))
 }
 
 /// Room for every tgid the kernel hands out now; a larger pid_max set later
@@ -275,53 +270,4 @@ fn check_privileges() -> Result<()> {
         return Ok(());
     }
     Err(Fatal::Privileges(missing.join(", ")).into())
-}
-
-/// The sched tracepoints need tracefs; it is not mounted at boot everywhere.
-fn ensure_tracefs() -> Result<PathBuf> {
-    let dir = PathBuf::from(TRACEFS);
-    if dir.join("events").is_dir() {
-        return Ok(dir);
-    }
-    // SAFETY: plain mount(2) with static NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            c"/sys/kernel/tracing".as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 || !dir.join("events").is_dir() {
-        let err = std::io::Error::last_os_error();
-        return Err(Fatal::Environment(format!(
-            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}): run `mount -t tracefs nodev {TRACEFS}` and try again"
-        ))
-        .into());
-    }
-    Ok(dir)
-}
-
-/// Offset of `field` in a tracepoint record, from its format file:
-/// `\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;`
-fn field_offset(tracefs: &Path, event: &str, field: &str) -> Result<Option<u32>> {
-    let path = tracefs.join("events/sched").join(event).join("format");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    for line in text.lines() {
-        let mut parts = line.trim().split(';').map(str::trim);
-        let Some(decl) = parts.next().and_then(|d| d.strip_prefix("field:")) else {
-            continue;
-        };
-        if decl.rsplit(' ').next() != Some(field) {
-            continue;
-        }
-        let Some(off) = parts.find_map(|p| p.strip_prefix("offset:")) else {
-            bail!("{}: no offset for {field}", path.display());
-        };
-        return Ok(Some(off.parse().with_context(|| {
-            format!("{}: offset of {field}", path.display())
-        })?));
-    }
-    Ok(None)
 }
