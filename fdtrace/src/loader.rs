@@ -98,6 +98,7 @@ impl Kernel {
     /// Starts tracing `pid` with `st` as the kernel side does at fork (see
     /// fdtrace-ebpf table.rs `register`). False when it is already traced.
     pub fn register(&mut self, pid: u32, st: &ProcStats) -> Result<bool> {
+        refuse_kernel_thread(pid)?;
         if self.stats_of(pid).is_some() {
             return Ok(false);
         }
@@ -121,6 +122,29 @@ impl Kernel {
         // A tgid past the array's end is found through PROCS.
         let _ = self.traced.set(pid, (slot + 1) as u16, 0);
         Ok(true)
+    }
+}
+
+/// PF_KTHREAD, in the flags of /proc/PID/stat (include/linux/sched.h).
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+fn is_kernel_thread(stat_flags: u32) -> bool {
+    stat_flags & PF_KTHREAD != 0
+}
+
+/// A kernel thread has no fd table of its own (it runs on init's or none):
+/// there is nothing to trace, and /proc/PID/fd is not its table.
+fn refuse_kernel_thread(pid: u32) -> Result<()> {
+    let flags = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| s.flags);
+    match flags {
+        Ok(f) if is_kernel_thread(f) => Err(Fatal::Usage(format!(
+            "pid {pid} is a kernel thread: it has no file descriptors of its own to trace"
+        ))
+        .into()),
+        // Gone, or unreadable: the attach says so.
+        _ => Ok(()),
     }
 }
 
@@ -319,6 +343,15 @@ mod tests {
             i += 1;
         }
         v
+    }
+
+    #[test]
+    fn kernel_threads_by_their_stat_flags() {
+        // kthreadd and a user process (PF_RANDOMIZE), as
+        // /proc/PID/stat shows them here.
+        assert!(is_kernel_thread(2_129_984));
+        assert!(!is_kernel_thread(4_194_304));
+        assert!(!is_kernel_thread(0));
     }
 
     #[test]
