@@ -74,7 +74,7 @@ struct IterMeta {
 /// struct bpf_iter__task_file (kernel/bpf/task_iter.c). `task` and `file`
 /// are NULL on the last call, which ends the walk.
 #[repr(C)]
-struct TaskFileCtx {
+pub struct TaskFileCtx {
     meta: *const IterMeta,
     task: *const u8,
     fd: u32,
@@ -84,13 +84,9 @@ struct TaskFileCtx {
 
 /// The seed and names walks (`seed`: at attach, also write and count each
 /// fd's entry; see table::seed).
-///
-/// # Safety
-/// `ctx` is the `bpf_iter__task_file` the kernel passed.
 #[inline(always)]
-pub unsafe fn walk(ctx: *mut c_void, seed: bool) {
-    // SAFETY: per the contract above.
-    let _ = try_walk(unsafe { &*(ctx as *const TaskFileCtx) }, seed);
+pub fn walk(ctx: &TaskFileCtx, seed: bool) {
+    let _ = try_walk(ctx, seed);
 }
 
 #[inline(always)]
@@ -193,13 +189,9 @@ pub fn file_at(task: u64, fd: u32) -> Option<u64> {
 }
 
 /// The entries walk.
-///
-/// # Safety
-/// `ctx` is the `bpf_iter__task_file` the kernel passed.
 #[inline(always)]
-pub unsafe fn entries(ctx: *mut c_void) {
-    // SAFETY: per the contract above.
-    let _ = try_entries(unsafe { &*(ctx as *const TaskFileCtx) });
+pub fn entries(ctx: &TaskFileCtx) {
+    let _ = try_entries(ctx);
 }
 
 fn try_entries(ctx: &TaskFileCtx) -> Option<()> {

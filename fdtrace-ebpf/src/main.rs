@@ -66,7 +66,7 @@ pub fn fdtrace_exit(ctx: BtfTracePointContext) -> i32 {
 #[unsafe(link_section = "iter/task_file")]
 pub fn fdtrace_seed(ctx: *mut c_void) -> i32 {
     // SAFETY: the kernel passes a bpf_iter__task_file.
-    unsafe { iter::walk(ctx, true) };
+    iter::walk(unsafe { &*(ctx as *const iter::TaskFileCtx) }, true);
     0
 }
 
@@ -76,7 +76,7 @@ pub fn fdtrace_seed(ctx: *mut c_void) -> i32 {
 #[unsafe(link_section = "iter/task_file")]
 pub fn fdtrace_names(ctx: *mut c_void) -> i32 {
     // SAFETY: the kernel passes a bpf_iter__task_file.
-    unsafe { iter::walk(ctx, false) };
+    iter::walk(unsafe { &*(ctx as *const iter::TaskFileCtx) }, false);
     0
 }
 
@@ -91,7 +91,7 @@ pub fn fdtrace_names(ctx: *mut c_void) -> i32 {
 #[unsafe(link_section = "iter/task_file")]
 pub fn fdtrace_entries(ctx: *mut c_void) -> i32 {
     // SAFETY: the kernel passes a bpf_iter__task_file.
-    unsafe { iter::entries(ctx) };
+    iter::entries(unsafe { &*(ctx as *const iter::TaskFileCtx) });
     0
 }
 

@@ -233,7 +233,7 @@ pub fn install(
 /// entry that is open when a new fd gets its number.
 fn seeded_is_this_fd(key: FdKey) -> bool {
     // SAFETY: plain read of a map value.
-    let Some(&seen) = (unsafe { SEED_FILES.get(&key) }) else {
+    let Some(&seen) = (unsafe { SEED_FILES.get(key) }) else {
         return false;
     };
     // SAFETY: helper without arguments; the current task is the one whose
