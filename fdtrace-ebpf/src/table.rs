@@ -208,7 +208,7 @@ pub fn install(
         let flags = (*entry).flags;
         if flags & FD_OPEN != 0 {
             add64(kind_slot(p, (*entry).kind), u64::MAX);
-            if flags & FD_PREEXISTING != 0 && seeded_is_this_fd(key) {
+            if flags & FD_PREEXISTING != 0 && seeded_is_this_fd(key, origin.now) {
                 // The walk at attach found this very fd while its creating
                 // syscall was on its way here: it was opened since tracing
                 // began, not before.
@@ -225,21 +225,33 @@ pub fn install(
     }
 }
 
+/// How long after the walk saw a seeded fd its creating syscall may still
+/// reach sys_exit and be recognised as that fd's own (see
+/// [`seeded_is_this_fd`]): such a syscall was on its way when the walk ran,
+/// microseconds before.
+const SEED_RACE_NS: u64 = 1_000_000_000;
+
 /// Whether the seeded entry `key` is of the fd now in the table at that
-/// number: the same `struct file` as the walk saw. A new fd on a number
-/// whose previous (seeded) fd another thread is still closing has another
-/// file: the old one is only released after that close's sys_exit, so its
-/// address cannot have been reused. Read only on the rare path of a seeded
-/// entry that is open when a new fd gets its number.
-fn seeded_is_this_fd(key: FdKey) -> bool {
+/// number, a syscall that made it exiting at `now`: the same `struct file`
+/// as the walk saw, shortly after the walk. A new fd on a number whose
+/// previous (seeded) fd another thread is still closing has another file:
+/// the old one is only released after that close's sys_exit, so its address
+/// cannot have been reused. The time bound keeps a later dup2 onto a seeded
+/// fd that already shared the source's file (`2>&1` when both were the
+/// terminal) an implicit close, as it is. Read only on the rare path of a
+/// seeded entry that is open when a new fd gets its number.
+fn seeded_is_this_fd(key: FdKey, now: u64) -> bool {
     // SAFETY: plain read of a map value.
-    let Some(&seen) = (unsafe { SEED_FILES.get(key) }) else {
+    let Some(&[file, seen_ns]) = (unsafe { SEED_FILES.get(key) }) else {
         return false;
     };
+    if now.wrapping_sub(seen_ns) > SEED_RACE_NS {
+        return false;
+    }
     // SAFETY: helper without arguments; the current task is the one whose
     // syscall is exiting, of the process `key.tgid`.
     let task = unsafe { bpf_get_current_task() };
-    file_at(task, key.fd) == Some(seen)
+    file_at(task, key.fd) == Some(file)
 }
 
 /// Fd `fd` of `tgid` was there before tracing began (the seed walk at
@@ -260,7 +272,9 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool, file
     // Before the entry: a creating syscall that finds the entry open looks
     // here. Left over when the number has an entry already, where it is
     // never looked at (that entry is not a seeded one).
-    let _ = SEED_FILES.insert(key, file, 0);
+    // SAFETY: helper without arguments.
+    let seen: [u64; 2] = [file, unsafe { bpf_ktime_get_ns() }];
+    let _ = SEED_FILES.insert(key, seen, 0);
     // BPF_NOEXIST: the element is only allocated when the number has no
     // entry, which is the one case to write.
     match FDS.insert(key, info, BPF_NOEXIST) {
