@@ -405,19 +405,46 @@ pub fn print(f: &TaxFigures) {
             );
         }
         let loss_of = |c| Some(loss_pct(base?, median(data.get(&c)?)?));
-        match (loss_of(TaxCond::FdtraceAll), loss_of(TaxCond::BpftraceAll)) {
-            (Some(ft), Some(bt)) if bt > 0.0 => println!(
-                "  {what:<10} goal: fdtrace --all's loss <= {GOAL_LOSS_SHARE} x bpftrace's: \
-                 {:.2} x: {}",
-                ft / bt,
-                verdict(ft <= GOAL_LOSS_SHARE * bt)
-            ),
-            (Some(_), Some(bt)) => println!(
-                "  {what:<10} goal: not judged: bpftrace's loss {bt:+.1}% is within the noise"
-            ),
-            _ => println!("  {what:<10} goal: not judged: no fdtrace --all figure"),
-        }
+        let noise = data.get(&TaxCond::Untraced).and_then(|v| spread_pct(v));
+        let goal = judge(
+            loss_of(TaxCond::FdtraceAll),
+            loss_of(TaxCond::BpftraceAll),
+            noise,
+        );
+        let noise = noise.map_or("one round: no spread".into(), |n| {
+            format!("untraced rounds spread +-{n:.1}%")
+        });
+        println!("  {what:<10} goal: {goal} ({noise})");
     }
+}
+
+/// Half the range of `xs` in percent of their median: the noise a loss is
+/// read against (None for fewer than 2 rounds).
+pub fn spread_pct(xs: &[f64]) -> Option<f64> {
+    if xs.len() < 2 {
+        return None;
+    }
+    let m = median(xs)?;
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some(50.0 * (max - min) / m)
+}
+
+/// The goal's verdict from the two losses (in percent) and the noise: not
+/// judged when bpftrace's loss is within the noise, as there is then no
+/// loss to take half of.
+pub fn judge(fdtrace: Option<f64>, bpftrace: Option<f64>, noise: Option<f64>) -> String {
+    let (Some(ft), Some(bt)) = (fdtrace, bpftrace) else {
+        return "not judged: no fdtrace --all figure".into();
+    };
+    if bt <= noise.unwrap_or(0.0) {
+        return format!("not judged: bpftrace's loss {bt:+.1}% is within the noise");
+    }
+    format!(
+        "fdtrace --all's loss <= {GOAL_LOSS_SHARE} x bpftrace's: {:.2} x: {}",
+        ft / bt,
+        verdict(ft <= GOAL_LOSS_SHARE * bt)
+    )
 }
 
 #[cfg(test)]
@@ -450,6 +477,18 @@ mod tests {
         assert!(c.contains("root /tmp/x/www;"));
         assert!(c.contains("pid /tmp/x/nginx.pid;"));
         assert!(!c.contains("/var/"));
+    }
+
+    #[test]
+    fn judges_against_the_noise() {
+        assert_eq!(spread_pct(&[100.0]), None);
+        let n = spread_pct(&[90.0, 100.0, 110.0]).expect("3 rounds");
+        assert!((n - 10.0).abs() < 1e-9);
+        assert!(judge(None, Some(20.0), Some(1.0)).contains("no fdtrace --all"));
+        assert!(judge(Some(1.0), Some(5.0), Some(10.0)).contains("within the noise"));
+        assert!(judge(Some(1.0), Some(-3.0), None).contains("within the noise"));
+        assert!(judge(Some(5.0), Some(20.0), Some(10.0)).ends_with(": MET"));
+        assert!(judge(Some(15.0), Some(20.0), Some(10.0)).ends_with("NOT MET"));
     }
 
     #[test]
