@@ -29,7 +29,7 @@ const CRI: &str = "io.kubernetes.cri";
 
 fn identify(pid: u32) -> Identity {
     Attributor::new("/")
-        .identify(pid)
+        .refresh(pid, None)
         .unwrap_or_else(|e| panic!("identify {pid}: {e}"))
 }
 
