@@ -7,6 +7,11 @@
 //!
 //! The same for podman's own containers, named from podman's state.
 //!
+//! fdtrace's own output too: each `process` record's attribution and its
+//! count against /proc, the `container` record that adds up its processes
+//! (the exited ones included in its totals), and a process moved to another
+//! cgroup while traced.
+//!
 //! Needs root, containerd and ctr (`apt-get install containerd`), podman
 //! and runc (`apt-get install podman runc`), and a cgroup v2 hierarchy
 //! (pure or hybrid). Never skips: a missing part fails.
@@ -524,4 +529,74 @@ fn podman_containers_are_named_from_podman_state() {
     assert_eq!(names.namespace.as_deref(), Some("prod"));
     assert_eq!(names.container.as_deref(), Some("server"));
     assert_eq!(id.pod_uid(), Some(uid.as_str()));
+}
+
+#[test]
+fn a_cgroups_totals_include_its_exited_processes() {
+    require_root().unwrap();
+    // A shell in a hand-made cgroup runs short-lived children on request.
+    let mut sh = Command::new("sh")
+        .args([
+            "-c",
+            "read x; for i in 1 2 3 4 5 6 7 8; do cat /etc/hostname >/dev/null; done; read y",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sh");
+    let pid = sh.id();
+    let unit = HandMadeCgroup::new(&format!("/system.slice/fdtrace-test-{pid}.service")).unwrap();
+    unit.add(pid).unwrap();
+    let bin = fdtrace_tests::fdtrace_bin();
+    let mut tracer = Command::new(&bin)
+        .args(["--pid", &pid.to_string(), "--follow", "--json"])
+        .args(["--interval", "300ms", "--window", "1s", "--duration", "3s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("fdtrace");
+    let mut lines = BufReader::new(tracer.stdout.take().unwrap()).lines();
+    let mut out: Vec<Value> = Vec::new();
+    for line in lines.by_ref() {
+        out.push(serde_json::from_str(&line.expect("fdtrace's output")).unwrap());
+        if out.last().unwrap()["type"] == "process" {
+            break;
+        }
+    }
+    // The children run, and the shell waits for the next line.
+    let mut stdin = sh.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    for line in lines {
+        out.push(serde_json::from_str(&line.expect("fdtrace's output")).unwrap());
+    }
+    assert!(tracer.wait().expect("fdtrace ran").success());
+    // The shell waits for its last line, its fds as fdtrace last saw them.
+    let on_proc = proc_fds(pid as i32).unwrap().len() as u64;
+    drop(stdin);
+    let _ = sh.wait();
+
+    let c = last_container(&out, "cgroup", &unit.path);
+    let ts = c["ts"].as_f64().unwrap();
+    let exits: Vec<&Value> = out
+        .iter()
+        .filter(|r| r["type"] == "exit" && r["ts"].as_f64().unwrap() <= ts)
+        .collect();
+    assert_eq!(exits.len(), 8, "every child exited before the last report");
+    let shell = last_process(&out, pid);
+    assert_eq!(shell["ts"], c["ts"]);
+    assert_eq!(shell["cgroup"], unit.path.as_str());
+    assert_eq!(c["processes"], 1, "{c}");
+    let total = |key: &str| {
+        shell[key].as_u64().unwrap() + exits.iter().map(|e| e[key].as_u64().unwrap()).sum::<u64>()
+    };
+    assert!(
+        exits
+            .iter()
+            .all(|e| e["opened_total"].as_u64().unwrap() > 0)
+    );
+    assert_eq!(c["opened_total"], total("opened_total"), "{c}");
+    assert_eq!(c["closed_total"], total("closed_total"), "{c}");
+    assert_eq!(c["open_fds"], shell["open_fds"]);
+    assert_eq!(shell["open_fds"], on_proc);
 }
