@@ -54,6 +54,10 @@ pub struct Limits {
 impl Kernel {
     pub fn load(limits: &Limits) -> Result<Self> {
         let (mut ebpf, btf) = open(limits)?;
+        // Before the hooks: a fork in node mode (or of a followed parent)
+        // takes a slot as soon as the programs run, and an empty queue is
+        // a process lost to a "full" map.
+        let free_slots = free_slots(take_map(&mut ebpf, "FREE_SLOTS")?, limits.max_procs)?;
         for (prog, hook) in [
             ("fdtrace_sys_exit", "sys_exit"),
             ("fdtrace_fork", "sched_process_fork"),
@@ -68,7 +72,7 @@ impl Kernel {
             entries: task_file_iter(&mut ebpf, &btf, "fdtrace_entries")?,
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
             stats: Array::try_from(take_map(&mut ebpf, "STATS")?)?,
-            free_slots: free_slots(take_map(&mut ebpf, "FREE_SLOTS")?, limits.max_procs)?,
+            free_slots,
             fds: HashMap::try_from(take_map(&mut ebpf, "FDS")?)?,
             counters: Array::try_from(take_map(&mut ebpf, "COUNTERS")?)?,
             stacks: StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?)?,
