@@ -104,7 +104,7 @@ fn in_selected_cgroup(task: u64) -> bool {
             return false;
         };
         // SAFETY: plain read of a map value.
-        if unsafe { NODE_CGROUP_IDS.get(&id) }.is_some() {
+        if unsafe { NODE_CGROUP_IDS.get(id) }.is_some() {
             return true;
         }
         let parent = match read::<u64>(cgrp, &CGROUP_PARENT_OFF) {
