@@ -30,7 +30,7 @@ use crate::{
     },
     procfd,
     reconcile::{self, ReconcileState},
-    sinks::{self, Ndjson, Sinks, Terminal},
+    sinks::{self, Console, Ndjson, Sinks, Top},
     spawn,
 };
 
@@ -169,7 +169,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let sink: Box<dyn sinks::Sink> = if cli.json {
         Box::new(Ndjson::new(io::stdout()))
     } else {
-        Box::new(Terminal::new(io::stdout()))
+        let shares_terminal = matches!(cli.command, Some(Command::Run { .. }));
+        Box::new(Top::new(io::stdout(), Console::detect(shares_terminal)))
     };
     let mut s = Session {
         k,
