@@ -109,6 +109,19 @@ pub struct ProcRow {
     pub site: Option<String>,
 }
 
+/// `namespace/pod/container` when the pod is known, else the container id's
+/// first 12 characters, else nothing (a host process).
+fn owner(a: &crate::analysis::Attribution) -> Option<String> {
+    let text = match (&a.namespace, &a.pod, &a.container_id) {
+        (Some(ns), Some(pod), _) => {
+            format!("{ns}/{pod}/{}", a.container.as_deref().unwrap_or(""))
+        }
+        (_, _, Some(id)) => id.chars().take(12).collect(),
+        _ => return None,
+    };
+    Some(printable(&text).into_owned())
+}
+
 /// The row of a process's report.
 pub fn row(p: &ProcessReport) -> ProcRow {
     let f = &p.figures;
@@ -124,9 +137,7 @@ pub fn row(p: &ProcessReport) -> ProcRow {
     });
     ProcRow {
         status: f.status,
-        // The process report has no container fields yet: every process is
-        // the host's until the attribution fills them.
-        owner: None,
+        owner: owner(&f.attribution),
         pid: f.pid,
         comm: printable(&f.comm).into_owned(),
         open_fds: f.open_fds,
@@ -906,6 +917,7 @@ impl<W: Write> Top<W> {
             ts: r.ts,
             losses: r.losses.clone(),
             processes: shown,
+            containers: r.containers.clone(),
         })
     }
 }
@@ -999,7 +1011,9 @@ mod tests {
     ) -> ProcessReport {
         let limit = 1024;
         ProcessReport {
+            close_wait: 0,
             figures: ProcessFigures {
+                attribution: Default::default(),
                 pid,
                 ppid: Some(1),
                 comm: comm.into(),
@@ -1233,6 +1247,7 @@ mod tests {
                 leaker,
                 proc(300, "nginx", Status::Warning, 850, 0.0, None),
             ],
+            containers: Vec::new(),
         });
         v.forks = 4;
         v.exits = 3;
@@ -1339,6 +1354,7 @@ mod tests {
             ts,
             losses: Vec::new(),
             processes,
+            containers: Vec::new(),
         }
     }
 
