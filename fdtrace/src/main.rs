@@ -11,6 +11,7 @@ mod cli;
 mod container;
 mod enrich;
 mod error;
+mod escape;
 mod kernel;
 mod procfd;
 mod python;

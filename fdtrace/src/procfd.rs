@@ -80,7 +80,8 @@ fn read_link_at(dir: &File, name: &CStr) -> Option<String> {
         )
     };
     let n = usize::try_from(n).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    // The traced process names its files: nothing of the name is lost.
+    Some(crate::escape::lossless(&buf[..n]))
 }
 
 /// O_CLOEXEC from the octal `flags:` line of an fdinfo file; None when the

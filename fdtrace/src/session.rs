@@ -2,7 +2,12 @@
 //! readable, signals, deadline). Each report runs the phases one way:
 //! kernel -> reconcile -> enrich -> analysis -> sinks; each event from the
 //! ring buffer goes kernel -> enrich -> analysis -> sinks.
-use std::{collections::BTreeMap, io, process::ExitCode, time::Instant};
+use std::{
+    collections::BTreeMap,
+    io,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -13,11 +18,15 @@ use tokio::{
 
 use crate::{
     analysis::{
-        self, Config, Notice, ProcessAnalysis, ProcessSample, Report, Request, Start, Summary,
-        Thresholds, Totals,
+        self, Config, Ending, Notice, ProcessAnalysis, ProcessSample, Report, Request, SessionEnd,
+        Start, Summary, Thresholds, Totals,
     },
     cli::{Cli, Command},
-    enrich::{self, ProcessEnrichment, label, process, symbols::Symbols},
+    enrich::{
+        self, ProcessEnrichment, label,
+        process::{self, Identity},
+        symbols::Symbols,
+    },
     error::Fatal,
     kernel::{
         self, FdTable, Kernel, Limits, LossCounters,
@@ -40,6 +49,8 @@ struct Traced {
     analysis: ProcessAnalysis,
     /// No longer traced at the last report, with no exit event yet.
     gone: bool,
+    /// Tells it from a later process with the same pid; None until read.
+    identity: Option<Identity>,
 }
 
 impl Traced {
@@ -50,6 +61,7 @@ impl Traced {
             enrich,
             analysis: ProcessAnalysis::new(cfg),
             gone: false,
+            identity: None,
         }
     }
 }
@@ -72,7 +84,7 @@ fn request(cli: &Cli) -> Request {
     let command = match &cli.command {
         Some(Command::Run { argv, .. }) => Some(
             argv.iter()
-                .map(|a| a.to_string_lossy().into_owned())
+                .map(|a| crate::escape::lossless(a.as_encoded_bytes()))
                 .collect(),
         ),
         _ => None,
@@ -152,12 +164,35 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         started: Instant::now(),
         child: None,
     };
+    // Processes that ended before they could be traced, reported as soon
+    // as the report has started.
+    let mut ended_at_attach = Vec::new();
     for &pid in &cli.pids {
-        let found = reconcile::attach(&mut s.k, pid, cli.follow)
-            .with_context(|| format!("attaching to pid {pid}"))?;
-        let mut enrich = ProcessEnrichment::read(pid);
-        enrich.seed_labels(pid, found);
-        s.procs.insert(pid, Traced::new(enrich, cfg));
+        let before = process::stat(pid);
+        let found = reconcile::attach(&mut s.k, pid, cli.follow);
+        // Checked after registration: from then on the kernel side sees its
+        // exit; before, only /proc can tell it is gone, a zombie, or
+        // another process under the same pid.
+        let after = process::stat(pid).map(|s| s.identity);
+        let mut traced = Traced::new(ProcessEnrichment::read(pid), cfg);
+        if traced.enrich.comm.is_empty()
+            && let Some(b) = &before
+        {
+            // Gone already: its name is known from before.
+            traced.enrich.comm.clone_from(&b.comm);
+        }
+        match attach_outcome(before.map(|s| s.identity), after) {
+            Some(ending) => {
+                s.k.unregister(pid);
+                ended_at_attach.push((pid, ending));
+            }
+            None => {
+                let found = found.with_context(|| format!("attaching to pid {pid}"))?;
+                traced.enrich.seed_labels(pid, found);
+                traced.identity = after;
+            }
+        }
+        s.procs.insert(pid, traced);
     }
     if let Some(Command::Run { no_follow, argv }) = &cli.command {
         let spawned = spawn::start(&mut s.k, argv, !no_follow)?;
@@ -168,6 +203,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // A dropped ssh session must not lose the report (stdout is often a
+    // file: nohup, tee): SIGHUP ends it as SIGINT does.
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let deadline = async {
         match cli.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -178,11 +216,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let mut tick = tokio::time::interval(cli.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut ended = SessionEnd::AllExited;
     let result: io::Result<()> = async {
         s.sinks.start(&Start {
             ts: sinks::now(),
             request: req,
         })?;
+        for (pid, ending) in ended_at_attach {
+            s.exited(pid, None, ending)?;
+        }
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -195,16 +237,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     guard.clear_ready();
                     s.sinks.flush()?;
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
-                _ = &mut deadline => break,
+                _ = sigint.recv() => { ended = SessionEnd::Sigint; break }
+                _ = sigterm.recv() => { ended = SessionEnd::Sigterm; break }
+                _ = sighup.recv() => { ended = SessionEnd::Sighup; break }
+                _ = &mut deadline => { ended = SessionEnd::Duration; break }
             }
             if s.procs.values().all(|p| p.analysis.exited()) {
                 break;
             }
         }
+        s.end_child(ring.get_mut(), ended).await?;
         s.events(ring.get_mut())?;
-        s.summary()
+        s.summary(ended)
     }
     .await;
     match result {
@@ -215,11 +259,50 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let reached = cli
         .fail_on
         .is_some_and(|on| s.procs.values().any(|p| p.analysis.worst() >= on));
-    Ok(if reached {
-        ExitCode::from(EXIT_STATUS_REACHED)
-    } else {
-        ExitCode::SUCCESS
-    })
+    let child = s.child.as_ref().map(|c| ChildEnd {
+        ending: c.ended(),
+        stopped: c.stopped(),
+    });
+    Ok(ExitCode::from(exit_status(reached, child)))
+}
+
+/// The `run` command at the end of the session.
+#[derive(Clone, Copy, Debug)]
+struct ChildEnd {
+    /// How it ended; None when it still runs.
+    ending: Option<Ending>,
+    /// fdtrace stopped it (--duration).
+    stopped: bool,
+}
+
+/// fdtrace's exit status: 3 when --fail-on fired; else that of the `run`
+/// command as a shell gives it (128 + N for signal N), unless fdtrace
+/// itself stopped it; else 0.
+fn exit_status(reached: bool, child: Option<ChildEnd>) -> u8 {
+    if reached {
+        return EXIT_STATUS_REACHED;
+    }
+    match child {
+        Some(ChildEnd {
+            ending: Some(e),
+            stopped: false,
+        }) => e
+            .shell_status()
+            .map_or(0, |c| u8::try_from(c & 0xff).unwrap_or(0)),
+        _ => 0,
+    }
+}
+
+/// Whether a process given with --pid ended before it could be traced,
+/// from its identity before and after the kernel registered it; None when
+/// it is traced.
+fn attach_outcome(before: Option<Identity>, after: Option<Identity>) -> Option<Ending> {
+    match (before, after) {
+        (_, None) => Some(Ending::Exited),
+        (Some(b), Some(a)) if b.start_time != a.start_time => Some(Ending::Exited),
+        (_, Some(a)) if a.zombie => Some(Ending::Zombie),
+        _ => None,
+    }
 }
 
 async fn noop_hooks(limits: &Limits) -> Result<()> {
@@ -254,7 +337,7 @@ impl Session {
                     .get(&pid)
                     .is_some_and(|p| p.gone && !p.analysis.exited())
                 {
-                    self.exited(pid, None)?;
+                    self.exited(pid, None, Ending::Exited)?;
                 }
                 let enrich = ProcessEnrichment::new(comm, Some(ppid));
                 self.procs.insert(pid, Traced::new(enrich, self.cfg));
@@ -283,7 +366,15 @@ impl Session {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.enrich.comm = comm;
                 }
-                self.exited(pid, Some(totals))
+                // The `run` command: its reaper has its status as soon as
+                // the kernel has finished its exit, moments after this event.
+                let ending = match &mut self.child {
+                    Some(c) if c.pid == pid => {
+                        c.ending(Duration::from_secs(1)).unwrap_or(Ending::Exited)
+                    }
+                    _ => Ending::Exited,
+                };
+                self.exited(pid, Some(totals), ending)
             }
             KernelEvent::FdError {
                 pid,
@@ -349,12 +440,12 @@ impl Session {
 
     /// `totals` at exit, from the exit event; None when the event was lost
     /// and only the last report is known.
-    fn exited(&mut self, pid: u32, totals: Option<Totals>) -> io::Result<()> {
+    fn exited(&mut self, pid: u32, totals: Option<Totals>, ending: Ending) -> io::Result<()> {
         let Some(p) = self.procs.get_mut(&pid) else {
             return Ok(());
         };
         let totals = totals.or(p.analysis.last_totals()).unwrap_or_default();
-        if !p.analysis.exit(totals) {
+        if !p.analysis.exit(totals, ending) {
             return Ok(());
         }
         p.table.clear();
@@ -366,7 +457,39 @@ impl Session {
             pid,
             comm,
             totals,
+            ending,
         })
+    }
+
+    /// The `run` command at the end of the session: asked to stop when
+    /// --duration ran out (SIGTERM, then SIGKILL once it had its grace);
+    /// after a signal to fdtrace, given a moment, since on a terminal the
+    /// signal (Ctrl-C) reached it too. Events are drained meanwhile, so its
+    /// exit object comes out with its status.
+    async fn end_child(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        ended: SessionEnd,
+    ) -> io::Result<()> {
+        let wait = match ended {
+            SessionEnd::Duration => spawn::TERM_GRACE + Duration::from_secs(1),
+            _ => Duration::from_secs(1),
+        };
+        let until = Instant::now() + wait;
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                return Ok(());
+            };
+            if child.ending(Duration::ZERO).is_some() || Instant::now() >= until {
+                break;
+            }
+            if ended == SessionEnd::Duration {
+                child.stop();
+            }
+            self.events(ring)?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.events(ring)
     }
 
     fn report(&mut self) -> io::Result<()> {
@@ -401,10 +524,23 @@ impl Session {
                 // it was lost is the exit reported from here.
                 let p = self.procs.get_mut(&pid).expect("traced");
                 if std::mem::replace(&mut p.gone, true) {
-                    self.exited(pid, None)?;
+                    self.exited(pid, None, Ending::Exited)?;
                 }
                 continue;
             };
+            let info = process::info(pid);
+            let p = self.procs.get_mut(&pid).expect("traced");
+            // A process known under this pid that is not the one there now
+            // has ended unseen: its successor is not its continuation.
+            match (p.identity, info.as_ref().map(|i| i.identity)) {
+                (Some(was), Some(now)) if was.start_time != now.start_time => {
+                    self.k.unregister(pid);
+                    self.exited(pid, None, Ending::Exited)?;
+                    continue;
+                }
+                (None, now) => p.identity = now,
+                _ => {}
+            }
             let p = self.procs.get_mut(&pid).expect("traced");
             p.gone = false;
             if let Err(e) = p.table.refresh(&self.k, pid, snap.stats.generation) {
@@ -414,7 +550,6 @@ impl Session {
             // Reconcile.
             let rec = reconcile::reconcile(&mut self.k, pid, &mut p.reconcile, &mut p.table, &snap);
             // Enrich.
-            let info = process::info(pid);
             if let Some(i) = &info {
                 p.enrich.comm.clone_from(&i.comm);
                 p.enrich.ppid = p.enrich.ppid.or(i.ppid);
@@ -452,7 +587,7 @@ impl Session {
         self.sinks.report(&report)
     }
 
-    fn summary(&mut self) -> io::Result<()> {
+    fn summary(&mut self, ended: SessionEnd) -> io::Result<()> {
         let processes = self
             .procs
             .iter()
@@ -464,7 +599,69 @@ impl Session {
         self.sinks.summary(&Summary {
             ts: sinks::now(),
             duration_s: self.started.elapsed().as_secs_f64(),
+            ended,
             processes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(start_time: u64, zombie: bool) -> Option<Identity> {
+        Some(Identity { start_time, zombie })
+    }
+
+    #[test]
+    fn a_pid_gone_or_taken_or_a_zombie_at_attach_has_ended() {
+        assert_eq!(attach_outcome(id(5, false), id(5, false)), None);
+        assert_eq!(attach_outcome(id(5, false), None), Some(Ending::Exited));
+        assert_eq!(
+            attach_outcome(id(5, false), id(9, false)),
+            Some(Ending::Exited),
+            "another process under the same pid"
+        );
+        assert_eq!(
+            attach_outcome(id(5, true), id(5, true)),
+            Some(Ending::Zombie)
+        );
+        assert_eq!(
+            attach_outcome(id(5, false), id(5, true)),
+            Some(Ending::Zombie)
+        );
+    }
+
+    fn child(ending: Option<Ending>, stopped: bool) -> Option<ChildEnd> {
+        Some(ChildEnd { ending, stopped })
+    }
+
+    #[test]
+    fn run_exits_with_the_status_of_its_command() {
+        assert_eq!(exit_status(false, child(Some(Ending::Code(7)), false)), 7);
+        assert_eq!(exit_status(false, child(Some(Ending::Code(0)), false)), 0);
+        assert_eq!(
+            exit_status(false, child(Some(Ending::Signal(9)), false)),
+            137
+        );
+        assert_eq!(
+            exit_status(false, child(Some(Ending::Signal(2)), false)),
+            130,
+            "Ctrl-C on a terminal"
+        );
+    }
+
+    #[test]
+    fn fail_on_wins_over_the_command_status() {
+        assert_eq!(exit_status(true, child(Some(Ending::Code(7)), false)), 3);
+        assert_eq!(exit_status(true, None), 3);
+    }
+
+    #[test]
+    fn a_command_fdtrace_stopped_gives_0() {
+        assert_eq!(exit_status(false, child(Some(Ending::Signal(15)), true)), 0);
+        assert_eq!(exit_status(false, child(None, true)), 0);
+        assert_eq!(exit_status(false, child(None, false)), 0, "still running");
+        assert_eq!(exit_status(false, None), 0, "--pid");
     }
 }

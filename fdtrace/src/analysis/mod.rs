@@ -20,8 +20,8 @@ pub use findings::{
 pub use process::{Config, GROWING_RATE, ProcessAnalysis, fd_error_key};
 pub use rates::{Series, display_rate, seconds_to_emfile};
 pub use report::{
-    Loss, Notice, ProcessFigures, ProcessReport, ProcessSummary, Report, Resync, SiteReport, Start,
-    Summary, Totals,
+    Ending, Loss, Notice, ProcessFigures, ProcessReport, ProcessSummary, Report, Resync,
+    SessionEnd, SiteReport, Start, Summary, Totals,
 };
 pub use status::{Status, Thresholds, pct_used, status};
 

@@ -129,7 +129,10 @@ impl Sockets {
         }
         for e in proc.unix().into_iter().flatten() {
             let label = match &e.path {
-                Some(p) => format!("unix {}", normalize_path(&p.to_string_lossy())),
+                Some(p) => format!(
+                    "unix {}",
+                    normalize_path(&crate::escape::lossless(p.as_os_str().as_encoded_bytes()))
+                ),
                 None => "unix".to_string(),
             };
             by_inode.insert(

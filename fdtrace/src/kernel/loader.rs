@@ -123,6 +123,33 @@ impl Kernel {
         let _ = self.traced.set(pid, (slot + 1) as u16, 0);
         Ok(true)
     }
+
+    /// Stops tracing `pid`, as the kernel side does at exit (fdtrace-ebpf
+    /// table.rs `unregister`), for a process whose exit the kernel side
+    /// could not see: gone or a zombie when registered, or its pid taken by
+    /// another process. Its fd entries go too, so a next owner of the pid
+    /// starts from nothing.
+    pub fn unregister(&mut self, pid: u32) {
+        let _ = self.traced.set(pid, 0, 0);
+        let Ok(slot) = self.procs.get(&pid, 0) else {
+            return;
+        };
+        let _ = self.procs.remove(&pid);
+        if let Ok(mut st) = self.stats.get(&slot, 0) {
+            st.tgid = 0;
+            let _ = self.stats.set(slot, st, 0);
+        }
+        let _ = self.free_slots.push(slot, 0);
+        let mine: Vec<FdKey> = self
+            .fds
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for key in mine {
+            let _ = self.fds.remove(&key);
+        }
+    }
 }
 
 /// PF_KTHREAD, in the flags of /proc/PID/stat (include/linux/sched.h).

@@ -5,9 +5,10 @@ use fdtrace_common::{FD_KINDS, FdKind};
 
 use super::Sink;
 use crate::analysis::{
-    Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport, Start,
-    Summary, display_rate,
+    Ending, Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport,
+    Start, Summary, display_rate,
 };
+use crate::escape::terminal as safe;
 
 pub struct Terminal<W: Write> {
     out: io::BufWriter<W>,
@@ -48,7 +49,7 @@ impl<W: Write> Terminal<W> {
             "{:<8} {:>7} {:<15} {:>15} {:>6} {:>8.1} {:>8.1} {:>+7.1} {:>9} {:<9} {:>6} {:>5}  {}",
             clock(ts),
             r.pid,
-            r.comm,
+            safe(&r.comm),
             format!("{}/{}", r.open_fds, limit),
             used,
             display_rate(r.opened_per_s),
@@ -70,14 +71,14 @@ impl<W: Write> Terminal<W> {
         let at = s
             .stack
             .first()
-            .map_or(String::new(), |f| format!("  at {f}"));
+            .map_or(String::new(), |f| format!("  at {}", safe(f)));
         writeln!(
             self.out,
             "{:>17} {:+.1} fds/s  {} {}  ({} open, oldest {:.0}s){at}",
             "site",
             display_rate(s.leak_per_s),
             s.kind.name(),
-            s.resource,
+            safe(&s.resource),
             s.open_fds,
             s.oldest_age_s
         )
@@ -89,9 +90,9 @@ impl<W: Write> Terminal<W> {
             "{:<8} {pid:>7} FINDING {}: {}",
             clock(ts),
             f.kind.name(),
-            f.message
+            safe(&f.message)
         )?;
-        writeln!(self.out, "{:>17} fix: {}", "", f.recommendation)
+        writeln!(self.out, "{:>17} fix: {}", "", safe(&f.recommendation))
     }
 
     fn resync(&mut self, ts: f64, pid: u32, r: Resync) -> io::Result<()> {
@@ -138,17 +139,20 @@ impl<W: Write> Sink for Terminal<W> {
                 clock(*ts)
             ),
             Notice::Exec { ts, pid, comm } => {
-                writeln!(self.out, "{:<8} {pid:>7} exec {comm}", clock(*ts))
+                writeln!(self.out, "{:<8} {pid:>7} exec {}", clock(*ts), safe(comm))
             }
             Notice::Exit {
                 ts,
                 pid,
                 comm,
                 totals: t,
+                ending,
             } => writeln!(
                 self.out,
-                "{:<8} {pid:>7} {comm} exited holding {} fds (opened {}, closed {} while traced)",
+                "{:<8} {pid:>7} {} {} holding {} fds (opened {}, closed {} while traced)",
                 clock(*ts),
+                safe(comm),
+                ending_text(Some(*ending)),
                 t.open_fds,
                 t.opened,
                 t.closed
@@ -168,8 +172,10 @@ impl<W: Write> Sink for Terminal<W> {
                 };
                 let what = resource
                     .as_ref()
-                    .map_or(String::new(), |r| format!(" ({r})"));
-                let at = stack.first().map_or(String::new(), |f| format!(" at {f}"));
+                    .map_or(String::new(), |r| format!(" ({})", safe(r)));
+                let at = stack
+                    .first()
+                    .map_or(String::new(), |f| format!(" at {}", safe(f)));
                 writeln!(
                     self.out,
                     "{:<8} {pid:>7} {syscall}{what} failed with {}{at}: {why}",
@@ -222,7 +228,12 @@ impl<W: Write> Sink for Terminal<W> {
         if s.processes.is_empty() {
             return self.out.flush();
         }
-        writeln!(self.out, "\nSummary ({:.1}s traced):", s.duration_s)?;
+        writeln!(
+            self.out,
+            "\nSummary ({:.1}s traced, ended by {}):",
+            s.duration_s,
+            s.ended.text()
+        )?;
         writeln!(
             self.out,
             "{:>7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:<9} {:>6}  STATE",
@@ -243,7 +254,7 @@ impl<W: Write> Sink for Terminal<W> {
                 self.out,
                 "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8} {:>+7.1} {:>9} {:<9} {:>6}  {}",
                 p.pid,
-                p.comm,
+                safe(&p.comm),
                 t.open_fds,
                 t.opened,
                 t.closed,
@@ -252,7 +263,11 @@ impl<W: Write> Sink for Terminal<W> {
                 eta(p.seconds_to_emfile),
                 p.status.name(),
                 p.emfile + p.enfile,
-                if p.exited { "exited" } else { "running" }
+                if p.exited {
+                    ending_text(p.ending)
+                } else {
+                    "running".into()
+                }
             )?;
         }
         for p in s
@@ -260,19 +275,25 @@ impl<W: Write> Sink for Terminal<W> {
             .iter()
             .filter(|p| !p.sites.is_empty() || !p.findings.is_empty())
         {
-            writeln!(self.out, "\n{} ({}): {}", p.pid, p.comm, p.status.name())?;
+            writeln!(
+                self.out,
+                "\n{} ({}): {}",
+                p.pid,
+                safe(&p.comm),
+                p.status.name()
+            )?;
             for site in &p.sites {
                 writeln!(
                     self.out,
                     "  {:+.1} fds/s  {} {}: {} open, oldest {:.0}s",
                     display_rate(site.leak_per_s),
                     site.kind.name(),
-                    site.resource,
+                    safe(&site.resource),
                     site.open_fds,
                     site.oldest_age_s
                 )?;
                 for frame in site.stack.iter().take(8) {
-                    writeln!(self.out, "      {frame}")?;
+                    writeln!(self.out, "      {}", safe(frame))?;
                 }
             }
             for f in &p.findings {
@@ -280,10 +301,10 @@ impl<W: Write> Sink for Terminal<W> {
                     self.out,
                     "  {}: {} (first seen {})",
                     f.kind.name(),
-                    f.message,
+                    safe(&f.message),
                     clock(f.first_seen_ts)
                 )?;
-                writeln!(self.out, "    fix: {}", f.recommendation)?;
+                writeln!(self.out, "    fix: {}", safe(&f.recommendation))?;
             }
         }
         self.out.flush()
@@ -291,6 +312,16 @@ impl<W: Write> Sink for Terminal<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// "exited", "exited with code 7", "killed by signal 9", "zombie".
+fn ending_text(e: Option<Ending>) -> String {
+    match e {
+        Some(Ending::Code(c)) => format!("exited with code {c}"),
+        Some(Ending::Signal(s)) => format!("killed by signal {s}"),
+        Some(Ending::Zombie) => "zombie (exited, not reaped)".into(),
+        Some(Ending::Exited) | None => "exited".into(),
     }
 }
 
