@@ -116,6 +116,15 @@ pub fn kind_of(target: &FDTarget) -> FdKind {
     classify(text.as_bytes())
 }
 
+/// Whether `pid` belongs to fdtrace's own user (effective uid), who may read
+/// its /proc/PID/fd without CAP_DAC_READ_SEARCH. A process that is gone
+/// counts as readable: there is nothing to warn about.
+pub fn readable_by_owner(pid: u32) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    fs::metadata(format!("/proc/{pid}")).map_or(true, |m| m.uid() == euid)
+}
+
 pub fn exists(pid: u32) -> bool {
     // A thread id also has a /proc entry; fdtrace traces thread groups.
     Process::new(pid as i32)

@@ -78,6 +78,9 @@ struct Session {
     started: Instant,
     /// The `run` command's reaper, kept for the session.
     child: Option<spawn::Spawned>,
+    /// Whether fdtrace lacks CAP_DAC_READ_SEARCH and has yet to say which
+    /// processes it cannot name fds of.
+    warn_unreadable: bool,
 }
 
 fn request(cli: &Cli) -> Request {
@@ -163,6 +166,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         symbols: Symbols::new(),
         started: Instant::now(),
         child: None,
+        warn_unreadable: !kernel::can_read_other_users_fds(),
     };
     // Processes that ended before they could be traced, reported as soon
     // as the report has started.
@@ -291,6 +295,24 @@ fn exit_status(reached: bool, child: Option<ChildEnd>) -> u8 {
             .map_or(0, |c| u8::try_from(c & 0xff).unwrap_or(0)),
         _ => 0,
     }
+}
+
+/// The warning, once, that fdtrace cannot name the fds the processes of
+/// other users open (`others`: pid and comm); None when there are none.
+fn unreadable_warning(others: &[(u32, String)]) -> Option<String> {
+    if others.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = others
+        .iter()
+        .map(|(pid, comm)| format!("{pid} ({})", crate::escape::terminal(comm)))
+        .collect();
+    Some(format!(
+        "without CAP_DAC_READ_SEARCH fdtrace cannot read /proc/PID/fd of other users' processes: \
+         fds they open from now on are counted but not named (kind unknown): {}; grant \
+         CAP_DAC_READ_SEARCH or run as root",
+        list.join(", ")
+    ))
 }
 
 /// Whether a process given with --pid ended before it could be traced,
@@ -583,6 +605,18 @@ impl Session {
             };
             report.processes.push(p.analysis.update(&sample));
         }
+        if self.warn_unreadable {
+            let others: Vec<(u32, String)> = report
+                .processes
+                .iter()
+                .filter(|p| !procfd::readable_by_owner(p.figures.pid))
+                .map(|p| (p.figures.pid, p.figures.comm.clone()))
+                .collect();
+            if let Some(w) = unreadable_warning(&others) {
+                eprintln!("fdtrace: {w}");
+                self.warn_unreadable = false;
+            }
+        }
         // Sinks.
         self.sinks.report(&report)
     }
@@ -655,6 +689,15 @@ mod tests {
     fn fail_on_wins_over_the_command_status() {
         assert_eq!(exit_status(true, child(Some(Ending::Code(7)), false)), 3);
         assert_eq!(exit_status(true, None), 3);
+    }
+
+    #[test]
+    fn the_unreadable_warning_names_the_capability_and_the_processes() {
+        assert_eq!(unreadable_warning(&[]), None);
+        let w = unreadable_warning(&[(1, "systemd".into()), (77, "e\x1bvil".into())])
+            .expect("a warning");
+        assert!(w.contains("CAP_DAC_READ_SEARCH"), "{w}");
+        assert!(w.contains("1 (systemd), 77 (e\\x1bvil)"), "{w}");
     }
 
     #[test]

@@ -349,10 +349,6 @@ fn check_privileges() -> Result<()> {
 /// read its links (fs/proc/fd.c). Without it such processes are counted,
 /// and their fds named at attach, by the kernel's walk, but fds they open
 /// later cannot be named from /proc: the caller says so once.
-#[expect(
-    dead_code,
-    reason = "for the user side's once-only warning; remove this once it calls it"
-)]
 pub fn can_read_other_users_fds() -> bool {
     const CAP_DAC_OVERRIDE: u32 = 1;
     effective_caps().is_ok_and(|eff| eff & (1 << CAP_DAC_READ_SEARCH | 1 << CAP_DAC_OVERRIDE) != 0)
