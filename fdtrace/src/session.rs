@@ -3,7 +3,7 @@
 //! kernel -> reconcile -> enrich -> analysis -> sinks; each event from the
 //! ring buffer goes kernel -> enrich -> analysis -> sinks.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     io,
     process::ExitCode,
     time::{Duration, Instant},
@@ -18,8 +18,8 @@ use tokio::{
 
 use crate::{
     analysis::{
-        self, Config, Ending, Notice, ProcessAnalysis, ProcessSample, Report, Request, SessionEnd,
-        Start, Summary, Thresholds, Totals,
+        self, Config, Ending, FindingKind, Notice, ProcessAnalysis, ProcessSample, Report, Request,
+        SessionEnd, Start, Summary, Thresholds, Totals,
     },
     cli::{Cli, Command},
     enrich::{
@@ -81,6 +81,10 @@ struct Session {
     /// Whether fdtrace lacks CAP_DAC_READ_SEARCH and has yet to say which
     /// processes it cannot name fds of.
     warn_unreadable: bool,
+    /// Event findings given to the sinks, by kind and message: the same one
+    /// of another process not in a report yet (a fork storm's children) is
+    /// kept for the summary but not given again.
+    shown_findings: HashSet<(FindingKind, String)>,
 }
 
 fn request(cli: &Cli) -> Request {
@@ -167,6 +171,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         started: Instant::now(),
         child: None,
         warn_unreadable: !kernel::can_read_other_users_fds(),
+        shown_findings: HashSet::new(),
     };
     // Processes that ended before they could be traced, reported as soon
     // as the report has started.
@@ -445,9 +450,16 @@ impl Session {
         let Some(p) = self.procs.get_mut(&pid) else {
             return Ok(());
         };
-        match p.analysis.event_finding(key, f) {
-            Some(finding) => self.sinks.notice(&Notice::Finding { ts, pid, finding }),
-            None => Ok(()),
+        let Some(finding) = p.analysis.event_finding(key, f) else {
+            return Ok(());
+        };
+        let new = self
+            .shown_findings
+            .insert((finding.kind, finding.message.clone()));
+        if new || p.analysis.reported() {
+            self.sinks.notice(&Notice::Finding { ts, pid, finding })
+        } else {
+            Ok(())
         }
     }
 

@@ -270,3 +270,39 @@ fn hostile_names_stay_one_object_per_line_and_lossless() {
         "the file name as chosen: {resources:?}"
     );
 }
+
+const STORM: &str = "for i in $(seq 300); do /bin/true; done";
+
+#[test]
+fn a_fork_storm_does_not_flood_the_terminal() {
+    let f = run_fdtrace(&["run", "--", "sh", "-c", STORM], Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(0), "stderr: {}", f.stderr);
+    let lines = f.stdout.lines().count();
+    assert!(lines < 80, "{lines} lines for 300 children:\n{}", f.stdout);
+    assert!(
+        f.stdout.contains("300x true") && f.stdout.contains("exited before a report"),
+        "the children summarised per command: {}",
+        f.stdout
+    );
+}
+
+#[test]
+fn a_fork_storm_keeps_its_life_cycle_but_not_repeated_findings_in_ndjson() {
+    let f = run_fdtrace(
+        &["--json", "run", "--", "sh", "-c", STORM],
+        Duration::from_secs(60),
+    );
+    assert_eq!(f.status.code(), Some(0), "stderr: {}", f.stderr);
+    let recs = records(&f.stdout);
+    assert_eq!(of_type(&recs, "fork").len(), 301, "300 true and seq");
+    assert_eq!(of_type(&recs, "exit").len(), 302, "and sh");
+    let findings = of_type(&recs, "finding");
+    let mut messages: Vec<&str> = findings
+        .iter()
+        .filter_map(|f| f["message"].as_str())
+        .collect();
+    let all = messages.len();
+    messages.sort_unstable();
+    messages.dedup();
+    assert_eq!(all, messages.len(), "a finding repeated: {findings:?}");
+}

@@ -7,6 +7,7 @@ mod findings;
 mod process;
 mod rates;
 mod report;
+pub mod short_lived;
 mod status;
 
 use std::{collections::HashMap, rc::Rc, time::Duration};

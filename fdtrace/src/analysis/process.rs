@@ -240,6 +240,11 @@ impl ProcessAnalysis {
         self.exited.is_some()
     }
 
+    /// It was in a report already.
+    pub fn reported(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// Totals at the last report, if there was one.
     pub fn last_totals(&self) -> Option<Totals> {
         self.last.map(|l| l.totals)
@@ -469,6 +474,7 @@ impl ProcessAnalysis {
             emfile,
             enfile,
             exited: self.exited.is_some(),
+            reported: self.last.is_some(),
             ending: self.ending,
             status: if self.exited.is_some() {
                 self.worst

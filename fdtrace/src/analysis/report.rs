@@ -217,6 +217,8 @@ pub struct ProcessSummary {
     pub emfile: u64,
     pub enfile: u64,
     pub exited: bool,
+    /// It was in at least one report (lived through one).
+    pub reported: bool,
     /// How it ended, once it has.
     pub ending: Option<Ending>,
     /// The worst status reached for a process that exited, the last one

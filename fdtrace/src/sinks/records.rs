@@ -737,6 +737,7 @@ mod tests {
                 emfile: 1,
                 enfile: 0,
                 exited: true,
+                reported: true,
                 ending: Some(Ending::Signal(9)),
                 status: Status::Exhausted,
                 leak_per_s: 0.0,

@@ -1,5 +1,8 @@
 //! The readable table on a terminal, rendered from the same data as NDJSON.
-use std::io::{self, Write};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{self, Write},
+};
 
 use fdtrace_common::{FD_KINDS, FdKind};
 
@@ -7,18 +10,45 @@ use super::Sink;
 use crate::analysis::{
     Ending, Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport,
     Start, Summary, display_rate,
+    short_lived::{self, CommandGroup},
 };
 use crate::escape::terminal as safe;
 
 pub struct Terminal<W: Write> {
     out: io::BufWriter<W>,
+    /// Fork and exec lines of forked processes not in a report yet: printed
+    /// with their first report, dropped if they exit before it, so that a
+    /// fork storm (a shell loop, a build) does not flood the terminal.
+    pending: HashMap<u32, Vec<String>>,
+    /// Forked processes that exited before their first report since the
+    /// last report, by command: a line each at the next report.
+    short_lived: BTreeMap<String, CommandGroup>,
 }
 
 impl<W: Write> Terminal<W> {
     pub fn new(w: W) -> Self {
         Terminal {
             out: io::BufWriter::new(w),
+            pending: HashMap::new(),
+            short_lived: BTreeMap::new(),
         }
+    }
+
+    /// Lines of forked processes that exited before a report, one per
+    /// command.
+    fn short_lived(&mut self, ts: f64) -> io::Result<()> {
+        for g in std::mem::take(&mut self.short_lived).into_values() {
+            writeln!(
+                self.out,
+                "{:<8} {:>7} {} exited before a report (opened {}, closed {} fds)",
+                clock(ts),
+                format!("{}x", g.processes),
+                safe(&g.comm),
+                g.opened,
+                g.closed
+            )?;
+        }
+        Ok(())
     }
 
     fn header(&mut self) -> io::Result<()> {
@@ -133,13 +163,39 @@ impl<W: Write> Sink for Terminal<W> {
 
     fn notice(&mut self, n: &Notice) -> io::Result<()> {
         match n {
-            Notice::Fork { ts, pid, ppid } => writeln!(
-                self.out,
-                "{:<8} {pid:>7} forked from {ppid} (now traced)",
-                clock(*ts)
-            ),
+            Notice::Fork { ts, pid, ppid } => {
+                let line = format!("{:<8} {pid:>7} forked from {ppid} (now traced)", clock(*ts));
+                self.pending.insert(*pid, vec![line]);
+                Ok(())
+            }
             Notice::Exec { ts, pid, comm } => {
-                writeln!(self.out, "{:<8} {pid:>7} exec {}", clock(*ts), safe(comm))
+                let line = format!("{:<8} {pid:>7} exec {}", clock(*ts), safe(comm));
+                match self.pending.get_mut(pid) {
+                    Some(lines) => {
+                        lines.push(line);
+                        Ok(())
+                    }
+                    None => writeln!(self.out, "{line}"),
+                }
+            }
+            Notice::Exit {
+                pid,
+                comm,
+                totals: t,
+                ending: Ending::Exited,
+                ..
+            } if self.pending.remove(pid).is_some() => {
+                let g = self
+                    .short_lived
+                    .entry(comm.clone())
+                    .or_insert_with(|| CommandGroup {
+                        comm: comm.clone(),
+                        ..CommandGroup::default()
+                    });
+                g.processes += 1;
+                g.opened += t.opened;
+                g.closed += t.closed;
+                Ok(())
             }
             Notice::Exit {
                 ts,
@@ -206,6 +262,12 @@ impl<W: Write> Sink for Terminal<W> {
         for l in &r.losses {
             self.loss(r.ts, l)?;
         }
+        self.short_lived(r.ts)?;
+        for p in &r.processes {
+            for line in self.pending.remove(&p.figures.pid).unwrap_or_default() {
+                writeln!(self.out, "{line}")?;
+            }
+        }
         if !r.processes.is_empty() {
             self.header()?;
         }
@@ -225,9 +287,11 @@ impl<W: Write> Sink for Terminal<W> {
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        self.short_lived.clear();
         if s.processes.is_empty() {
             return self.out.flush();
         }
+        let groups = short_lived::group(&s.processes);
         writeln!(
             self.out,
             "\nSummary ({:.1}s traced, ended by {}):",
@@ -248,7 +312,7 @@ impl<W: Write> Sink for Terminal<W> {
             "STATUS",
             "EMFILE"
         )?;
-        for p in &s.processes {
+        for p in &groups.reported {
             let t = &p.totals;
             writeln!(
                 self.out,
@@ -270,8 +334,20 @@ impl<W: Write> Sink for Terminal<W> {
                 }
             )?;
         }
-        for p in s
-            .processes
+        for g in &groups.commands {
+            writeln!(
+                self.out,
+                "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8}  exited before a report",
+                format!("{}x", g.processes),
+                safe(&g.comm),
+                0,
+                g.opened,
+                g.closed,
+                g.opened as i64 - g.closed as i64,
+            )?;
+        }
+        for p in groups
+            .reported
             .iter()
             .filter(|p| !p.sites.is_empty() || !p.findings.is_empty())
         {
@@ -306,6 +382,22 @@ impl<W: Write> Sink for Terminal<W> {
                 )?;
                 writeln!(self.out, "    fix: {}", safe(&f.recommendation))?;
             }
+        }
+        if !groups.findings.is_empty() {
+            writeln!(self.out, "\nProcesses that exited before a report:")?;
+        }
+        for shared in &groups.findings {
+            let f = shared.finding;
+            writeln!(
+                self.out,
+                "  {} in {} process{}: {} (first seen {})",
+                f.kind.name(),
+                shared.processes,
+                if shared.processes == 1 { "" } else { "es" },
+                safe(&f.message),
+                clock(f.first_seen_ts)
+            )?;
+            writeln!(self.out, "    fix: {}", safe(&f.recommendation))?;
         }
         self.out.flush()
     }
