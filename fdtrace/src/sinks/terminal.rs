@@ -122,7 +122,7 @@ impl<W: Write> Terminal<W> {
             f.kind.name(),
             safe(&f.message)
         )?;
-        writeln!(self.out, "{:>17} fix: {}", "", safe(&f.recommendation))
+        writeln!(self.out, "{:>17} fix: {}", "", f.recommendation)
     }
 
     fn resync(&mut self, ts: f64, pid: u32, r: Resync) -> io::Result<()> {
@@ -380,7 +380,7 @@ impl<W: Write> Sink for Terminal<W> {
                     safe(&f.message),
                     clock(f.first_seen_ts)
                 )?;
-                writeln!(self.out, "    fix: {}", safe(&f.recommendation))?;
+                writeln!(self.out, "    fix: {}", f.recommendation)?;
             }
         }
         if !groups.findings.is_empty() {
@@ -397,7 +397,7 @@ impl<W: Write> Sink for Terminal<W> {
                 safe(&f.message),
                 clock(f.first_seen_ts)
             )?;
-            writeln!(self.out, "    fix: {}", safe(&f.recommendation))?;
+            writeln!(self.out, "    fix: {}", f.recommendation)?;
         }
         self.out.flush()
     }
