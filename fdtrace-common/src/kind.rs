@@ -303,4 +303,21 @@ mod tests {
             "a ':' past any kind name's length is part of a path"
         );
     }
+
+    proptest::proptest! {
+        /// Link texts are chosen by the traced process (its file names):
+        /// any bytes give a kind, never a panic, and the same one each time.
+        #[test]
+        fn any_link_text_has_a_kind(t in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            proptest::prop_assert_eq!(classify(&t), classify(&t));
+        }
+
+        /// An absolute path is a file whatever its bytes, but for the
+        /// names the kernel itself gives.
+        #[test]
+        fn an_absolute_path_is_a_file(rest in "[a-z0-9 ._\\-]{0,40}(:\\[[0-9]{1,5}\\])?") {
+            let path = format!("/srv/{rest}");
+            proptest::prop_assert_eq!(k(&path), FdKind::File);
+        }
+    }
 }

@@ -8,6 +8,7 @@ mod analysis;
 mod cli;
 mod enrich;
 mod error;
+mod escape;
 mod kernel;
 mod procfd;
 mod python;

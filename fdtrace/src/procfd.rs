@@ -80,21 +80,30 @@ fn read_link_at(dir: &File, name: &CStr) -> Option<String> {
         )
     };
     let n = usize::try_from(n).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    // The traced process names its files: nothing of the name is lost.
+    Some(crate::escape::lossless(&buf[..n]))
 }
 
 /// O_CLOEXEC from the octal `flags:` line of an fdinfo file; None when the
 /// fd is gone.
 fn fd_cloexec(path: &str) -> Option<bool> {
-    const O_CLOEXEC: u32 = 0o2_000_000;
     // The flags line comes second; epoll and inotify fdinfo go on for long.
     let mut file = File::open(path).ok()?;
     let mut buf = [0u8; 512];
     let n = file.read(&mut buf).ok()?;
-    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    parse_cloexec(&buf[..n])
+}
+
+/// O_CLOEXEC from the start of an fdinfo text; None without a valid
+/// `flags:` line. An fdinfo line can carry text the process chose (an
+/// inotify path, an eventfd's name), so only the flags line is trusted.
+/// https://github.com/torvalds/linux/blob/v6.18/fs/proc/fd.c (seq_show)
+fn parse_cloexec(text: &[u8]) -> Option<bool> {
+    const O_CLOEXEC: u32 = 0o2_000_000;
     let flags = text
-        .lines()
-        .find_map(|l| l.strip_prefix("flags:"))
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"flags:"))
+        .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())?;
     Some(flags & O_CLOEXEC != 0)
 }
@@ -115,9 +124,50 @@ pub fn kind_of(target: &FDTarget) -> FdKind {
     classify(text.as_bytes())
 }
 
+/// Whether `pid` belongs to fdtrace's own user (effective uid), who may read
+/// its /proc/PID/fd without CAP_DAC_READ_SEARCH. A process that is gone
+/// counts as readable: there is nothing to warn about.
+pub fn readable_by_owner(pid: u32) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    fs::metadata(format!("/proc/{pid}")).map_or(true, |m| m.uid() == euid)
+}
+
 pub fn exists(pid: u32) -> bool {
     // A thread id also has a /proc entry; fdtrace traces thread groups.
     Process::new(pid as i32)
         .and_then(|p| p.status())
         .is_ok_and(|s| s.tgid == pid as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn cloexec_from_the_flags_line() {
+        let text = b"pos:\t0\nflags:\t02100002\nmnt_id:\t25\nino:\t7\n";
+        assert_eq!(parse_cloexec(text), Some(true));
+        assert_eq!(parse_cloexec(b"pos:\t0\nflags:\t0100002\n"), Some(false));
+        assert_eq!(parse_cloexec(b"pos:\t0\nflags:\tzz\n"), None);
+        assert_eq!(parse_cloexec(b"pos:\t0\n"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_fdinfo_text_parses_or_is_refused(t in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_cloexec(&t);
+        }
+
+        /// Link texts as /proc gives them (lossless text of any bytes):
+        /// procfs parses each, and each gets a kind, without a panic.
+        #[test]
+        fn any_link_text_gets_a_kind(bytes in proptest::collection::vec(any::<u8>(), 1..200)) {
+            if let Ok(t) = FDTarget::from_str(&crate::escape::lossless(&bytes)) {
+                let _ = kind_of(&t);
+            }
+        }
+    }
 }

@@ -121,7 +121,8 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
 /// does not have, and recomputes the per-kind counts. What /proc lists and
 /// fdtrace lacked was opened, and what fdtrace had and /proc lacks was
 /// closed, while fdtrace was not looking: they count in the totals.
-fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
+/// Returns how many fds the walk listed.
+fn resync(k: &mut Kernel, pid: u32) -> Result<usize> {
     let listed: HashMap<u32, procfd::ProcFd> = iterators::list(k.names.as_fd(), pid)?
         .into_iter()
         .map(|f| (f.fd, f))
@@ -183,7 +184,7 @@ fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
     // Read-modify-write of the counters: the kernel may bump them in between;
     // the next drift check sees and repairs any difference.
     let Some(mut stats) = k.stats_of(pid) else {
-        return Ok(()); // exited meanwhile
+        return Ok(listed.len()); // exited meanwhile
     };
     stats.opened += new.len() as u64;
     stats.closed += dropped;
@@ -191,7 +192,70 @@ fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
     stats.fd_hwm = stats.fd_hwm.max(top);
     stats.generation += 1;
     k.set_stats(pid, &stats)
-        .with_context(|| format!("updating counters of pid {pid}"))
+        .with_context(|| format!("updating counters of pid {pid}"))?;
+    Ok(listed.len())
+}
+
+/// What to do about a process's drift at a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResyncStep {
+    /// Counts agree: nothing to do.
+    None,
+    /// Resync with /proc.
+    Resync,
+    /// The last resync did not take (the same drift is back): report it,
+    /// once, as an error.
+    Failed,
+    /// Failed before and not repaired since: already reported.
+    Quiet,
+}
+
+/// Whether the resyncs of a process take. A resync that leaves the same
+/// drift behind (a table the kernel walk cannot list as /proc does) would
+/// otherwise be reported, and redone, as a fresh drift every interval.
+#[derive(Clone, Copy, Debug, Default)]
+struct ResyncTrack {
+    /// The drift the last report resynced.
+    resynced: Option<i64>,
+    /// A resync did not take; cleared once the counts agree again.
+    failed: bool,
+}
+
+impl ResyncTrack {
+    /// `drift`: the confirmed non-zero drift of this report, if any;
+    /// `inexact`: the kernel side said it could not follow a change.
+    fn step(&mut self, drift: Option<i64>, inexact: bool) -> ResyncStep {
+        match drift {
+            None if inexact && !self.failed => {
+                self.resynced = None;
+                ResyncStep::Resync
+            }
+            None => {
+                if !inexact {
+                    *self = ResyncTrack::default();
+                }
+                ResyncStep::None
+            }
+            Some(_) if self.failed => ResyncStep::Quiet,
+            Some(d) if self.resynced == Some(d) => {
+                self.failed = true;
+                ResyncStep::Failed
+            }
+            Some(d) => {
+                self.resynced = Some(d);
+                ResyncStep::Resync
+            }
+        }
+    }
+
+    /// The resync itself failed: reported once, like one that did not take.
+    fn resync_failed(&mut self) -> ResyncStep {
+        if std::mem::replace(&mut self.failed, true) {
+            ResyncStep::Quiet
+        } else {
+            ResyncStep::Failed
+        }
+    }
 }
 
 /// Corrections to the kernel's per-kind counts, kept by user space.
@@ -280,6 +344,9 @@ pub struct ReconcileState {
     /// The table generation and time of the last check that found the
     /// kernel's count equal to /proc's.
     exact: Option<(u64, Instant)>,
+    resyncs: ResyncTrack,
+    /// How many fds the last resync's walk listed.
+    last_listed: usize,
 }
 
 /// The reconciled view of one process at a report.
@@ -322,18 +389,38 @@ pub fn reconcile(
     state.seen_inexact = st.inexact;
     let drift = snap.drift.filter(|&d| d != 0);
     let mut resync = None;
-    if drift.is_some() || inexact {
+    let mut step = state.resyncs.step(drift, inexact);
+    if step == ResyncStep::Resync {
         // Read the entries again next time, whatever part of the resync was
         // done.
         table.generation = None;
         match self::resync(k, pid) {
-            Ok(()) => {
+            Ok(listed) => {
                 // The resync recounted every kind from the entries.
                 state.kind_fix = KindFix::default();
+                state.last_listed = listed;
                 resync = Some(drift.map_or(Resync::Inexact, Resync::Drift));
             }
-            Err(e) => eprintln!("fdtrace: resync of pid {pid} failed: {e:#}"),
+            Err(e) => {
+                if state.resyncs.resync_failed() == ResyncStep::Failed {
+                    eprintln!(
+                        "fdtrace: resync of pid {pid} failed: {e:#}; its counts may stay off"
+                    );
+                }
+                step = ResyncStep::Quiet;
+            }
         }
+    }
+    if step == ResyncStep::Failed
+        && let Some(d) = drift
+    {
+        let in_proc = counts.open_fds as i64 - d;
+        eprintln!(
+            "fdtrace: resync of pid {pid} does not take: drift {d:+} again after it, since the \
+             kernel walk of its fd table lists {} fds where /proc/{pid}/fd lists {in_proc}; \
+             its counts stay off by that much (not reported again)",
+            state.last_listed
+        );
     }
     Reconciled {
         counts,
@@ -359,6 +446,58 @@ mod tests {
         assert_eq!(fixed[FdKind::Socket as usize], 2);
         assert_eq!(fixed[FdKind::File as usize], 4);
         assert_eq!(fixed.iter().sum::<u64>(), by_kind.iter().sum::<u64>());
+    }
+
+    #[test]
+    fn a_drift_is_resynced_and_cleared_when_it_takes() {
+        let mut t = ResyncTrack::default();
+        assert_eq!(t.step(None, false), ResyncStep::None);
+        assert_eq!(t.step(Some(-3), false), ResyncStep::Resync);
+        assert_eq!(t.step(None, false), ResyncStep::None, "it took");
+        assert_eq!(
+            t.step(Some(-3), false),
+            ResyncStep::Resync,
+            "a new drift after a good report is fresh"
+        );
+    }
+
+    #[test]
+    fn a_resync_that_does_not_take_is_reported_once() {
+        let mut t = ResyncTrack::default();
+        assert_eq!(t.step(Some(-281), false), ResyncStep::Resync);
+        assert_eq!(t.step(Some(-281), false), ResyncStep::Failed);
+        for _ in 0..5 {
+            assert_eq!(t.step(Some(-281), false), ResyncStep::Quiet);
+        }
+        assert_eq!(
+            t.step(Some(-282), false),
+            ResyncStep::Quiet,
+            "not a fresh drift while the table stays unwalkable"
+        );
+        assert_eq!(t.step(None, false), ResyncStep::None);
+        assert_eq!(
+            t.step(Some(-1), false),
+            ResyncStep::Resync,
+            "repaired since"
+        );
+    }
+
+    #[test]
+    fn a_different_drift_after_a_resync_is_resynced_again() {
+        let mut t = ResyncTrack::default();
+        assert_eq!(t.step(Some(2), false), ResyncStep::Resync);
+        assert_eq!(t.step(Some(-1), false), ResyncStep::Resync);
+    }
+
+    #[test]
+    fn inexact_changes_resync_until_a_resync_failed() {
+        let mut t = ResyncTrack::default();
+        assert_eq!(t.step(None, true), ResyncStep::Resync);
+        assert_eq!(t.resync_failed(), ResyncStep::Failed);
+        assert_eq!(t.resync_failed(), ResyncStep::Quiet);
+        assert_eq!(t.step(None, true), ResyncStep::None);
+        assert_eq!(t.step(None, false), ResyncStep::None);
+        assert_eq!(t.step(None, true), ResyncStep::Resync);
     }
 
     #[test]

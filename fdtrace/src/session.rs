@@ -2,7 +2,12 @@
 //! readable, signals, deadline). Each report runs the phases one way:
 //! kernel -> reconcile -> enrich -> analysis -> sinks; each event from the
 //! ring buffer goes kernel -> enrich -> analysis -> sinks.
-use std::{collections::BTreeMap, io, process::ExitCode, time::Instant};
+use std::{
+    collections::{BTreeMap, HashSet},
+    io,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -13,14 +18,15 @@ use tokio::{
 
 use crate::{
     analysis::{
-        self, Config, Containers, Notice, ProcessAnalysis, ProcessSample, Report, Request, Start,
-        Summary, Thresholds, Totals,
+        self, Config, Containers, Ending, FindingKind, Notice, ProcessAnalysis, ProcessSample,
+        Report, Request, SessionEnd, Start, Summary, Thresholds, Totals,
     },
     cli::{Cli, Command},
     enrich::{
         self, ProcessEnrichment,
         attribution::{Attributions, ProcessAttribution},
-        label, process,
+        label,
+        process::{self, Identity},
         symbols::Symbols,
     },
     error::Fatal,
@@ -45,6 +51,8 @@ struct Traced {
     analysis: ProcessAnalysis,
     /// No longer traced at the last report, with no exit event yet.
     gone: bool,
+    /// Tells it from a later process with the same pid; None until read.
+    identity: Option<Identity>,
 }
 
 impl Traced {
@@ -55,6 +63,7 @@ impl Traced {
             enrich,
             analysis: ProcessAnalysis::new(cfg),
             gone: false,
+            identity: None,
         }
     }
 }
@@ -75,13 +84,20 @@ struct Session {
     child: Option<spawn::Spawned>,
     /// Node mode is on.
     node: bool,
+    /// Whether fdtrace lacks CAP_DAC_READ_SEARCH and has yet to say which
+    /// processes it cannot name fds of.
+    warn_unreadable: bool,
+    /// Event findings given to the sinks, by kind and message: the same one
+    /// of another process not in a report yet (a fork storm's children) is
+    /// kept for the summary but not given again.
+    shown_findings: HashSet<(FindingKind, String)>,
 }
 
 fn request(cli: &Cli) -> Request {
     let command = match &cli.command {
         Some(Command::Run { argv, .. }) => Some(
             argv.iter()
-                .map(|a| a.to_string_lossy().into_owned())
+                .map(|a| crate::escape::lossless(a.as_encoded_bytes()))
                 .collect(),
         ),
         _ => None,
@@ -186,13 +202,38 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         started: Instant::now(),
         child: None,
         node: node.is_some(),
+        warn_unreadable: !kernel::can_read_other_users_fds(),
+        shown_findings: HashSet::new(),
     };
+    // Processes that ended before they could be traced, reported as soon
+    // as the report has started.
+    let mut ended_at_attach = Vec::new();
     for &pid in &cli.pids {
-        let found = reconcile::attach(&mut s.k, pid, cli.follow)
-            .with_context(|| format!("attaching to pid {pid}"))?;
-        let mut enrich = ProcessEnrichment::read(pid);
-        enrich.seed_labels(pid, found);
-        s.procs.insert(pid, Traced::new(enrich, cfg));
+        let before = process::stat(pid);
+        let found = reconcile::attach(&mut s.k, pid, cli.follow);
+        // Checked after registration: from then on the kernel side sees its
+        // exit; before, only /proc can tell it is gone, a zombie, or
+        // another process under the same pid.
+        let after = process::stat(pid).map(|s| s.identity);
+        let mut traced = Traced::new(ProcessEnrichment::read(pid), cfg);
+        if traced.enrich.comm.is_empty()
+            && let Some(b) = &before
+        {
+            // Gone already: its name is known from before.
+            traced.enrich.comm.clone_from(&b.comm);
+        }
+        match attach_outcome(before.map(|s| s.identity), after) {
+            Some(ending) => {
+                s.k.unregister(pid);
+                ended_at_attach.push((pid, ending));
+            }
+            None => {
+                let found = found.with_context(|| format!("attaching to pid {pid}"))?;
+                traced.enrich.seed_labels(pid, found);
+                traced.identity = after;
+            }
+        }
+        s.procs.insert(pid, traced);
     }
     if let Some(sel) = &node {
         for (pid, found) in kernel::node::start(&mut s.k, sel, &cli.host_root)? {
@@ -213,6 +254,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // A dropped ssh session must not lose the report (stdout is often a
+    // file: nohup, tee): SIGHUP ends it as SIGINT does.
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let deadline = async {
         match cli.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -223,11 +267,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let mut tick = tokio::time::interval(cli.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut ended = SessionEnd::AllExited;
     let result: io::Result<()> = async {
         s.sinks.start(&Start {
             ts: sinks::now(),
             request: req,
         })?;
+        for (pid, ending) in ended_at_attach {
+            s.exited(pid, None, ending)?;
+        }
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -240,17 +288,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     guard.clear_ready();
                     s.sinks.flush()?;
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
-                _ = &mut deadline => break,
+                _ = sigint.recv() => { ended = SessionEnd::Sigint; break }
+                _ = sigterm.recv() => { ended = SessionEnd::Sigterm; break }
+                _ = sighup.recv() => { ended = SessionEnd::Sighup; break }
+                _ = &mut deadline => { ended = SessionEnd::Duration; break }
             }
             // Node mode goes on while its selection is empty.
             if node.is_none() && s.procs.values().all(|p| p.analysis.exited()) {
                 break;
             }
         }
+        s.end_child(ring.get_mut(), ended).await?;
         s.events(ring.get_mut())?;
-        s.summary()
+        s.summary(ended)
     }
     .await;
     match result {
@@ -261,11 +311,68 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let reached = cli
         .fail_on
         .is_some_and(|on| s.procs.values().any(|p| p.analysis.worst() >= on));
-    Ok(if reached {
-        ExitCode::from(EXIT_STATUS_REACHED)
-    } else {
-        ExitCode::SUCCESS
-    })
+    let child = s.child.as_ref().map(|c| ChildEnd {
+        ending: c.ended(),
+        stopped: c.stopped(),
+    });
+    Ok(ExitCode::from(exit_status(reached, child)))
+}
+
+/// The `run` command at the end of the session.
+#[derive(Clone, Copy, Debug)]
+struct ChildEnd {
+    /// How it ended; None when it still runs.
+    ending: Option<Ending>,
+    /// fdtrace stopped it (--duration).
+    stopped: bool,
+}
+
+/// fdtrace's exit status: 3 when --fail-on fired; else that of the `run`
+/// command as a shell gives it (128 + N for signal N), unless fdtrace
+/// itself stopped it; else 0.
+fn exit_status(reached: bool, child: Option<ChildEnd>) -> u8 {
+    if reached {
+        return EXIT_STATUS_REACHED;
+    }
+    match child {
+        Some(ChildEnd {
+            ending: Some(e),
+            stopped: false,
+        }) => e
+            .shell_status()
+            .map_or(0, |c| u8::try_from(c & 0xff).unwrap_or(0)),
+        _ => 0,
+    }
+}
+
+/// The warning, once, that fdtrace cannot name the fds the processes of
+/// other users open (`others`: pid and comm); None when there are none.
+fn unreadable_warning(others: &[(u32, String)]) -> Option<String> {
+    if others.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = others
+        .iter()
+        .map(|(pid, comm)| format!("{pid} ({})", crate::escape::terminal(comm)))
+        .collect();
+    Some(format!(
+        "without CAP_DAC_READ_SEARCH fdtrace cannot read /proc/PID/fd of other users' processes: \
+         fds they open from now on are counted but not named (kind unknown): {}; grant \
+         CAP_DAC_READ_SEARCH or run as root",
+        list.join(", ")
+    ))
+}
+
+/// Whether a process given with --pid ended before it could be traced,
+/// from its identity before and after the kernel registered it; None when
+/// it is traced.
+fn attach_outcome(before: Option<Identity>, after: Option<Identity>) -> Option<Ending> {
+    match (before, after) {
+        (_, None) => Some(Ending::Exited),
+        (Some(b), Some(a)) if b.start_time != a.start_time => Some(Ending::Exited),
+        (_, Some(a)) if a.zombie => Some(Ending::Zombie),
+        _ => None,
+    }
 }
 
 async fn noop_hooks(limits: &Limits) -> Result<()> {
@@ -300,7 +407,7 @@ impl Session {
                     .get(&pid)
                     .is_some_and(|p| p.gone && !p.analysis.exited())
                 {
-                    self.exited(pid, None)?;
+                    self.exited(pid, None, Ending::Exited)?;
                 }
                 let mut enrich = ProcessEnrichment::new(comm, Some(ppid));
                 if let Some(parent) = self.procs.get(&ppid) {
@@ -335,7 +442,15 @@ impl Session {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.enrich.comm = comm;
                 }
-                self.exited(pid, Some(totals))
+                // The `run` command: its reaper has its status as soon as
+                // the kernel has finished its exit, moments after this event.
+                let ending = match &mut self.child {
+                    Some(c) if c.pid == pid => {
+                        c.ending(Duration::from_secs(1)).unwrap_or(Ending::Exited)
+                    }
+                    _ => Ending::Exited,
+                };
+                self.exited(pid, Some(totals), ending)
             }
             KernelEvent::FdError {
                 pid,
@@ -400,9 +515,16 @@ impl Session {
         let Some(p) = self.procs.get_mut(&pid) else {
             return Ok(());
         };
-        match p.analysis.event_finding(key, f) {
-            Some(finding) => self.sinks.notice(&Notice::Finding { ts, pid, finding }),
-            None => Ok(()),
+        let Some(finding) = p.analysis.event_finding(key, f) else {
+            return Ok(());
+        };
+        let new = self
+            .shown_findings
+            .insert((finding.kind, finding.message.clone()));
+        if new || p.analysis.reported() {
+            self.sinks.notice(&Notice::Finding { ts, pid, finding })
+        } else {
+            Ok(())
         }
     }
 
@@ -417,12 +539,12 @@ impl Session {
 
     /// `totals` at exit, from the exit event; None when the event was lost
     /// and only the last report is known.
-    fn exited(&mut self, pid: u32, totals: Option<Totals>) -> io::Result<()> {
+    fn exited(&mut self, pid: u32, totals: Option<Totals>, ending: Ending) -> io::Result<()> {
         let Some(p) = self.procs.get_mut(&pid) else {
             return Ok(());
         };
         let totals = totals.or(p.analysis.last_totals()).unwrap_or_default();
-        if !p.analysis.exit(totals) {
+        if !p.analysis.exit(totals, ending) {
             return Ok(());
         }
         p.table.clear();
@@ -435,7 +557,39 @@ impl Session {
             pid,
             comm,
             totals,
+            ending,
         })
+    }
+
+    /// The `run` command at the end of the session: asked to stop when
+    /// --duration ran out (SIGTERM, then SIGKILL once it had its grace);
+    /// after a signal to fdtrace, given a moment, since on a terminal the
+    /// signal (Ctrl-C) reached it too. Events are drained meanwhile, so its
+    /// exit object comes out with its status.
+    async fn end_child(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        ended: SessionEnd,
+    ) -> io::Result<()> {
+        let wait = match ended {
+            SessionEnd::Duration => spawn::TERM_GRACE + Duration::from_secs(1),
+            _ => Duration::from_secs(1),
+        };
+        let until = Instant::now() + wait;
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                return Ok(());
+            };
+            if child.ending(Duration::ZERO).is_some() || Instant::now() >= until {
+                break;
+            }
+            if ended == SessionEnd::Duration {
+                child.stop();
+            }
+            self.events(ring)?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.events(ring)
     }
 
     fn report(&mut self) -> io::Result<()> {
@@ -481,10 +635,23 @@ impl Session {
                 // it was lost is the exit reported from here.
                 let p = self.procs.get_mut(&pid).expect("traced");
                 if std::mem::replace(&mut p.gone, true) {
-                    self.exited(pid, None)?;
+                    self.exited(pid, None, Ending::Exited)?;
                 }
                 continue;
             };
+            let info = process::info(pid);
+            let p = self.procs.get_mut(&pid).expect("traced");
+            // A process known under this pid that is not the one there now
+            // has ended unseen: its successor is not its continuation.
+            match (p.identity, info.as_ref().map(|i| i.identity)) {
+                (Some(was), Some(now)) if was.start_time != now.start_time => {
+                    self.k.unregister(pid);
+                    self.exited(pid, None, Ending::Exited)?;
+                    continue;
+                }
+                (None, now) => p.identity = now,
+                _ => {}
+            }
             let p = self.procs.get_mut(&pid).expect("traced");
             p.gone = false;
             if let Err(e) = p.table.refresh(&self.k, pid, snap.stats.generation) {
@@ -494,7 +661,6 @@ impl Session {
             // Reconcile.
             let rec = reconcile::reconcile(&mut self.k, pid, &mut p.reconcile, &mut p.table, &snap);
             // Enrich.
-            let info = process::info(pid);
             if let Some(i) = &info {
                 p.enrich.comm.clone_from(&i.comm);
                 p.enrich.ppid = p.enrich.ppid.or(i.ppid);
@@ -538,11 +704,23 @@ impl Session {
                 .filter(|p| !p.analysis.exited())
                 .map(|p| &p.enrich.who),
         );
+        if self.warn_unreadable {
+            let others: Vec<(u32, String)> = report
+                .processes
+                .iter()
+                .filter(|p| !procfd::readable_by_owner(p.figures.pid))
+                .map(|p| (p.figures.pid, p.figures.comm.clone()))
+                .collect();
+            if let Some(w) = unreadable_warning(&others) {
+                eprintln!("fdtrace: {w}");
+                self.warn_unreadable = false;
+            }
+        }
         // Sinks.
         self.sinks.report(&report)
     }
 
-    fn summary(&mut self) -> io::Result<()> {
+    fn summary(&mut self, ended: SessionEnd) -> io::Result<()> {
         let processes = self
             .procs
             .iter()
@@ -554,7 +732,78 @@ impl Session {
         self.sinks.summary(&Summary {
             ts: sinks::now(),
             duration_s: self.started.elapsed().as_secs_f64(),
+            ended,
             processes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(start_time: u64, zombie: bool) -> Option<Identity> {
+        Some(Identity { start_time, zombie })
+    }
+
+    #[test]
+    fn a_pid_gone_or_taken_or_a_zombie_at_attach_has_ended() {
+        assert_eq!(attach_outcome(id(5, false), id(5, false)), None);
+        assert_eq!(attach_outcome(id(5, false), None), Some(Ending::Exited));
+        assert_eq!(
+            attach_outcome(id(5, false), id(9, false)),
+            Some(Ending::Exited),
+            "another process under the same pid"
+        );
+        assert_eq!(
+            attach_outcome(id(5, true), id(5, true)),
+            Some(Ending::Zombie)
+        );
+        assert_eq!(
+            attach_outcome(id(5, false), id(5, true)),
+            Some(Ending::Zombie)
+        );
+    }
+
+    fn child(ending: Option<Ending>, stopped: bool) -> Option<ChildEnd> {
+        Some(ChildEnd { ending, stopped })
+    }
+
+    #[test]
+    fn run_exits_with_the_status_of_its_command() {
+        assert_eq!(exit_status(false, child(Some(Ending::Code(7)), false)), 7);
+        assert_eq!(exit_status(false, child(Some(Ending::Code(0)), false)), 0);
+        assert_eq!(
+            exit_status(false, child(Some(Ending::Signal(9)), false)),
+            137
+        );
+        assert_eq!(
+            exit_status(false, child(Some(Ending::Signal(2)), false)),
+            130,
+            "Ctrl-C on a terminal"
+        );
+    }
+
+    #[test]
+    fn fail_on_wins_over_the_command_status() {
+        assert_eq!(exit_status(true, child(Some(Ending::Code(7)), false)), 3);
+        assert_eq!(exit_status(true, None), 3);
+    }
+
+    #[test]
+    fn the_unreadable_warning_names_the_capability_and_the_processes() {
+        assert_eq!(unreadable_warning(&[]), None);
+        let w = unreadable_warning(&[(1, "systemd".into()), (77, "e\x1bvil".into())])
+            .expect("a warning");
+        assert!(w.contains("CAP_DAC_READ_SEARCH"), "{w}");
+        assert!(w.contains("1 (systemd), 77 (e\\x1bvil)"), "{w}");
+    }
+
+    #[test]
+    fn a_command_fdtrace_stopped_gives_0() {
+        assert_eq!(exit_status(false, child(Some(Ending::Signal(15)), true)), 0);
+        assert_eq!(exit_status(false, child(None, true)), 0);
+        assert_eq!(exit_status(false, child(None, false)), 0, "still running");
+        assert_eq!(exit_status(false, None), 0, "--pid");
     }
 }

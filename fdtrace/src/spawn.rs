@@ -9,21 +9,76 @@ use std::{
     io::{self, Read as _, Write as _},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::process::CommandExt as _,
+        unix::process::{CommandExt as _, ExitStatusExt as _},
     },
-    process::Command,
+    process::{Command, ExitStatus},
     sync::mpsc,
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 
-use crate::{error::Fatal, kernel::Kernel, reconcile};
+use crate::{analysis::Ending, error::Fatal, kernel::Kernel, reconcile};
 
 pub struct Spawned {
     pub pid: u32,
     /// The thread that forked the command and reaps it.
     _reaper: JoinHandle<()>,
+    /// The command's status, sent once the reaper has reaped it.
+    reaped: mpsc::Receiver<ExitStatus>,
+    ending: Option<Ending>,
+    /// When fdtrace asked the command to stop (SIGTERM).
+    terminated: Option<Instant>,
+}
+
+/// How long a command asked to stop with SIGTERM has before SIGKILL.
+pub const TERM_GRACE: Duration = Duration::from_secs(5);
+
+impl Spawned {
+    /// How the command ended, once reaped; waits at most `wait` for it.
+    pub fn ending(&mut self, wait: Duration) -> Option<Ending> {
+        if self.ending.is_none()
+            && let Ok(status) = self.reaped.recv_timeout(wait)
+        {
+            self.ending = Some(match (status.code(), status.signal()) {
+                (Some(c), _) => Ending::Code(c),
+                (None, Some(s)) => Ending::Signal(s),
+                // wait(2) reports one or the other for a child that ended.
+                (None, None) => Ending::Exited,
+            });
+        }
+        self.ending
+    }
+
+    /// How it ended, as last seen by [`Spawned::ending`].
+    pub fn ended(&self) -> Option<Ending> {
+        self.ending
+    }
+
+    /// fdtrace asked it to stop.
+    pub fn stopped(&self) -> bool {
+        self.terminated.is_some()
+    }
+
+    /// Asks a command still running to stop: SIGTERM first, SIGKILL once
+    /// it had `TERM_GRACE`. Until it is reaped its pid is still its own, so
+    /// the signal cannot reach another process.
+    pub fn stop(&mut self) {
+        if self.ending(Duration::ZERO).is_some() {
+            return;
+        }
+        let signal = match self.terminated {
+            None => {
+                self.terminated = Some(Instant::now());
+                libc::SIGTERM
+            }
+            Some(at) if at.elapsed() >= TERM_GRACE => libc::SIGKILL,
+            Some(_) => return,
+        };
+        // SAFETY: kill has no memory effects; the pid is our unreaped child.
+        unsafe { libc::kill(self.pid as libc::pid_t, signal) };
+    }
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -73,13 +128,16 @@ pub fn start(k: &mut Kernel, argv: &[OsString], follow: bool) -> Result<Spawned>
     // PR_SET_PDEATHSIG when the thread that forked a child exits, so a thread
     // that ended early would kill such a command at once.
     let (tx, rx) = mpsc::channel::<io::Result<()>>();
+    let (reaped_tx, reaped) = mpsc::channel();
     let spawner = std::thread::spawn(move || {
         let child = cmd.spawn();
         drop((ready_w, go_r));
         match child {
             Ok(mut child) => {
                 let _ = tx.send(Ok(()));
-                let _ = child.wait();
+                if let Ok(status) = child.wait() {
+                    let _ = reaped_tx.send(status);
+                }
             }
             Err(e) => {
                 let _ = tx.send(Err(e));
@@ -104,6 +162,9 @@ pub fn start(k: &mut Kernel, argv: &[OsString], follow: bool) -> Result<Spawned>
         Ok(Ok(())) => Ok(Spawned {
             pid,
             _reaper: spawner,
+            reaped,
+            ending: None,
+            terminated: None,
         }),
         other => Err(spawn_failed(&name, other)),
     }

@@ -8,6 +8,7 @@ mod findings;
 mod process;
 mod rates;
 mod report;
+pub mod short_lived;
 mod status;
 
 use std::{collections::HashMap, rc::Rc, time::Duration};
@@ -22,8 +23,8 @@ pub use findings::{
 pub use process::{Config, GROWING_RATE, ProcessAnalysis, fd_error_key};
 pub use rates::{Series, display_rate, seconds_to_emfile};
 pub use report::{
-    Loss, Notice, ProcessFigures, ProcessReport, ProcessSummary, Report, Resync, SiteReport, Start,
-    Summary, Totals,
+    Ending, Loss, Notice, ProcessFigures, ProcessReport, ProcessSummary, Report, Resync,
+    SessionEnd, SiteReport, Start, Summary, Totals,
 };
 pub use status::{Status, Thresholds, pct_used, status};
 

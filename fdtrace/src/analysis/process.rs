@@ -15,9 +15,9 @@ use fdtrace_common::FdKind;
 use foldhash::{HashMap as FastMap, HashMapExt as _};
 
 use super::{
-    Finding, FindingKind, LabelledFd, ProcessFigures, ProcessReport, ProcessSample, ProcessSummary,
-    Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals, close_wait,
-    is_candidate, leak, pct_used, seconds_to_emfile, status,
+    Ending, Finding, FindingKind, LabelledFd, ProcessFigures, ProcessReport, ProcessSample,
+    ProcessSummary, Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals,
+    close_wait, is_candidate, leak, pct_used, seconds_to_emfile, status,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -202,6 +202,7 @@ pub struct ProcessAnalysis {
     last: Option<LastReport>,
     /// Final totals once it exited.
     exited: Option<Totals>,
+    ending: Option<Ending>,
     leak_per_s: f64,
     seconds_to_emfile: Option<f64>,
     status: Status,
@@ -221,6 +222,7 @@ impl ProcessAnalysis {
             sites: HashMap::new(),
             last: None,
             exited: None,
+            ending: None,
             leak_per_s: 0.0,
             seconds_to_emfile: None,
             status: Status::Ok,
@@ -238,6 +240,11 @@ impl ProcessAnalysis {
         self.exited.is_some()
     }
 
+    /// It was in a report already.
+    pub fn reported(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// Totals at the last report, if there was one.
     pub fn last_totals(&self) -> Option<Totals> {
         self.last.map(|l| l.totals)
@@ -245,11 +252,12 @@ impl ProcessAnalysis {
 
     /// The process exited with `totals` (those of the last report when its
     /// exit event was lost). False when its exit was already seen.
-    pub fn exit(&mut self, totals: Totals) -> bool {
+    pub fn exit(&mut self, totals: Totals, ending: Ending) -> bool {
         if self.exited.is_some() {
             return false;
         }
         self.exited = Some(totals);
+        self.ending = Some(ending);
         self.grouped = None;
         true
     }
@@ -468,6 +476,8 @@ impl ProcessAnalysis {
             emfile,
             enfile,
             exited: self.exited.is_some(),
+            reported: self.last.is_some(),
+            ending: self.ending,
             status: if self.exited.is_some() {
                 self.worst
             } else {
@@ -761,16 +771,23 @@ mod tests {
         assert_eq!(r.report(1, Some(1000)).figures.status, Status::Critical);
         r.fds.clear();
         assert_eq!(r.report(2, Some(1000)).figures.status, Status::Ok);
-        assert!(r.a.exit(Totals {
-            open_fds: 0,
-            opened: 950,
-            closed: 950
-        }));
-        assert!(!r.a.exit(Totals::default()), "an exit is seen once");
+        assert!(r.a.exit(
+            Totals {
+                open_fds: 0,
+                opened: 950,
+                closed: 950
+            },
+            Ending::Code(7)
+        ));
+        assert!(
+            !r.a.exit(Totals::default(), Ending::Exited),
+            "an exit is seen once"
+        );
         let s = r.a.summary(42, "x", &r.stacks);
         assert!(s.exited);
         assert_eq!(s.status, Status::Critical);
         assert_eq!(s.totals.closed, 950);
+        assert_eq!(s.ending, Some(Ending::Code(7)), "the first ending stays");
     }
 
     #[test]

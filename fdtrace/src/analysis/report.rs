@@ -4,6 +4,7 @@
 use std::rc::Rc;
 
 use fdtrace_common::{FD_KINDS, FdKind};
+use serde::{Deserialize, Serialize};
 
 use super::{Attribution, ContainerReport, Errno, Finding, Request, Stack, Status};
 
@@ -108,6 +109,58 @@ pub struct Totals {
     pub closed: u64,
 }
 
+/// How a traced process ended, as far as fdtrace can know it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ending {
+    /// It exited; only its parent learns the status, and that is not fdtrace.
+    #[default]
+    Exited,
+    /// The `run` command exited with this code.
+    Code(i32),
+    /// The `run` command was killed by this signal.
+    Signal(i32),
+    /// A zombie when checked: it has exited and its fds are gone, its
+    /// parent has not reaped it yet.
+    Zombie,
+}
+
+impl Ending {
+    /// The status a shell would give: the code, or 128 + the signal.
+    pub fn shell_status(self) -> Option<i32> {
+        match self {
+            Ending::Code(c) => Some(c),
+            Ending::Signal(s) => Some(128 + s),
+            Ending::Exited | Ending::Zombie => None,
+        }
+    }
+}
+
+/// What ended the session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEnd {
+    /// No traced process was left.
+    #[default]
+    AllExited,
+    /// `--duration` ran out.
+    Duration,
+    Sigint,
+    Sigterm,
+    Sighup,
+}
+
+impl SessionEnd {
+    pub fn text(self) -> &'static str {
+        match self {
+            SessionEnd::AllExited => "no traced process left",
+            SessionEnd::Duration => "--duration reached",
+            SessionEnd::Sigint => "SIGINT",
+            SessionEnd::Sigterm => "SIGTERM",
+            SessionEnd::Sighup => "SIGHUP",
+        }
+    }
+}
+
 /// An event between reports.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Notice {
@@ -126,6 +179,7 @@ pub enum Notice {
         pid: u32,
         comm: String,
         totals: Totals,
+        ending: Ending,
     },
     /// A call that failed with EMFILE or ENFILE.
     FdError {
@@ -157,6 +211,7 @@ pub enum Notice {
 pub struct Summary {
     pub ts: f64,
     pub duration_s: f64,
+    pub ended: SessionEnd,
     pub processes: Vec<ProcessSummary>,
 }
 
@@ -168,6 +223,10 @@ pub struct ProcessSummary {
     pub emfile: u64,
     pub enfile: u64,
     pub exited: bool,
+    /// It was in at least one report (lived through one).
+    pub reported: bool,
+    /// How it ended, once it has.
+    pub ending: Option<Ending>,
     /// The worst status reached for a process that exited, the last one
     /// otherwise.
     pub status: Status,

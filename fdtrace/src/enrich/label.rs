@@ -129,7 +129,10 @@ impl Sockets {
         }
         for e in proc.unix().into_iter().flatten() {
             let label = match &e.path {
-                Some(p) => format!("unix {}", normalize_path(&p.to_string_lossy())),
+                Some(p) => format!(
+                    "unix {}",
+                    normalize_path(&crate::escape::lossless(p.as_os_str().as_encoded_bytes()))
+                ),
                 None => "unix".to_string(),
             };
             by_inode.insert(
@@ -276,6 +279,8 @@ pub fn normalize_path(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::{normalize_path, protocol, unspecified_port};
 
     #[test]
@@ -341,5 +346,32 @@ mod tests {
             unspecified_port("127.0.0.1:53".parse().unwrap()),
             "127.0.0.1:53"
         );
+    }
+
+    proptest! {
+        /// Paths are chosen by the traced process: normalising any of them
+        /// (as fdtrace has them: lossless text of any bytes) does not
+        /// panic, and a normalised path stays as it is.
+        #[test]
+        fn normalising_any_path_is_idempotent(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let path = crate::escape::lossless(&bytes);
+            let once = normalize_path(&path);
+            prop_assert_eq!(normalize_path(&once), once.clone());
+            prop_assert!(!once.chars().any(|c| c.is_ascii_digit()) || once.contains('\\'),
+                "digits left in {:?}", once);
+        }
+
+        #[test]
+        fn normalising_unicode_text_is_idempotent(path in "\\PC{0,60}") {
+            let once = normalize_path(&path);
+            prop_assert_eq!(normalize_path(&once), once);
+        }
+
+        /// Socket addresses from the socket tables: any one gives a label.
+        #[test]
+        fn any_socket_address_has_a_label(ip in any::<std::net::IpAddr>(), port in any::<u16>()) {
+            let text = unspecified_port(std::net::SocketAddr::new(ip, port));
+            prop_assert_eq!(port == 0, !text.contains(':') || text == "ipv6");
+        }
     }
 }

@@ -8,18 +8,64 @@ pub struct ProcInfo {
     pub ppid: Option<u32>,
     pub soft_limit: Option<u64>,
     pub hard_limit: Option<u64>,
+    pub identity: Identity,
+}
+
+/// What tells a process from a later one that got the same pid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Clock ticks after boot at which it started (/proc/PID/stat field 22).
+    pub start_time: u64,
+    /// State Z: it has exited, its parent has not reaped it.
+    pub zombie: bool,
+}
+
+/// The fields of /proc/PID/stat fdtrace uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// Lossless: the process chose these bytes.
+    pub comm: String,
+    pub ppid: u32,
+    pub identity: Identity,
+}
+
+/// /proc/PID/stat: `pid (comm) state ppid ... starttime ...`. The comm may
+/// hold spaces and parentheses, so it ends at the LAST `)`.
+/// https://github.com/torvalds/linux/blob/v6.18/fs/proc/array.c (do_task_stat)
+pub fn parse_stat(text: &[u8]) -> Option<Stat> {
+    let open = text.iter().position(|&b| b == b'(')?;
+    let close = text.iter().rposition(|&b| b == b')')?;
+    let comm = text.get(open + 1..close)?;
+    let rest = std::str::from_utf8(text.get(close + 1..)?).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    // Field 3 (state) is the first after the comm; field N is at N - 3.
+    let state = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let start_time = fields.nth(22 - 5)?.parse().ok()?;
+    Some(Stat {
+        comm: crate::escape::lossless(comm),
+        ppid,
+        identity: Identity {
+            start_time,
+            zombie: state == "Z",
+        },
+    })
+}
+
+/// The stat of `pid`; None when it is gone.
+pub fn stat(pid: u32) -> Option<Stat> {
+    parse_stat(&std::fs::read(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// None when the process is gone.
 pub fn info(pid: u32) -> Option<ProcInfo> {
     use procfs::process::LimitValue;
-    let proc = Process::new(pid as i32).ok()?;
-    let stat = proc.stat().ok()?;
+    let stat = stat(pid)?;
     let limit = |v: LimitValue| match v {
         LimitValue::Value(n) => Some(n),
         LimitValue::Unlimited => None,
     };
-    let (soft_limit, hard_limit) = match proc.limits() {
+    let (soft_limit, hard_limit) = match Process::new(pid as i32).and_then(|p| p.limits()) {
         Ok(l) => (
             limit(l.max_open_files.soft_limit),
             limit(l.max_open_files.hard_limit),
@@ -28,8 +74,68 @@ pub fn info(pid: u32) -> Option<ProcInfo> {
     };
     Some(ProcInfo {
         comm: stat.comm,
-        ppid: u32::try_from(stat.ppid).ok(),
+        ppid: Some(stat.ppid),
         soft_limit,
         hard_limit,
+        identity: stat.identity,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SLEEP: &[u8] = b"4242 (sleep) S 1 4242 4242 0 -1 4194304 95 0 0 0 0 0 0 0 20 0 1 0 8812345 2301952 240 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+
+    #[test]
+    fn stat_fields_by_position() {
+        let s = parse_stat(SLEEP).expect("parses");
+        assert_eq!(s.comm, "sleep");
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.identity.start_time, 8_812_345);
+        assert!(!s.identity.zombie);
+    }
+
+    #[test]
+    fn a_comm_with_parentheses_and_spaces_ends_at_the_last_paren() {
+        let text = b"7 (a) Z 9 (b) Z 3 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 555 0 0";
+        let s = parse_stat(text).expect("parses");
+        assert_eq!(s.comm, "a) Z 9 (b");
+        assert_eq!(s.ppid, 3);
+        assert!(s.identity.zombie);
+        assert_eq!(s.identity.start_time, 555);
+    }
+
+    #[test]
+    fn a_hostile_comm_is_kept_lossless() {
+        let text = b"7 (\x1b[31mEVIL\xff\n) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
+        let s = parse_stat(text).expect("parses");
+        assert_eq!(s.comm, "\x1b[31mEVIL\\xff\n");
+    }
+
+    #[test]
+    fn truncated_stat_is_refused() {
+        assert_eq!(parse_stat(b"7 (x) S 1 7 7"), None);
+        assert_eq!(parse_stat(b"7 x S 1"), None);
+        assert_eq!(parse_stat(b""), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_stat_text_parses_or_is_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_stat(&bytes);
+        }
+
+        #[test]
+        fn any_comm_bytes_survive(comm in proptest::collection::vec(any::<u8>(), 0..16)) {
+            let mut text = b"12 (".to_vec();
+            text.extend_from_slice(&comm);
+            text.extend_from_slice(b") R 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 99 0 0");
+            let s = parse_stat(&text).expect("parses");
+            prop_assert_eq!(s.comm, crate::escape::lossless(&comm));
+            prop_assert_eq!(s.identity.start_time, 99);
+        }
+    }
 }

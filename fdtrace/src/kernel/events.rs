@@ -106,9 +106,11 @@ pub fn decode(ev: &Event) -> Option<KernelEvent> {
 }
 
 /// A NUL-padded kernel string.
+/// A NUL-terminated name the traced process chose (comm, a path): kept
+/// lossless, every byte that is not UTF-8 as `\xNN`.
 fn c_str(bytes: &[u8]) -> String {
     let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..len]).into_owned()
+    crate::escape::lossless(&bytes[..len])
 }
 
 #[cfg(test)]

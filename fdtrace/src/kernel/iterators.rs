@@ -151,7 +151,7 @@ fn parse(data: &[u8]) -> io::Result<BTreeMap<u32, Vec<ProcFd>>> {
             proc_dir(&mut dir, pid).ok().and_then(|d| d.target(fd))
         } else {
             let text = text.strip_suffix(&[0]).unwrap_or(text);
-            FDTarget::from_str(&String::from_utf8_lossy(text)).ok()
+            FDTarget::from_str(&crate::escape::lossless(text)).ok()
         };
         let cloexec = if flags & SEED_NO_CLOEXEC != 0 {
             proc_dir(&mut dir, pid)

@@ -133,22 +133,35 @@ impl Kernel {
         let _ = self.traced.set(pid, (slot + 1) as u16, 0);
         Ok(true)
     }
-}
 
-impl Kernel {
-    /// Stops tracing `pid` (registered, then found gone before the kernel
-    /// could see it exit): the reverse of [`Kernel::register`].
+    /// Stops tracing `pid`, as the kernel side does at exit (fdtrace-ebpf
+    /// table.rs `unregister`), for a process whose exit the kernel side
+    /// could not see: gone or a zombie when registered, or its pid taken by
+    /// another process. Its fd entries go too, so a next owner of the pid
+    /// starts from nothing.
     pub fn unregister(&mut self, pid: u32) {
+        let _ = self.traced.set(pid, 0, 0);
         let Ok(slot) = self.procs.get(&pid, 0) else {
             return;
         };
-        let _ = self.traced.set(pid, 0, 0);
-        if self.procs.remove(&pid).is_ok() {
-            let _ = self.stats.set(slot, ProcStats::new(0, 0), 0);
-            let _ = self.free_slots.push(slot, 0);
+        let _ = self.procs.remove(&pid);
+        if let Ok(mut st) = self.stats.get(&slot, 0) {
+            st.tgid = 0;
+            let _ = self.stats.set(slot, st, 0);
+        }
+        let _ = self.free_slots.push(slot, 0);
+        let mine: Vec<FdKey> = self
+            .fds
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for key in mine {
+            let _ = self.fds.remove(&key);
         }
     }
 }
+
 
 /// PF_KTHREAD, in the flags of /proc/PID/stat (include/linux/sched.h).
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -367,10 +380,6 @@ fn check_privileges() -> Result<()> {
 /// read its links (fs/proc/fd.c). Without it such processes are counted,
 /// and their fds named at attach, by the kernel's walk, but fds they open
 /// later cannot be named from /proc: the caller says so once.
-#[expect(
-    dead_code,
-    reason = "for the user side's once-only warning; remove this once it calls it"
-)]
 pub fn can_read_other_users_fds() -> bool {
     const CAP_DAC_OVERRIDE: u32 = 1;
     effective_caps().is_ok_and(|eff| eff & (1 << CAP_DAC_READ_SEARCH | 1 << CAP_DAC_OVERRIDE) != 0)

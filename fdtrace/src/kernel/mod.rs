@@ -13,7 +13,7 @@ use std::{io, os::fd::AsFd as _};
 
 use fdtrace_common::{CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL};
 
-pub use loader::{Kernel, Limits, noop_hooks};
+pub use loader::{Kernel, Limits, can_read_other_users_fds, noop_hooks};
 use map_batch::LiveFd;
 
 use crate::analysis::Loss;

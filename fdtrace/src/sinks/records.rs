@@ -6,8 +6,8 @@ use fdtrace_common::FdKind;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::{
-    ContainerReport, Errno, Finding, FindingKind, Loss, Notice, ProcessReport, ProcessSummary,
-    Report, SiteReport, Start, Status, Summary, display_rate,
+    ContainerReport, Ending, Errno, Finding, FindingKind, Loss, Notice, ProcessReport,
+    ProcessSummary, Report, SessionEnd, SiteReport, Start, Status, Summary, display_rate,
 };
 
 /// Bumped when a field changes meaning.
@@ -173,6 +173,23 @@ pub struct ExitRecord {
     pub open_fds: u64,
     pub opened_total: u64,
     pub closed_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zombie: bool,
+}
+
+/// The `exit_code`, `signal` and `zombie` fields: how a process ended,
+/// where fdtrace knows more than that it exited.
+fn ending_fields(e: Option<Ending>) -> (Option<i32>, Option<i32>, bool) {
+    match e {
+        Some(Ending::Code(c)) => (Some(c), None, false),
+        Some(Ending::Signal(s)) => (None, Some(s), false),
+        Some(Ending::Zombie) => (None, None, true),
+        Some(Ending::Exited) | None => (None, None, false),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -224,6 +241,7 @@ pub struct MapFullRecord {
 pub struct SummaryRecord {
     pub ts: f64,
     pub duration_s: f64,
+    pub ended: SessionEnd,
     pub processes: Vec<SummaryProcess>,
 }
 
@@ -250,6 +268,12 @@ pub struct SummaryProcess {
     pub seconds_to_emfile: Option<f64>,
     pub sites: Vec<SummarySite>,
     pub findings: Vec<SummaryFinding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zombie: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -468,14 +492,21 @@ impl From<&Notice> for Record {
                 pid,
                 comm,
                 totals,
-            } => Record::Exit(ExitRecord {
-                ts: *ts,
-                pid: *pid,
-                comm: comm.clone(),
-                open_fds: totals.open_fds,
-                opened_total: totals.opened,
-                closed_total: totals.closed,
-            }),
+                ending,
+            } => {
+                let (exit_code, signal, zombie) = ending_fields(Some(*ending));
+                Record::Exit(ExitRecord {
+                    ts: *ts,
+                    pid: *pid,
+                    comm: comm.clone(),
+                    open_fds: totals.open_fds,
+                    opened_total: totals.opened,
+                    closed_total: totals.closed,
+                    exit_code,
+                    signal,
+                    zombie,
+                })
+            }
             Notice::FdError {
                 ts,
                 pid,
@@ -513,7 +544,11 @@ impl From<&Notice> for Record {
 
 impl From<&ProcessSummary> for SummaryProcess {
     fn from(p: &ProcessSummary) -> Self {
+        let (exit_code, signal, zombie) = ending_fields(p.ending);
         SummaryProcess {
+            exit_code,
+            signal,
+            zombie,
             pid: p.pid,
             comm: p.comm.clone(),
             state: if p.exited {
@@ -567,6 +602,7 @@ impl From<&Summary> for SummaryRecord {
         SummaryRecord {
             ts: s.ts,
             duration_s: (s.duration_s * 10.0).round() / 10.0,
+            ended: s.ended,
             processes: s.processes.iter().map(SummaryProcess::from).collect(),
         }
     }
@@ -810,6 +846,7 @@ mod tests {
         let summary = Summary {
             ts: 9.0,
             duration_s: 21.94,
+            ended: SessionEnd::Sighup,
             processes: vec![ProcessSummary {
                 pid: 7,
                 comm: "idle".into(),
@@ -821,6 +858,8 @@ mod tests {
                 emfile: 1,
                 enfile: 0,
                 exited: true,
+                reported: true,
+                ending: Some(Ending::Signal(9)),
                 status: Status::Exhausted,
                 leak_per_s: 0.0,
                 seconds_to_emfile: None,
@@ -842,5 +881,46 @@ mod tests {
         assert_eq!(p["emfile_errors"], 1);
         assert_eq!(p["findings"][0]["finding"], "emfile");
         assert_eq!(p["findings"][0]["first_seen_ts"], 3.0);
+        assert_eq!(v["ended"], "sighup");
+        assert_eq!(p["signal"], 9);
+        assert!(p.get("exit_code").is_none() && p.get("zombie").is_none());
+    }
+
+    #[test]
+    fn exit_records_say_how_the_process_ended() {
+        let exit = |ending| {
+            let n = Notice::Exit {
+                ts: 1.0,
+                pid: 2,
+                comm: "sh".into(),
+                totals: crate::analysis::Totals::default(),
+                ending,
+            };
+            serde_json::to_value(Record::from(&n)).unwrap()
+        };
+        assert_eq!(exit(Ending::Code(7))["exit_code"], 7);
+        assert_eq!(exit(Ending::Signal(9))["signal"], 9);
+        assert_eq!(exit(Ending::Zombie)["zombie"], true);
+        let plain = exit(Ending::Exited);
+        for f in ["exit_code", "signal", "zombie"] {
+            assert!(plain.get(f).is_none(), "{f} in {plain}");
+        }
+    }
+
+    #[test]
+    fn hostile_text_stays_one_line_and_lossless() {
+        let comm = crate::escape::lossless(b"\x1b[31mEVIL\x1b[0m\n\xff");
+        let n = Notice::Exec {
+            ts: 1.0,
+            pid: 2,
+            comm,
+        };
+        let line = serde_json::to_string(&Record::from(&n)).unwrap();
+        assert!(!line.contains('\n') && !line.contains('\x1b'), "{line}");
+        let back: Record = serde_json::from_str(&line).unwrap();
+        let Record::Exec(e) = back else {
+            panic!("{line}")
+        };
+        assert_eq!(e.comm, "\x1b[31mEVIL\x1b[0m\n\\xff");
     }
 }

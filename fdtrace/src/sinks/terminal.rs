@@ -1,23 +1,54 @@
 //! The readable table on a terminal, rendered from the same data as NDJSON.
-use std::io::{self, Write};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{self, Write},
+};
 
 use fdtrace_common::{FD_KINDS, FdKind};
 
 use super::Sink;
 use crate::analysis::{
-    Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport, Start,
-    Summary, display_rate,
+    Ending, Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport,
+    Start, Summary, display_rate,
+    short_lived::{self, CommandGroup},
 };
+use crate::escape::terminal as safe;
 
 pub struct Terminal<W: Write> {
     out: io::BufWriter<W>,
+    /// Fork and exec lines of forked processes not in a report yet: printed
+    /// with their first report, dropped if they exit before it, so that a
+    /// fork storm (a shell loop, a build) does not flood the terminal.
+    pending: HashMap<u32, Vec<String>>,
+    /// Forked processes that exited before their first report since the
+    /// last report, by command: a line each at the next report.
+    short_lived: BTreeMap<String, CommandGroup>,
 }
 
 impl<W: Write> Terminal<W> {
     pub fn new(w: W) -> Self {
         Terminal {
             out: io::BufWriter::new(w),
+            pending: HashMap::new(),
+            short_lived: BTreeMap::new(),
         }
+    }
+
+    /// Lines of forked processes that exited before a report, one per
+    /// command.
+    fn short_lived(&mut self, ts: f64) -> io::Result<()> {
+        for g in std::mem::take(&mut self.short_lived).into_values() {
+            writeln!(
+                self.out,
+                "{:<8} {:>7} {} exited before a report (opened {}, closed {} fds)",
+                clock(ts),
+                format!("{}x", g.processes),
+                safe(&g.comm),
+                g.opened,
+                g.closed
+            )?;
+        }
+        Ok(())
     }
 
     fn header(&mut self) -> io::Result<()> {
@@ -48,7 +79,7 @@ impl<W: Write> Terminal<W> {
             "{:<8} {:>7} {:<15} {:>15} {:>6} {:>8.1} {:>8.1} {:>+7.1} {:>9} {:<9} {:>6} {:>5}  {}",
             clock(ts),
             r.pid,
-            r.comm,
+            safe(&r.comm),
             format!("{}/{}", r.open_fds, limit),
             used,
             display_rate(r.opened_per_s),
@@ -70,14 +101,14 @@ impl<W: Write> Terminal<W> {
         let at = s
             .stack
             .first()
-            .map_or(String::new(), |f| format!("  at {f}"));
+            .map_or(String::new(), |f| format!("  at {}", safe(f)));
         writeln!(
             self.out,
             "{:>17} {:+.1} fds/s  {} {}  ({} open, oldest {:.0}s){at}",
             "site",
             display_rate(s.leak_per_s),
             s.kind.name(),
-            s.resource,
+            safe(&s.resource),
             s.open_fds,
             s.oldest_age_s
         )
@@ -89,7 +120,7 @@ impl<W: Write> Terminal<W> {
             "{:<8} {pid:>7} FINDING {}: {}",
             clock(ts),
             f.kind.name(),
-            f.message
+            safe(&f.message)
         )?;
         writeln!(self.out, "{:>17} fix: {}", "", f.recommendation)
     }
@@ -132,23 +163,52 @@ impl<W: Write> Sink for Terminal<W> {
 
     fn notice(&mut self, n: &Notice) -> io::Result<()> {
         match n {
-            Notice::Fork { ts, pid, ppid } => writeln!(
-                self.out,
-                "{:<8} {pid:>7} forked from {ppid} (now traced)",
-                clock(*ts)
-            ),
+            Notice::Fork { ts, pid, ppid } => {
+                let line = format!("{:<8} {pid:>7} forked from {ppid} (now traced)", clock(*ts));
+                self.pending.insert(*pid, vec![line]);
+                Ok(())
+            }
             Notice::Exec { ts, pid, comm } => {
-                writeln!(self.out, "{:<8} {pid:>7} exec {comm}", clock(*ts))
+                let line = format!("{:<8} {pid:>7} exec {}", clock(*ts), safe(comm));
+                match self.pending.get_mut(pid) {
+                    Some(lines) => {
+                        lines.push(line);
+                        Ok(())
+                    }
+                    None => writeln!(self.out, "{line}"),
+                }
+            }
+            Notice::Exit {
+                pid,
+                comm,
+                totals: t,
+                ending: Ending::Exited,
+                ..
+            } if self.pending.remove(pid).is_some() => {
+                let g = self
+                    .short_lived
+                    .entry(comm.clone())
+                    .or_insert_with(|| CommandGroup {
+                        comm: comm.clone(),
+                        ..CommandGroup::default()
+                    });
+                g.processes += 1;
+                g.opened += t.opened;
+                g.closed += t.closed;
+                Ok(())
             }
             Notice::Exit {
                 ts,
                 pid,
                 comm,
                 totals: t,
+                ending,
             } => writeln!(
                 self.out,
-                "{:<8} {pid:>7} {comm} exited holding {} fds (opened {}, closed {} while traced)",
+                "{:<8} {pid:>7} {} {} holding {} fds (opened {}, closed {} while traced)",
                 clock(*ts),
+                safe(comm),
+                ending_text(Some(*ending)),
                 t.open_fds,
                 t.opened,
                 t.closed
@@ -168,8 +228,10 @@ impl<W: Write> Sink for Terminal<W> {
                 };
                 let what = resource
                     .as_ref()
-                    .map_or(String::new(), |r| format!(" ({r})"));
-                let at = stack.first().map_or(String::new(), |f| format!(" at {f}"));
+                    .map_or(String::new(), |r| format!(" ({})", safe(r)));
+                let at = stack
+                    .first()
+                    .map_or(String::new(), |f| format!(" at {}", safe(f)));
                 writeln!(
                     self.out,
                     "{:<8} {pid:>7} {syscall}{what} failed with {}{at}: {why}",
@@ -200,6 +262,12 @@ impl<W: Write> Sink for Terminal<W> {
         for l in &r.losses {
             self.loss(r.ts, l)?;
         }
+        self.short_lived(r.ts)?;
+        for p in &r.processes {
+            for line in self.pending.remove(&p.figures.pid).unwrap_or_default() {
+                writeln!(self.out, "{line}")?;
+            }
+        }
         if !r.processes.is_empty() {
             self.header()?;
         }
@@ -219,10 +287,17 @@ impl<W: Write> Sink for Terminal<W> {
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        self.short_lived.clear();
         if s.processes.is_empty() {
             return self.out.flush();
         }
-        writeln!(self.out, "\nSummary ({:.1}s traced):", s.duration_s)?;
+        let groups = short_lived::group(&s.processes);
+        writeln!(
+            self.out,
+            "\nSummary ({:.1}s traced, ended by {}):",
+            s.duration_s,
+            s.ended.text()
+        )?;
         writeln!(
             self.out,
             "{:>7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:<9} {:>6}  STATE",
@@ -237,13 +312,13 @@ impl<W: Write> Sink for Terminal<W> {
             "STATUS",
             "EMFILE"
         )?;
-        for p in &s.processes {
+        for p in &groups.reported {
             let t = &p.totals;
             writeln!(
                 self.out,
                 "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8} {:>+7.1} {:>9} {:<9} {:>6}  {}",
                 p.pid,
-                p.comm,
+                safe(&p.comm),
                 t.open_fds,
                 t.opened,
                 t.closed,
@@ -252,27 +327,49 @@ impl<W: Write> Sink for Terminal<W> {
                 eta(p.seconds_to_emfile),
                 p.status.name(),
                 p.emfile + p.enfile,
-                if p.exited { "exited" } else { "running" }
+                if p.exited {
+                    ending_text(p.ending)
+                } else {
+                    "running".into()
+                }
             )?;
         }
-        for p in s
-            .processes
+        for g in &groups.commands {
+            writeln!(
+                self.out,
+                "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8}  exited before a report",
+                format!("{}x", g.processes),
+                safe(&g.comm),
+                0,
+                g.opened,
+                g.closed,
+                g.opened as i64 - g.closed as i64,
+            )?;
+        }
+        for p in groups
+            .reported
             .iter()
             .filter(|p| !p.sites.is_empty() || !p.findings.is_empty())
         {
-            writeln!(self.out, "\n{} ({}): {}", p.pid, p.comm, p.status.name())?;
+            writeln!(
+                self.out,
+                "\n{} ({}): {}",
+                p.pid,
+                safe(&p.comm),
+                p.status.name()
+            )?;
             for site in &p.sites {
                 writeln!(
                     self.out,
                     "  {:+.1} fds/s  {} {}: {} open, oldest {:.0}s",
                     display_rate(site.leak_per_s),
                     site.kind.name(),
-                    site.resource,
+                    safe(&site.resource),
                     site.open_fds,
                     site.oldest_age_s
                 )?;
                 for frame in site.stack.iter().take(8) {
-                    writeln!(self.out, "      {frame}")?;
+                    writeln!(self.out, "      {}", safe(frame))?;
                 }
             }
             for f in &p.findings {
@@ -280,17 +377,43 @@ impl<W: Write> Sink for Terminal<W> {
                     self.out,
                     "  {}: {} (first seen {})",
                     f.kind.name(),
-                    f.message,
+                    safe(&f.message),
                     clock(f.first_seen_ts)
                 )?;
                 writeln!(self.out, "    fix: {}", f.recommendation)?;
             }
+        }
+        if !groups.findings.is_empty() {
+            writeln!(self.out, "\nProcesses that exited before a report:")?;
+        }
+        for shared in &groups.findings {
+            let f = shared.finding;
+            writeln!(
+                self.out,
+                "  {} in {} process{}: {} (first seen {})",
+                f.kind.name(),
+                shared.processes,
+                if shared.processes == 1 { "" } else { "es" },
+                safe(&f.message),
+                clock(f.first_seen_ts)
+            )?;
+            writeln!(self.out, "    fix: {}", f.recommendation)?;
         }
         self.out.flush()
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// "exited", "exited with code 7", "killed by signal 9", "zombie".
+fn ending_text(e: Option<Ending>) -> String {
+    match e {
+        Some(Ending::Code(c)) => format!("exited with code {c}"),
+        Some(Ending::Signal(s)) => format!("killed by signal {s}"),
+        Some(Ending::Zombie) => "zombie (exited, not reaped)".into(),
+        Some(Ending::Exited) | None => "exited".into(),
     }
 }
 

@@ -1395,6 +1395,7 @@ mod tests {
                 pid: 900,
                 comm: "sh".into(),
                 totals: Totals::default(),
+                ending: Default::default(),
             },
         ] {
             t.notice(&ev).unwrap();
@@ -1462,9 +1463,12 @@ mod tests {
                 seconds_to_emfile: None,
                 sites: Vec::new(),
                 findings: Vec::new(),
+                reported: true,
+                ending: None,
             }],
+            ended: Default::default(),
         })
         .unwrap();
-        assert!(shared_text(&t).contains("Summary (3.0s traced):"));
+        assert!(shared_text(&t).contains("Summary (3.0s traced, ended by"));
     }
 }
