@@ -355,6 +355,7 @@ impl ProcessAnalysis {
                 status: self.status,
                 leak_per_s: self.leak_per_s,
                 seconds_to_emfile: self.seconds_to_emfile,
+                close_wait: self.sites.values().map(|s| s.close_wait).sum(),
                 stacks_not_sampled: c.stacks_not_sampled,
                 shares_fd_table: c.shares_fd_table,
             },

@@ -75,6 +75,8 @@ pub struct ProcessFigures {
     pub status: Status,
     pub leak_per_s: f64,
     pub seconds_to_emfile: Option<f64>,
+    /// Its sockets in CLOSE_WAIT (the peer closed, the process did not).
+    pub close_wait: u64,
     /// Fds created over the --stack-rate budget (no call-site stack).
     pub stacks_not_sampled: u64,
     /// Shares its fd table with another process (clone CLONE_FILES without

@@ -637,6 +637,7 @@ mod tests {
             status: Status::Ok,
             leak_per_s: -0.04,
             seconds_to_emfile: None,
+            close_wait: 0,
             stacks_not_sampled: 0,
             shares_fd_table: false,
         }
