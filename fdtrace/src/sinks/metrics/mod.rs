@@ -77,6 +77,10 @@ impl Metrics {
             last: Instant::now(),
         }));
         server::spawn(addr, interval, shared.clone())?;
+        Ok(Metrics::new(shared, bounds))
+    }
+
+    fn new(shared: SharedState, bounds: Bounds) -> Self {
         let mut m = Metrics {
             shared,
             bounds,
@@ -88,7 +92,7 @@ impl Metrics {
         };
         // A scrape before the first report sees fdtrace's own families.
         m.publish(&Report::default(), &[], Duration::ZERO);
-        Ok(m)
+        m
     }
 
     /// The container of `pid`, read from its cgroup (and the runtime's
@@ -417,7 +421,11 @@ impl Sink for Metrics {
             }
         }
         let containers = self.tracker.report(&report.processes);
-        let took = Duration::from_secs_f64((super::now() - report.ts).max(0.0));
+        // From the report's start (its ts, to the millisecond) to now, unrounded.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(report.ts, |d| d.as_secs_f64());
+        let took = Duration::from_secs_f64((now - report.ts).max(0.0));
         self.publish(report, &containers, took);
         Ok(())
     }
@@ -428,5 +436,232 @@ impl Sink for Metrics {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, rc::Rc};
+
+    use fdtrace_common::FdKind;
+
+    use super::{model::tests as m, *};
+    use crate::analysis::SiteReport;
+
+    fn sink(top: usize, max: usize) -> Metrics {
+        let shared = Arc::new(Mutex::new(Shared {
+            exposition: Bytes::new(),
+            last: Instant::now(),
+        }));
+        Metrics::new(shared, Bounds { top, max })
+    }
+
+    fn text(m: &Metrics) -> String {
+        let s = m.shared.lock().unwrap();
+        String::from_utf8(s.exposition.to_vec()).unwrap()
+    }
+
+    /// The sample lines of `name` (exactly that metric name).
+    fn samples<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+            })
+            .collect()
+    }
+
+    fn site(resource: &str, open: u64, rate: f64, stack: &[&str]) -> SiteReport {
+        SiteReport {
+            id: resource.into(),
+            kind: FdKind::Socket,
+            resource: resource.into(),
+            stack: Rc::new(stack.iter().map(|s| s.to_string()).collect()),
+            open_fds: open,
+            leak_per_s: rate,
+            oldest_age_s: 1.0,
+        }
+    }
+
+    /// A report of a leaker in a pod and a healthy process outside any
+    /// container.
+    fn two(m: &mut Metrics) -> Report {
+        m.tracker.identified(
+            10,
+            ContainerLabels {
+                namespace: "shop".into(),
+                pod: "cart-7f".into(),
+                container: "app".into(),
+                container_id: "ab".repeat(32),
+                cgroup: "/kubepods.slice/x".into(),
+            },
+        );
+        m.tracker
+            .identified(20, m::labels("/system.slice/nginx.service"));
+        let mut leaker = m::figures(10, 300, Status::Critical);
+        leaker.comm = "say \"hi\"\n".into();
+        leaker.leak_per_s = 4.0;
+        leaker.seconds_to_emfile = Some(25.0);
+        let mut r = m::report(leaker);
+        r.sites = (0..7)
+            .map(|i| {
+                site(
+                    &format!("tcp 10.0.0.{i}:443"),
+                    40 - i,
+                    1.0 - i as f64 / 10.0,
+                    &["connect", "dial (/srv/cart/net.go:42)"],
+                )
+            })
+            .collect();
+        Report {
+            ts: 1000.5,
+            losses: vec![
+                Loss::RingBuffer { count: 3 },
+                Loss::FdsMapFull {
+                    count: 2,
+                    max_entries: 8,
+                },
+            ],
+            processes: vec![r, m::report(m::figures(20, 12, Status::Ok))],
+        }
+    }
+
+    #[test]
+    fn every_family_of_the_issue_with_its_labels() {
+        let mut m = sink(20, 200);
+        let r = two(&mut m);
+        m.report(&r).unwrap();
+        let t = text(&m);
+        let types: BTreeSet<&str> = t
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        let want: BTreeSet<&str> = [
+            "fdtrace_container_open_fds gauge",
+            "fdtrace_container_processes gauge",
+            "fdtrace_container_fd_usage_ratio gauge",
+            "fdtrace_container_leak_rate_fds_per_second gauge",
+            "fdtrace_container_seconds_to_emfile gauge",
+            "fdtrace_container_fds_opened counter",
+            "fdtrace_container_fds_closed counter",
+            "fdtrace_container_emfile_errors counter",
+            "fdtrace_container_close_wait_sockets gauge",
+            "fdtrace_process_open_fds gauge",
+            "fdtrace_process_fd_soft_limit gauge",
+            "fdtrace_process_fd_hard_limit gauge",
+            "fdtrace_process_leak_rate_fds_per_second gauge",
+            "fdtrace_process_seconds_to_emfile gauge",
+            "fdtrace_process_status gauge",
+            "fdtrace_site_open_fds gauge",
+            "fdtrace_site_leak_rate_fds_per_second gauge",
+            "fdtrace_traced_processes gauge",
+            "fdtrace_lost_events counter",
+            "fdtrace_map_full counter",
+            "fdtrace_drift_resyncs counter",
+            "fdtrace_report_duration_seconds gauge",
+            "fdtrace_last_report_timestamp_seconds gauge",
+            "fdtrace_build info",
+        ]
+        .into();
+        assert_eq!(types, want);
+        assert!(t.ends_with("# EOF\n"));
+        let pod = format!(
+            r#"namespace="shop",pod="cart-7f",container="app",container_id="{}",cgroup="/kubepods.slice/x""#,
+            "ab".repeat(32)
+        );
+        let host = r#"namespace="",pod="",container="",container_id="",cgroup="/system.slice/nginx.service""#;
+        assert_eq!(
+            samples(&t, "fdtrace_container_open_fds"),
+            [
+                format!("fdtrace_container_open_fds{{{pod}}} 300"),
+                format!("fdtrace_container_open_fds{{{host}}} 12")
+            ]
+        );
+        assert_eq!(
+            samples(&t, "fdtrace_container_seconds_to_emfile"),
+            [format!("fdtrace_container_seconds_to_emfile{{{pod}}} 25.0")],
+            "absent for the container that does not leak"
+        );
+        assert_eq!(
+            samples(&t, "fdtrace_container_emfile_errors_total").len(),
+            2,
+            "from the first report, at 0"
+        );
+        // prometheus-client escapes the quotes and the newline of a comm.
+        let leaker = format!(r#"pid="10",comm="say \"hi\"\n",{pod}"#);
+        assert!(
+            t.contains(&format!("fdtrace_process_open_fds{{{leaker}}} 300\n")),
+            "{t}"
+        );
+        let status = samples(&t, "fdtrace_process_status");
+        assert_eq!(status.len(), 8, "4 statuses of 2 processes");
+        assert!(status.contains(
+            &format!(r#"fdtrace_process_status{{{leaker},status="critical"}} 1"#).as_str()
+        ));
+        assert!(
+            status
+                .contains(&format!(r#"fdtrace_process_status{{{leaker},status="ok"}} 0"#).as_str())
+        );
+        // Sites: the top 5 of the critical process only, with the function.
+        let sites = samples(&t, "fdtrace_site_open_fds");
+        assert_eq!(sites.len(), 5, "{sites:?}");
+        assert!(sites.contains(
+            &format!(r#"fdtrace_site_open_fds{{pid="10",{pod},kind="socket",resource="tcp 10.0.0.0:443",function="dial (/srv/cart/net.go:42)"}} 40"#).as_str()
+        ), "{sites:?}");
+        // Its own families.
+        assert!(t.contains("fdtrace_lost_events_total 3\n"));
+        assert!(t.contains("fdtrace_map_full_total{map=\"fds\"} 2\n"));
+        assert!(t.contains("fdtrace_map_full_total{map=\"procs\"} 0\n"));
+        assert!(t.contains("fdtrace_traced_processes 2\n"));
+        assert!(t.contains("fdtrace_last_report_timestamp_seconds 1000.5\n"));
+        assert!(t.contains(&format!(
+            "fdtrace_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn series_of_a_gone_process_and_container_go_at_the_next_report() {
+        let mut m = sink(20, 200);
+        let mut r = two(&mut m);
+        m.report(&r).unwrap();
+        assert!(text(&m).contains(r#"pid="10""#));
+        m.notice(&Notice::Exit {
+            ts: 0.0,
+            pid: 10,
+            comm: "x".into(),
+            totals: Default::default(),
+        })
+        .unwrap();
+        r.processes.remove(0);
+        r.losses.clear();
+        m.report(&r).unwrap();
+        let t = text(&m);
+        assert!(!t.contains(r#"pid="10""#), "{t}");
+        assert!(!t.contains("cart-7f"), "{t}");
+        assert_eq!(samples(&t, "fdtrace_container_open_fds").len(), 1);
+        // Counters of fdtrace itself never go down.
+        assert!(t.contains("fdtrace_lost_events_total 3\n"));
+    }
+
+    #[test]
+    fn per_process_series_bounded() {
+        let mut m = sink(1, 1);
+        let r = two(&mut m);
+        m.report(&r).unwrap();
+        let t = text(&m);
+        assert_eq!(samples(&t, "fdtrace_process_open_fds").len(), 1);
+        assert!(samples(&t, "fdtrace_process_open_fds")[0].contains(r#"pid="10""#));
+        // The containers keep every process.
+        assert_eq!(samples(&t, "fdtrace_container_processes").len(), 2);
+    }
+
+    #[test]
+    fn before_the_first_report_only_fdtraces_own_series() {
+        let m = sink(20, 200);
+        let t = text(&m);
+        assert!(samples(&t, "fdtrace_container_open_fds").is_empty());
+        assert!(t.contains("fdtrace_traced_processes 0\n"));
+        assert!(t.contains("fdtrace_lost_events_total 0\n"));
     }
 }

@@ -292,3 +292,238 @@ pub fn user_function(stack: &[String]) -> &str {
 pub fn healthy(last: Instant, now: Instant, interval: Duration) -> bool {
     now.saturating_duration_since(last) <= interval.saturating_mul(3)
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::analysis::{Finding, ProcessReport};
+
+    pub fn figures(pid: u32, open: u64, status: Status) -> ProcessFigures {
+        ProcessFigures {
+            pid,
+            ppid: None,
+            comm: format!("p{pid}"),
+            open_fds: open,
+            soft_limit: Some(1024),
+            hard_limit: Some(4096),
+            pct_used: Some(open as f64 / 10.24),
+            by_kind: [0; fdtrace_common::FD_KINDS],
+            preexisting: 0,
+            opened: open,
+            closed: 0,
+            opened_per_s: 0.0,
+            closed_per_s: 0.0,
+            emfile: 0,
+            enfile: 0,
+            drift: Some(0),
+            status,
+            leak_per_s: 0.0,
+            seconds_to_emfile: None,
+            close_wait: 0,
+            stacks_not_sampled: 0,
+            shares_fd_table: false,
+        }
+    }
+
+    pub fn report(f: ProcessFigures) -> ProcessReport {
+        ProcessReport {
+            figures: f,
+            sites: Vec::new(),
+            findings: Vec::new(),
+            resync: None,
+        }
+    }
+
+    pub fn labels(cgroup: &str) -> ContainerLabels {
+        ContainerLabels {
+            cgroup: cgroup.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn risk_order_is_status_then_soonest_emfile_then_fullest_then_fastest() {
+        let mut a = figures(1, 10, Status::Warning);
+        a.seconds_to_emfile = Some(900.0);
+        let mut b = figures(2, 10, Status::Warning);
+        b.seconds_to_emfile = Some(100.0);
+        let c = figures(3, 900, Status::Ok);
+        let mut d = figures(4, 10, Status::Ok);
+        d.leak_per_s = 2.0;
+        let e = figures(5, 10, Status::Exhausted);
+        let all = [a, b, c, d, e];
+        let order: Vec<u32> = bounded(&all, 10, 10).iter().map(|f| f.pid).collect();
+        assert_eq!(order, [5, 2, 1, 3, 4]);
+    }
+
+    #[test]
+    fn bound_is_top_k_plus_not_ok_up_to_max() {
+        let mut all: Vec<ProcessFigures> =
+            (1..=50).map(|p| figures(p, p.into(), Status::Ok)).collect();
+        // Top 3 of 50 healthy processes: the fullest.
+        let pids = |v: Vec<&ProcessFigures>| v.iter().map(|f| f.pid).collect::<Vec<_>>();
+        assert_eq!(pids(bounded(&all, 3, 10)), [50, 49, 48]);
+        // 8 not ok: all of them, worst first, above the top 3.
+        for f in &mut all[..8] {
+            f.status = Status::Warning;
+        }
+        all[0].status = Status::Critical;
+        let got = pids(bounded(&all, 3, 10));
+        assert_eq!(got.len(), 8);
+        assert_eq!(got[..2], [1, 8]);
+        assert!(got.iter().all(|&p| p <= 8), "{got:?}");
+        // 8 not ok against a max of 5: the 5 worst.
+        assert_eq!(bounded(&all, 3, 5).len(), 5);
+        // No process, no series.
+        assert!(bounded(&[], 20, 200).is_empty());
+    }
+
+    #[test]
+    fn user_function_is_the_first_frame_of_the_programs_own_code() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let stack = s(&[
+            "__open64_nocancel",
+            "libc.so.6+0x1234",
+            "std::fs::File::open (/rustc/0123abcd/library/std/src/fs.rs:373)",
+            "fopen (../sysdeps/unix/sysv/linux/open64.c:41)",
+            "inline_helper (/usr/include/x86_64-linux-gnu/bits/fcntl2.h:53)",
+            "open_config (/srv/app/src/config.c:88)",
+            "main (/srv/app/src/main.c:12)",
+        ]);
+        assert_eq!(
+            user_function(&stack),
+            "open_config (/srv/app/src/config.c:88)"
+        );
+        assert_eq!(user_function(&s(&["open64", "0x7f00dead"])), "");
+        assert_eq!(user_function(&[]), "");
+        // A file without a line is not a location to look at.
+        assert_eq!(
+            user_function(&s(&["f (/srv/a.c)", "g (/srv/a.c:3)"])),
+            "g (/srv/a.c:3)"
+        );
+    }
+
+    #[test]
+    fn healthz_is_stale_after_three_intervals() {
+        let t0 = Instant::now();
+        let i = Duration::from_secs(1);
+        assert!(healthy(t0, t0, i));
+        assert!(healthy(t0, t0 + Duration::from_millis(3000), i));
+        assert!(!healthy(t0, t0 + Duration::from_millis(3001), i));
+        // A clock read before the report: not stale.
+        assert!(healthy(t0 + i, t0, i));
+    }
+
+    #[test]
+    fn containers_group_by_labels_and_take_worst_soonest_and_sums() {
+        let mut t = Tracker::default();
+        t.identified(1, labels("/a"));
+        t.identified(2, labels("/a"));
+        t.identified(3, labels("/b"));
+        let mut p1 = figures(1, 512, Status::Ok);
+        p1.leak_per_s = 1.0;
+        p1.seconds_to_emfile = Some(512.0);
+        p1.close_wait = 2;
+        let mut p2 = figures(2, 100, Status::Ok);
+        p2.soft_limit = Some(200);
+        p2.leak_per_s = 0.5;
+        p2.seconds_to_emfile = Some(200.0);
+        let mut p3 = figures(3, 7, Status::Ok);
+        p3.soft_limit = None;
+        let c = t.report(&[report(p1), report(p2), report(p3)]);
+        assert_eq!(c.len(), 2);
+        let a = &c[0];
+        assert_eq!(a.labels, labels("/a"));
+        assert_eq!((a.open_fds, a.processes, a.close_wait), (612, 2, 2));
+        assert_eq!(a.fd_usage_ratio, 0.5);
+        assert_eq!(a.leak_per_s, 1.5);
+        assert_eq!(a.seconds_to_emfile, Some(200.0));
+        assert_eq!(a.counters.opened, 612);
+        let b = &c[1];
+        assert_eq!(
+            (b.open_fds, b.fd_usage_ratio, b.seconds_to_emfile),
+            (7, 0.0, None)
+        );
+    }
+
+    #[test]
+    fn container_counters_keep_exited_processes_and_go_with_the_container() {
+        let mut t = Tracker::default();
+        t.identified(1, labels("/a"));
+        t.identified(2, labels("/a"));
+        let mut p1 = figures(1, 5, Status::Ok);
+        p1.opened = 40;
+        p1.closed = 35;
+        p1.emfile = 1;
+        let p2 = figures(2, 5, Status::Ok);
+        let c = t.report(&[report(p1.clone()), report(p2.clone())]);
+        assert_eq!(
+            c[0].counters,
+            Counters {
+                opened: 45,
+                closed: 35,
+                emfile: 1
+            }
+        );
+        // pid 1 opens and closes 10 more and fails once more, then exits.
+        t.emfile(1);
+        t.exited(1, 50, 50);
+        let c = t.report(&[report(p2.clone())]);
+        assert_eq!(
+            c[0].counters,
+            Counters {
+                opened: 55,
+                closed: 50,
+                emfile: 2
+            }
+        );
+        assert_eq!(c[0].processes, 1);
+        // The container's last process goes: its series and counters go.
+        t.exited(2, 5, 0);
+        assert!(t.report(&[]).is_empty());
+        // A new process in the same cgroup starts the counters again.
+        t.identified(3, labels("/a"));
+        let c = t.report(&[report(figures(3, 4, Status::Ok))]);
+        assert_eq!(c[0].counters.opened, 4);
+    }
+
+    #[test]
+    fn a_process_gone_without_exit_event_keeps_its_counters_in_the_container() {
+        let mut t = Tracker::default();
+        t.identified(1, labels("/a"));
+        t.identified(2, labels("/a"));
+        let p1 = figures(1, 30, Status::Ok);
+        let p2 = figures(2, 5, Status::Ok);
+        t.report(&[report(p1), report(p2.clone())]);
+        // Missing once (its exit event may follow), then for good.
+        for _ in 0..3 {
+            let c = t.report(&[report(p2.clone())]);
+            assert_eq!(c[0].counters.opened, 35);
+            assert_eq!(c[0].processes, 1);
+        }
+        assert!(t.labels(1).is_none());
+    }
+
+    #[test]
+    fn sites_wanted_for_a_leak_finding_or_worse_than_ok() {
+        let mut t = Tracker::default();
+        t.identified(1, labels("/a"));
+        let ok = figures(1, 5, Status::Ok);
+        assert!(!t.sites_wanted(&ok));
+        assert!(t.sites_wanted(&figures(1, 5, Status::Warning)));
+        let mut r = report(ok.clone());
+        r.findings.push(Finding {
+            kind: FindingKind::Leak,
+            message: String::new(),
+            recommendation: "",
+            site: None,
+            count: None,
+            fds: None,
+            first_seen_ts: 0.0,
+        });
+        t.report(&[r]);
+        // Kept at later reports, where the finding is no longer new.
+        t.report(&[report(ok.clone())]);
+        assert!(t.sites_wanted(&ok));
+    }
+}
