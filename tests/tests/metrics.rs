@@ -229,8 +229,8 @@ fn prometheus_fires_the_forecast_for_the_leaker_only() {
     );
     leaker.signal(libc::SIGCONT);
 
-    // The critical forecast fires for the leaker's container, and no
-    // forecast alert (pending or firing) ever shows up for the churner's.
+    // The critical forecast fires for the leaker's container, never for the
+    // churner's.
     let firing = prom.wait_for(
         "FdExhaustionForecast critical firing for the leaker",
         Duration::from_secs(100),
@@ -239,12 +239,14 @@ fn prometheus_fires_the_forecast_for_the_leaker_only() {
             let forecast = |a: &&prometheus::Alert| {
                 a.labels.get("alertname").map(String::as_str) == Some("FdExhaustionForecast")
             };
+            // Firing, never; pending is allowed while the churner's rate
+            // rests on a few reports (see the check at the end).
             if let Some(a) = alerts
                 .iter()
                 .filter(forecast)
-                .find(|a| a.labels.get("cgroup") == Some(&churn_cg.path))
+                .find(|a| a.labels.get("cgroup") == Some(&churn_cg.path) && a.state == "firing")
             {
-                return Err(format!("a forecast alert for the churner: {a:?}"));
+                panic!("the forecast fired for the churner: {a:?}");
             }
             Ok(alerts
                 .iter()
@@ -258,6 +260,7 @@ fn prometheus_fires_the_forecast_for_the_leaker_only() {
         },
     );
     assert!(firing.value < 300.0, "{firing:?}");
+    // A minute of reports in: no forecast for the churner at all.
     let alerts = prom.alerts().unwrap();
     assert!(
         !alerts
