@@ -1,5 +1,5 @@
 //! Command line.
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
@@ -46,6 +46,28 @@ pub struct Cli {
     /// Print NDJSON on stdout, one object per line (schema in the README)
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Serve the figures of the last report as OpenMetrics on
+    /// http://ADDR/metrics, and /healthz (127.0.0.1:9464, [::1]:9464, or a
+    /// pod IP: keep it off public interfaces)
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Per-process series for at most this many processes at most risk
+    /// (with --metrics)
+    #[arg(long, value_name = "K", default_value_t = 20, global = true)]
+    pub metrics_top_processes: usize,
+
+    /// Per-process series for every process whose status is not ok, up to
+    /// this many in all, worst first (with --metrics; at least
+    /// --metrics-top-processes)
+    #[arg(long, value_name = "N", default_value_t = 200, global = true)]
+    pub metrics_max_processes: usize,
+
+    /// No terminal view and no NDJSON (for --metrics as a daemon); warnings,
+    /// errors and lost events still go to stderr
+    #[arg(long, global = true, conflicts_with = "json")]
+    pub quiet: bool,
 
     /// Sliding window of the leak rates (least squares over the reports in it;
     /// at least 3 intervals)
@@ -283,6 +305,13 @@ impl Cli {
                 fmt(self.warn_within)
             ));
         }
+        if self.metrics_top_processes > self.metrics_max_processes {
+            return Err(format!(
+                "--metrics-top-processes {} is above --metrics-max-processes {}: give \
+                 --metrics-max-processes {} or more",
+                self.metrics_top_processes, self.metrics_max_processes, self.metrics_top_processes
+            ));
+        }
         Ok(())
     }
 }
@@ -474,6 +503,25 @@ mod tests {
         for bad in ["0", "65536"] {
             rejected(&["--max-procs", bad], "is not in 1..=65535");
         }
+    }
+
+    #[test]
+    fn metrics_address_and_bounds() {
+        let cli = accepted(&["--metrics", "[::1]:9464", "--quiet"]);
+        assert_eq!(cli.metrics, Some("[::1]:9464".parse().unwrap()));
+        assert!(cli.quiet);
+        let cli = accepted(&[]);
+        assert_eq!(
+            (cli.metrics_top_processes, cli.metrics_max_processes),
+            (20, 200)
+        );
+        rejected(&["--metrics", "localhost:9464"], "invalid socket address");
+        rejected(&["--metrics", "9464"], "invalid socket address");
+        rejected(
+            &["--metrics-top-processes", "300"],
+            "--metrics-top-processes 300 is above --metrics-max-processes 200",
+        );
+        rejected(&["--quiet", "--json"], "cannot be used with");
     }
 
     /// Global options after `run` are checked as well.

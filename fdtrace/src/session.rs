@@ -167,6 +167,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         )
         .into());
     }
+    // Bound before anything is traced: an address in use ends fdtrace here.
+    let metrics = match cli.metrics {
+        Some(addr) => {
+            let bounds = sinks::MetricsBounds {
+                top: cli.metrics_top_processes,
+                max: cli.metrics_max_processes,
+            };
+            let m = sinks::Metrics::serve(addr, cli.interval, bounds)
+                .map_err(|e| Fatal::Environment(e.to_string()))?;
+            Some(Box::new(m) as Box<dyn sinks::Sink>)
+        }
+        None => None,
+    };
     let mut k = Kernel::load(&limits)?;
     let ring = k.events.take().context("ring buffer already taken")?;
     // SAFETY: the RingBuf owns its map fd, which stays open and the same for
@@ -182,15 +195,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         thresholds: req.thresholds,
         top: cli.top,
     };
-    let sink: Box<dyn sinks::Sink> = if cli.json {
-        Box::new(Ndjson::new(io::stdout()))
+    let sink: Option<Box<dyn sinks::Sink>> = if cli.quiet {
+        None
+    } else if cli.json {
+        Some(Box::new(Ndjson::new(io::stdout())))
     } else {
         let shares_terminal = matches!(cli.command, Some(Command::Run { .. }));
-        Box::new(Top::new(io::stdout(), Console::detect(shares_terminal)))
+        Some(Box::new(Top::new(
+            io::stdout(),
+            Console::detect(shares_terminal),
+        )))
     };
     let mut s = Session {
         k,
-        sinks: Sinks(vec![sink]),
+        sinks: Sinks(sink.into_iter().chain(metrics).collect()),
         procs: BTreeMap::new(),
         losses: LossCounters::default(),
         max_fds: limits.max_fds,

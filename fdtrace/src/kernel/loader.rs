@@ -162,7 +162,6 @@ impl Kernel {
     }
 }
 
-
 /// PF_KTHREAD, in the flags of /proc/PID/stat (include/linux/sched.h).
 const PF_KTHREAD: u32 = 0x0020_0000;
 

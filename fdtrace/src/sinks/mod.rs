@@ -1,6 +1,7 @@
 //! Phase 5: where reports go. Every sink is fed the same data: [`Start`]
 //! once, a [`Notice`] per event, a [`Report`] per interval, [`Summary`] at
 //! the end. A new sink is a new module here implementing [`Sink`].
+mod metrics;
 mod ndjson;
 pub mod records;
 mod terminal;
@@ -8,6 +9,7 @@ mod top;
 
 use std::io;
 
+pub use metrics::{Bounds as MetricsBounds, Metrics};
 pub use ndjson::Ndjson;
 pub use terminal::Terminal;
 pub use top::{Console, Top};

@@ -252,6 +252,38 @@ pub fn watch_node(bins: &Bins, node: &mut [NodeProc], quick: bool) -> Result<Nod
         eprintln!("bench: node: `{cmd}` watches for {window:?}");
         (cmd, watch_fdtrace(bins, node, window, &args)?)
     };
+    let mut fdtrace = fdtrace;
+    // With --metrics, the same window again without it: the difference is
+    // what serving and scraping cost (goal: under 0.5% of a core).
+    if let Some(i) = args_metrics(&fdtrace_cmd)
+        && let Ok(with) = &mut fdtrace
+    {
+        let plain: Vec<String> = fdtrace_cmd
+            .split_whitespace()
+            .skip(1)
+            .enumerate()
+            .filter(|&(j, _)| j != i && j != i + 1)
+            .map(|(_, a)| a.to_owned())
+            .collect();
+        eprintln!(
+            "bench: node: `fdtrace {}` (no --metrics) watches for {window:?}",
+            plain.join(" ")
+        );
+        match watch_fdtrace(bins, node, window, &plain)? {
+            Ok(without) => {
+                let (a, b) = (pct(with.cpu, with.wall), pct(without.cpu, without.wall));
+                with.notes.push(format!(
+                    "--metrics scraped every second: {a:.2}% of a core against {b:.2}% without, \
+                     {:+.2}% ({}: goal under 0.5%)",
+                    a - b,
+                    verdict(a - b < 0.5)
+                ));
+            }
+            Err(why) => with
+                .notes
+                .push(format!("the run without --metrics failed: {why}")),
+        }
+    }
     Ok(NodeFigures {
         window,
         procs: node.len() + LEAKERS,
@@ -291,6 +323,13 @@ fn fdtrace_all_args(bins: &Bins) -> Vec<String> {
         args.push(format!("127.0.0.1:{port}"));
     }
     args
+}
+
+/// The index of `--metrics` among the arguments of `fdtrace ARGS...`.
+fn args_metrics(cmd: &str) -> Option<usize> {
+    cmd.split_whitespace()
+        .skip(1)
+        .position(|a| a == "--metrics")
 }
 
 /// A loopback port free right now.
@@ -614,6 +653,7 @@ fn watch_fdtrace(
     let mut mon = Monitor::default();
     let mut found: BTreeMap<u32, f64> = BTreeMap::new();
     let (mut scrapes, mut scrape_errors) = (0u64, Vec::new());
+    let mut scrape_secs: Vec<f64> = Vec::new();
     let mut drain = |ft: &mut Proc, mon: &mut Monitor| -> Result<()> {
         for line in ft.stdout()?.arrived() {
             mon.feed(&line)?;
@@ -634,8 +674,12 @@ fn watch_fdtrace(
             failed.get_or_insert(e);
         }
         if let Some(addr) = metrics {
+            let t = Instant::now();
             match http_get(addr, "/metrics") {
-                Ok(_) => scrapes += 1,
+                Ok(_) => {
+                    scrapes += 1;
+                    scrape_secs.push(t.elapsed().as_secs_f64());
+                }
                 Err(e) => scrape_errors.push(format!("{e:#}")),
             }
         }
@@ -714,6 +758,14 @@ fn watch_fdtrace(
                 .first()
                 .map_or(String::new(), |e| format!(" (first: {e})"))
         ));
+        let max = scrape_secs.iter().copied().fold(0.0, f64::max);
+        if let Some(med) = crate::bench::median(&scrape_secs) {
+            notes.push(format!(
+                "a scrape of /metrics takes {:.2} ms (median; max {:.2} ms)",
+                med * 1e3,
+                max * 1e3
+            ));
+        }
     }
     let leaks_found = leaks
         .iter()
