@@ -24,6 +24,7 @@ mod env;
 mod fdops;
 mod one_shot;
 mod procfs;
+mod python;
 mod session;
 mod snapshot;
 
@@ -31,6 +32,7 @@ pub use env::*;
 pub use fdops::*;
 pub use one_shot::*;
 pub use procfs::*;
+pub use python::*;
 pub use session::*;
 pub use snapshot::*;
 
