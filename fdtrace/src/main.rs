@@ -1,6 +1,9 @@
 //! fdtrace: a kernel-level file-descriptor leak tracer.
 mod btf;
 mod cli;
+// Not wired into the tracer yet: it becomes an enricher of the pipeline.
+#[allow(dead_code)]
+mod container;
 mod error;
 mod label;
 mod leaks;

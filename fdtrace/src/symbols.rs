@@ -3,18 +3,28 @@
 //! mapped files), then cached.
 use std::{
     collections::HashMap,
+    fs::File,
     hash::{DefaultHasher, Hash as _, Hasher as _},
+    ops::Range,
+    os::unix::fs::FileExt as _,
+    path::Path,
     rc::Rc,
 };
-
-use std::{fs::File, os::unix::fs::FileExt as _};
 
 use blazesym::{
     Pid,
     symbolize::{Input, Symbolized, Symbolizer, source::Process as ProcSource, source::Source},
 };
 use fdtrace_common::{NO_SITE, SITE_NOT_SAMPLED, StackWindow};
-use procfs::process::{MMPermissions, MMapPath, MemoryMaps, Process};
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, LittleEndian, Register, RegisterRule,
+    UnwindContext, UnwindSection as _, UnwindTableRow, X86_64,
+};
+use object::{
+    Architecture, Endianness, Object as _, ObjectSection as _, ObjectSegment as _, ReadCache,
+    read::elf::ElfFile64,
+};
+use procfs::process::{MMPermissions, MMapPath, MemoryMap, MemoryMaps, Process};
 
 use crate::loader::Kernel;
 
@@ -31,6 +41,7 @@ pub struct Symbols {
     canon: HashMap<(u32, u64), u64>,
     /// (pid, canonical stack) -> symbolized frames.
     frames: HashMap<(u32, u64), Stack>,
+    cfi: CfiCache,
     unknown: Stack,
     not_sampled: Stack,
 }
@@ -41,6 +52,7 @@ impl Symbols {
             symbolizer: Symbolizer::new(),
             canon: HashMap::new(),
             frames: HashMap::new(),
+            cfi: CfiCache::default(),
             unknown: Rc::new(Vec::new()),
             not_sampled: Rc::new(vec!["[not sampled: over --stack-rate]".to_string()]),
         }
@@ -91,10 +103,11 @@ impl Symbols {
         self.canon.retain(|k, _| k.0 != pid);
     }
 
-    /// The frames of kernel stack `id`, repaired where libc hid a caller,
+    /// The frames of kernel stack `id`, repaired where a function without
+    /// frame pointers (libc's syscall wrappers, usually) hid its callers,
     /// and cut at the first frame that is not a return address (a walk that
     /// went astray through code without frame pointers).
-    fn frames_of(&self, k: &Kernel, pid: u32, id: u64) -> Vec<u64> {
+    fn frames_of(&mut self, k: &Kernel, pid: u32, id: u64) -> Vec<u64> {
         let Ok(trace) = k.stacks.get(&(id as u32), 0) else {
             return Vec::new();
         };
@@ -114,7 +127,8 @@ impl Symbols {
         if let Ok(window) = k.windows.get(&(id as u32), 0)
             && !ips.is_empty()
         {
-            repair(&mem, &window, &mut ips, &maps);
+            let mut rules = |pc: u64| self.cfi.rules(pid, &maps, pc);
+            repair(&mem, &window, &mut ips, &mut rules);
         }
         if let Some(bad) = (1..ips.len()).find(|&i| !is_return_address(&mem, &maps, ips[i])) {
             ips.truncate(bad);
@@ -123,24 +137,36 @@ impl Symbols {
     }
 
     fn symbolize(&self, pid: u32, ips: &[u64], maps: Option<&MemoryMaps>) -> Vec<String> {
+        // A return address is symbolized by its call instruction: the call
+        // that ends a function (to a noreturn callee) returns into the next.
+        let at: Vec<u64> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| if i == 0 { ip } else { ip - 1 })
+            .collect();
         let src = Source::Process(ProcSource::new(Pid::from(pid)));
         let syms = self
             .symbolizer
-            .symbolize(&src, Input::AbsAddr(ips))
+            .symbolize(&src, Input::AbsAddr(&at))
             .unwrap_or_default();
 
         ips.iter()
             .enumerate()
             .map(|(i, &ip)| match syms.get(i) {
-                Some(Symbolized::Sym(sym)) => match &sym.code_info {
-                    Some(ci) => match ci.line {
-                        Some(line) => {
-                            format!("{} ({}:{line})", sym.name, ci.file.to_string_lossy())
-                        }
-                        None => format!("{} ({})", sym.name, ci.file.to_string_lossy()),
-                    },
-                    None => sym.name.to_string(),
-                },
+                // Only a symbol whose extent is known and holds the address:
+                // a static function of a stripped library is otherwise named
+                // after the exported symbol before it.
+                Some(Symbolized::Sym(sym)) if sym.size.is_some_and(|n| sym.offset < n) => {
+                    match &sym.code_info {
+                        Some(ci) => match ci.line {
+                            Some(line) => {
+                                format!("{} ({}:{line})", sym.name, ci.file.to_string_lossy())
+                            }
+                            None => format!("{} ({})", sym.name, ci.file.to_string_lossy()),
+                        },
+                        None => sym.name.to_string(),
+                    }
+                }
                 _ => module_offset(maps, ip),
             })
             .collect()
@@ -166,64 +192,113 @@ fn module_offset(maps: Option<&MemoryMaps>, ip: u64) -> String {
     found.unwrap_or_else(|| format!("{ip:#x}"))
 }
 
+/// How to find a frame's caller at one instruction, from the call-frame
+/// information (`.eh_frame`) that the x86-64 ABI requires of every function,
+/// in the process's addresses.
+#[derive(Debug)]
+struct Rules {
+    /// The function holding the instruction (its FDE's range).
+    func: Range<u64>,
+    /// The canonical frame address (the stack pointer before the call that
+    /// made this frame): register (RSP or RBP) plus offset.
+    cfa: (Register, i64),
+    /// Where the return address is saved, from the CFA.
+    ra: i64,
+    /// Where the caller's RBP is.
+    bp: SavedBp,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SavedBp {
+    /// Not changed by this function: the caller's RBP is the register.
+    Same,
+    /// Saved at this offset from the CFA.
+    At(i64),
+    /// Anything else (in a register, computed): not followed.
+    Lost,
+}
+
 /// Repairs what the kernel's frame-pointer walk got wrong at the top of a
 /// stack, from the words saved at the user stack pointer. Libc's syscall
-/// wrappers are built without frame pointers:
+/// wrappers are built without frame pointers: a thin one leaves RBP at its
+/// caller's caller's frame, so the walk skips its caller; one that reuses
+/// RBP (open64 keeps the path in it) sends the walk into garbage.
 ///
-/// - a thin wrapper leaves the frame-pointer register at its caller's frame,
-///   so the walk goes from the wrapper straight to the caller's caller; the
-///   caller's return address is the highest return address below the frame
-///   pointer;
-/// - a wrapper that reuses the register (open64 does) first saves it on its
-///   own frame: the saved value points at the caller's frame record, and the
-///   walk is rebuilt from there, as far as the window reaches.
-fn repair(mem: &File, w: &StackWindow, ips: &mut Vec<u64>, maps: &MemoryMaps) {
-    let n = w.words.len();
-    let ret = |a: u64| is_return_address(mem, maps, a);
-    let slot = |addr: u64| {
-        addr.checked_sub(w.sp)
-            .filter(|off| off % 8 == 0)
-            .map(|off| (off / 8) as usize)
-            .filter(|&i| i < n)
+/// So the frames are unwound from the syscall by their call-frame
+/// information, as far as the window reaches, and every frame found so must
+/// be proven: its return address follows a call into the function of the
+/// frame above (see [`calls_into`]). The first frame that is not proven ends
+/// the stack: a wrong frame is worse than none. Where the unwinding reaches
+/// the frame whose frame pointer is the RBP the kernel's walk started from,
+/// the kernel's frames from there on are that frame's callers, and are kept;
+/// otherwise they are dropped: they came from a reused register, or would
+/// follow a gap. Without call-frame information for frame 0 (code of no
+/// file) the kernel's frames stay as they are.
+fn repair(
+    mem: &File,
+    w: &StackWindow,
+    ips: &mut Vec<u64>,
+    rules: &mut dyn FnMut(u64) -> Option<Rules>,
+) {
+    let word = |addr: u64| {
+        let off = addr.checked_sub(w.sp).filter(|off| off % 8 == 0)?;
+        w.words.get(usize::try_from(off / 8).ok()?).copied()
     };
-    // The highest return address in words[from..to].
-    let caller_in =
-        |from: usize, to: usize| w.words[from..to].iter().rev().copied().find(|&a| ret(a));
-    if let Some(fp) = slot(w.bp) {
-        if let Some(caller) = caller_in(0, fp)
-            && !ips.contains(&caller)
-        {
-            ips.insert(1, caller);
-        }
-        return;
-    }
-    // A saved frame pointer: a word pointing at a frame record (saved frame
-    // pointer, then return address) further up the window, with the hidden
-    // return address between the two.
-    let found = (0..n).find_map(|j| {
-        let r = slot(w.words[j]).filter(|&r| r > j + 1 && r + 1 < n)?;
-        if !ret(w.words[r + 1]) {
-            return None;
-        }
-        Some((caller_in(j + 1, r)?, r))
-    });
-    let Some((caller, mut fp)) = found else {
+    let mut read = |addr: u64, buf: &mut [u8]| mem.read_exact_at(buf, addr).is_ok();
+    // Frame 0 is at the instruction after the syscall; a caller's frame at
+    // its call instruction, the byte before its return address.
+    let Some(mut r) = rules(ips[0]) else {
+        // Nothing known of frame 0 (no file, no tables): the kernel's walk
+        // stands as it is.
         return;
     };
-    // The kernel's frames past frame 0 came from a reused register: rebuild.
-    let mut rebuilt = vec![ips[0], caller];
-    loop {
-        let next = w.words[fp + 1];
-        if !ret(next) || rebuilt.len() >= MAX_FRAMES {
+    let mut out = vec![ips[0]];
+    let (mut ip, mut sp, mut bp) = (ips[0], w.sp, Some(w.bp));
+    let mut kernel_tail = false;
+    while out.len() < MAX_FRAMES {
+        if r.cfa == (X86_64::RBP, 16) && r.ra == -8 && bp == Some(w.bp) {
+            // This frame's record is at the RBP the kernel's walk started
+            // from: its return address is the kernel's frame 1.
+            kernel_tail = true;
             break;
         }
-        rebuilt.push(next);
-        match slot(w.words[fp]).filter(|&up| up > fp && up + 1 < n) {
-            Some(up) => fp = up,
+        let base = match r.cfa.0 {
+            X86_64::RSP => Some(sp),
+            X86_64::RBP => bp,
+            _ => None,
+        };
+        let Some(cfa) = base.and_then(|b| b.checked_add_signed(r.cfa.1)) else {
+            break;
+        };
+        let Some(ret) = cfa.checked_add_signed(r.ra).and_then(word) else {
+            break;
+        };
+        let mut before = [0u8; 7];
+        // A frame twice in a row is a stale copy of a return address, never
+        // a caller the unwinding can prove.
+        if ret == ip
+            || ret < 7
+            || !read(ret - 7, &mut before)
+            || !calls_into(&before, ret, &r.func, &mut read)
+        {
+            break;
+        }
+        bp = match r.bp {
+            SavedBp::Same => bp,
+            SavedBp::At(off) => cfa.checked_add_signed(off).and_then(word),
+            SavedBp::Lost => None,
+        };
+        out.push(ret);
+        (ip, sp) = (ret, cfa);
+        match rules(ret - 1) {
+            Some(next) => r = next,
             None => break,
         }
     }
-    *ips = rebuilt;
+    if kernel_tail && ips.get(1) != Some(&ip) {
+        out.extend(ips.iter().skip(1).take(MAX_FRAMES - out.len()));
+    }
+    *ips = out;
 }
 
 /// An address right after an x86-64 call: `e8 rel32`, `ff 15 disp32`,
@@ -245,4 +320,353 @@ fn is_return_address(mem: &File, maps: &MemoryMaps, addr: u64) -> bool {
         || (b[1] == 0xff && b[2] == 0x15)
         || (b[5] == 0xff && modrm_call(b[6]) && b[6] >= 0xc0)
         || (b[4] == 0xff && modrm_call(b[5]) && (0x40..0x80).contains(&b[5]))
+}
+
+/// Whether the call instruction that ends at `ret` (`before` holds the 7
+/// bytes before it) calls into `callee`: a direct `e8 rel32`, to the function
+/// or to a PLT stub (`jmp *slot(%rip)`, after an optional `endbr64` and
+/// `bnd` prefix) whose slot holds an address in it; or `ff 15 disp32`, a
+/// call through a slot (the GOT, with -fno-plt) likewise. `read` reads the
+/// process's memory (the stub, the slot), as the call found them. A call
+/// through a register cannot be proven.
+fn calls_into(
+    before: &[u8; 7],
+    ret: u64,
+    callee: &Range<u64>,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> bool,
+) -> bool {
+    let disp = i64::from(i32::from_le_bytes([
+        before[3], before[4], before[5], before[6],
+    ]));
+    let slot = |addr: u64, read: &mut dyn FnMut(u64, &mut [u8]) -> bool| {
+        let mut b = [0u8; 8];
+        read(addr, &mut b).then(|| u64::from_le_bytes(b))
+    };
+    if before[1] == 0xff && before[2] == 0x15 {
+        return ret
+            .checked_add_signed(disp)
+            .and_then(|a| slot(a, read))
+            .is_some_and(|t| callee.contains(&t));
+    }
+    if before[2] != 0xe8 {
+        return false;
+    }
+    let Some(target) = ret.checked_add_signed(disp) else {
+        return false;
+    };
+    if callee.contains(&target) {
+        return true;
+    }
+    let mut stub = [0u8; 11];
+    if !read(target, &mut stub) {
+        return false;
+    }
+    let mut at = 0;
+    if stub.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        at = 4;
+    }
+    if stub[at] == 0xf2 {
+        at += 1;
+    }
+    if stub[at..at + 2] != [0xff, 0x25] {
+        return false;
+    }
+    let jmp_disp = i64::from(i32::from_le_bytes([
+        stub[at + 2],
+        stub[at + 3],
+        stub[at + 4],
+        stub[at + 5],
+    ]));
+    // RIP-relative: from the end of the jmp.
+    target
+        .checked_add(at as u64 + 6)
+        .and_then(|end| end.checked_add_signed(jmp_disp))
+        .and_then(|a| slot(a, read))
+        .is_some_and(|t| callee.contains(&t))
+}
+
+/// Call-frame information of the ELF files mapped by traced processes,
+/// read once per file.
+#[derive(Default)]
+struct CfiCache {
+    /// The file's tables, None when it has none.
+    files: HashMap<FileId, Option<Cfi>>,
+    /// Bytes of tables held.
+    bytes: usize,
+}
+
+/// A mapped file: (device, inode).
+type FileId = ((i32, i32), u64);
+
+/// Most bytes of tables kept at once (a C library's `.eh_frame` is some
+/// hundreds of KiB, a browser's tens of MiB); past this the cache starts
+/// over. A file is another process's data: it bounds what fdtrace keeps.
+const MAX_CFI_CACHE: usize = 256 << 20;
+
+/// Largest `.eh_frame` or `.eh_frame_hdr` read.
+const MAX_CFI_SECTION: u64 = 64 << 20;
+
+impl CfiCache {
+    /// The unwind rules at address `pc` of process `pid`.
+    fn rules(&mut self, pid: u32, maps: &MemoryMaps, pc: u64) -> Option<Rules> {
+        let m = maps.iter().find(|m| {
+            (m.address.0..m.address.1).contains(&pc) && m.perms.contains(MMPermissions::EXECUTE)
+        })?;
+        if m.inode == 0 {
+            return None;
+        }
+        let id = (m.dev, m.inode);
+        if !self.files.contains_key(&id) {
+            let cfi = Cfi::load(pid, m);
+            let size = cfi.as_ref().map_or(0, |c| c.hdr.len() + c.frame.len());
+            if self.bytes + size > MAX_CFI_CACHE {
+                self.files.clear();
+                self.bytes = 0;
+            }
+            self.bytes += size;
+            self.files.insert(id, cfi);
+        }
+        let cfi = self.files.get(&id)?.as_ref()?;
+        let file_pc = cfi.file_addr(pc - m.address.0 + m.offset)?;
+        let (func, row) = cfi.row(file_pc)?;
+        // From the file's addresses to the process's (one segment).
+        let shift = |a: u64| a.checked_add(pc)?.checked_sub(file_pc);
+        let func = shift(func.start)?..shift(func.end)?;
+        let cfa = match row.cfa() {
+            CfaRule::RegisterAndOffset { register, offset } => (*register, *offset),
+            CfaRule::Expression(_) => return None,
+        };
+        let ra = match row.register(X86_64::RA) {
+            Some(RegisterRule::Offset(off)) => off,
+            _ => return None,
+        };
+        let bp = match row.register(X86_64::RBP) {
+            None | Some(RegisterRule::Undefined | RegisterRule::SameValue) => SavedBp::Same,
+            Some(RegisterRule::Offset(off)) => SavedBp::At(off),
+            Some(_) => SavedBp::Lost,
+        };
+        Some(Rules { func, cfa, ra, bp })
+    }
+}
+
+/// One ELF file's `.eh_frame_hdr` (the sorted table of its FDEs) and
+/// `.eh_frame`, at their addresses in the file, and its loadable segments.
+struct Cfi {
+    hdr: Vec<u8>,
+    hdr_addr: u64,
+    frame: Vec<u8>,
+    frame_addr: u64,
+    text_addr: u64,
+    /// (file offset, size in the file, address) of each PT_LOAD segment.
+    segments: Vec<(u64, u64, u64)>,
+}
+
+impl Cfi {
+    /// Reads the tables of the file mapped at `m` in process `pid`: through
+    /// `/proc/PID/map_files`, the very file mapped (deleted, or in another
+    /// mount namespace), else by its path under the process's root.
+    fn load(pid: u32, m: &MemoryMap) -> Option<Cfi> {
+        let (a, b) = m.address;
+        let file = File::open(format!("/proc/{pid}/map_files/{a:x}-{b:x}"))
+            .or_else(|_| match &m.pathname {
+                MMapPath::Path(p) => File::open(
+                    Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap_or(p)),
+                ),
+                _ => Err(std::io::ErrorKind::NotFound.into()),
+            })
+            .ok()?;
+        let cache = ReadCache::new(file);
+        let elf = ElfFile64::<Endianness, _>::parse(&cache).ok()?;
+        if elf.architecture() != Architecture::X86_64 || !elf.is_little_endian() {
+            return None;
+        }
+        let section = |name: &str| {
+            let s = elf.section_by_name(name)?;
+            if s.size() > MAX_CFI_SECTION {
+                return None;
+            }
+            Some((s.address(), s.data().ok()?.to_vec()))
+        };
+        let (hdr_addr, hdr) = section(".eh_frame_hdr")?;
+        let (frame_addr, frame) = section(".eh_frame")?;
+        let text_addr = elf.section_by_name(".text").map_or(0, |s| s.address());
+        let segments = elf
+            .segments()
+            .map(|s| {
+                let (off, size) = s.file_range();
+                (off, size, s.address())
+            })
+            .collect();
+        Some(Cfi {
+            hdr,
+            hdr_addr,
+            frame,
+            frame_addr,
+            text_addr,
+            segments,
+        })
+    }
+
+    /// The address in the file of file offset `off`.
+    fn file_addr(&self, off: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|&&(o, size, _)| (o..o.saturating_add(size)).contains(&off))
+            .map(|&(o, _, addr)| addr + (off - o))
+    }
+
+    /// The extent of the function at file address `pc`, and its unwind row
+    /// there.
+    fn row(&self, pc: u64) -> Option<(Range<u64>, UnwindTableRow<usize>)> {
+        let bases = BaseAddresses::default()
+            .set_eh_frame_hdr(self.hdr_addr)
+            .set_eh_frame(self.frame_addr)
+            .set_text(self.text_addr);
+        let hdr = EhFrameHdr::new(&self.hdr, LittleEndian)
+            .parse(&bases, 8)
+            .ok()?;
+        let frame = EhFrame::new(&self.frame, LittleEndian);
+        let fde = hdr
+            .table()?
+            .fde_for_address(&frame, &bases, pc, EhFrame::cie_from_offset)
+            .ok()?;
+        let mut ctx = UnwindContext::new();
+        let row = fde
+            .unwind_info_for_address(&frame, &bases, &mut ctx, pc)
+            .ok()?
+            .clone();
+        let end = fde.initial_address().checked_add(fde.len())?;
+        Some((fde.initial_address()..end, row))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process's memory: (address, bytes) regions.
+    struct Mem(Vec<(u64, Vec<u8>)>);
+
+    impl Mem {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            self.0.iter().any(|(at, bytes)| {
+                let Some(off) = addr.checked_sub(*at).map(|o| o as usize) else {
+                    return false;
+                };
+                match bytes.get(off..off + buf.len()) {
+                    Some(src) => {
+                        buf.copy_from_slice(src);
+                        true
+                    }
+                    None => false,
+                }
+            })
+        }
+    }
+
+    /// The 7 bytes before `ret`: `code` right-aligned after filler.
+    fn before(code: &[u8]) -> [u8; 7] {
+        let mut b = [0x90u8; 7];
+        b[7 - code.len()..].copy_from_slice(code);
+        b
+    }
+
+    fn rel32(from: u64, to: u64) -> [u8; 4] {
+        ((to as i64 - from as i64) as i32).to_le_bytes()
+    }
+
+    fn proven(code: &[u8], ret: u64, callee: Range<u64>, mem: &Mem) -> bool {
+        calls_into(&before(code), ret, &callee, &mut |a, b| mem.read(a, b))
+    }
+
+    const RET: u64 = 0x5555_0000_1234;
+    const OPEN: Range<u64> = 0x7f00_0000_8000..0x7f00_0000_8128;
+
+    #[test]
+    fn direct_call_into_the_function_above() {
+        let mem = Mem(vec![]);
+        // rel32 reaches +-2 GiB: a function of the same module, above.
+        let callee = 0x5555_0000_4000..0x5555_0000_4100;
+        let call = [&[0xe8][..], &rel32(RET, callee.start)].concat();
+        assert!(proven(&call, RET, callee, &mem));
+        // Below the return address, into the function's middle.
+        let callee = 0x5555_0000_0100..0x5555_0000_0200;
+        let call = [&[0xe8][..], &rel32(RET, 0x5555_0000_0140)].concat();
+        assert!(proven(&call, RET, callee.clone(), &mem));
+        // Just past the function's end: another function.
+        let call = [&[0xe8][..], &rel32(RET, callee.end)].concat();
+        assert!(!proven(&call, RET, callee, &mem));
+    }
+
+    #[test]
+    fn direct_call_elsewhere_is_not_proven() {
+        let target = 0x5555_0000_3000;
+        // The target's code is no PLT stub (push %rbp; mov %rsp,%rbp).
+        let mem = Mem(vec![(
+            target,
+            vec![
+                0x55, 0x48, 0x89, 0xe5, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90,
+            ],
+        )]);
+        let call = [&[0xe8][..], &rel32(RET, target)].concat();
+        assert!(!proven(&call, RET, OPEN, &mem));
+        // Nor is a target that cannot be read.
+        let mem = Mem(vec![]);
+        assert!(!proven(&call, RET, OPEN, &mem));
+    }
+
+    /// A call to a PLT stub at `stub` whose code is `prefix` + `ff 25
+    /// disp32` to a GOT slot holding `got`.
+    fn through_plt(prefix: &[u8], got: u64) -> (Vec<u8>, Mem) {
+        let stub = 0x5555_0000_2040;
+        let slot = 0x5555_0000_5018;
+        let end = stub + prefix.len() as u64 + 6;
+        let mut code = [prefix, &[0xff, 0x25], &rel32(end, slot)].concat();
+        code.resize(16, 0xcc);
+        let mem = Mem(vec![(stub, code), (slot, got.to_le_bytes().to_vec())]);
+        ([&[0xe8][..], &rel32(RET, stub)].concat(), mem)
+    }
+
+    #[test]
+    fn call_through_the_plt_follows_the_got() {
+        for prefix in [
+            &[][..],
+            &[0xf2],                         // bnd jmp
+            &[0xf3, 0x0f, 0x1e, 0xfa],       // endbr64; jmp
+            &[0xf3, 0x0f, 0x1e, 0xfa, 0xf2], // endbr64; bnd jmp (.plt.sec)
+        ] {
+            let (call, mem) = through_plt(prefix, OPEN.start);
+            assert!(proven(&call, RET, OPEN, &mem), "prefix {prefix:x?}");
+            // The slot resolved to another function (or not yet resolved:
+            // back into the PLT).
+            let (call, mem) = through_plt(prefix, OPEN.end + 0x40);
+            assert!(!proven(&call, RET, OPEN, &mem), "prefix {prefix:x?}");
+        }
+    }
+
+    #[test]
+    fn call_through_a_got_slot() {
+        let slot = 0x5555_0000_6000;
+        let call = [&[0xff, 0x15][..], &rel32(RET, slot)].concat();
+        let mem = Mem(vec![(slot, OPEN.start.to_le_bytes().to_vec())]);
+        assert!(proven(&call, RET, OPEN, &mem));
+        let mem = Mem(vec![(slot, 0x7f00_0001_0000u64.to_le_bytes().to_vec())]);
+        assert!(!proven(&call, RET, OPEN, &mem));
+        let mem = Mem(vec![]);
+        assert!(!proven(&call, RET, OPEN, &mem));
+    }
+
+    #[test]
+    fn call_through_a_register_or_a_frame_slot_is_not_proven() {
+        let mem = Mem(vec![]);
+        // call *%rax; call *%r11; call *0x8(%rbp); not a call at all.
+        for code in [
+            &[0xff, 0xd0][..],
+            &[0x41, 0xff, 0xd3],
+            &[0xff, 0x55, 0x08],
+            &[0x48, 0x89, 0xc7],
+        ] {
+            assert!(!proven(code, RET, OPEN, &mem), "{code:x?}");
+        }
+    }
 }

@@ -20,6 +20,7 @@
 //! Everything spawned is killed when the session is dropped, so a failed test
 //! leaves nothing running.
 
+pub mod containers;
 mod env;
 mod fdops;
 mod one_shot;
@@ -27,6 +28,7 @@ mod procfs;
 mod python;
 mod session;
 mod snapshot;
+pub mod prometheus;
 
 pub use env::*;
 pub use fdops::*;

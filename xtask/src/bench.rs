@@ -7,7 +7,7 @@
 //! rotates from round to round), and the report takes the median across
 //! rounds. Progress goes to stderr, the report to stdout.
 
-mod child;
+pub mod child;
 mod extras;
 mod progtime;
 mod report;

@@ -3,6 +3,7 @@
 mod bench;
 mod proc;
 mod setup;
+mod soak;
 mod tasks;
 
 use std::path::PathBuf;
@@ -43,6 +44,10 @@ enum Command {
     /// Run setup, build fdtrace and fdloop (release), then measure what
     /// fdtrace costs against bpftrace and empty programs (as root).
     Bench(bench::Args),
+    /// Run setup, build fdtrace and fdops (release), then trace a paced
+    /// open/close churn and a slow leaker for minutes: fdtrace's own fds and
+    /// memory must stay flat and its figures match /proc (as root).
+    Soak(soak::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,5 +92,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => tasks::run(&tools, &args.args),
         Command::Test => tasks::test(&tools),
         Command::Bench(args) => bench::bench(&tools, &args),
+        Command::Soak(args) => soak::soak(&tools, &args),
     }
 }

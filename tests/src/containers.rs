@@ -1,0 +1,692 @@
+//! Real containers for the attribution tests: containerd and `ctr` (Debian's
+//! packages), an image built here with no registry, and hand-made cgroups.
+//!
+//! - [`static_binaries`] builds the helpers (`fdloop`, `fdops`) as static
+//!   executables (`-C target-feature=+crt-static`), in their own target
+//!   directory (`target/static`: the outer `cargo test` holds the lock of
+//!   the usual one);
+//! - [`oci::write_archive`] puts them in an image with nothing else, written
+//!   as an OCI archive;
+//! - [`Containerd::start`] starts a containerd of its own from `containerd
+//!   config default`, its content and snapshots under a temporary directory,
+//!   its state (task bundles, socket) in the default `/run/containerd`, where
+//!   attribution looks; the CRI plugin is off (no kubelet here), and with it
+//!   CNI;
+//! - [`Containerd::run`] starts a container with `ctr run --annotation ...
+//!   --cgroup kubepods/<qos>/pod<uid>/<id>`, as the kubelet and containerd's
+//!   CRI would;
+//! - [`HandMadeCgroup`] moves a host process into a cgroup of the v2
+//!   hierarchy (`/sys/fs/cgroup/unified` on a hybrid host).
+//!
+//! Everything started is stopped and removed on drop, also when a test
+//! fails: tasks killed, containers deleted, containerd stopped, the pod
+//! cgroups runc leaves behind removed.
+
+use std::fs;
+use std::io::{self, BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The image archive writer.
+pub mod oci;
+
+/// fdtrace's container attribution, compiled in from the fdtrace crate (a
+/// binary crate, so it cannot be a dependency).
+#[path = "../../fdtrace/src/container/mod.rs"]
+pub mod attribution;
+
+/// The containerd namespace the containers run in: Kubernetes's.
+pub const NAMESPACE: &str = "k8s.io";
+/// The image the containers run.
+pub const IMAGE: &str = "docker.io/library/fdtrace-test:1";
+/// containerd's default state directory; attribution reads the task bundles
+/// there.
+pub const STATE_DIR: &str = "/run/containerd";
+/// How long containerd, `ctr` and a container may take to start.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `CGROUP2_SUPER_MAGIC` (include/uapi/linux/magic.h).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Result of the harness: a failure says what failed and why.
+pub type Result<T> = std::result::Result<T, String>;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_owned()
+}
+
+/// Fails unless the tests run as root (BPF, cgroups and containerd need it).
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("the container tests need root (run them with sudo)".into());
+    }
+    Ok(())
+}
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on a pure v2
+/// host, `/sys/fs/cgroup/unified` on a hybrid one.
+pub fn v2_root() -> Result<PathBuf> {
+    for dir in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let c = std::ffi::CString::new(dir).expect("no NUL");
+        // SAFETY: statfs into a zeroed struct of the right type.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type == CGROUP2_SUPER_MAGIC {
+            return Ok(dir.into());
+        }
+    }
+    Err("no cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified".into())
+}
+
+/// 64 random hex digits: a container id as the runtimes make them.
+pub fn random_id() -> String {
+    hex(&random_bytes::<32>())
+}
+
+/// A random pod uid (a version 4 UUID, as the API server makes them).
+pub fn random_pod_uid() -> String {
+    let mut b = random_bytes::<16>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // SAFETY: getrandom writes at most N bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
+    assert_eq!(n, N as isize, "getrandom: {}", io::Error::last_os_error());
+    b
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Builds the test helpers as static executables and returns their
+/// directory.
+pub fn static_binaries() -> Result<PathBuf> {
+    let target_dir = workspace().join("target/static");
+    let triple = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "fdtrace-tests",
+            "--bin",
+            "fdloop",
+            "--bin",
+            "fdops",
+        ])
+        .args(["--target", triple])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // With --target, RUSTFLAGS reach only the target's crates, not build
+        // scripts or proc macros.
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cargo build of the static helpers: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo build of the static helpers failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(target_dir.join(triple).join("release"))
+}
+
+/// Writes the test image (the static `fdloop` and `fdops` in `/bin`) to
+/// `out`.
+pub fn write_image(bin_dir: &Path, out: &Path) -> Result<()> {
+    let files: Vec<oci::File> = ["fdloop", "fdops"]
+        .iter()
+        .map(|name| oci::File {
+            path: Path::new("bin").join(name),
+            source: bin_dir.join(name),
+            mode: 0o755,
+        })
+        .collect();
+    let image = oci::Image {
+        name: IMAGE,
+        files: &files,
+        // A command, not an entrypoint: `ctr run` and `podman run`
+        // arguments then both replace it.
+        entrypoint: &[],
+        cmd: &["/bin/fdloop"],
+    };
+    oci::write_archive(&image, out).map_err(|e| format!("writing {}: {e}", out.display()))
+}
+
+/// A container to start.
+pub struct RunSpec<'a> {
+    pub id: &'a str,
+    /// `ctr run --cgroup`: relative, as the kubelet passes it to the CRI.
+    pub cgroup: String,
+    pub annotations: &'a [(&'a str, &'a str)],
+    pub args: &'a [&'a str],
+}
+
+impl RunSpec<'_> {
+    /// The kubelet's cgroupfs-driver path of a container: QoS level
+    /// (`besteffort`, `burstable`, or none for a guaranteed pod), pod, id.
+    pub fn kubelet_cgroup(qos: Option<&str>, pod_uid: &str, id: &str) -> String {
+        match qos {
+            Some(q) => format!("kubepods/{q}/pod{pod_uid}/{id}"),
+            None => format!("kubepods/pod{pod_uid}/{id}"),
+        }
+    }
+}
+
+/// A container started.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub id: String,
+    /// Its init process in the host's pid namespace.
+    pub host_pid: u32,
+    /// The first line it wrote.
+    pub first_line: String,
+}
+
+/// A running container's task.
+struct Task {
+    /// `ctr run`, attached to the task's stdio.
+    ctr: Child,
+    /// Its stdin, kept open: its end ends `fdloop hold`.
+    stdin: Option<ChildStdin>,
+}
+
+/// A containerd of the test's own.
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    daemon: Child,
+    /// Containers created, removed on drop.
+    containers: Vec<String>,
+    tasks: Vec<Task>,
+    /// The containers' cgroups, whose parents are removed on drop.
+    cgroups: Vec<String>,
+}
+
+impl Containerd {
+    /// Starts containerd; fails if one is already running on the default
+    /// socket (another test, or the host's own).
+    pub fn start() -> Result<Self> {
+        let socket = Path::new(STATE_DIR).join("containerd.sock");
+        if UnixStream::connect(&socket).is_ok() {
+            return Err(format!(
+                "a containerd is already running on {}: stop it first",
+                socket.display()
+            ));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("fdtrace-containerd-")
+            .tempdir()
+            .map_err(|e| format!("temporary directory: {e}"))?;
+        let default = run_tool(Command::new("containerd").args(["config", "default"]))
+            .map_err(|e| format!("{e} (apt-get install containerd)"))?;
+        let config = configure(&default, &dir.path().join("root"))?;
+        let config_path = dir.path().join("config.toml");
+        fs::write(&config_path, config).map_err(|e| format!("{}: {e}", config_path.display()))?;
+        let log = fs::File::create(dir.path().join("containerd.log"))
+            .map_err(|e| format!("containerd.log: {e}"))?;
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start containerd (apt-get install containerd): {e}"))?;
+        let mut c = Containerd {
+            dir,
+            daemon,
+            containers: Vec::new(),
+            tasks: Vec::new(),
+            cgroups: Vec::new(),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if c.ctr(&["version"]).is_ok() {
+                return Ok(c);
+            }
+            if let Ok(Some(status)) = c.daemon.try_wait() {
+                return Err(format!("containerd exited ({status}):\n{}", c.log()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "containerd did not answer within {START_TIMEOUT:?}:\n{}",
+                    c.log()
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr -n k8s.io ARGS` and returns its stdout.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        run_tool(Command::new("ctr").args(["-n", NAMESPACE]).args(args))
+    }
+
+    /// Imports an image archive and checks it is listed.
+    pub fn import(&self, archive: &Path) -> Result<()> {
+        let path = archive.to_str().ok_or("archive path is not UTF-8")?;
+        self.ctr(&["images", "import", path])?;
+        let images = self.ctr(&["images", "ls", "-q"])?;
+        if !images.lines().any(|l| l == IMAGE) {
+            return Err(format!("{IMAGE} not listed after the import: {images:?}"));
+        }
+        Ok(())
+    }
+
+    /// Starts a container of the test image and waits for its first line.
+    pub fn run(&mut self, spec: &RunSpec) -> Result<Started> {
+        let mut cmd = Command::new("ctr");
+        cmd.args(["-n", NAMESPACE, "run", "--cgroup", &spec.cgroup]);
+        for (k, v) in spec.annotations {
+            cmd.arg("--annotation").arg(format!("{k}={v}"));
+        }
+        cmd.args([IMAGE, spec.id]).args(spec.args);
+        let stderr = fs::File::create(self.dir.path().join(format!("ctr-{}.log", spec.id)))
+            .map_err(|e| e.to_string())?;
+        // Recorded before it exists: a failed start is cleaned up too.
+        self.containers.push(spec.id.to_owned());
+        self.cgroups.push(spec.cgroup.clone());
+        let mut ctr = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("ctr run: {e}"))?;
+        let stdin = ctr.stdin.take();
+        let first_line = first_line(&mut ctr, START_TIMEOUT).map_err(|e| {
+            let log = fs::read_to_string(self.dir.path().join(format!("ctr-{}.log", spec.id)))
+                .unwrap_or_default();
+            format!("container {}: {e}; ctr said:\n{log}", spec.id)
+        })?;
+        self.tasks.push(Task { ctr, stdin });
+        Ok(Started {
+            id: spec.id.to_owned(),
+            host_pid: self.host_pid(spec.id)?,
+            first_line,
+        })
+    }
+
+    /// The host pid of a task's init, from `ctr task ls`.
+    pub fn host_pid(&self, id: &str) -> Result<u32> {
+        let list = self.ctr(&["task", "ls"])?;
+        list.lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(id)).then(|| f.next()?.parse().ok())?
+            })
+            .ok_or_else(|| format!("task {id} not in `ctr task ls`:\n{list}"))
+    }
+
+    /// The bundle's `config.json` of container `id`.
+    pub fn bundle_config(&self, id: &str) -> PathBuf {
+        Path::new(STATE_DIR)
+            .join("io.containerd.runtime.v2.task")
+            .join(NAMESPACE)
+            .join(id)
+            .join("config.json")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for id in &self.containers {
+            // Errors are expected for what never started; nothing else can
+            // be done about the others than to go on.
+            let _ = self.ctr(&["task", "kill", "-s", "KILL", id]);
+            let _ = self.ctr(&["task", "delete", "--force", id]);
+            let _ = self.ctr(&["container", "delete", id]);
+        }
+        for task in &mut self.tasks {
+            drop(task.stdin.take());
+            let _ = task.ctr.kill();
+            let _ = task.ctr.wait();
+        }
+        let _ = self.ctr(&["images", "rm", IMAGE]);
+        stop(&mut self.daemon);
+        for cgroup in &self.cgroups {
+            remove_cgroup_parents(cgroup);
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+fn stop(child: &mut Child) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// containerd's default configuration with its content and snapshots under
+/// `root` and the CRI plugin off.
+fn configure(default: &str, root: &Path) -> Result<String> {
+    let mut root_set = false;
+    let mut cri_off = false;
+    let lines: Vec<String> = default
+        .lines()
+        .map(|l| {
+            if l.starts_with("root = ") {
+                root_set = true;
+                format!("root = {:?}", root.display().to_string())
+            } else if l.starts_with("disabled_plugins = ") {
+                cri_off = true;
+                r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#.to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    if !root_set || !cri_off {
+        return Err(format!(
+            "`containerd config default` has no top-level `root =` or `disabled_plugins =` line:\n{default}"
+        ));
+    }
+    Ok(lines.join("\n") + "\n")
+}
+
+/// Removes the parents of a container's cgroup (`kubepods/<qos>/pod<uid>`
+/// of `kubepods/<qos>/pod<uid>/<id>`) in every hierarchy: runc removes only
+/// the container's own. Those still in use (another pod's) stay.
+fn remove_cgroup_parents(cgroup: &str) {
+    let Some((parents, _id)) = cgroup.trim_matches('/').rsplit_once('/') else {
+        return;
+    };
+    let parents = Path::new(parents);
+    let depth = parents.components().count();
+    let mut found = Vec::new();
+    // v1 hierarchies place it under the runtime's own cgroup (here, memory
+    // under the sandbox's): look below each hierarchy's root too.
+    find_dirs(Path::new("/sys/fs/cgroup"), parents, 8, &mut found);
+    for dir in found {
+        for d in dir.ancestors().take(depth) {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+/// Directories below `dir` (down to `depth` levels) whose path ends with
+/// `tail`.
+fn find_dirs(dir: &Path, tail: &Path, depth: u32, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if !t.is_dir() {
+            continue;
+        }
+        let path = e.path();
+        if path.ends_with(tail) {
+            found.push(path);
+        } else if depth > 0 {
+            find_dirs(&path, tail, depth - 1, found);
+        }
+    }
+}
+
+/// Runs a tool and returns its stdout, or an error with its stderr.
+fn run_tool(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    String::from_utf8(out.stdout).map_err(|e| format!("{cmd:?}: output not UTF-8: {e}"))
+}
+
+/// A cgroup made by hand in the v2 hierarchy, with processes moved in; on
+/// drop its processes go back to the root cgroup and the directories made
+/// are removed.
+pub struct HandMadeCgroup {
+    root: PathBuf,
+    /// The path, as `/proc/PID/cgroup` shows it.
+    pub path: String,
+    /// Directories made, deepest last.
+    made: Vec<PathBuf>,
+}
+
+impl HandMadeCgroup {
+    /// Makes cgroup `path` (absolute, as in `/proc/PID/cgroup`).
+    pub fn new(path: &str) -> Result<Self> {
+        let root = v2_root()?;
+        let mut made = Vec::new();
+        let mut dir = root.clone();
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            dir.push(c);
+            match fs::create_dir(&dir) {
+                Ok(()) => made.push(dir.clone()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("mkdir {}: {e}", dir.display())),
+            }
+        }
+        Ok(HandMadeCgroup {
+            root,
+            path: path.to_owned(),
+            made,
+        })
+    }
+
+    /// Moves process `pid` in.
+    pub fn add(&self, pid: u32) -> Result<()> {
+        let procs = self
+            .root
+            .join(self.path.trim_start_matches('/'))
+            .join("cgroup.procs");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .map_err(|e| format!("{}: {e}", procs.display()))?;
+        f.write_all(pid.to_string().as_bytes())
+            .map_err(|e| format!("moving {pid} to {}: {e}", procs.display()))
+    }
+}
+
+impl Drop for HandMadeCgroup {
+    fn drop(&mut self) {
+        let procs = self
+            .root
+            .join(self.path.trim_start_matches('/'))
+            .join("cgroup.procs");
+        if let Ok(text) = fs::read_to_string(&procs) {
+            for pid in text.lines() {
+                let _ = fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        for dir in self.made.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// The v2 path of a process, from the `0::` line of its /proc/PID/cgroup
+/// (read here with no help from the code under test).
+pub fn proc_v2_path(pid: u32) -> Result<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("/proc/{pid}/cgroup has no 0:: line:\n{text}"))
+}
+
+/// podman (Debian's, with runc: crun refuses hybrid cgroups) with a
+/// `containers.conf` of the test's own (`CONTAINERS_CONF`): runc, the
+/// cgroupfs manager (no systemd here), file events, and fd limits root may
+/// set here. Its storage is the default one
+/// (`/var/lib/containers/storage`), where attribution looks.
+pub struct Podman {
+    dir: tempfile::TempDir,
+    /// Containers created (by name), removed on drop.
+    names: Vec<String>,
+    runs: Vec<Task>,
+}
+
+/// The `containers.conf` the tests run podman with.
+const CONTAINERS_CONF: &str = r#"[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+"#;
+
+impl Podman {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("fdtrace-podman-")
+            .tempdir()
+            .map_err(|e| format!("temporary directory: {e}"))?;
+        let conf = dir.path().join("containers.conf");
+        fs::write(&conf, CONTAINERS_CONF).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let podman = Podman {
+            dir,
+            names: Vec::new(),
+            runs: Vec::new(),
+        };
+        podman
+            .podman(&["--version"])
+            .map_err(|e| format!("{e} (apt-get install podman runc)"))?;
+        Ok(podman)
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", self.dir.path().join("containers.conf"));
+        cmd
+    }
+
+    /// Runs `podman ARGS` and returns its stdout.
+    pub fn podman(&self, args: &[&str]) -> Result<String> {
+        run_tool(self.command().args(args))
+    }
+
+    /// Loads an image archive and checks it is listed.
+    pub fn load(&self, archive: &Path) -> Result<()> {
+        let path = archive.to_str().ok_or("archive path is not UTF-8")?;
+        self.podman(&["load", "-i", path])?;
+        self.podman(&["image", "exists", IMAGE])
+            .map(drop)
+            .map_err(|e| format!("{IMAGE} not there after the load: {e}"))
+    }
+
+    /// Starts container `name` of the test image and waits for its first
+    /// line; returns its id and host pid.
+    pub fn run(
+        &mut self,
+        name: &str,
+        annotations: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Started> {
+        let mut cmd = self.command();
+        cmd.args(["run", "-i", "--name", name]);
+        for (k, v) in annotations {
+            cmd.arg("--annotation").arg(format!("{k}={v}"));
+        }
+        cmd.arg(IMAGE).args(args);
+        let log = self.dir.path().join(format!("run-{name}.log"));
+        let stderr = fs::File::create(&log).map_err(|e| e.to_string())?;
+        self.names.push(name.to_owned());
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("podman run: {e}"))?;
+        let stdin = child.stdin.take();
+        let first_line = first_line(&mut child, START_TIMEOUT).map_err(|e| {
+            format!(
+                "container {name}: {e}; podman said:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+        self.runs.push(Task { ctr: child, stdin });
+        let inspect = self.podman(&["inspect", "-f", "{{.Id}} {{.State.Pid}}", name])?;
+        let (id, pid) = inspect
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("podman inspect: {inspect:?}"))?;
+        Ok(Started {
+            id: id.to_owned(),
+            host_pid: pid
+                .parse()
+                .map_err(|e| format!("podman inspect pid {pid:?}: {e}"))?,
+            first_line,
+        })
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = self.podman(&["rm", "-f", "-t", "0", name]);
+        }
+        for run in &mut self.runs {
+            drop(run.stdin.take());
+            let _ = run.ctr.kill();
+            let _ = run.ctr.wait();
+        }
+        let _ = self.podman(&["rmi", "-f", IMAGE]);
+    }
+}
+
+/// The first line a child writes on its stdout (piped), within `timeout`;
+/// the child is killed if it writes none.
+fn first_line(child: &mut Child, timeout: Duration) -> Result<String> {
+    let stdout = child.stdout.take().ok_or("stdout not piped")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(line)) if !line.is_empty() => Ok(line.trim_end().to_owned()),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("no line on stdout ({other:?})"))
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Who a process is, on real containers: containerd runs the test image
+//! with the annotations containerd's CRI sets and kubelet-style cgroup
+//! paths, and fdtrace's attribution must name each container, pod,
+//! namespace and QoS class, and the pid inside the container, from the
+//! host's files alone; a host process in a hand-made cgroup must be named by
+//! that cgroup only.
+//!
+//! The same for podman's own containers, named from podman's state.
+//!
+//! Needs root, containerd and ctr (`apt-get install containerd`), podman
+//! and runc (`apt-get install podman runc`), and a cgroup v2 hierarchy
+//! (pure or hybrid). Never skips: a missing part fails.
+
+use std::fs;
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use fdtrace_tests::containers::attribution::bundle::Source;
+use fdtrace_tests::containers::attribution::cgroup::{Qos, Runtime};
+use fdtrace_tests::containers::attribution::{Attributor, Identity};
+use fdtrace_tests::containers::{
+    Containerd, HandMadeCgroup, Podman, RunSpec, Started, proc_v2_path, random_id, random_pod_uid,
+    require_root, static_binaries, write_image,
+};
+use serde_json::Value;
+
+const CRI: &str = "io.kubernetes.cri";
+
+fn identify(pid: u32) -> Identity {
+    Attributor::new("/")
+        .identify(pid)
+        .unwrap_or_else(|e| panic!("identify {pid}: {e}"))
+}
+
+/// `fdloop hold N` in a container: it is its namespace's pid 1.
+fn check_hold_line(started: &Started, n: u32) {
+    assert_eq!(started.first_line, format!("fdloop hold pid=1 opened={n}"));
+}
+
+/// The annotations of container `id`'s bundle, read with no help from the
+/// code under test.
+fn bundle_annotations(containerd: &Containerd, id: &str) -> Value {
+    let path = containerd.bundle_config(id);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let spec: Value = serde_json::from_str(&text).expect("config.json is JSON");
+    spec["annotations"].clone()
+}
+
+#[test]
+fn containerd_containers_are_attributed() {
+    require_root().unwrap();
+    let t0 = Instant::now();
+    let bins = static_binaries().unwrap();
+    let t_build = t0.elapsed();
+
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    write_image(&bins, &archive).unwrap();
+    let t1 = Instant::now();
+    let mut containerd = Containerd::start().unwrap();
+    let t_start = t1.elapsed();
+    let t2 = Instant::now();
+    containerd.import(&archive).unwrap();
+    let t_import = t2.elapsed();
+
+    // A best-effort pod's container, annotated as containerd's CRI does.
+    let (app_id, app_uid) = (random_id(), random_pod_uid());
+    let annotations = [
+        (format!("{CRI}.sandbox-name"), "web-0"),
+        (format!("{CRI}.sandbox-namespace"), "shop"),
+        (format!("{CRI}.sandbox-uid"), app_uid.as_str()),
+        (format!("{CRI}.container-name"), "app"),
+        (format!("{CRI}.container-type"), "container"),
+    ];
+    let annotations: Vec<(&str, &str)> =
+        annotations.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let t3 = Instant::now();
+    let app = containerd
+        .run(&RunSpec {
+            id: &app_id,
+            cgroup: RunSpec::kubelet_cgroup(Some("besteffort"), &app_uid, &app_id),
+            annotations: &annotations,
+            args: &["/bin/fdloop", "hold", "5"],
+        })
+        .unwrap();
+    let t_run = t3.elapsed();
+    eprintln!(
+        "setup: static build {t_build:.1?}, containerd start {t_start:.1?}, image import {t_import:.1?}, first container {t_run:.1?}, total {:.1?}",
+        t0.elapsed()
+    );
+    check_hold_line(&app, 5);
+
+    // A guaranteed pod's sandbox container.
+    let (pause_id, pause_uid) = (random_id(), random_pod_uid());
+    let pause = containerd
+        .run(&RunSpec {
+            id: &pause_id,
+            cgroup: RunSpec::kubelet_cgroup(None, &pause_uid, &pause_id),
+            annotations: &[
+                ("io.kubernetes.cri.sandbox-name", "db-0"),
+                ("io.kubernetes.cri.sandbox-namespace", "store"),
+                ("io.kubernetes.cri.container-type", "sandbox"),
+            ],
+            args: &["/bin/fdloop", "hold", "1"],
+        })
+        .unwrap();
+    check_hold_line(&pause, 1);
+
+    // A plain `ctr run` container: no pod, no annotations, ctr's own cgroup.
+    let plain_id = random_id();
+    let plain = containerd
+        .run(&RunSpec {
+            id: &plain_id,
+            cgroup: format!("fdtrace-test/{plain_id}"),
+            annotations: &[],
+            args: &["/bin/fdloop", "hold", "2"],
+        })
+        .unwrap();
+    check_hold_line(&plain, 2);
+
+    // The host's own view first: the kubelet-style cgroup, and the
+    // annotations in the bundle.
+    assert_eq!(
+        proc_v2_path(app.host_pid).unwrap(),
+        format!("/kubepods/besteffort/pod{app_uid}/{app_id}")
+    );
+    assert_eq!(
+        proc_v2_path(pause.host_pid).unwrap(),
+        format!("/kubepods/pod{pause_uid}/{pause_id}")
+    );
+    assert_eq!(
+        proc_v2_path(plain.host_pid).unwrap(),
+        format!("/fdtrace-test/{plain_id}")
+    );
+    let a = bundle_annotations(&containerd, &app_id);
+    for (k, v) in &annotations {
+        assert_eq!(a[k], *v, "{k} in {app_id}'s config.json");
+    }
+
+    // Then what attribution makes of it.
+    let id = identify(app.host_pid);
+    assert_eq!(id.pid, app.host_pid);
+    assert_eq!(id.pid_in_container, Some(1));
+    assert_eq!(
+        id.cgroup.path,
+        format!("/kubepods/besteffort/pod{app_uid}/{app_id}")
+    );
+    assert_eq!(id.cgroup.container_id.as_deref(), Some(app_id.as_str()));
+    assert_eq!(id.cgroup.pod_uid.as_deref(), Some(app_uid.as_str()));
+    assert_eq!(id.cgroup.qos, Some(Qos::BestEffort));
+    let names = id
+        .names
+        .as_ref()
+        .expect("bundle read")
+        .as_ref()
+        .expect("bundle found");
+    assert_eq!(
+        names.source,
+        Source::Containerd {
+            namespace: "k8s.io".into()
+        }
+    );
+    assert_eq!(names.pod.as_deref(), Some("web-0"));
+    assert_eq!(names.namespace.as_deref(), Some("shop"));
+    assert_eq!(names.container.as_deref(), Some("app"));
+    assert_eq!(names.pod_uid.as_deref(), Some(app_uid.as_str()));
+    assert!(!names.sandbox);
+
+    let id = identify(pause.host_pid);
+    assert_eq!(id.pid_in_container, Some(1));
+    assert_eq!(id.cgroup.container_id.as_deref(), Some(pause_id.as_str()));
+    assert_eq!(id.pod_uid(), Some(pause_uid.as_str()));
+    assert_eq!(id.cgroup.qos, Some(Qos::Guaranteed));
+    let names = id.names.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(
+        (names.pod.as_deref(), names.namespace.as_deref()),
+        (Some("db-0"), Some("store"))
+    );
+    assert_eq!(names.container, None);
+    assert!(names.sandbox);
+
+    let id = identify(plain.host_pid);
+    assert_eq!(id.pid_in_container, Some(1));
+    assert_eq!(id.cgroup.container_id.as_deref(), Some(plain_id.as_str()));
+    assert_eq!((id.cgroup.pod_uid.as_deref(), id.cgroup.qos), (None, None));
+    let names = id.names.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(
+        names.source,
+        Source::Containerd {
+            namespace: "k8s.io".into()
+        }
+    );
+    assert_eq!((&names.pod, &names.container), (&None, &None));
+
+    let t4 = Instant::now();
+    drop(containerd);
+    eprintln!("teardown {:.1?}", t4.elapsed());
+    // Nothing is left: no task bundle, no pod cgroup.
+    for id in [&app_id, &pause_id, &plain_id] {
+        let bundle =
+            std::path::Path::new("/run/containerd/io.containerd.runtime.v2.task/k8s.io").join(id);
+        assert!(!bundle.exists(), "{} left behind", bundle.display());
+    }
+    let v2 = fdtrace_tests::containers::v2_root().unwrap();
+    for uid in [&app_uid, &pause_uid] {
+        assert!(!v2.join(format!("kubepods/besteffort/pod{uid}")).exists());
+        assert!(!v2.join(format!("kubepods/pod{uid}")).exists());
+    }
+}
+
+#[test]
+fn host_processes_are_named_by_their_cgroup() {
+    require_root().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fdloop"))
+        .args(["hold", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fdloop");
+    let pid = child.id();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim_end(), format!("fdloop hold pid={pid} opened=3"));
+
+    // A systemd-style service cgroup: named by its cgroup, nothing else.
+    let unit = HandMadeCgroup::new(&format!("/system.slice/fdtrace-test-{pid}.service")).unwrap();
+    unit.add(pid).unwrap();
+    assert_eq!(proc_v2_path(pid).unwrap(), unit.path);
+    let id = identify(pid);
+    assert_eq!(id.pid, pid);
+    assert_eq!(id.pid_in_container, None);
+    assert_eq!(id.cgroup.path, unit.path);
+    assert_eq!(id.cgroup.container_id, None);
+    assert_eq!((id.cgroup.pod_uid.as_deref(), id.cgroup.qos), (None, None));
+    assert!(matches!(id.names, Ok(None)));
+
+    // A burstable pod's own cgroup (a process the kubelet put there before
+    // any container): the pod and its QoS, no container.
+    let uid = random_pod_uid();
+    let pod = HandMadeCgroup::new(&format!("/kubepods/burstable/pod{uid}")).unwrap();
+    pod.add(pid).unwrap();
+    assert_eq!(proc_v2_path(pid).unwrap(), pod.path);
+    let id = identify(pid);
+    assert_eq!(id.cgroup.path, pod.path);
+    assert_eq!(id.cgroup.pod_uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(id.cgroup.qos, Some(Qos::Burstable));
+    assert_eq!(id.cgroup.container_id, None);
+    assert!(matches!(id.names, Ok(None)));
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn podman_containers_are_named_from_podman_state() {
+    require_root().unwrap();
+    let bins = static_binaries().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    write_image(&bins, &archive).unwrap();
+    let mut podman = Podman::new().unwrap();
+    podman.load(&archive).unwrap();
+
+    // Plain podman: its own name for the container, no pod.
+    let name = format!("fdtrace-test-{}", &random_id()[..12]);
+    let plain = podman
+        .run(&name, &[], &["/bin/fdloop", "hold", "4"])
+        .unwrap();
+    check_hold_line(&plain, 4);
+    assert_eq!(
+        proc_v2_path(plain.host_pid).unwrap(),
+        format!("/libpod_parent/libpod-{}", plain.id)
+    );
+    let id = identify(plain.host_pid);
+    assert_eq!(id.pid_in_container, Some(1));
+    assert_eq!(id.cgroup.container_id.as_deref(), Some(plain.id.as_str()));
+    assert_eq!(id.cgroup.runtime, Some(Runtime::Podman));
+    assert_eq!((id.cgroup.pod_uid.as_deref(), id.cgroup.qos), (None, None));
+    let names = id
+        .names
+        .as_ref()
+        .expect("bundle read")
+        .as_ref()
+        .expect("bundle found");
+    assert_eq!(names.source, Source::Storage);
+    assert_eq!(names.container.as_deref(), Some(name.as_str()));
+    assert_eq!((&names.pod, &names.namespace), (&None, &None));
+
+    // With the annotations CRI-O sets: the Kubernetes names win.
+    let name = format!("fdtrace-test-{}", &random_id()[..12]);
+    let uid = random_pod_uid();
+    let crio = podman
+        .run(
+            &name,
+            &[
+                ("io.kubernetes.pod.name", "api-7"),
+                ("io.kubernetes.pod.namespace", "prod"),
+                ("io.kubernetes.pod.uid", &uid),
+                ("io.kubernetes.container.name", "server"),
+            ],
+            &["/bin/fdloop", "hold", "1"],
+        )
+        .unwrap();
+    let id = identify(crio.host_pid);
+    let names = id.names.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(names.pod.as_deref(), Some("api-7"));
+    assert_eq!(names.namespace.as_deref(), Some("prod"));
+    assert_eq!(names.container.as_deref(), Some("server"));
+    assert_eq!(id.pod_uid(), Some(uid.as_str()));
+}
