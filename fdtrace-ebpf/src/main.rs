@@ -15,6 +15,7 @@
 #![feature(core_intrinsics)]
 
 mod kind;
+mod python;
 mod maps;
 mod seed;
 mod syscalls;

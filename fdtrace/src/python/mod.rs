@@ -6,6 +6,7 @@ mod code;
 mod layout;
 mod locate;
 mod mem;
+mod sites;
 mod user;
 mod walk;
 
@@ -17,6 +18,7 @@ use serde_json::json;
 
 pub use code::SymFrame;
 pub use locate::Interpreter;
+pub use sites::{Found, PySite, PySites};
 pub use user::UserFrame;
 
 use crate::error::Fatal;
@@ -48,6 +50,16 @@ impl PyProc {
             mem,
             codes: code::Codes::default(),
         }))
+    }
+
+    /// The same interpreter in a forked child `child`, read through its own
+    /// memory; None when the child is already gone.
+    pub fn fork(&self, child: u32) -> Option<PyProc> {
+        Some(PyProc {
+            interp: self.interp.clone(),
+            mem: mem::Mem::open(child).ok()?,
+            codes: code::Codes::default(),
+        })
     }
 
     /// Thread `tid`'s frames, innermost first, at most `max`.
