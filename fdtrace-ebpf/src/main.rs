@@ -68,7 +68,7 @@ pub(crate) fn global(v: &u32) -> u32 {
 }
 
 /// The syscall's saved user registers (x86_64 calling convention).
-struct Regs(*const pt_regs);
+pub(crate) struct Regs(pub(crate) *const pt_regs);
 
 impl Regs {
     // SAFETY (all): tp_btf gives a BTF-typed pt_regs pointer the verifier
@@ -112,23 +112,13 @@ impl Regs {
 /// the top of the user stack is saved with it (see StackWindow).
 #[inline(always)]
 fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) -> u64 {
-    let budget = u64::from(global(&STACKS_PER_SLOT));
-    if budget == 0 {
+    if global(&STACKS_PER_SLOT) == 0 {
         return NO_SITE;
     }
-    // SAFETY: p is a live STATS element. Threads race on the budget fields;
-    // a lost update only shifts a few fds across the budget line.
-    unsafe {
-        let slot = now / SLOT_NS;
-        if (*p).stack_slot != slot {
-            (*p).stack_slot = slot;
-            (*p).stacks_in_slot = 0;
-        }
-        if (*p).stacks_in_slot >= budget {
-            table::add64(&raw mut (*p).not_sampled, 1);
-            return SITE_NOT_SAMPLED;
-        }
-        (*p).stacks_in_slot += 1;
+    if !stack_budget(p, now) {
+        // SAFETY: p is a live STATS element.
+        table::add64(unsafe { &raw mut (*p).not_sampled }, 1);
+        return SITE_NOT_SAMPLED;
     }
     let Ok(id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
         return NO_SITE;
@@ -138,6 +128,27 @@ fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) 
         save_window(id as u32, r);
     }
     id as u64
+}
+
+/// Whether process `p` may take one more stack in the current slot (and
+/// counts it): false without stacks or over the budget.
+#[inline(always)]
+pub(crate) fn stack_budget(p: *mut ProcStats, now: u64) -> bool {
+    let budget = u64::from(global(&STACKS_PER_SLOT));
+    // SAFETY: p is a live STATS element. Threads race on the budget fields;
+    // a lost update only shifts a few fds across the budget line.
+    unsafe {
+        let slot = now / SLOT_NS;
+        if (*p).stack_slot != slot {
+            (*p).stack_slot = slot;
+            (*p).stacks_in_slot = 0;
+        }
+        if (*p).stacks_in_slot >= budget {
+            return false;
+        }
+        (*p).stacks_in_slot += 1;
+    }
+    true
 }
 
 fn save_window(id: u32, r: &Regs) {
@@ -177,7 +188,7 @@ struct Call<'a> {
 }
 
 /// What a successful syscall did to the fd table.
-enum Action {
+pub(crate) enum Action {
     /// The return value is a new fd.
     New {
         kind: FdKind,
@@ -255,7 +266,7 @@ impl Action {
 /// Decodes the syscall from its number and arguments alone, before any map
 /// lookup: unrelated syscalls of every process leave here.
 #[inline(always)]
-fn decode(nr: u64, r: &Regs) -> Option<Action> {
+pub(crate) fn decode(nr: u64, r: &Regs) -> Option<Action> {
     use FdKind::*;
     let new = |kind, cloexec| Some(Action::New { kind, cloexec });
     match nr {
@@ -439,14 +450,15 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
     // One clock read per syscall: the fds' creation time and the stack budget.
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let site = if action.creates() || matches!(action, Action::Clone { .. }) {
+        user_site(&ctx, &r, p, now)
+    } else {
+        NO_SITE
+    };
     let origin = Origin {
         syscall: nr,
         now,
-        site: if action.creates() || matches!(action, Action::Clone { .. }) {
-            user_site(&ctx, &r, p, now)
-        } else {
-            NO_SITE
-        },
+        site,
         // socket(family, type) and socketpair: the protocol of a socket
         // that may never be bound or connected.
         detail: if nr == SOCKET || nr == SOCKETPAIR {
@@ -537,6 +549,7 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
         } => recv_fds(&call, msg, if multi { ret } else { 1 }, cloexec),
         Action::Exec => {
             if ret == 0 {
+                python::forget(tgid);
                 let inherited = bulk(p, tgid, 0, u32::MAX, Bulk::Exec, None);
                 let extra = Extra {
                     syscall: nr,
@@ -746,6 +759,7 @@ fn try_fork(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let cp = proc_of(child)?;
+    python::fork(parent, child);
     bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
     // The copy changed the child's table: a report that read it meanwhile
     // (PROCS named the child before the copy) must read it again.
@@ -777,8 +791,19 @@ pub fn fdtrace_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     emit(EV_EXIT, tgid, pid, p, Extra::NONE);
+    python::forget(tgid);
     bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
     table::unregister(tgid, p);
+    0
+}
+
+/// Python stacks at sys_exit (see python.rs): attached, after
+/// fdtrace_sys_exit, once a traced process runs a supported CPython, so
+/// that no other session pays for it; its own program, so that the
+/// verifier checks the stack walk apart from the fd table's paths.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn fdtrace_py_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    python::sys_exit(&ctx);
     0
 }
 

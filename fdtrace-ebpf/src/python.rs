@@ -10,21 +10,30 @@
 //! field: about 1 us for 7 frames. The thread state is looked up by native
 //! thread id (the GIL is released in the syscall, so the "current" thread
 //! state is NULL) and cached per tid, checked again on every use.
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::bpf_probe_read_user_buf,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf, generated::bpf_loop,
+    },
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::BtfTracePointContext,
 };
 use fdtrace_common::{
-    NO_FIELD,
+    FdInfo, FdKind, NO_FIELD, NO_SITE, ProcStats, SITE_NOT_SAMPLED,
     python::{
-        NO_PY_STACK, PY_FRAME_READ, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS, PyFrame,
+        NO_PY_STACK, PY_FRAME_READ, PY_USE_UNSAMPLED, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS, PyFrame,
         PyLayout, PyStack,
     },
 };
 
-use crate::read_user;
+use crate::{
+    Action, Regs, decode, global, read_user, stack_budget,
+    syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
+    table::{open_entry, proc_of},
+};
 
 /// Traced Python processes: tgid -> layout and `_PyRuntime` address.
 #[map]
@@ -66,8 +75,61 @@ fn word(buf: &[u8; FRAME_READ], off: u32) -> u64 {
     ])
 }
 
+/// The walk of `_PyRuntime.interpreters.head -> threads.head -> next`,
+/// one thread state a step (bpf_loop: the verifier checks the step once,
+/// where a nested bounded loop would be explored iteration by iteration).
+#[repr(C)]
+struct TstateWalk {
+    l: *const PyLayout,
+    /// The interpreter whose thread list is walked, and the thread state
+    /// to look at next (0: go on to the next interpreter).
+    interp: u64,
+    ts: u64,
+    tid: u64,
+    found: u64,
+    interpreters: u32,
+    _pad: u32,
+}
+
+extern "C" fn tstate_step(_i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the TstateWalk on thread_state()'s stack; l points at
+    // the PY_LAYOUTS value looked up there.
+    let w = unsafe { &mut *(ctx as *mut TstateWalk) };
+    let l = unsafe { &*w.l };
+    if w.ts == 0 {
+        if w.interpreters > 0 {
+            let Some(next) = read_user::<u64>(w.interp + u64::from(l.interp_next)) else {
+                return 1;
+            };
+            w.interp = next;
+        }
+        w.interpreters += 1;
+        if w.interp == 0 || w.interpreters > PY_MAX_INTERPRETERS {
+            return 1;
+        }
+        match read_user::<u64>(w.interp + u64::from(l.interp_threads_head)) {
+            Some(ts) => w.ts = ts,
+            None => return 1,
+        }
+        return 0;
+    }
+    match read_user::<u64>(w.ts + u64::from(l.tstate_native_thread_id)) {
+        Some(t) if t == w.tid => {
+            w.found = w.ts;
+            return 1;
+        }
+        Some(_) => {}
+        None => return 1,
+    }
+    match read_user::<u64>(w.ts + u64::from(l.tstate_next)) {
+        Some(next) => w.ts = next,
+        None => return 1,
+    }
+    0
+}
+
 /// Thread `tid`'s PyThreadState: the cached one if it still names `tid`,
-/// else the walk of `_PyRuntime.interpreters.head -> threads.head -> next`.
+/// else found by the walk of every interpreter's threads.
 #[inline(always)]
 fn thread_state(l: &PyLayout, tid: u32) -> Option<u64> {
     let ntid = u64::from(l.tstate_native_thread_id);
@@ -77,25 +139,24 @@ fn thread_state(l: &PyLayout, tid: u32) -> Option<u64> {
     {
         return Some(ts);
     }
-    let mut interp = read_user::<u64>(l.runtime + u64::from(l.runtime_interpreters_head))?;
-    for _ in 0..PY_MAX_INTERPRETERS {
-        if interp == 0 {
-            return None;
-        }
-        let mut ts = read_user::<u64>(interp + u64::from(l.interp_threads_head))?;
-        for _ in 0..PY_MAX_THREADS {
-            if ts == 0 {
-                break;
-            }
-            if read_user::<u64>(ts + ntid)? == u64::from(tid) {
-                let _ = PY_TSTATES.insert(tid, ts, 0);
-                return Some(ts);
-            }
-            ts = read_user::<u64>(ts + u64::from(l.tstate_next))?;
-        }
-        interp = read_user::<u64>(interp + u64::from(l.interp_next))?;
+    let mut w = TstateWalk {
+        l,
+        interp: read_user::<u64>(l.runtime + u64::from(l.runtime_interpreters_head))?,
+        ts: 0,
+        tid: u64::from(tid),
+        found: 0,
+        interpreters: 0,
+        _pad: 0,
+    };
+    // Each interpreter takes one step more than its threads.
+    let steps = PY_MAX_INTERPRETERS * (PY_MAX_THREADS + 1);
+    // SAFETY: static callback; w outlives the call.
+    unsafe { bpf_loop(steps, tstate_step as *mut c_void, (&raw mut w).cast(), 0) };
+    if w.found == 0 {
+        return None;
     }
-    None
+    let _ = PY_TSTATES.insert(tid, w.found, 0);
+    Some(w.found)
 }
 
 /// One step of the stack's id: FNV-1a's multiply over whole words, with
@@ -107,6 +168,50 @@ fn mix(h: u64, w: u64) -> u64 {
     h ^ (h >> 29)
 }
 
+/// The walk of a thread's frames, one frame (one read) a step.
+#[repr(C)]
+struct FrameWalk {
+    l: *const PyLayout,
+    out: *mut PyStack,
+    frame: u64,
+    hash: u64,
+    n: u32,
+    _pad: u32,
+}
+
+extern "C" fn frame_step(_i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the FrameWalk on capture_into()'s stack; l and out
+    // point at map values looked up there.
+    let w = unsafe { &mut *(ctx as *mut FrameWalk) };
+    let l = unsafe { &*w.l };
+    let n = w.n as usize;
+    if w.frame == 0 || n >= PY_MAX_FRAMES {
+        return 1;
+    }
+    let mut buf = [0u8; FRAME_READ];
+    // SAFETY: the helper checks the address.
+    if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf) }.is_err() {
+        return 1;
+    }
+    let owner_at = (l.frame_owner as usize).min(FRAME_READ - 1);
+    if u32::from(buf[owner_at]) != l.owner_cstack {
+        let code = word(&buf, l.frame_code);
+        let first = code.wrapping_add(u64::from(l.code_adaptive));
+        let offset = word(&buf, l.frame_instr).wrapping_sub(first);
+        w.hash = mix(mix(w.hash, code), offset);
+        // SAFETY: out is this CPU's scratch value; n < PY_MAX_FRAMES.
+        unsafe {
+            (*w.out).frames[n] = PyFrame {
+                code,
+                offset: offset as i64,
+            };
+        }
+        w.n += 1;
+    }
+    w.frame = word(&buf, l.frame_previous);
+    0
+}
+
 /// The Python stack of thread `tid` of process `tgid`, kept in PY_STACKS:
 /// its id, or NO_PY_STACK when the process is not a supported Python, the
 /// thread has no thread state or no frame, or the stack could not be kept.
@@ -115,7 +220,7 @@ pub fn capture(tgid: u32, tid: u32) -> u64 {
     capture_into(tgid, tid).unwrap_or(NO_PY_STACK)
 }
 
-#[inline(always)]
+#[inline(never)]
 fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
     // SAFETY: PY_LAYOUTS values are written by user space before it reads
     // any stack of the process, and not changed while it runs that image.
@@ -126,35 +231,25 @@ fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
     if l.cframe_current_frame != NO_FIELD && frame != 0 {
         frame = read_user::<u64>(frame + u64::from(l.cframe_current_frame))?;
     }
-    let owner_at = (l.frame_owner as usize).min(FRAME_READ - 1);
-    let mut buf = [0u8; FRAME_READ];
-    let mut n = 0usize;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut w = FrameWalk {
+        l,
+        out,
+        frame,
+        hash: 0xcbf2_9ce4_8422_2325,
+        n: 0,
+        _pad: 0,
+    };
     // Shim frames count against the bound too: it bounds the reads.
-    for _ in 0..PY_MAX_FRAMES * 2 {
-        if frame == 0 || n >= PY_MAX_FRAMES {
-            break;
-        }
-        // SAFETY: the helper checks the address.
-        if unsafe { bpf_probe_read_user_buf(frame as *const u8, &mut buf) }.is_err() {
-            break;
-        }
-        if u32::from(buf[owner_at]) != l.owner_cstack {
-            let code = word(&buf, l.frame_code);
-            let first = code.wrapping_add(u64::from(l.code_adaptive));
-            let offset = word(&buf, l.frame_instr).wrapping_sub(first);
-            h = mix(mix(h, code), offset);
-            // SAFETY: out is this CPU's scratch value; n < PY_MAX_FRAMES.
-            unsafe {
-                (*out).frames[n] = PyFrame {
-                    code,
-                    offset: offset as i64,
-                };
-            }
-            n += 1;
-        }
-        frame = word(&buf, l.frame_previous);
-    }
+    // SAFETY: static callback; w outlives the call.
+    unsafe {
+        bpf_loop(
+            (PY_MAX_FRAMES * 2) as u32,
+            frame_step as *mut c_void,
+            (&raw mut w).cast(),
+            0,
+        )
+    };
+    let n = w.n as usize;
     if n == 0 {
         return None;
     }
@@ -167,8 +262,8 @@ fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
         }
         (*out).len = n as u32;
     }
-    let id = match mix(h, n as u64) {
-        NO_PY_STACK => 1,
+    let id = match mix(w.hash, n as u64) {
+        NO_PY_STACK | PY_USE_UNSAMPLED => 1,
         id => id,
     };
     // SAFETY: out is this CPU's scratch value, copied by the helper.
@@ -178,6 +273,104 @@ fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
         // Full: the fd gets no Python stack rather than one user space
         // cannot read.
         Err(_) => None,
+    }
+}
+
+/// The Python half of the syscall hook, after fdtrace_sys_exit has
+/// updated the fd table: a call of a Python process that made fds, with a
+/// native stack taken (the same --stack-rate budget), gets its Python
+/// stack in the new fds' entries; a send on a socket, the first one, in
+/// its `py_use` (see [`first_use`]).
+#[inline(always)]
+pub fn sys_exit(ctx: &BtfTracePointContext) {
+    let r = Regs(ctx.arg(0));
+    let nr = r.nr();
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        return;
+    }
+    let send = matches!(nr, WRITE | WRITEV | SENDTO | SENDMSG | SENDMMSG);
+    let made = if send { None } else { decode(nr, &r) };
+    if !send && made.is_none() {
+        return;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let Some(p) = proc_of(tgid) else {
+        return;
+    };
+    // SAFETY: presence check only.
+    if unsafe { PY_LAYOUTS.get(tgid) }.is_none() {
+        return;
+    }
+    if send {
+        first_use(p, tgid, tid, r.a0() as u32);
+        return;
+    }
+    let fd = ret as u32;
+    let (a, b) = match made {
+        Some(Action::New { .. } | Action::Openat2 { .. } | Action::IoUring { .. }) => (fd, None),
+        Some(Action::Dup { src, replaces, .. }) if !(replaces && src == fd) => (fd, None),
+        Some(Action::Pair { ptr, .. }) => match read_user::<[i32; 2]>(ptr) {
+            Some([a, b]) => (a as u32, Some(b as u32)),
+            None => return,
+        },
+        _ => return,
+    };
+    let Some(ea) = made_by(tgid, a, nr) else {
+        return;
+    };
+    let py = capture(tgid, tid);
+    // SAFETY: ea (and eb) are live FDS values.
+    unsafe { (*ea).py_site = py };
+    if let Some(b) = b
+        && let Some(eb) = made_by(tgid, b, nr)
+    {
+        // SAFETY: as above.
+        unsafe { (*eb).py_site = py };
+    }
+}
+
+/// The entry of fd `fd` of `tgid` if syscall `nr` just made it with a
+/// native stack: a call over the stack budget gets no Python stack either.
+#[inline(always)]
+fn made_by(tgid: u32, fd: u32, nr: u64) -> Option<*mut FdInfo> {
+    let e = open_entry(tgid, fd)?;
+    // SAFETY: e is a live FDS value.
+    let (syscall, site, py) = unsafe { ((*e).syscall, (*e).site, (*e).py_site) };
+    (u64::from(syscall) == nr && site != NO_SITE && site != SITE_NOT_SAMPLED && py == NO_PY_STACK)
+        .then_some(e)
+}
+
+/// A send on fd `fd` by thread `tid` of Python process `tgid` (counters at
+/// `p`). The first one on a socket takes its Python stack, within the
+/// process's stack budget, into the entry's `py_use`: async clients
+/// create their sockets in a helper task, where none of the user's frames
+/// are on the stack, and send from the user's own. Every later send costs
+/// one more lookup (the entry).
+#[inline(always)]
+fn first_use(p: *mut ProcStats, tgid: u32, tid: u32, fd: u32) {
+    let Some(info) = open_entry(tgid, fd) else {
+        return;
+    };
+    // SAFETY: info is a live FDS value. py_use is written here only, so
+    // the marker needs no read-modify-write of the flags a close clears
+    // concurrently; two threads sending at once may both take the stack.
+    unsafe {
+        if (*info).kind != FdKind::Socket as u8 || (*info).py_use != NO_PY_STACK {
+            return;
+        }
+        (*info).py_use = PY_USE_UNSAMPLED;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if global(&crate::STACKS_PER_SLOT) == 0 || !stack_budget(p, now) {
+        return;
+    }
+    let id = capture(tgid, tid);
+    if id != NO_PY_STACK {
+        // SAFETY: as above.
+        unsafe { (*info).py_use = id };
     }
 }
 

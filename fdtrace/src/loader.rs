@@ -31,6 +31,8 @@ pub struct Kernel {
     pub traced: Array<MapData, u16>,
     pub windows: HashMap<MapData, u32, StackWindow>,
     pub events: Option<RingBuf<MapData>>,
+    pub py_layouts: HashMap<MapData, u32, fdtrace_common::python::PyLayout>,
+    pub py_stacks: HashMap<MapData, u64, fdtrace_common::python::PyStack>,
     /// The seed iterator (iter/task_file): seeds the map at attach and
     /// names the fds it finds (seed::list).
     pub seed: ProgramFd,
@@ -54,6 +56,7 @@ impl Kernel {
     pub fn load(limits: &Limits) -> Result<Self> {
         let (mut ebpf, btf) = open(limits)?;
         attach_btf(&mut ebpf, &btf, "fdtrace_sys_exit", "sys_exit")?;
+        attach_btf(&mut ebpf, &btf, "fdtrace_py_sys_exit", "sys_exit")?;
         for (prog, event) in [
             ("fdtrace_fork", "sched_process_fork"),
             ("fdtrace_exit", "sched_process_exit"),
@@ -76,6 +79,8 @@ impl Kernel {
             traced: Array::try_from(take_map(&mut ebpf, "TRACED")?)?,
             windows: HashMap::try_from(take_map(&mut ebpf, "WINDOWS")?)?,
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
+            py_layouts: HashMap::try_from(take_map(&mut ebpf, "PY_LAYOUTS")?)?,
+            py_stacks: HashMap::try_from(take_map(&mut ebpf, "PY_STACKS")?)?,
             _ebpf: ebpf,
         })
     }

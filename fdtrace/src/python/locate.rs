@@ -220,10 +220,25 @@ pub fn locate(pid: u32, mem: &Mem) -> Result<Option<Interpreter>, LocateError> {
     }
 }
 
+/// Whether process `pid` has not mapped the libpython3.X.so its executable
+/// needs yet: right after exec, before the dynamic loader has run. Until
+/// then its executable looks like a Python without `_PyRuntime`.
+pub fn libpython_pending(pid: u32) -> bool {
+    if !links_libpython(pid) {
+        return false;
+    }
+    let Ok(maps) = Process::new(pid as i32).and_then(|p| p.maps()) else {
+        return false;
+    };
+    !maps.iter().any(|m| match &m.pathname {
+        MMapPath::Path(p) => is_libpython(p),
+        _ => false,
+    })
+}
+
 /// Whether process `pid`'s executable names a libpython3.X.so among the
-/// libraries it needs (DT_NEEDED): right after exec the loader has not
-/// mapped it yet, and it is worth looking again.
-pub fn links_libpython(pid: u32) -> bool {
+/// libraries it needs (DT_NEEDED).
+fn links_libpython(pid: u32) -> bool {
     let Ok(file) = File::open(format!("/proc/{pid}/exe")) else {
         return false;
     };

@@ -113,18 +113,16 @@ impl PySites {
     /// `pid` ran execve: a new image, looked at again; if it needs a
     /// libpython the loader has not mapped yet, again shortly.
     pub fn exec(&mut self, pid: u32, now: Instant) -> Found {
-        match self.attach(pid) {
-            Found::Nothing if locate::links_libpython(pid) => {
-                self.procs.insert(
-                    pid,
-                    Proc::Pending {
-                        until: now + PENDING_FOR,
-                    },
-                );
-                Found::Nothing
-            }
-            f => f,
+        if locate::libpython_pending(pid) {
+            self.procs.insert(
+                pid,
+                Proc::Pending {
+                    until: now + PENDING_FOR,
+                },
+            );
+            return Found::Nothing;
         }
+        self.attach(pid)
     }
 
     /// When a pending process is next to be looked at.
@@ -147,10 +145,10 @@ impl PySites {
             .collect();
         let mut out = Vec::new();
         for (pid, until) in pending {
+            if now < until && locate::libpython_pending(pid) {
+                continue;
+            }
             match self.attach(pid) {
-                Found::Nothing if now < until && crate::procfd::exists(pid) => {
-                    self.procs.insert(pid, Proc::Pending { until });
-                }
                 Found::Nothing => {}
                 f => out.push((pid, f)),
             }
