@@ -137,39 +137,6 @@ pub fn kind_of(target: &FDTarget) -> FdKind {
     }
 }
 
-/// Identity and limits of a process, read once per report.
-#[derive(Clone, Debug, Default)]
-pub struct ProcInfo {
-    pub comm: String,
-    pub ppid: Option<u32>,
-    pub soft_limit: Option<u64>,
-    pub hard_limit: Option<u64>,
-}
-
-/// None when the process is gone.
-pub fn info(pid: u32) -> Option<ProcInfo> {
-    use procfs::process::LimitValue;
-    let proc = Process::new(pid as i32).ok()?;
-    let stat = proc.stat().ok()?;
-    let limit = |v: LimitValue| match v {
-        LimitValue::Value(n) => Some(n),
-        LimitValue::Unlimited => None,
-    };
-    let (soft_limit, hard_limit) = match proc.limits() {
-        Ok(l) => (
-            limit(l.max_open_files.soft_limit),
-            limit(l.max_open_files.hard_limit),
-        ),
-        Err(_) => (None, None),
-    };
-    Some(ProcInfo {
-        comm: stat.comm,
-        ppid: u32::try_from(stat.ppid).ok(),
-        soft_limit,
-        hard_limit,
-    })
-}
-
 pub fn exists(pid: u32) -> bool {
     // A thread id also has a /proc entry; fdtrace traces thread groups.
     Process::new(pid as i32)

@@ -202,7 +202,7 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
 /// seed.rs), from this kernel's BTF.
 fn kernel_offsets() -> Result<[(&'static str, u32); 6]> {
     let data = fs::read(BTF_VMLINUX).with_context(|| format!("reading {BTF_VMLINUX}"))?;
-    let btf = crate::btf::Btf::parse(&data)?;
+    let btf = super::btf::Btf::parse(&data)?;
     let off = |s, m| btf.member_offset(s, m);
     Ok([
         ("FILE_F_PATH_OFF", off("file", "f_path")?),

@@ -15,10 +15,8 @@ use std::{
 use fdtrace_common::{EntryRecord, SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SeedRecord};
 use procfs::process::FDTarget;
 
-use crate::{
-    procfd::{self, ProcDir, ProcFd},
-    scan::{self, LiveFd},
-};
+use super::map_batch::{self, LiveFd};
+use crate::procfd::{self, ProcDir, ProcFd};
 
 /// bpf(2) commands and the iterator attach type (include/uapi/linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -167,10 +165,10 @@ fn proc_dir(dir: &mut Option<ProcDir>, pid: u32) -> io::Result<&ProcDir> {
 /// bpf(cmd, attr) for the commands that return a new fd.
 ///
 /// # Safety
-/// As [`scan::bpf`].
+/// As [`map_batch::bpf`].
 unsafe fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     // SAFETY: per the contract above.
-    let fd = unsafe { scan::bpf(cmd, attr) }?;
+    let fd = unsafe { map_batch::bpf(cmd, attr) }?;
     // SAFETY: the kernel returned a new fd nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
