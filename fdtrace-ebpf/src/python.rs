@@ -32,7 +32,7 @@ use fdtrace_common::{
 use crate::{
     Action, Regs, decode, global, read_user, stack_budget,
     syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
-    table::{open_entry, proc_of},
+    table::{add64, open_entry, proc_of},
 };
 
 /// Traced Python processes: tgid -> layout and `_PyRuntime` address.
@@ -369,8 +369,12 @@ fn first_use(p: *mut ProcStats, tgid: u32, tid: u32, fd: u32) {
     }
     let id = capture(tgid, tid);
     if id != NO_PY_STACK {
-        // SAFETY: as above.
-        unsafe { (*info).py_use = id };
+        // SAFETY: as above; p is a live STATS element. The entry changed:
+        // a report that read it before must read it again.
+        unsafe {
+            (*info).py_use = id;
+            add64(&raw mut (*p).generation, 1);
+        }
     }
 }
 

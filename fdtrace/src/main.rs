@@ -13,7 +13,6 @@ mod enrich;
 mod error;
 mod kernel;
 mod procfd;
-mod python;
 mod reconcile;
 mod session;
 mod sinks;
@@ -28,7 +27,7 @@ fn main() -> ExitCode {
             eprintln!("fdtrace: py-stack needs one --pid");
             return ExitCode::from(2);
         };
-        return python::py_stack(pid, tid, cli.json).unwrap_or_else(|e| {
+        return enrich::python::py_stack(pid, tid, cli.json).unwrap_or_else(|e| {
             eprintln!("fdtrace: {e:#}");
             error::exit_code(&e)
         });

@@ -17,7 +17,11 @@ use crate::{
         Thresholds, Totals,
     },
     cli::{Cli, Command},
-    enrich::{self, ProcessEnrichment, label, process, symbols::Symbols},
+    enrich::{
+        self, ProcessEnrichment, label, process,
+        python::{Found, PySites},
+        symbols::Symbols,
+    },
     error::Fatal,
     kernel::{
         self, FdTable, Kernel, Limits, LossCounters,
@@ -63,6 +67,7 @@ struct Session {
     max_procs: u32,
     cfg: Config,
     symbols: Symbols,
+    python: PySites,
     started: Instant,
     /// The `run` command's reaper, kept for the session.
     child: Option<spawn::Spawned>,
@@ -149,6 +154,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         max_procs: cli.max_procs,
         cfg,
         symbols: Symbols::new(),
+        python: PySites::default(),
         started: Instant::now(),
         child: None,
     };
@@ -158,6 +164,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         let mut enrich = ProcessEnrichment::read(pid);
         enrich.seed_labels(pid, found);
         s.procs.insert(pid, Traced::new(enrich, cfg));
+        let py = s.python.attach(pid);
+        s.found_python(pid, py)
+            .context("writing the Python notice")?;
     }
     if let Some(Command::Run { no_follow, argv }) = &cli.command {
         let spawned = spawn::start(&mut s.k, argv, !no_follow)?;
@@ -177,6 +186,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(cli.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A Python process just exec'd, whose loader has not mapped libpython
+    // yet, is looked at again this often.
+    let retry = async |at: Option<Instant>| match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    };
 
     let result: io::Result<()> = async {
         s.sinks.start(&Start {
@@ -193,6 +208,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     let mut guard = guard?;
                     s.events(guard.get_inner_mut())?;
                     guard.clear_ready();
+                    s.sinks.flush()?;
+                }
+                _ = retry(s.python.next_retry(Instant::now())) => {
+                    for (pid, found) in s.python.retry(Instant::now()) {
+                        s.found_python(pid, found)?;
+                    }
                     s.sinks.flush()?;
                 }
                 _ = sigint.recv() => break,
@@ -258,6 +279,7 @@ impl Session {
                 }
                 let enrich = ProcessEnrichment::new(comm, Some(ppid));
                 self.procs.insert(pid, Traced::new(enrich, self.cfg));
+                self.python.fork(ppid, pid);
                 self.sinks.notice(&Notice::Fork { ts, pid, ppid })
             }
             KernelEvent::Exec {
@@ -277,12 +299,14 @@ impl Session {
                 if inherited > 0 {
                     self.inherited(ts, pid, ts_ns, &comm)?;
                 }
-                Ok(())
+                let py = self.python.exec(pid, Instant::now());
+                self.found_python(pid, py)
             }
             KernelEvent::Exit { pid, comm, totals } => {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.enrich.comm = comm;
                 }
+                self.python.exit(pid);
                 self.exited(pid, Some(totals))
             }
             KernelEvent::FdError {
@@ -324,6 +348,31 @@ impl Session {
                     hard_limit: info.hard_limit,
                 })
             }
+        }
+    }
+
+    /// What looking at `pid` for a Python found: its layout goes to the
+    /// kernel (whose Python program is attached then, at the first), or
+    /// the reason its frames cannot be read to the sinks, once.
+    fn found_python(&mut self, pid: u32, found: Found) -> io::Result<()> {
+        match found {
+            Found::Python(layout) => {
+                if let Err(e) = self.k.trace_python(pid, &layout) {
+                    let message = format!("Python frames are not available for pid {pid}: {e:#}");
+                    return self.sinks.notice(&Notice::Python {
+                        ts: sinks::now(),
+                        pid,
+                        message,
+                    });
+                }
+                Ok(())
+            }
+            Found::Notice(message) => self.sinks.notice(&Notice::Python {
+                ts: sinks::now(),
+                pid,
+                message,
+            }),
+            Found::Nothing => Ok(()),
         }
     }
 
@@ -423,6 +472,7 @@ impl Session {
             let enriched = p.enrich.enrich(
                 &self.k,
                 &mut self.symbols,
+                &mut self.python,
                 pid,
                 &p.table,
                 now_ns,
@@ -445,6 +495,7 @@ impl Session {
                 fds_version: enriched.version,
                 tcp_states: enriched.tcp_states,
                 stacks: self.symbols.stacks(pid),
+                python: self.python.sites(pid),
             };
             report.processes.push(p.analysis.update(&sample));
         }
@@ -458,7 +509,12 @@ impl Session {
             .iter()
             .map(|(&pid, p)| {
                 p.analysis
-                    .summary(pid, &p.enrich.comm, self.symbols.stacks(pid))
+                    .summary(
+                        pid,
+                        &p.enrich.comm,
+                        self.symbols.stacks(pid),
+                        self.python.sites(pid),
+                    )
             })
             .collect();
         self.sinks.summary(&Summary {

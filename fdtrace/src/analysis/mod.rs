@@ -28,6 +28,20 @@ pub use status::{Status, Thresholds, pct_used, status};
 /// Symbolized frames of a call-site stack, innermost first.
 pub type Stack = Rc<Vec<String>>;
 
+/// The Python side of a call site of a Python process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PythonFrames {
+    /// "qualname (file:line)", innermost first.
+    pub stack: Vec<String>,
+    /// The first frame of the user's own code (outside the standard
+    /// library and installed packages), and the library call it made:
+    /// "httpx AsyncClient.get".
+    pub user_frame: Option<String>,
+    pub via: Option<String>,
+}
+
+pub type PythonSite = Rc<PythonFrames>;
+
 /// The TCP state of a socket, as far as the analysis looks at it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcpState {
@@ -106,6 +120,8 @@ pub struct ProcessSample<'a> {
     pub tcp_states: &'a FastMap<u64, TcpState>,
     /// Symbolized stacks by canonical id.
     pub stacks: &'a HashMap<u64, Stack>,
+    /// Python stacks by canonical id, for the sites of a Python process.
+    pub python: &'a HashMap<u64, PythonSite>,
 }
 
 /// What was asked, for the record that opens a report.

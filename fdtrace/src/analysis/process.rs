@@ -16,7 +16,7 @@ use foldhash::{HashMap as FastMap, HashMapExt as _};
 
 use super::{
     Finding, FindingKind, LabelledFd, ProcessFigures, ProcessReport, ProcessSample, ProcessSummary,
-    Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals, close_wait,
+    PythonSite, Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals, close_wait,
     is_candidate, leak, pct_used, seconds_to_emfile, status,
 };
 
@@ -357,14 +357,19 @@ impl ProcessAnalysis {
                 stacks_not_sampled: c.stacks_not_sampled,
                 shares_fd_table: c.shares_fd_table,
             },
-            sites: self.top_sites(self.cfg.top, s.stacks),
+            sites: self.top_sites(self.cfg.top, s.stacks, s.python),
             findings,
             resync: s.resync,
         }
     }
 
     /// Sites with open fds by leak rate, fastest first.
-    fn top_sites(&self, n: usize, stacks: &HashMap<u64, Stack>) -> Vec<SiteReport> {
+    fn top_sites(
+        &self,
+        n: usize,
+        stacks: &HashMap<u64, Stack>,
+        python: &HashMap<u64, PythonSite>,
+    ) -> Vec<SiteReport> {
         let mut v: Vec<&Site> = self.sites.values().filter(|s| s.open > 0).collect();
         v.sort_by(|a, b| {
             b.leak_per_s
@@ -378,6 +383,7 @@ impl ProcessAnalysis {
                 kind: FdKind::from_u8(s.key.kind),
                 resource: s.key.resource.clone(),
                 stack: stacks.get(&s.key.stack).cloned().unwrap_or_default(),
+                python: python.get(&s.key.stack).cloned(),
                 open_fds: s.open,
                 leak_per_s: s.leak_per_s,
                 oldest_age_s: s.oldest_age_s,
@@ -455,7 +461,13 @@ impl ProcessAnalysis {
     }
 
     /// The process's line of the closing summary.
-    pub fn summary(&self, pid: u32, comm: &str, stacks: &HashMap<u64, Stack>) -> ProcessSummary {
+    pub fn summary(
+        &self,
+        pid: u32,
+        comm: &str,
+        stacks: &HashMap<u64, Stack>,
+        python: &HashMap<u64, PythonSite>,
+    ) -> ProcessSummary {
         let (emfile, enfile) = self.last.map_or((0, 0), |l| (l.emfile, l.enfile));
         let totals = self.exited.or(self.last_totals()).unwrap_or_default();
         ProcessSummary {
@@ -473,7 +485,7 @@ impl ProcessAnalysis {
             leak_per_s: self.leak_per_s,
             seconds_to_emfile: self.seconds_to_emfile,
             sites: self
-                .top_sites(3, stacks)
+                .top_sites(3, stacks, python)
                 .into_iter()
                 .filter(|s| s.leak_per_s >= GROWING_RATE)
                 .collect(),
@@ -567,6 +579,7 @@ mod tests {
                 fds_version: self.version,
                 tcp_states: &self.tcp,
                 stacks: &self.stacks,
+                python: &HashMap::new(),
             })
         }
     }
@@ -613,7 +626,7 @@ mod tests {
             .find(|f| f.kind == FindingKind::Leak)
             .expect("a leak finding")
             .clone();
-        let summary = r.a.summary(42, "leaker", &r.stacks);
+        let summary = r.a.summary(42, "leaker", &r.stacks, &HashMap::new());
         let f = summary
             .findings
             .iter()
@@ -667,6 +680,7 @@ mod tests {
             fds_version: v,
             tcp_states: &r.tcp,
             stacks: &r.stacks,
+            python: &HashMap::new(),
         });
         assert_eq!(rep.sites.len(), 2);
         // A new version regroups.
@@ -761,7 +775,7 @@ mod tests {
             closed: 950
         }));
         assert!(!r.a.exit(Totals::default()), "an exit is seen once");
-        let s = r.a.summary(42, "x", &r.stacks);
+        let s = r.a.summary(42, "x", &r.stacks, &HashMap::new());
         assert!(s.exited);
         assert_eq!(s.status, Status::Critical);
         assert_eq!(s.totals.closed, 950);

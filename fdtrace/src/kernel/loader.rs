@@ -11,11 +11,16 @@ use aya::{
     maps::{Array, HashMap, MapData, Queue, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, Iter, ProgramFd, TracePoint},
 };
-use fdtrace_common::{FdInfo, FdKey, NO_FIELD, ProcStats, StackWindow};
+use fdtrace_common::{
+    FdInfo, FdKey, NO_FIELD, ProcStats, StackWindow,
+    python::{PyLayout, PyStack},
+};
 
 use crate::error::Fatal;
 
 const TRACEFS: &str = "/sys/kernel/tracing";
+/// The Python half of the syscall hook (fdtrace-ebpf python.rs).
+const PY_PROG: &str = "fdtrace_py_sys_exit";
 const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 /// The loaded programs and the maps user space works with. Dropping it
@@ -31,8 +36,12 @@ pub struct Kernel {
     pub traced: Array<MapData, u16>,
     pub windows: HashMap<MapData, u32, StackWindow>,
     pub events: Option<RingBuf<MapData>>,
-    pub py_layouts: HashMap<MapData, u32, fdtrace_common::python::PyLayout>,
-    pub py_stacks: HashMap<MapData, u64, fdtrace_common::python::PyStack>,
+    /// Python processes: tgid -> where their CPython keeps its frames.
+    pub py_layouts: HashMap<MapData, u32, PyLayout>,
+    /// Python stacks by id (FdInfo::py_site, py_use).
+    pub py_stacks: HashMap<MapData, u64, PyStack>,
+    /// fdtrace_py_sys_exit is attached (at the first Python process).
+    python_attached: bool,
     /// The seed iterator (iter/task_file): seeds the map at attach and
     /// names the fds it finds (seed::list).
     pub seed: ProgramFd,
@@ -41,7 +50,7 @@ pub struct Kernel {
     /// The entries iterator (iter/task_file), for seed::entries.
     pub entries: ProgramFd,
     /// Keeps the programs attached.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 /// Map sizes and what to record, from the command line.
@@ -56,7 +65,12 @@ impl Kernel {
     pub fn load(limits: &Limits) -> Result<Self> {
         let (mut ebpf, btf) = open(limits)?;
         attach_btf(&mut ebpf, &btf, "fdtrace_sys_exit", "sys_exit")?;
-        attach_btf(&mut ebpf, &btf, "fdtrace_py_sys_exit", "sys_exit")?;
+        // Loaded now, so that a verifier refusal shows at start; attached
+        // once a traced process runs a supported CPython: every syscall of
+        // every process pays for an attached program.
+        let py: &mut BtfTracePoint = program(&mut ebpf, PY_PROG)?.try_into()?;
+        py.load("sys_exit", &btf)
+            .with_context(|| format!("loading {PY_PROG}"))?;
         for (prog, event) in [
             ("fdtrace_fork", "sched_process_fork"),
             ("fdtrace_exit", "sched_process_exit"),
@@ -81,8 +95,24 @@ impl Kernel {
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
             py_layouts: HashMap::try_from(take_map(&mut ebpf, "PY_LAYOUTS")?)?,
             py_stacks: HashMap::try_from(take_map(&mut ebpf, "PY_STACKS")?)?,
-            _ebpf: ebpf,
+            python_attached: false,
+            ebpf,
         })
+    }
+
+    /// Takes Python stacks in process `pid`, which runs the CPython
+    /// `layout` describes.
+    pub fn trace_python(&mut self, pid: u32, layout: &PyLayout) -> Result<()> {
+        self.py_layouts
+            .insert(pid, layout, 0)
+            .with_context(|| format!("writing the Python layout of pid {pid}"))?;
+        if !self.python_attached {
+            let p: &mut BtfTracePoint = program(&mut self.ebpf, PY_PROG)?.try_into()?;
+            p.attach()
+                .with_context(|| format!("attaching {PY_PROG} to tp_btf/sys_exit"))?;
+            self.python_attached = true;
+        }
+        Ok(())
     }
 
     pub fn counter(&self, idx: u32) -> u64 {

@@ -25,6 +25,7 @@ pub enum Record {
     Exit(ExitRecord),
     Emfile(EmfileRecord),
     Rlimit(RlimitRecord),
+    Notice(NoticeRecord),
     Lost(LostRecord),
     MapFull(MapFullRecord),
     Summary(SummaryRecord),
@@ -93,9 +94,25 @@ pub struct SiteRecord {
     pub kind: String,
     pub resource: String,
     pub stack: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub py_stack: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_frame: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     pub open_fds: u64,
     pub leak_per_s: f64,
     pub oldest_age_s: f64,
+}
+
+/// Something fdtrace says once about a process: why its Python frames
+/// cannot be read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub message: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -225,6 +242,12 @@ pub struct SummarySite {
     pub kind: String,
     pub resource: String,
     pub stack: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub py_stack: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_frame: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     pub open_fds: u64,
     pub leak_per_s: f64,
     pub oldest_age_s: f64,
@@ -303,6 +326,9 @@ fn site_record(ts: f64, pid: u32, s: &SiteReport) -> SiteRecord {
         kind: s.kind.name().to_string(),
         resource: s.resource.to_string(),
         stack: s.stack.to_vec(),
+        py_stack: s.python.as_ref().map(|p| p.stack.clone()),
+        user_frame: s.python.as_ref().and_then(|p| p.user_frame.clone()),
+        via: s.python.as_ref().and_then(|p| p.via.clone()),
         open_fds: s.open_fds,
         leak_per_s: display_rate(s.leak_per_s),
         oldest_age_s: s.oldest_age_s.round(),
@@ -433,6 +459,11 @@ impl From<&Notice> for Record {
             Notice::Finding { ts, pid, finding } => {
                 Record::Finding(finding_record(*ts, *pid, finding))
             }
+            Notice::Python { ts, pid, message } => Record::Notice(NoticeRecord {
+                ts: *ts,
+                pid: *pid,
+                message: message.clone(),
+            }),
         }
     }
 }
@@ -465,6 +496,9 @@ impl From<&ProcessSummary> for SummaryProcess {
                         kind: r.kind,
                         resource: r.resource,
                         stack: r.stack,
+                        py_stack: r.py_stack,
+                        user_frame: r.user_frame,
+                        via: r.via,
                         open_fds: r.open_fds,
                         leak_per_s: r.leak_per_s,
                         oldest_age_s: r.oldest_age_s,
@@ -559,7 +593,7 @@ mod tests {
             .collect();
         for ty in [
             "start", "process", "site", "finding", "fork", "exec", "exit", "emfile", "rlimit",
-            "lost", "map_full", "summary",
+            "notice", "lost", "map_full", "summary",
         ] {
             assert!(types.iter().any(|t| t == ty), "no README example of {ty}");
         }

@@ -5,7 +5,7 @@ use fdtrace_common::{FD_KINDS, FdKind};
 
 use super::Sink;
 use crate::analysis::{
-    Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport, Start,
+    Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, PythonFrames, Report, Resync, SiteReport, Start,
     Summary, display_rate,
 };
 
@@ -67,10 +67,13 @@ impl<W: Write> Terminal<W> {
         if s.leak_per_s < GROWING_RATE {
             return Ok(());
         }
-        let at = s
-            .stack
-            .first()
-            .map_or(String::new(), |f| format!("  at {f}"));
+        let at = match &s.python {
+            Some(py) => python_at(py).map_or(String::new(), |f| format!("  at {f}")),
+            None => s
+                .stack
+                .first()
+                .map_or(String::new(), |f| format!("  at {f}")),
+        };
         writeln!(
             self.out,
             "{:>17} {:+.1} fds/s  {} {}  ({} open, oldest {:.0}s){at}",
@@ -193,6 +196,9 @@ impl<W: Write> Sink for Terminal<W> {
                 )
             }
             Notice::Finding { ts, pid, finding } => self.finding(*ts, *pid, finding),
+            Notice::Python { ts, pid, message } => {
+                writeln!(self.out, "{:<8} {pid:>7} note: {message}", clock(*ts))
+            }
         }
     }
 
@@ -271,6 +277,14 @@ impl<W: Write> Sink for Terminal<W> {
                     site.open_fds,
                     site.oldest_age_s
                 )?;
+                if let Some(py) = &site.python {
+                    if let Some(at) = python_at(py) {
+                        writeln!(self.out, "    at {at}")?;
+                    }
+                    for frame in py.stack.iter().take(8) {
+                        writeln!(self.out, "      {frame}")?;
+                    }
+                }
                 for frame in site.stack.iter().take(8) {
                     writeln!(self.out, "      {frame}")?;
                 }
@@ -295,6 +309,17 @@ impl<W: Write> Sink for Terminal<W> {
 }
 
 /// "3h12m", "45s": how long until EMFILE.
+/// Where a Python site is in the user's code: "fetch_data_wrong
+/// (/srv/agent.py:12) via httpx AsyncClient.get"; its innermost frame when
+/// no frame is the user's.
+fn python_at(py: &PythonFrames) -> Option<String> {
+    match (&py.user_frame, &py.via) {
+        (Some(f), Some(via)) => Some(format!("{f} via {via}")),
+        (Some(f), None) => Some(f.clone()),
+        (None, _) => py.stack.first().cloned(),
+    }
+}
+
 fn eta(secs: Option<f64>) -> String {
     match secs {
         None => "-".into(),

@@ -6,9 +6,11 @@
 //!
 //! An fd carries up to two Python stacks: the one that created it and, for
 //! sockets, the one of its first use (the first send). The creation stack
-//! names the site when it holds some of the user's code; when it does not
-//! (httpx creates its sockets in a helper task, where only the event loop
-//! and the library are on the stack), the first-use stack does.
+//! names the site unless the first-use stack holds more of the user's code:
+//! httpx creates its sockets in a helper task, whose stack holds the event
+//! loop, the library and of the user's code only the `<module>` or `main`
+//! that started the loop; the first send comes from the user's request, in
+//! the task of the function that made it.
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash as _, Hasher as _},
@@ -16,9 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fdtrace_common::python::{NO_PY_STACK, PyFrame, PyLayout, PyStack};
+use fdtrace_common::python::{NO_PY_STACK, PY_USE_UNSAMPLED, PyFrame, PyLayout, PyStack};
 
 use super::{PyProc, UserFrame, locate};
+use crate::analysis::{PythonFrames, PythonSite};
 
 /// How long after exec a process whose executable needs libpython is
 /// looked at again, and how often: the loader maps libpython within
@@ -26,35 +29,43 @@ use super::{PyProc, UserFrame, locate};
 const PENDING_FOR: Duration = Duration::from_secs(2);
 const RETRY_EVERY: Duration = Duration::from_millis(5);
 
-/// A Python stack of one process, symbolized.
+/// A Python stack of one process, symbolized, and the site key it gives
+/// its fds.
 #[derive(Debug, PartialEq, Eq)]
 pub struct PySite {
-    /// "qualname (file:line)", innermost first.
-    pub frames: Vec<String>,
-    pub user: Option<UserFrame>,
-    /// Hash of `frames`: fds with the same Python stack, whatever the
-    /// instruction offsets behind the lines, are one site.
+    pub site: PythonSite,
+    /// From the frames' text (fds with the same Python stack, whatever the
+    /// instruction offsets behind the lines, are one site), marked apart
+    /// from native canonical stacks (bit 63 clear) and from NO_SITE and
+    /// SITE_NOT_SAMPLED (bit 62 set).
     pub key: u64,
+    /// How many of its frames are the user's own code.
+    user_frames: usize,
 }
 
 impl PySite {
-    pub fn new(frames: Vec<String>, user: Option<UserFrame>) -> Self {
+    pub fn new(frames: Vec<String>, user: Option<UserFrame>, user_frames: usize) -> Self {
         let mut h = DefaultHasher::new();
         frames.hash(&mut h);
         PySite {
-            key: h.finish(),
-            frames,
-            user,
+            key: (h.finish() >> 2) | (1 << 63),
+            user_frames,
+            site: Rc::new(PythonFrames {
+                stack: frames,
+                user_frame: user.as_ref().map(|u| u.frame.clone()),
+                via: user.and_then(|u| u.via),
+            }),
         }
     }
+
 }
 
-/// The site of an fd from its creation stack and its first-use stack:
-/// the first of them that holds the user's code, else whichever exists.
+/// The site of an fd from its creation stack and its first-use stack: the
+/// first-use stack when it holds more frames of the user's code, else the
+/// creation stack (else whichever exists).
 pub fn choose(create: Option<Rc<PySite>>, first_use: Option<Rc<PySite>>) -> Option<Rc<PySite>> {
     match (create, first_use) {
-        (Some(c), _) if c.user.is_some() => Some(c),
-        (_, Some(u)) if u.user.is_some() => Some(u),
+        (Some(c), Some(u)) if u.user_frames > c.user_frames => Some(u),
         (c, u) => c.or(u),
     }
 }
@@ -64,11 +75,15 @@ enum Proc {
         p: PyProc,
         /// Its stacks symbolized, by kernel id.
         sites: HashMap<u64, Rc<PySite>>,
+        /// The same, by site key.
+        by_key: HashMap<u64, PythonSite>,
     },
     /// Just exec'd an executable that needs libpython, not mapped yet.
     Pending { until: Instant },
     /// Not a Python, or one whose frames cannot be read (said once).
     No,
+    /// Exited: its sites stay for the summary.
+    Gone { by_key: HashMap<u64, PythonSite> },
 }
 
 /// What became of a process looked at.
@@ -87,6 +102,7 @@ pub struct PySites {
     procs: HashMap<u32, Proc>,
     /// Frames of each kernel stack id (ids are the same for every process).
     stacks: HashMap<u64, Option<Rc<[PyFrame]>>>,
+    none: HashMap<u64, PythonSite>,
 }
 
 impl PySites {
@@ -99,6 +115,7 @@ impl PySites {
                     Proc::Python {
                         p,
                         sites: HashMap::new(),
+                        by_key: HashMap::new(),
                     },
                     Found::Python(l),
                 )
@@ -165,6 +182,7 @@ impl PySites {
                 Some(p) => Proc::Python {
                     p,
                     sites: HashMap::new(),
+                    by_key: HashMap::new(),
                 },
                 None => Proc::No,
             },
@@ -175,25 +193,42 @@ impl PySites {
     }
 
     pub fn exit(&mut self, pid: u32) {
-        self.procs.remove(&pid);
+        match self.procs.remove(&pid) {
+            Some(Proc::Python { by_key, .. }) => {
+                self.procs.insert(pid, Proc::Gone { by_key });
+            }
+            Some(Proc::Gone { by_key }) => {
+                self.procs.insert(pid, Proc::Gone { by_key });
+            }
+            _ => {}
+        }
     }
 
-    pub fn is_python(&self, pid: u32) -> bool {
-        matches!(self.procs.get(&pid), Some(Proc::Python { .. }))
+    /// The Python sites of `pid` by key (empty for a process without).
+    pub fn sites(&self, pid: u32) -> &HashMap<u64, PythonSite> {
+        match self.procs.get(&pid) {
+            Some(Proc::Python { by_key, .. } | Proc::Gone { by_key }) => by_key,
+            _ => &self.none,
+        }
     }
 
-    /// The Python site of an fd of `pid` from its two stack ids (see
+    /// The site key of an fd of `pid` from its two Python stack ids (see
     /// [`choose`]); `read` fetches a stack from the kernel's PY_STACKS.
-    pub fn site(
+    /// None when the fd has no Python stack.
+    pub fn site_key(
         &mut self,
         pid: u32,
         create: u64,
         first_use: u64,
         read: &mut dyn FnMut(u64) -> Option<PyStack>,
-    ) -> Option<Rc<PySite>> {
+    ) -> Option<u64> {
         let c = self.symbolized(pid, create, read);
         let u = self.symbolized(pid, first_use, read);
-        choose(c, u)
+        let s = choose(c, u)?;
+        if let Some(Proc::Python { by_key, .. }) = self.procs.get_mut(&pid) {
+            by_key.entry(s.key).or_insert_with(|| s.site.clone());
+        }
+        Some(s.key)
     }
 
     fn symbolized(
@@ -202,10 +237,10 @@ impl PySites {
         id: u64,
         read: &mut dyn FnMut(u64) -> Option<PyStack>,
     ) -> Option<Rc<PySite>> {
-        if id == NO_PY_STACK {
+        if id == NO_PY_STACK || id == PY_USE_UNSAMPLED {
             return None;
         }
-        let Some(Proc::Python { p, sites }) = self.procs.get_mut(&pid) else {
+        let Some(Proc::Python { p, sites, .. }) = self.procs.get_mut(&pid) else {
             return None;
         };
         if let Some(s) = sites.get(&id) {
@@ -222,10 +257,10 @@ impl PySites {
             })
             .clone()?;
         let syms: Vec<_> = p.symbolize(&frames).into_iter().map(|(s, _)| s).collect();
-        let user = p.user_frame(&syms);
         let site = Rc::new(PySite::new(
             syms.iter().map(ToString::to_string).collect(),
-            user,
+            p.user_frame(&syms),
+            p.user_frames(&syms),
         ));
         sites.insert(id, site.clone());
         Some(site)
@@ -236,44 +271,68 @@ impl PySites {
 mod tests {
     use super::*;
 
-    fn site(frames: &[&str], user: Option<&str>) -> Option<Rc<PySite>> {
+    /// A stack whose frames in /srv are the user's.
+    fn site(frames: &[&str]) -> Option<Rc<PySite>> {
+        let user: Vec<&&str> = frames.iter().filter(|f| f.contains("(/srv/")).collect();
         Some(Rc::new(PySite::new(
             frames.iter().map(|f| f.to_string()).collect(),
-            user.map(|u| UserFrame {
-                frame: u.into(),
+            user.first().map(|u| UserFrame {
+                frame: u.to_string(),
                 via: None,
             }),
+            user.len(),
         )))
     }
 
     #[test]
-    fn creation_stack_with_user_code_names_the_site() {
-        let c = site(&["open_a (/srv/a.py:3)"], Some("open_a (/srv/a.py:3)"));
-        let u = site(&["send (/srv/b.py:9)"], Some("send (/srv/b.py:9)"));
+    fn the_creation_stack_names_the_site_of_synchronous_code() {
+        // http.client: created and first sent in the user's function.
+        let c = site(&["create_connection (/usr/lib/python3.12/socket.py:1)", "get (/srv/a.py:3)"]);
+        let u = site(&["sendall (/usr/lib/python3.12/socket.py:9)", "get (/srv/a.py:3)"]);
+        assert_eq!(choose(c.clone(), u), c);
+        // Created in one user function, first sent from another.
+        let c = site(&["connect (/srv/a.py:3)", "main (/srv/a.py:20)"]);
+        let u = site(&["handle (/srv/b.py:9)", "main (/srv/a.py:21)"]);
         assert_eq!(choose(c.clone(), u), c);
     }
 
     #[test]
-    fn first_use_names_a_site_created_in_library_code_only() {
-        let c = site(&["connect_tcp (/v/site-packages/anyio/x.py:1)"], None);
-        let u = site(
-            &["fetch_data_wrong (/srv/agent.py:12)"],
-            Some("fetch_data_wrong (/srv/agent.py:12)"),
-        );
+    fn first_use_names_a_site_created_in_a_helper_task() {
+        // httpx through anyio: the helper task's stack holds only the
+        // <module> that started the event loop.
+        let c = site(&[
+            "connect_tcp (/v/site-packages/anyio/x.py:1)",
+            "run (/usr/lib/python3.12/asyncio/runners.py:118)",
+            "<module> (/srv/agent.py:93)",
+        ]);
+        let u = site(&[
+            "AsyncClient.get (/v/site-packages/httpx/_client.py:1)",
+            "fetch_data_wrong (/srv/agent.py:12)",
+            "main (/srv/agent.py:80)",
+            "run (/usr/lib/python3.12/asyncio/runners.py:118)",
+            "<module> (/srv/agent.py:93)",
+        ]);
         assert_eq!(choose(c.clone(), u.clone()), u);
-        // Neither holds user code: the creation stack, then the first use.
-        let u2 = site(&["run (/usr/lib/python3.12/asyncio/x.py:5)"], None);
-        assert_eq!(choose(c.clone(), u2.clone()), c);
-        assert_eq!(choose(None, u2.clone()), u2);
+        // Only library code when created: the first use, or the creation.
+        let lib = site(&["connect_tcp (/v/site-packages/anyio/x.py:1)"]);
+        assert_eq!(choose(lib.clone(), u.clone()), u);
+        let lib2 = site(&["run (/usr/lib/python3.12/asyncio/x.py:5)"]);
+        assert_eq!(choose(lib.clone(), lib2.clone()), lib);
+        assert_eq!(choose(None, lib2.clone()), lib2);
         assert_eq!(choose(None, None), None);
     }
 
     #[test]
-    fn same_lines_same_key() {
-        let a = site(&["f (/a.py:1)", "<module> (/a.py:9)"], None).unwrap();
-        let b = site(&["f (/a.py:1)", "<module> (/a.py:9)"], None).unwrap();
-        let c = site(&["f (/a.py:2)", "<module> (/a.py:9)"], None).unwrap();
+    fn same_lines_same_key_apart_from_native_ids() {
+        let a = site(&["f (/a.py:1)", "<module> (/a.py:9)"]).unwrap();
+        let b = site(&["f (/a.py:1)", "<module> (/a.py:9)"]).unwrap();
+        let c = site(&["f (/a.py:2)", "<module> (/a.py:9)"]).unwrap();
         assert_eq!(a.key, b.key);
         assert_ne!(a.key, c.key);
+        for k in [a.key, c.key] {
+            assert_ne!(k & (1 << 63), 0, "native canonical ids have bit 63 clear");
+            assert_ne!(k, fdtrace_common::NO_SITE);
+            assert_ne!(k, fdtrace_common::SITE_NOT_SAMPLED);
+        }
     }
 }

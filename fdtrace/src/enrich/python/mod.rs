@@ -18,7 +18,7 @@ use serde_json::json;
 
 pub use code::SymFrame;
 pub use locate::Interpreter;
-pub use sites::{Found, PySite, PySites};
+pub use sites::{Found, PySites};
 pub use user::UserFrame;
 
 use crate::error::Fatal;
@@ -38,8 +38,12 @@ impl PyProc {
         let why = |e: &dyn std::fmt::Display| {
             format!("Python frames are not available for pid {pid}: {e}")
         };
-        let mem =
-            mem::Mem::open(pid).map_err(|e| why(&format!("cannot open /proc/{pid}/mem: {e}")))?;
+        let mem = match mem::Mem::open(pid) {
+            Ok(m) => m,
+            // Gone already (a short-lived child): nothing to say.
+            Err(_) if !crate::procfd::exists(pid) => return Ok(None),
+            Err(e) => return Err(why(&format!("cannot open /proc/{pid}/mem: {e}"))),
+        };
         let interp = match locate::locate(pid, &mem) {
             Ok(Some(i)) => i,
             Ok(None) => return Ok(None),
@@ -80,6 +84,10 @@ impl PyProc {
 
     pub fn user_frame(&self, frames: &[SymFrame]) -> Option<UserFrame> {
         self.interp.libraries.user_frame(frames)
+    }
+
+    pub fn user_frames(&self, frames: &[SymFrame]) -> usize {
+        self.interp.libraries.user_frames(frames)
     }
 }
 
