@@ -23,6 +23,8 @@ use aya_ebpf::{
 };
 use fdtrace_common::{
     FdInfo, FdKind, NO_FIELD, NO_SITE, ProcStats, SITE_NOT_SAMPLED,
+    decode::{Effect, SyscallArgs as _, decode},
+    syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
     python::{
         NO_PY_STACK, PY_FRAME_READ, PY_USE_UNSAMPLED, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS, PyFrame,
         PyLayout, PyStack,
@@ -30,8 +32,9 @@ use fdtrace_common::{
 };
 
 use crate::{
-    Action, Regs, decode, global, read_user, stack_budget,
-    syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
+    global,
+    regs::{Regs, read_user},
+    stack::{STACKS_PER_SLOT, stack_budget},
     table::{add64, open_entry, proc_of},
 };
 
@@ -304,14 +307,14 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
         return;
     }
     if send {
-        first_use(p, tgid, tid, r.a0() as u32);
+        first_use(p, tgid, tid, r.arg(0) as u32);
         return;
     }
     let fd = ret as u32;
     let (a, b) = match made {
-        Some(Action::New { .. } | Action::Openat2 { .. } | Action::IoUring { .. }) => (fd, None),
-        Some(Action::Dup { src, replaces, .. }) if !(replaces && src == fd) => (fd, None),
-        Some(Action::Pair { ptr, .. }) => match read_user::<[i32; 2]>(ptr) {
+        Some(Effect::New { .. } | Effect::Openat2 { .. } | Effect::IoUring { .. }) => (fd, None),
+        Some(Effect::Dup { src, replaces, .. }) if !(replaces && src == fd) => (fd, None),
+        Some(Effect::Pair { ptr, .. }) => match read_user::<[i32; 2]>(ptr) {
             Some([a, b]) => (a as u32, Some(b as u32)),
             None => return,
         },
@@ -364,7 +367,7 @@ fn first_use(p: *mut ProcStats, tgid: u32, tid: u32, fd: u32) {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if global(&crate::STACKS_PER_SLOT) == 0 || !stack_budget(p, now) {
+    if global(&STACKS_PER_SLOT) == 0 || !stack_budget(p, now) {
         return;
     }
     let id = capture(tgid, tid);

@@ -276,6 +276,7 @@ pub fn reconcile(
     let counts = Counts {
         open_fds: st.live(),
         by_kind: state.kind_fix.apply(&st.by_kind),
+        preexisting: st.seeded,
         opened: st.opened,
         closed: st.closed,
         emfile: st.emfile,

@@ -25,10 +25,10 @@ mod env;
 mod fdops;
 mod one_shot;
 mod procfs;
+pub mod prometheus;
 mod python;
 mod session;
 mod snapshot;
-pub mod prometheus;
 
 pub use env::*;
 pub use fdops::*;

@@ -88,6 +88,9 @@ pub fn is_candidate(preexisting: bool, created_ns: u64, now_ns: u64, min_age_ns:
 pub struct Counts {
     pub open_fds: u64,
     pub by_kind: [u64; FD_KINDS],
+    /// Open when tracing of the process began: found by the attach walk, or
+    /// copied from the parent at fork.
+    pub preexisting: u64,
     pub opened: u64,
     pub closed: u64,
     pub emfile: u64,

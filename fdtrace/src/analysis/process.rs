@@ -344,6 +344,7 @@ impl ProcessAnalysis {
                 hard_limit: s.hard_limit,
                 pct_used: pct_used(c.open_fds, s.soft_limit),
                 by_kind: c.by_kind,
+                preexisting: c.preexisting,
                 opened: c.opened,
                 closed: c.closed,
                 opened_per_s,

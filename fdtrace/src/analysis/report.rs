@@ -63,6 +63,8 @@ pub struct ProcessFigures {
     pub hard_limit: Option<u64>,
     pub pct_used: Option<f64>,
     pub by_kind: [u64; FD_KINDS],
+    /// `open_fds == preexisting + opened - closed` whenever the count is exact.
+    pub preexisting: u64,
     pub opened: u64,
     pub closed: u64,
     pub opened_per_s: f64,
