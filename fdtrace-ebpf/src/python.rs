@@ -24,11 +24,11 @@ use aya_ebpf::{
 use fdtrace_common::{
     FdInfo, FdKind, NO_FIELD, NO_SITE, ProcStats, SITE_NOT_SAMPLED,
     decode::{Effect, SyscallArgs as _, decode},
-    syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
     python::{
-        NO_PY_STACK, PY_FRAME_READ, PY_USE_UNSAMPLED, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS, PyFrame,
-        PyLayout, PyStack,
+        NO_PY_STACK, PY_FRAME_READ, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS,
+        PY_USE_UNSAMPLED, PyFrame, PyLayout, PyStack,
     },
+    syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
 };
 
 use crate::{
@@ -54,8 +54,7 @@ static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 /// frames, as STACKS keys native stacks, so an fd's entry holds one id.
 /// Not preallocated: a session sees few distinct stacks.
 #[map]
-pub static PY_STACKS: HashMap<u64, PyStack> =
-    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+pub static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
 const EEXIST: i32 = -17;
 

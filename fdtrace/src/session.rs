@@ -508,13 +508,12 @@ impl Session {
             .procs
             .iter()
             .map(|(&pid, p)| {
-                p.analysis
-                    .summary(
-                        pid,
-                        &p.enrich.comm,
-                        self.symbols.stacks(pid),
-                        self.python.sites(pid),
-                    )
+                p.analysis.summary(
+                    pid,
+                    &p.enrich.comm,
+                    self.symbols.stacks(pid),
+                    self.python.sites(pid),
+                )
             })
             .collect();
         self.sinks.summary(&Summary {

@@ -2,7 +2,8 @@
 site tests (tests/tests/python_sites.rs).
 
   sites.py --label NAME --dir DIR --url http://127.0.0.1:PORT/data
-           [--agent] [--rate 2] [--seconds 8] [--hold 30]
+           [--agent] [--agent-requests 8] [--rate 2] [--seconds 8]
+           [--hold 30]
 
 Every tick (--rate per second, paced on the monotonic clock) for --seconds,
 from one loop, each of these functions leaks one fd that it keeps
@@ -22,9 +23,9 @@ someone opens it for writing: the tests read its stack with py-spy while it
 waits, and fdtrace's stack of that fd must be the same.
 
 With --agent, agent.py runs as a child against --url (its
-fetch_data_wrong leaks a socket per request through httpx), --rate
-requests per second for --seconds, then holds its fds for --hold seconds;
-its output goes to DIR/agent.out.
+fetch_data_wrong leaks a socket per request through httpx):
+--agent-requests requests over --seconds, then it holds its fds for --hold
+seconds; its output goes to DIR/agent.out.
 
 Each line the tests expect in a stack carries a marker comment `# @name`.
 Writes JSON lines to DIR/events (not to stdout, which a tracer running it
@@ -122,6 +123,7 @@ async def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--url", required=True)
     ap.add_argument("--agent", action="store_true")
+    ap.add_argument("--agent-requests", type=int, default=8)
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--hold", type=float, default=30.0)
@@ -146,9 +148,9 @@ async def main():
                     "--url",
                     args.url,
                     "--requests",
-                    str(calls),
+                    str(args.agent_requests),
                     "--rate",
-                    str(args.rate),
+                    str(args.agent_requests / args.seconds),
                     "--hold",
                     str(args.hold),
                 ],

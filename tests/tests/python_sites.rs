@@ -64,10 +64,15 @@ use fdtrace_tests::{
 };
 use serde_json::Value;
 
-const DURATION_S: u64 = 20;
-/// Ticks per second and seconds of leaking of each sites.py.
+/// Long enough for the slowest interpreter on a loaded machine: each
+/// request of the agent makes an httpx client, whose SSL context loads the
+/// CA bundle (tens of ms of CPU), and four agents run at once.
+const DURATION_S: u64 = 30;
+/// Ticks per second and seconds of leaking of each sites.py, and requests
+/// its agent makes meanwhile.
 const RATE: f64 = 2.0;
-const LEAK_SECONDS: f64 = 6.0;
+const LEAK_SECONDS: f64 = 8.0;
+const AGENT_REQUESTS: u32 = 8;
 /// How long the programs hold their fds once idle (they also go when their
 /// parent is gone).
 const HOLD_S: u64 = 40;
@@ -115,8 +120,10 @@ struct Prog {
     version: Option<String>,
     /// When it went idle, and the ticks it did.
     idle: Option<(f64, u64)>,
-    /// Requests its agent made (its `done` line).
-    agent_requests: Option<u64>,
+    /// Requests its agent made and when it said so (its `done` line), and
+    /// what it printed.
+    agent_requests: Option<(f64, u64)>,
+    agent_out: String,
     /// py-spy's stack of the FIFO thread while it was blocked in open().
     fifo_stack: Option<Result<Vec<String>, String>>,
     /// The fds of the file report_a and report_b share, in /proc, at idle.
@@ -298,7 +305,7 @@ fn run_into(run: &mut Run, reaper: &mut Reaper) -> Result<(), String> {
         let _ = writeln!(
             script,
             "{} {} --label {} --dir {} --url {} --rate {RATE} --seconds {LEAK_SECONDS} \
-             --hold {HOLD_S}{} &",
+             --agent-requests {AGENT_REQUESTS} --hold {HOLD_S}{} &",
             quote(&p.python.display().to_string()),
             quote(&sites_py()),
             label,
@@ -424,9 +431,12 @@ fn poll_programs(
             prog.agent_requests =
                 out.lines()
                     .find_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
-                        ["done", pid, n] if pid.parse().ok() == prog.agent => n.parse().ok(),
+                        ["done", pid, n] if pid.parse().ok() == prog.agent => {
+                            n.parse().ok().map(|n| (now_ts(), n))
+                        }
                         _ => None,
                     });
+            prog.agent_out = out;
         }
         let Ok(text) = std::fs::read_to_string(d.join("events")) else {
             continue;
@@ -493,18 +503,27 @@ fn fifo_stage(
         t.remove(&u64::from(tid))
             .ok_or_else(|| format!("py-spy shows no thread {tid}"))
     });
-    // Non-blocking: the reader is there, so this cannot block, and a
-    // failure shows as an error instead of a hang.
-    let w = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(fifo);
-    match w {
-        Ok(f) => (stack, Some(f)),
-        Err(e) => (
-            Err(format!("open {} for writing: {e}", fifo.display())),
-            None,
-        ),
+    // Non-blocking, so that a failure shows as an error instead of a hang.
+    // py-spy's ptrace stop interrupts the reader's open(), which the
+    // kernel restarts: meanwhile the FIFO has no reader (ENXIO).
+    let start = Instant::now();
+    loop {
+        let w = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo);
+        match w {
+            Ok(f) => return (stack, Some(f)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && start.elapsed() < BLOCK_TIMEOUT => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                return (
+                    Err(format!("open {} for writing: {e}", fifo.display())),
+                    None,
+                );
+            }
+        }
     }
 }
 
@@ -550,6 +569,11 @@ impl Check<'_> {
         for n in &r.notes {
             let _ = writeln!(s, "--- note: {n}");
         }
+        let _ = writeln!(
+            s,
+            "--- agent.py said:\n{}",
+            tail(&self.prog.agent_out, 2000)
+        );
         let _ = writeln!(s, "--- fdtrace stderr:\n{}", tail(&r.stderr, 4000));
         let _ = writeln!(
             s,
@@ -744,13 +768,13 @@ fn check_supported(label: &'static str) {
     let Some(agent) = c.prog.agent else {
         c.fail("sites.py started no agent");
     };
-    let Some(requests) = c.prog.agent_requests else {
+    let Some((done_at, requests)) = c.prog.agent_requests else {
         c.fail("agent.py never said `done`");
     };
     let am = program_markers("agent.py");
     let wrong = format!("fetch_data_wrong ({}:{})", agent_py(), am["leak"]);
     let right = format!("fetch_data_right ({}:{})", agent_py(), am["healthy"]);
-    let asites = c.still_report(agent, idle_at);
+    let asites = c.still_report(agent, done_at);
     let with: Vec<&&Value> = asites
         .iter()
         .filter(|s| s["user_frame"].as_str() == Some(wrong.as_str()))

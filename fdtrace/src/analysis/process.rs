@@ -16,8 +16,8 @@ use foldhash::{HashMap as FastMap, HashMapExt as _};
 
 use super::{
     Finding, FindingKind, LabelledFd, ProcessFigures, ProcessReport, ProcessSample, ProcessSummary,
-    PythonSite, Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals, close_wait,
-    is_candidate, leak, pct_used, seconds_to_emfile, status,
+    PythonSite, Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals,
+    close_wait, is_candidate, leak, pct_used, seconds_to_emfile, status,
 };
 
 #[derive(Clone, Copy, Debug)]

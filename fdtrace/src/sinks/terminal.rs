@@ -5,8 +5,8 @@ use fdtrace_common::{FD_KINDS, FdKind};
 
 use super::Sink;
 use crate::analysis::{
-    Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, PythonFrames, Report, Resync, SiteReport, Start,
-    Summary, display_rate,
+    Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, PythonFrames, Report, Resync,
+    SiteReport, Start, Summary, display_rate,
 };
 
 pub struct Terminal<W: Write> {

@@ -40,8 +40,11 @@ impl PyProc {
         };
         let mem = match mem::Mem::open(pid) {
             Ok(m) => m,
-            // Gone already (a short-lived child): nothing to say.
-            Err(_) if !crate::procfd::exists(pid) => return Ok(None),
+            // Gone already, or exiting (a short-lived child, a zombie):
+            // nothing to say.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) || !crate::procfd::exists(pid) => {
+                return Ok(None);
+            }
             Err(e) => return Err(why(&format!("cannot open /proc/{pid}/mem: {e}"))),
         };
         let interp = match locate::locate(pid, &mem) {

@@ -57,7 +57,6 @@ impl PySite {
             }),
         }
     }
-
 }
 
 /// The site of an fd from its creation stack and its first-use stack: the
@@ -287,8 +286,14 @@ mod tests {
     #[test]
     fn the_creation_stack_names_the_site_of_synchronous_code() {
         // http.client: created and first sent in the user's function.
-        let c = site(&["create_connection (/usr/lib/python3.12/socket.py:1)", "get (/srv/a.py:3)"]);
-        let u = site(&["sendall (/usr/lib/python3.12/socket.py:9)", "get (/srv/a.py:3)"]);
+        let c = site(&[
+            "create_connection (/usr/lib/python3.12/socket.py:1)",
+            "get (/srv/a.py:3)",
+        ]);
+        let u = site(&[
+            "sendall (/usr/lib/python3.12/socket.py:9)",
+            "get (/srv/a.py:3)",
+        ]);
         assert_eq!(choose(c.clone(), u), c);
         // Created in one user function, first sent from another.
         let c = site(&["connect (/srv/a.py:3)", "main (/srv/a.py:20)"]);
