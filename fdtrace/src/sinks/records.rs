@@ -677,12 +677,40 @@ mod tests {
     }
 
     #[test]
+    fn python_fields_only_for_python_sites() {
+        let mut s = SiteReport {
+            id: "abc".into(),
+            kind: FdKind::Socket,
+            resource: "tcp 127.0.0.1:8080".into(),
+            stack: Default::default(),
+            python: None,
+            open_fds: 2,
+            leak_per_s: 1.0,
+            oldest_age_s: 3.0,
+        };
+        let native = serde_json::to_value(site_record(1.0, 7, &s)).unwrap();
+        for k in ["py_stack", "user_frame", "via"] {
+            assert!(native.get(k).is_none(), "{native}");
+        }
+        s.python = Some(std::rc::Rc::new(crate::analysis::PythonFrames {
+            stack: vec!["fetch (/srv/a.py:3)".into()],
+            user_frame: Some("fetch (/srv/a.py:3)".into()),
+            via: None,
+        }));
+        let py = serde_json::to_value(site_record(1.0, 7, &s)).unwrap();
+        assert_eq!(py["py_stack"], serde_json::json!(["fetch (/srv/a.py:3)"]));
+        assert_eq!(py["user_frame"], "fetch (/srv/a.py:3)");
+        assert!(py.get("via").is_none(), "{py}");
+    }
+
+    #[test]
     fn a_report_is_losses_then_each_process_with_its_sites_and_findings() {
         let site = SiteReport {
             id: "abc".into(),
             kind: FdKind::Pipe,
             resource: "pipe".into(),
             stack: Default::default(),
+            python: None,
             open_fds: 2,
             leak_per_s: 0.0,
             oldest_age_s: 3.6,

@@ -399,6 +399,7 @@ mod tests {
                 kind: FdKind::File,
                 resource: "/tmp/a".into(),
                 stack: Default::default(),
+                python: None,
                 open_fds: 3,
                 leak_per_s: 2.0,
                 oldest_age_s: 4.2,
@@ -414,5 +415,31 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("+2.0 fds/s  file /tmp/a  (3 open, oldest 4s)"));
+    }
+
+    #[test]
+    fn a_python_site_shows_the_user_frame_and_the_library_call() {
+        let py = |user: Option<&str>, via: Option<&str>| PythonFrames {
+            stack: vec!["socket.__init__ (/usr/lib/python3.12/socket.py:232)".into()],
+            user_frame: user.map(str::to_owned),
+            via: via.map(str::to_owned),
+        };
+        assert_eq!(
+            python_at(&py(
+                Some("fetch_data_wrong (/srv/agent.py:12)"),
+                Some("httpx AsyncClient.get")
+            ))
+            .as_deref(),
+            Some("fetch_data_wrong (/srv/agent.py:12) via httpx AsyncClient.get")
+        );
+        assert_eq!(
+            python_at(&py(Some("f (/srv/a.py:1)"), None)).as_deref(),
+            Some("f (/srv/a.py:1)")
+        );
+        // No frame of the user's: the innermost one.
+        assert_eq!(
+            python_at(&py(None, None)).as_deref(),
+            Some("socket.__init__ (/usr/lib/python3.12/socket.py:232)")
+        );
     }
 }

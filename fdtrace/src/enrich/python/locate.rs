@@ -251,7 +251,7 @@ fn links_libpython(pid: u32) -> bool {
         return false;
     };
     table.iter().any(|d| {
-        d.tag == i64::from(object::elf::DT_NEEDED)
+        d.tag == object::elf::DT_NEEDED
             && table
                 .string(d)
                 .is_ok_and(|name| name.starts_with(b"libpython"))

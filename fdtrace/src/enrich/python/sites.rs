@@ -71,7 +71,9 @@ pub fn choose(create: Option<Rc<PySite>>, first_use: Option<Rc<PySite>>) -> Opti
 
 enum Proc {
     Python {
-        p: PyProc,
+        // Boxed: far larger than the other states, which most processes
+        // (not Python) are in.
+        p: Box<PyProc>,
         /// Its stacks symbolized, by kernel id.
         sites: HashMap<u64, Rc<PySite>>,
         /// The same, by site key.
@@ -112,7 +114,7 @@ impl PySites {
                 let l = p.interp.layout;
                 (
                     Proc::Python {
-                        p,
+                        p: Box::new(p),
                         sites: HashMap::new(),
                         by_key: HashMap::new(),
                     },
@@ -179,7 +181,7 @@ impl PySites {
         let proc = match self.procs.get(&parent) {
             Some(Proc::Python { p, .. }) => match p.fork(child) {
                 Some(p) => Proc::Python {
-                    p,
+                    p: Box::new(p),
                     sites: HashMap::new(),
                     by_key: HashMap::new(),
                 },
