@@ -268,8 +268,11 @@ fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
         NO_PY_STACK | PY_USE_UNSAMPLED => 1,
         id => id,
     };
-    // SAFETY: out is this CPU's scratch value, copied by the helper.
-    match PY_STACKS.insert(id, unsafe { &*out }, u64::from(BPF_NOEXIST)) {
+    // SAFETY: out is this CPU's scratch value, copied by the helper. By
+    // reference: a PyStack is larger than the BPF stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let kept = PY_STACKS.insert(id, unsafe { &*out }, u64::from(BPF_NOEXIST));
+    match kept {
         Ok(()) => Some(id),
         Err(EEXIST) => Some(id),
         // Full: the fd gets no Python stack rather than one user space
@@ -292,10 +295,22 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
         return;
     }
     let send = matches!(nr, WRITE | WRITEV | SENDTO | SENDMSG | SENDMMSG);
-    let made = if send { None } else { decode(nr, &r) };
-    if !send && made.is_none() {
-        return;
-    }
+    // Calls that make fds with a stack of their own (not SCM_RIGHTS, whose
+    // fds the sender made, nor a pidfd).
+    let made = if send {
+        None
+    } else {
+        match decode(nr, &r) {
+            Some(
+                e @ (Effect::New { .. }
+                | Effect::Openat2 { .. }
+                | Effect::IoUring { .. }
+                | Effect::Dup { .. }
+                | Effect::Pair { .. }),
+            ) => Some(e),
+            _ => return,
+        }
+    };
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(p) = proc_of(tgid) else {
