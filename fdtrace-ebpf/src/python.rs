@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use fdtrace_common::{
-    FdInfo, FdKind, NO_FIELD, NO_SITE, ProcStats, SITE_NOT_SAMPLED,
+    FdInfo, FdKind, NO_FIELD, ProcStats, SITE_NOT_SAMPLED,
     decode::{Effect, SyscallArgs as _, decode},
     python::{
         NO_PY_STACK, PY_FRAME_READ, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS,
@@ -348,15 +348,19 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
     }
 }
 
-/// The entry of fd `fd` of `tgid` if syscall `nr` just made it with a
-/// native stack: a call over the stack budget gets no Python stack either.
+/// The entry of fd `fd` of `tgid` if syscall `nr` just made it within the
+/// stack budget: without stacks (`--no-stacks`), or over the budget, an fd
+/// gets no Python stack either. One whose native stack could not be taken
+/// (NO_SITE with stacks on) still gets its Python stack.
 #[inline(always)]
 fn made_by(tgid: u32, fd: u32, nr: u64) -> Option<*mut FdInfo> {
+    if global(&STACKS_PER_SLOT) == 0 {
+        return None;
+    }
     let e = open_entry(tgid, fd)?;
     // SAFETY: e is a live FDS value.
     let (syscall, site, py) = unsafe { ((*e).syscall, (*e).site, (*e).py_site) };
-    (u64::from(syscall) == nr && site != NO_SITE && site != SITE_NOT_SAMPLED && py == NO_PY_STACK)
-        .then_some(e)
+    (u64::from(syscall) == nr && site != SITE_NOT_SAMPLED && py == NO_PY_STACK).then_some(e)
 }
 
 /// A send on fd `fd` by thread `tid` of Python process `tgid` (counters at

@@ -32,7 +32,8 @@
 //!   open() returns must have that very stack (py-spy leaves out a thread's
 //!   outermost frame, `Thread._bootstrap`);
 //! - in the agent, `fetch_data_wrong` at its `@leak` line is the site of the
-//!   leaked sockets (one per request, the number the agent made), named from
+//!   leaked sockets (one per request, the number the agent made, but for
+//!   at most two made before fdtrace had found the interpreter), named from
 //!   the socket's first use (httpx creates it in a helper task, where none
 //!   of the user's frames are on the stack), via httpx; `fetch_data_right`
 //!   (one shared client) does not leak;
@@ -791,9 +792,23 @@ fn check_supported(label: &'static str) {
     if !s["via"].as_str().is_some_and(|v| v.starts_with("httpx ")) {
         c.fail(&format!("the agent's leak goes through httpx: {s}"));
     }
-    if s["open_fds"].as_u64() != Some(requests) {
+    // The agent exec'd while fdtrace ran: the fds it made before fdtrace
+    // found its interpreter (libpython mapped, the exec event read, which
+    // waits while a report runs) have native stacks only, and on a loaded
+    // machine that can reach its first request or two. Every leaked socket
+    // is still counted: in this site or a native one of the same peer.
+    let open = s["open_fds"].as_u64().unwrap_or(0);
+    let peer = s["resource"].clone();
+    let native: u64 = asites
+        .iter()
+        .filter(|n| n["resource"] == peer && n.get("py_stack").is_none())
+        .filter_map(|n| n["open_fds"].as_u64())
+        .sum();
+    if !(requests.saturating_sub(2)..=requests).contains(&open) || open + native < requests {
         c.fail(&format!(
-            "the agent made {requests} requests, each leaking a socket: {s}"
+            "the agent made {requests} requests, each leaking a socket: this site holds {open} \
+             (at least {} expected), sites of that peer without a Python stack {native}: {s}",
+            requests.saturating_sub(2)
         ));
     }
     if c.leak_finding(agent, s).is_none() {
