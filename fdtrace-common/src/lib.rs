@@ -136,6 +136,13 @@ pub struct FdInfo {
     pub created_ns: u64,
     /// Call-site id (user stack id); [`NO_SITE`] when not recorded.
     pub site: u64,
+    /// Python processes: the Python stack that created the fd (an id in
+    /// PY_STACKS), or [`python::NO_PY_STACK`].
+    pub py_site: u64,
+    /// Sockets of Python processes: the Python stack of their first send,
+    /// [`python::NO_PY_STACK`] before it, [`python::PY_USE_UNSAMPLED`] when
+    /// it was seen without a stack.
+    pub py_use: u64,
     /// Syscall number that created the fd (`u16::MAX` when pre-existing).
     pub syscall: u16,
     /// [`FdKind`] as u8.
@@ -368,7 +375,7 @@ mod pod {
 // Layouts are shared with the kernel: a size change is an ABI change.
 const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
-const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
-const _: () = assert!(core::mem::size_of::<EntryRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<FdInfo>() == 40);
+const _: () = assert!(core::mem::size_of::<EntryRecord>() == 48);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS + 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -9,6 +9,15 @@
 /// Most Python frames captured per stack, innermost first.
 pub const PY_MAX_FRAMES: usize = 32;
 
+/// `FdInfo::py_site` / `py_use` when no Python stack was taken: an id in
+/// the kernel's PY_STACKS map otherwise.
+pub const NO_PY_STACK: u64 = 0;
+
+/// `FdInfo::py_use` of a socket whose first send was seen without a stack
+/// taken (over the stack budget, or no Python frame): later sends do not
+/// try again.
+pub const PY_USE_UNSAMPLED: u64 = u64::MAX;
+
 /// Most interpreters and thread states visited when looking for a thread's
 /// state: bounds for the kernel's loop (and the user-space walker's).
 pub const PY_MAX_INTERPRETERS: u32 = 8;

@@ -17,14 +17,18 @@ macro_rules! syscalls {
 }
 
 syscalls! {
+    WRITE = 1 as "write",
     OPEN = 2 as "open",
     CLOSE = 3 as "close",
     IOCTL = 16 as "ioctl",
+    WRITEV = 20 as "writev",
     PIPE = 22 as "pipe",
     DUP = 32 as "dup",
     DUP2 = 33 as "dup2",
     SOCKET = 41 as "socket",
     ACCEPT = 43 as "accept",
+    SENDTO = 44 as "sendto",
+    SENDMSG = 46 as "sendmsg",
     RECVMSG = 47 as "recvmsg",
     SOCKETPAIR = 53 as "socketpair",
     CLONE = 56 as "clone",
@@ -53,6 +57,7 @@ syscalls! {
     FANOTIFY_INIT = 300 as "fanotify_init",
     PRLIMIT64 = 302 as "prlimit64",
     OPEN_BY_HANDLE_AT = 304 as "open_by_handle_at",
+    SENDMMSG = 307 as "sendmmsg",
     MEMFD_CREATE = 319 as "memfd_create",
     BPF = 321 as "bpf",
     EXECVEAT = 322 as "execveat",

@@ -12,7 +12,7 @@ use fdtrace_common::{EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_SHARED_TABLE, 
 use crate::{
     global,
     iter::{TASK_FILES_OFF, TASK_PID_OFF, TASK_TGID_OFF},
-    node,
+    node, python,
     sys_exit::Call,
     table::{self, Bulk, Extra, bulk, emit, proc_of},
 };
@@ -25,6 +25,7 @@ static EXIT_HAS_GROUP_DEAD: u32 = 0;
 
 /// A successful execve/execveat of a traced process.
 pub fn exec(c: &Call) {
+    python::forget(c.tgid);
     let inherited = bulk(c.p, c.tgid, 0, u32::MAX, Bulk::Exec, None);
     let extra = Extra {
         syscall: c.nr,
@@ -85,6 +86,7 @@ pub fn fork(ctx: &BtfTracePointContext) -> Option<()> {
         return None;
     }
     let cp = proc_of(child)?;
+    python::fork(parent, child);
     bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
     // The copy changed the child's table: a report that read it meanwhile
     // (PROCS named the child before the copy) must read it again.
@@ -113,6 +115,7 @@ pub fn exit(ctx: &BtfTracePointContext) {
         return;
     }
     emit(EV_EXIT, tgid, pid, p, Extra::NONE);
+    python::forget(tgid);
     bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
     table::unregister(tgid, p);
 }

@@ -26,6 +26,7 @@ mod iter;
 mod lifecycle;
 mod maps;
 mod node;
+mod python;
 mod regs;
 mod scm_rights;
 mod stack;
@@ -45,6 +46,17 @@ pub(crate) fn global(v: &u32) -> u32 {
 #[btf_tracepoint(function = "sys_exit")]
 pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
     sys_exit::handle(&ctx);
+    0
+}
+
+/// Python stacks at sys_exit (see python.rs): attached, after
+/// fdtrace_sys_exit, once a traced process runs a supported CPython, so
+/// that no other session pays for it; a program of its own, so that the
+/// verifier checks the stack walk apart from the fd table's paths (inlined
+/// there, it took the verifier past its million instructions).
+#[btf_tracepoint(function = "sys_exit")]
+pub fn fdtrace_py_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    python::sys_exit(&ctx);
     0
 }
 

@@ -1,7 +1,8 @@
 //! Python stacks at a syscall: the kernel half of the user-space walker in
-//! fdtrace/src/python/walk.rs, the same reads in the same order. NOT WIRED
-//! YET: user space fills PY_LAYOUTS per Python process, and the fd-creating
-//! paths call [`capture`] where they take a native stack (same budget).
+//! fdtrace/src/python/walk.rs, the same reads in the same order. User space
+//! fills PY_LAYOUTS per Python process; the fd-creating paths call
+//! [`capture`] where they take a native stack (same budget), and store the
+//! id it returns in the fd's entry.
 //!
 //! Cost (measured in the design note, python-frames.md): a
 //! bpf_probe_read_user costs about the same whatever its size (8-64 bytes),
@@ -9,20 +10,33 @@
 //! field: about 1 us for 7 frames. The thread state is looked up by native
 //! thread id (the GIL is released in the syscall, so the "current" thread
 //! state is NULL) and cached per tid, checked again on every use.
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    helpers::bpf_probe_read_user_buf,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf, generated::bpf_loop,
+    },
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::BtfTracePointContext,
 };
 use fdtrace_common::{
-    NO_FIELD,
+    FdInfo, FdKind, NO_FIELD, ProcStats, SITE_NOT_SAMPLED,
+    decode::{Effect, SyscallArgs as _, decode},
     python::{
-        PY_FRAME_READ, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS, PyFrame, PyLayout,
-        PyStack,
+        NO_PY_STACK, PY_FRAME_READ, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS,
+        PY_USE_UNSAMPLED, PyFrame, PyLayout, PyStack,
     },
+    syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
 };
 
-use crate::read_user;
+use crate::{
+    global,
+    regs::{Regs, read_user},
+    stack::{STACKS_PER_SLOT, stack_budget},
+    table::{add64, open_entry, proc_of},
+};
 
 /// Traced Python processes: tgid -> layout and `_PyRuntime` address.
 #[map]
@@ -34,7 +48,15 @@ static PY_TSTATES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0)
 
 /// Per-CPU room for a PyStack (larger than the BPF stack allows).
 #[map]
-pub static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
+static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Python stacks that created (or first used) fds, by id: a hash of their
+/// frames, as STACKS keys native stacks, so an fd's entry holds one id.
+/// Not preallocated: a session sees few distinct stacks.
+#[map]
+pub static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+const EEXIST: i32 = -17;
 
 const FRAME_READ: usize = PY_FRAME_READ as usize;
 
@@ -55,8 +77,61 @@ fn word(buf: &[u8; FRAME_READ], off: u32) -> u64 {
     ])
 }
 
+/// The walk of `_PyRuntime.interpreters.head -> threads.head -> next`,
+/// one thread state a step (bpf_loop: the verifier checks the step once,
+/// where a nested bounded loop would be explored iteration by iteration).
+#[repr(C)]
+struct TstateWalk {
+    l: *const PyLayout,
+    /// The interpreter whose thread list is walked, and the thread state
+    /// to look at next (0: go on to the next interpreter).
+    interp: u64,
+    ts: u64,
+    tid: u64,
+    found: u64,
+    interpreters: u32,
+    _pad: u32,
+}
+
+extern "C" fn tstate_step(_i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the TstateWalk on thread_state()'s stack; l points at
+    // the PY_LAYOUTS value looked up there.
+    let w = unsafe { &mut *(ctx as *mut TstateWalk) };
+    let l = unsafe { &*w.l };
+    if w.ts == 0 {
+        if w.interpreters > 0 {
+            let Some(next) = read_user::<u64>(w.interp + u64::from(l.interp_next)) else {
+                return 1;
+            };
+            w.interp = next;
+        }
+        w.interpreters += 1;
+        if w.interp == 0 || w.interpreters > PY_MAX_INTERPRETERS {
+            return 1;
+        }
+        match read_user::<u64>(w.interp + u64::from(l.interp_threads_head)) {
+            Some(ts) => w.ts = ts,
+            None => return 1,
+        }
+        return 0;
+    }
+    match read_user::<u64>(w.ts + u64::from(l.tstate_native_thread_id)) {
+        Some(t) if t == w.tid => {
+            w.found = w.ts;
+            return 1;
+        }
+        Some(_) => {}
+        None => return 1,
+    }
+    match read_user::<u64>(w.ts + u64::from(l.tstate_next)) {
+        Some(next) => w.ts = next,
+        None => return 1,
+    }
+    0
+}
+
 /// Thread `tid`'s PyThreadState: the cached one if it still names `tid`,
-/// else the walk of `_PyRuntime.interpreters.head -> threads.head -> next`.
+/// else found by the walk of every interpreter's threads.
 #[inline(always)]
 fn thread_state(l: &PyLayout, tid: u32) -> Option<u64> {
     let ntid = u64::from(l.tstate_native_thread_id);
@@ -66,34 +141,91 @@ fn thread_state(l: &PyLayout, tid: u32) -> Option<u64> {
     {
         return Some(ts);
     }
-    let mut interp = read_user::<u64>(l.runtime + u64::from(l.runtime_interpreters_head))?;
-    for _ in 0..PY_MAX_INTERPRETERS {
-        if interp == 0 {
-            return None;
-        }
-        let mut ts = read_user::<u64>(interp + u64::from(l.interp_threads_head))?;
-        for _ in 0..PY_MAX_THREADS {
-            if ts == 0 {
-                break;
-            }
-            if read_user::<u64>(ts + ntid)? == u64::from(tid) {
-                let _ = PY_TSTATES.insert(tid, ts, 0);
-                return Some(ts);
-            }
-            ts = read_user::<u64>(ts + u64::from(l.tstate_next))?;
-        }
-        interp = read_user::<u64>(interp + u64::from(l.interp_next))?;
+    let mut w = TstateWalk {
+        l,
+        interp: read_user::<u64>(l.runtime + u64::from(l.runtime_interpreters_head))?,
+        ts: 0,
+        tid: u64::from(tid),
+        found: 0,
+        interpreters: 0,
+        _pad: 0,
+    };
+    // Each interpreter takes one step more than its threads.
+    let steps = PY_MAX_INTERPRETERS * (PY_MAX_THREADS + 1);
+    // SAFETY: static callback; w outlives the call.
+    unsafe { bpf_loop(steps, tstate_step as *mut c_void, (&raw mut w).cast(), 0) };
+    if w.found == 0 {
+        return None;
     }
-    None
+    let _ = PY_TSTATES.insert(tid, w.found, 0);
+    Some(w.found)
 }
 
-/// The Python stack of thread `tid` of process `tgid` into this CPU's
-/// PY_SCRATCH; None when the process is not a supported Python, the thread
-/// has no thread state, or a read failed before the first frame.
+/// One step of the stack's id: FNV-1a's multiply over whole words, with
+/// a shift so high bits reach low ones (code pointers differ in their
+/// middle bits).
 #[inline(always)]
-pub fn capture(tgid: u32, tid: u32) -> Option<*mut PyStack> {
-    // SAFETY: PY_LAYOUTS values are written by user space before the
-    // process is traced and not changed after.
+fn mix(h: u64, w: u64) -> u64 {
+    let h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+    h ^ (h >> 29)
+}
+
+/// The walk of a thread's frames, one frame (one read) a step.
+#[repr(C)]
+struct FrameWalk {
+    l: *const PyLayout,
+    out: *mut PyStack,
+    frame: u64,
+    hash: u64,
+    n: u32,
+    _pad: u32,
+}
+
+extern "C" fn frame_step(_i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the FrameWalk on capture_into()'s stack; l and out
+    // point at map values looked up there.
+    let w = unsafe { &mut *(ctx as *mut FrameWalk) };
+    let l = unsafe { &*w.l };
+    let n = w.n as usize;
+    if w.frame == 0 || n >= PY_MAX_FRAMES {
+        return 1;
+    }
+    let mut buf = [0u8; FRAME_READ];
+    // SAFETY: the helper checks the address.
+    if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf) }.is_err() {
+        return 1;
+    }
+    let owner_at = (l.frame_owner as usize).min(FRAME_READ - 1);
+    if u32::from(buf[owner_at]) != l.owner_cstack {
+        let code = word(&buf, l.frame_code);
+        let first = code.wrapping_add(u64::from(l.code_adaptive));
+        let offset = word(&buf, l.frame_instr).wrapping_sub(first);
+        w.hash = mix(mix(w.hash, code), offset);
+        // SAFETY: out is this CPU's scratch value; n < PY_MAX_FRAMES.
+        unsafe {
+            (*w.out).frames[n] = PyFrame {
+                code,
+                offset: offset as i64,
+            };
+        }
+        w.n += 1;
+    }
+    w.frame = word(&buf, l.frame_previous);
+    0
+}
+
+/// The Python stack of thread `tid` of process `tgid`, kept in PY_STACKS:
+/// its id, or NO_PY_STACK when the process is not a supported Python, the
+/// thread has no thread state or no frame, or the stack could not be kept.
+#[inline(always)]
+pub fn capture(tgid: u32, tid: u32) -> u64 {
+    capture_into(tgid, tid).unwrap_or(NO_PY_STACK)
+}
+
+#[inline(never)]
+fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
+    // SAFETY: PY_LAYOUTS values are written by user space before it reads
+    // any stack of the process, and not changed while it runs that image.
     let l = unsafe { PY_LAYOUTS.get(tgid) }?;
     let out = PY_SCRATCH.get_ptr_mut(0)?;
     let ts = thread_state(l, tid)?;
@@ -101,31 +233,27 @@ pub fn capture(tgid: u32, tid: u32) -> Option<*mut PyStack> {
     if l.cframe_current_frame != NO_FIELD && frame != 0 {
         frame = read_user::<u64>(frame + u64::from(l.cframe_current_frame))?;
     }
-    let owner_at = (l.frame_owner as usize).min(FRAME_READ - 1);
-    let mut buf = [0u8; FRAME_READ];
-    let mut n = 0usize;
+    let mut w = FrameWalk {
+        l,
+        out,
+        frame,
+        hash: 0xcbf2_9ce4_8422_2325,
+        n: 0,
+        _pad: 0,
+    };
     // Shim frames count against the bound too: it bounds the reads.
-    for _ in 0..PY_MAX_FRAMES * 2 {
-        if frame == 0 || n >= PY_MAX_FRAMES {
-            break;
-        }
-        // SAFETY: the helper checks the address.
-        if unsafe { bpf_probe_read_user_buf(frame as *const u8, &mut buf) }.is_err() {
-            break;
-        }
-        if u32::from(buf[owner_at]) != l.owner_cstack {
-            let code = word(&buf, l.frame_code);
-            let first = code.wrapping_add(u64::from(l.code_adaptive));
-            // SAFETY: out is this CPU's scratch value; n < PY_MAX_FRAMES.
-            unsafe {
-                (*out).frames[n] = PyFrame {
-                    code,
-                    offset: word(&buf, l.frame_instr).wrapping_sub(first) as i64,
-                };
-            }
-            n += 1;
-        }
-        frame = word(&buf, l.frame_previous);
+    // SAFETY: static callback; w outlives the call.
+    unsafe {
+        bpf_loop(
+            (PY_MAX_FRAMES * 2) as u32,
+            frame_step as *mut c_void,
+            (&raw mut w).cast(),
+            0,
+        )
+    };
+    let n = w.n as usize;
+    if n == 0 {
+        return None;
     }
     // SAFETY: as above.
     unsafe {
@@ -136,5 +264,155 @@ pub fn capture(tgid: u32, tid: u32) -> Option<*mut PyStack> {
         }
         (*out).len = n as u32;
     }
-    Some(out)
+    let id = match mix(w.hash, n as u64) {
+        NO_PY_STACK | PY_USE_UNSAMPLED => 1,
+        id => id,
+    };
+    // SAFETY: out is this CPU's scratch value, copied by the helper. By
+    // reference: a PyStack is larger than the BPF stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let kept = PY_STACKS.insert(id, unsafe { &*out }, u64::from(BPF_NOEXIST));
+    match kept {
+        Ok(()) => Some(id),
+        Err(EEXIST) => Some(id),
+        // Full: the fd gets no Python stack rather than one user space
+        // cannot read.
+        Err(_) => None,
+    }
+}
+
+/// The Python half of the syscall hook, after fdtrace_sys_exit has
+/// updated the fd table: a call of a Python process that made fds, with a
+/// native stack taken (the same --stack-rate budget), gets its Python
+/// stack in the new fds' entries; a send on a socket, the first one, in
+/// its `py_use` (see [`first_use`]).
+#[inline(always)]
+pub fn sys_exit(ctx: &BtfTracePointContext) {
+    let r = Regs(ctx.arg(0));
+    let nr = r.nr();
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        return;
+    }
+    let send = matches!(nr, WRITE | WRITEV | SENDTO | SENDMSG | SENDMMSG);
+    // Calls that make fds with a stack of their own (not SCM_RIGHTS, whose
+    // fds the sender made, nor a pidfd).
+    let made = if send {
+        None
+    } else {
+        match decode(nr, &r) {
+            Some(
+                e @ (Effect::New { .. }
+                | Effect::Openat2 { .. }
+                | Effect::IoUring { .. }
+                | Effect::Dup { .. }
+                | Effect::Pair { .. }),
+            ) => Some(e),
+            _ => return,
+        }
+    };
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let Some(p) = proc_of(tgid) else {
+        return;
+    };
+    // SAFETY: presence check only.
+    if unsafe { PY_LAYOUTS.get(tgid) }.is_none() {
+        return;
+    }
+    if send {
+        first_use(p, tgid, tid, r.arg(0) as u32);
+        return;
+    }
+    let fd = ret as u32;
+    let (a, b) = match made {
+        Some(Effect::New { .. } | Effect::Openat2 { .. } | Effect::IoUring { .. }) => (fd, None),
+        Some(Effect::Dup { src, replaces, .. }) if !(replaces && src == fd) => (fd, None),
+        Some(Effect::Pair { ptr, .. }) => match read_user::<[i32; 2]>(ptr) {
+            Some([a, b]) => (a as u32, Some(b as u32)),
+            None => return,
+        },
+        _ => return,
+    };
+    let Some(ea) = made_by(tgid, a, nr) else {
+        return;
+    };
+    let py = capture(tgid, tid);
+    // SAFETY: ea (and eb) are live FDS values.
+    unsafe { (*ea).py_site = py };
+    if let Some(b) = b
+        && let Some(eb) = made_by(tgid, b, nr)
+    {
+        // SAFETY: as above.
+        unsafe { (*eb).py_site = py };
+    }
+}
+
+/// The entry of fd `fd` of `tgid` if syscall `nr` just made it within the
+/// stack budget: without stacks (`--no-stacks`), or over the budget, an fd
+/// gets no Python stack either. One whose native stack could not be taken
+/// (NO_SITE with stacks on) still gets its Python stack.
+#[inline(always)]
+fn made_by(tgid: u32, fd: u32, nr: u64) -> Option<*mut FdInfo> {
+    if global(&STACKS_PER_SLOT) == 0 {
+        return None;
+    }
+    let e = open_entry(tgid, fd)?;
+    // SAFETY: e is a live FDS value.
+    let (syscall, site, py) = unsafe { ((*e).syscall, (*e).site, (*e).py_site) };
+    (u64::from(syscall) == nr && site != SITE_NOT_SAMPLED && py == NO_PY_STACK).then_some(e)
+}
+
+/// A send on fd `fd` by thread `tid` of Python process `tgid` (counters at
+/// `p`). The first one on a socket takes its Python stack, within the
+/// process's stack budget, into the entry's `py_use`: async clients
+/// create their sockets in a helper task, where none of the user's frames
+/// are on the stack, and send from the user's own. Every later send costs
+/// one more lookup (the entry).
+#[inline(always)]
+fn first_use(p: *mut ProcStats, tgid: u32, tid: u32, fd: u32) {
+    let Some(info) = open_entry(tgid, fd) else {
+        return;
+    };
+    // SAFETY: info is a live FDS value. py_use is written here only, so
+    // the marker needs no read-modify-write of the flags a close clears
+    // concurrently; two threads sending at once may both take the stack.
+    unsafe {
+        if (*info).kind != FdKind::Socket as u8 || (*info).py_use != NO_PY_STACK {
+            return;
+        }
+        (*info).py_use = PY_USE_UNSAMPLED;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if global(&STACKS_PER_SLOT) == 0 || !stack_budget(p, now) {
+        return;
+    }
+    let id = capture(tgid, tid);
+    if id != NO_PY_STACK {
+        // SAFETY: as above; p is a live STATS element. The entry changed:
+        // a report that read it before must read it again.
+        unsafe {
+            (*info).py_use = id;
+            add64(&raw mut (*p).generation, 1);
+        }
+    }
+}
+
+/// A followed child starts as a copy of its parent: same interpreter, same
+/// addresses.
+#[inline(always)]
+pub fn fork(parent: u32, child: u32) {
+    // SAFETY: copied out at once.
+    if let Some(l) = unsafe { PY_LAYOUTS.get(parent) } {
+        let l = *l;
+        let _ = PY_LAYOUTS.insert(child, l, 0);
+    }
+}
+
+/// After exec (a new image) or exit, the layout no longer holds; user space
+/// writes the new image's, if it is a Python.
+#[inline(always)]
+pub fn forget(tgid: u32) {
+    let _ = PY_LAYOUTS.remove(tgid);
 }

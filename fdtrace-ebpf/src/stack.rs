@@ -19,7 +19,7 @@ use crate::{
 /// traced fd creation; a process creating fds faster than the budget has
 /// its fds over budget recorded without a stack.
 #[unsafe(no_mangle)]
-static STACKS_PER_SLOT: u32 = 100;
+pub static STACKS_PER_SLOT: u32 = 100;
 
 const SLOT_NS: u64 = 100_000_000;
 
@@ -28,23 +28,13 @@ const SLOT_NS: u64 = 100_000_000;
 /// the top of the user stack is saved with it (see StackWindow).
 #[inline(always)]
 pub fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) -> u64 {
-    let budget = u64::from(global(&STACKS_PER_SLOT));
-    if budget == 0 {
+    if global(&STACKS_PER_SLOT) == 0 {
         return NO_SITE;
     }
-    // SAFETY: p is a live STATS element. Threads race on the budget fields;
-    // a lost update only shifts a few fds across the budget line.
-    unsafe {
-        let slot = now / SLOT_NS;
-        if (*p).stack_slot != slot {
-            (*p).stack_slot = slot;
-            (*p).stacks_in_slot = 0;
-        }
-        if (*p).stacks_in_slot >= budget {
-            table::add64(&raw mut (*p).not_sampled, 1);
-            return SITE_NOT_SAMPLED;
-        }
-        (*p).stacks_in_slot += 1;
+    if !stack_budget(p, now) {
+        // SAFETY: p is a live STATS element.
+        table::add64(unsafe { &raw mut (*p).not_sampled }, 1);
+        return SITE_NOT_SAMPLED;
     }
     let Ok(id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
         return NO_SITE;
@@ -54,6 +44,28 @@ pub fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u
         save_window(id as u32, r);
     }
     id as u64
+}
+
+/// Whether process `p` may take one more stack in the current 100 ms slot,
+/// counted if so; false without stacks (`--no-stacks`) or over the budget.
+/// Native and Python stacks (python.rs) share the budget.
+#[inline(always)]
+pub fn stack_budget(p: *mut ProcStats, now: u64) -> bool {
+    let budget = u64::from(global(&STACKS_PER_SLOT));
+    // SAFETY: p is a live STATS element. Threads race on the budget fields;
+    // a lost update only shifts a few fds across the budget line.
+    unsafe {
+        let slot = now / SLOT_NS;
+        if (*p).stack_slot != slot {
+            (*p).stack_slot = slot;
+            (*p).stacks_in_slot = 0;
+        }
+        if (*p).stacks_in_slot >= budget {
+            return false;
+        }
+        (*p).stacks_in_slot += 1;
+    }
+    true
 }
 
 fn save_window(id: u32, r: &Regs) {

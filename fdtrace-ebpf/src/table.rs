@@ -16,6 +16,7 @@ use aya_ebpf::helpers::{
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC,
     FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, NO_SITE, ProcStats,
+    python::NO_PY_STACK,
 };
 
 use crate::{
@@ -176,6 +177,8 @@ pub fn install(
     let mut info = FdInfo {
         created_ns: origin.now,
         site: origin.site,
+        py_site: NO_PY_STACK,
+        py_use: NO_PY_STACK,
         syscall: origin.syscall as u16,
         kind,
         flags: FD_OPEN | if cloexec { FD_CLOEXEC } else { 0 },
@@ -270,6 +273,8 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool, file
     let info = FdInfo {
         created_ns: 0,
         site: NO_SITE,
+        py_site: NO_PY_STACK,
+        py_use: NO_PY_STACK,
         syscall: u16::MAX,
         kind,
         flags: FD_OPEN | FD_PREEXISTING | if cloexec { FD_CLOEXEC } else { 0 },

@@ -11,7 +11,6 @@ mod error;
 mod escape;
 mod kernel;
 mod procfd;
-mod python;
 mod reconcile;
 mod session;
 mod sinks;
@@ -26,7 +25,7 @@ fn main() -> ExitCode {
             eprintln!("fdtrace: py-stack needs one --pid");
             return ExitCode::from(2);
         };
-        return python::py_stack(pid, tid, cli.json).unwrap_or_else(|e| {
+        return enrich::python::py_stack(pid, tid, cli.json).unwrap_or_else(|e| {
             eprintln!("fdtrace: {e:#}");
             error::exit_code(&e)
         });

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use fdtrace_common::{
     FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW,
-    PROC_SHARED_TABLE, ProcStats,
+    PROC_SHARED_TABLE, ProcStats, python::NO_PY_STACK,
 };
 
 use crate::{
@@ -161,6 +161,8 @@ fn resync(k: &mut Kernel, pid: u32) -> Result<usize> {
             let info = FdInfo {
                 created_ns,
                 site: NO_SITE,
+                py_site: NO_PY_STACK,
+                py_use: NO_PY_STACK,
                 syscall: u16::MAX,
                 kind: f.kind as u8,
                 flags: FD_OPEN | FD_RESYNCED | if f.cloexec { FD_CLOEXEC } else { 0 },

@@ -27,6 +27,7 @@ use crate::{
         attribution::{Attributions, ProcessAttribution},
         label,
         process::{self, Identity},
+        python::{Found, PySites},
         symbols::Symbols,
     },
     error::Fatal,
@@ -79,6 +80,7 @@ struct Session {
     symbols: Symbols,
     attributions: Attributions,
     containers: Containers,
+    python: PySites,
     started: Instant,
     /// The `run` command's reaper, kept for the session.
     child: Option<spawn::Spawned>,
@@ -217,6 +219,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         symbols: Symbols::new(),
         attributions: Attributions::new(&cli.host_root),
         containers: Containers::default(),
+        python: PySites::default(),
         started: Instant::now(),
         child: None,
         node: node.is_some(),
@@ -252,6 +255,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         s.procs.insert(pid, traced);
+        let py = s.python.attach(pid);
+        s.found_python(pid, py)
+            .context("writing the Python notice")?;
     }
     if let Some(sel) = &node {
         for (pid, found) in kernel::node::start(&mut s.k, sel, &cli.host_root)? {
@@ -261,6 +267,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let mut enrich = ProcessEnrichment::read(pid);
             enrich.seed_labels(pid, found);
             s.procs.insert(pid, Traced::new(enrich, cfg));
+            let py = s.python.attach(pid);
+            s.found_python(pid, py)
+                .context("writing the Python notice")?;
         }
     }
     if let Some(Command::Run { no_follow, argv }) = &cli.command {
@@ -284,6 +293,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(cli.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A Python process just exec'd, whose loader has not mapped libpython
+    // yet, is looked at again this often.
+    let retry = async |at: Option<Instant>| match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    };
 
     let mut ended = SessionEnd::AllExited;
     let result: io::Result<()> = async {
@@ -304,6 +319,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     let mut guard = guard?;
                     s.events(guard.get_inner_mut())?;
                     guard.clear_ready();
+                    s.sinks.flush()?;
+                }
+                _ = retry(s.python.next_retry(Instant::now())) => {
+                    for (pid, found) in s.python.retry(Instant::now()) {
+                        s.found_python(pid, found)?;
+                    }
                     s.sinks.flush()?;
                 }
                 _ = sigint.recv() => { ended = SessionEnd::Sigint; break }
@@ -432,6 +453,7 @@ impl Session {
                     enrich.who = ProcessAttribution::inherited(&parent.enrich.who);
                 }
                 self.procs.insert(pid, Traced::new(enrich, self.cfg));
+                self.python.fork(ppid, pid);
                 self.sinks.notice(&Notice::Fork { ts, pid, ppid })
             }
             KernelEvent::Exec {
@@ -454,7 +476,8 @@ impl Session {
                 if inherited > 0 {
                     self.inherited(ts, pid, ts_ns, &comm)?;
                 }
-                Ok(())
+                let py = self.python.exec(pid, Instant::now());
+                self.found_python(pid, py)
             }
             KernelEvent::Exit { pid, comm, totals } => {
                 if let Some(p) = self.procs.get_mut(&pid) {
@@ -468,6 +491,7 @@ impl Session {
                     }
                     _ => Ending::Exited,
                 };
+                self.python.exit(pid);
                 self.exited(pid, Some(totals), ending)
             }
             KernelEvent::FdError {
@@ -525,7 +549,33 @@ impl Session {
             Err(e) => eprintln!("fdtrace: seeding pid {pid}: {e:#}"),
         }
         self.procs.insert(pid, Traced::new(enrich, self.cfg));
-        Ok(())
+        let py = self.python.attach(pid);
+        self.found_python(pid, py)
+    }
+
+    /// What looking at `pid` for a Python found: its layout goes to the
+    /// kernel (whose Python program is attached then, at the first), or
+    /// the reason its frames cannot be read to the sinks, once.
+    fn found_python(&mut self, pid: u32, found: Found) -> io::Result<()> {
+        match found {
+            Found::Python(layout) => {
+                if let Err(e) = self.k.trace_python(pid, &layout) {
+                    let message = format!("Python frames are not available for pid {pid}: {e:#}");
+                    return self.sinks.notice(&Notice::Python {
+                        ts: sinks::now(),
+                        pid,
+                        message,
+                    });
+                }
+                Ok(())
+            }
+            Found::Notice(message) => self.sinks.notice(&Notice::Python {
+                ts: sinks::now(),
+                pid,
+                message,
+            }),
+            Found::Nothing => Ok(()),
+        }
     }
 
     /// An event finding, once per key and process.
@@ -689,6 +739,7 @@ impl Session {
             let enriched = p.enrich.enrich(
                 &self.k,
                 &mut self.symbols,
+                &mut self.python,
                 pid,
                 &p.table,
                 now_ns,
@@ -712,6 +763,7 @@ impl Session {
                 tcp_states: enriched.tcp_states,
                 stacks: self.symbols.stacks(pid),
                 attribution,
+                python: self.python.sites(pid),
             };
             report.processes.push(p.analysis.update(&sample));
         }
@@ -743,8 +795,12 @@ impl Session {
             .procs
             .iter()
             .map(|(&pid, p)| {
-                p.analysis
-                    .summary(pid, &p.enrich.comm, self.symbols.stacks(pid))
+                p.analysis.summary(
+                    pid,
+                    &p.enrich.comm,
+                    self.symbols.stacks(pid),
+                    self.python.sites(pid),
+                )
             })
             .collect();
         self.sinks.summary(&Summary {

@@ -5,7 +5,9 @@ closes it, so every request leaves a connected socket behind (in
 CLOSE_WAIT once the server drops the idle connection); fetch_data_right()
 shares one client and is healthy. Against keepalive_server.py, started as
 a child unless --url is given. Bounded: --requests requests at --rate per
-second, then it exits.
+second, then it exits, or with --hold prints `done <pid> <requests>` and
+holds its fds (the leaked clients) that many seconds more, or until its
+parent is gone.
 
   py=$(tests/python/venv.sh python3)      # a venv with httpx
   sudo fdtrace run -- "$py" tests/python/agent.py
@@ -60,6 +62,7 @@ async def main():
     ap.add_argument("--url", help="default: start keepalive_server.py")
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second")
+    ap.add_argument("--hold", type=float, help="seconds to keep the fds after the requests")
     args = ap.parse_args()
     server = None
     url = args.url
@@ -75,6 +78,12 @@ async def main():
                 await asyncio.sleep(delay)
             await fetch_data_wrong(url)
             await fetch_data_right(shared, url)
+        if args.hold is not None:
+            print(f"done {os.getpid()} {args.requests}", flush=True)
+            parent = os.getppid()
+            deadline = time.monotonic() + args.hold
+            while time.monotonic() < deadline and os.getppid() == parent:
+                await asyncio.sleep(0.2)
     if server is not None:
         server.terminate()
         server.wait()

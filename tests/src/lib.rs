@@ -26,6 +26,7 @@ mod fdops;
 mod one_shot;
 mod procfs;
 pub mod prometheus;
+mod python;
 mod session;
 mod snapshot;
 
@@ -33,6 +34,7 @@ pub use env::*;
 pub use fdops::*;
 pub use one_shot::*;
 pub use procfs::*;
+pub use python::*;
 pub use session::*;
 pub use snapshot::*;
 

@@ -35,67 +35,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fdtrace_tests::fdtrace_bin;
+use fdtrace_tests::{PYDIR, debian_python, fdtrace_bin, markers, py_spy, pyenv_python, venv_of};
 use serde_json::Value;
 
-const PYDIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// x86-64 syscall numbers the threads of stacks.py block in.
 const SYS_READ: &str = "0";
 const SYS_FUTEX: &str = "202";
-
-fn pyenv_root() -> PathBuf {
-    if let Some(r) = std::env::var_os("PYENV_ROOT") {
-        return PathBuf::from(r);
-    }
-    if let Ok(out) = Command::new("pyenv").arg("root").output()
-        && out.status.success()
-    {
-        return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pyenv")
-}
-
-fn pyenv_python(version: &str) -> PathBuf {
-    let p = pyenv_root()
-        .join("versions")
-        .join(version)
-        .join("bin/python3");
-    assert!(
-        p.is_file(),
-        "{} missing: the Python frame tests need CPython {version} from pyenv \
-         (`pyenv install {version}`)",
-        p.display()
-    );
-    p
-}
-
-fn debian_python() -> PathBuf {
-    let p = PathBuf::from("/usr/bin/python3");
-    assert!(
-        p.is_file(),
-        "/usr/bin/python3 missing: `apt-get install python3 python3-venv`"
-    );
-    p
-}
-
-/// The venv of `python` made by venv.sh (with py-spy in it).
-fn venv_of(python: &Path) -> PathBuf {
-    let out = Command::new(Path::new(PYDIR).join("venv.sh"))
-        .arg(python)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run tests/python/venv.sh");
-    assert!(
-        out.status.success(),
-        "venv.sh {} failed: {}",
-        python.display(),
-        out.status
-    );
-    let py = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    py.parent().expect("venv bin").to_path_buf()
-}
 
 /// A child killed when dropped, so a failing test leaves nothing running.
 struct Running(Child);
@@ -148,14 +95,7 @@ fn start_stacks(python: &Path) -> Stacks {
     let script = dir.0.join("stacks.py");
     std::fs::copy(Path::new(PYDIR).join("stacks.py"), &script).expect("copy stacks.py");
     let source = std::fs::read_to_string(&script).expect("read stacks.py");
-    let lines = source
-        .lines()
-        .zip(1..)
-        .filter_map(|(l, n)| {
-            let m = l.split("# @").nth(1)?;
-            Some((m.split_whitespace().next()?.to_owned(), n))
-        })
-        .collect();
+    let lines = markers(&source);
     let dump = dir.0.join("faulthandler.txt");
     let mut child = Command::new(python)
         .arg(&script)
@@ -234,43 +174,6 @@ fn frames(v: &Value) -> Vec<String> {
         .map(|f| {
             assert!(f.get("error").is_none(), "a frame could not be read: {f}");
             f["frame"].as_str().expect("frame text").to_owned()
-        })
-        .collect()
-}
-
-/// py-spy's frames of every thread, by native thread id, in fdtrace's
-/// "qualname (file:line)" form (py-spy names frames by qualname on 3.11+).
-fn py_spy(venv: &Path, pid: u32) -> HashMap<u64, Vec<String>> {
-    let out = Command::new(venv.join("py-spy"))
-        .args(["dump", "--json", "--pid", &pid.to_string()])
-        .output()
-        .expect("run py-spy");
-    assert!(
-        out.status.success(),
-        "py-spy dump --pid {pid}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("py-spy JSON");
-    v.as_array()
-        .expect("py-spy: a list of threads")
-        .iter()
-        .map(|t| {
-            let frames = t["frames"]
-                .as_array()
-                .expect("py-spy frames")
-                .iter()
-                .filter(|f| f["is_shim_entry"] != Value::Bool(true))
-                .map(|f| {
-                    format!(
-                        "{} ({}:{})",
-                        f["name"].as_str().expect("name"),
-                        f["filename"].as_str().expect("filename"),
-                        f["line"]
-                    )
-                })
-                .collect();
-            (t["os_thread_id"].as_u64().expect("os_thread_id"), frames)
         })
         .collect()
 }
@@ -425,7 +328,7 @@ fn check(python: &Path) {
             .cloned()
             .collect()
     };
-    let spy = py_spy(&venv, s.pid);
+    let spy = py_spy(&venv, s.pid).unwrap_or_else(|e| panic!("{e}"));
     for (what, tid, ours) in [
         ("main", s.pid, &want),
         ("worker", s.worker, &wf),

@@ -11,6 +11,7 @@ pub mod child;
 mod extras;
 mod node;
 mod progtime;
+mod python;
 mod report;
 mod tax;
 
@@ -227,6 +228,7 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         measure_rounds(bins, rounds, &iters)?
     };
     let progs = progtime::measure(bins, &iters, rounds)?;
+    let py = python::measure(bins, &ws.root, rounds, args.quick)?;
     let attach = extras::attach_figures(bins)?;
     let setting = Setting {
         rounds,
@@ -236,6 +238,7 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         kernel: kernel_release(),
     };
     report::print(&setting, &samples, &progs, &attach);
+    python::print(&py);
     Ok(())
 }
 

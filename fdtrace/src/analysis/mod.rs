@@ -31,6 +31,20 @@ pub use status::{Status, Thresholds, pct_used, status};
 /// Symbolized frames of a call-site stack, innermost first.
 pub type Stack = Rc<Vec<String>>;
 
+/// The Python side of a call site of a Python process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PythonFrames {
+    /// "qualname (file:line)", innermost first.
+    pub stack: Vec<String>,
+    /// The first frame of the user's own code (outside the standard
+    /// library and installed packages), and the library call it made:
+    /// "httpx AsyncClient.get".
+    pub user_frame: Option<String>,
+    pub via: Option<String>,
+}
+
+pub type PythonSite = Rc<PythonFrames>;
+
 /// The TCP state of a socket, as far as the analysis looks at it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcpState {
@@ -114,6 +128,8 @@ pub struct ProcessSample<'a> {
     pub stacks: &'a HashMap<u64, Stack>,
     /// Its cgroup, container and pod.
     pub attribution: Rc<Attribution>,
+    /// Python stacks by canonical id, for the sites of a Python process.
+    pub python: &'a HashMap<u64, PythonSite>,
 }
 
 /// What was asked, for the record that opens a report.

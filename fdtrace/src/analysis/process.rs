@@ -16,8 +16,8 @@ use foldhash::{HashMap as FastMap, HashMapExt as _};
 
 use super::{
     Ending, Finding, FindingKind, LabelledFd, ProcessFigures, ProcessReport, ProcessSample,
-    ProcessSummary, Series, SiteFigures, SiteReport, Stack, Status, TcpState, Thresholds, Totals,
-    close_wait, is_candidate, leak, pct_used, seconds_to_emfile, status,
+    ProcessSummary, PythonSite, Series, SiteFigures, SiteReport, Stack, Status, TcpState,
+    Thresholds, Totals, close_wait, is_candidate, leak, pct_used, seconds_to_emfile, status,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -367,7 +367,7 @@ impl ProcessAnalysis {
                 shares_fd_table: c.shares_fd_table,
                 attribution: s.attribution.clone(),
             },
-            sites: self.top_sites(self.cfg.top, s.stacks),
+            sites: self.top_sites(self.cfg.top, s.stacks, s.python),
             findings,
             resync: s.resync,
             close_wait: self.sites.values().map(|s| s.close_wait).sum(),
@@ -375,7 +375,12 @@ impl ProcessAnalysis {
     }
 
     /// Sites with open fds by leak rate, fastest first.
-    fn top_sites(&self, n: usize, stacks: &HashMap<u64, Stack>) -> Vec<SiteReport> {
+    fn top_sites(
+        &self,
+        n: usize,
+        stacks: &HashMap<u64, Stack>,
+        python: &HashMap<u64, PythonSite>,
+    ) -> Vec<SiteReport> {
         let mut v: Vec<&Site> = self.sites.values().filter(|s| s.open > 0).collect();
         v.sort_by(|a, b| {
             b.leak_per_s
@@ -389,6 +394,7 @@ impl ProcessAnalysis {
                 kind: FdKind::from_u8(s.key.kind),
                 resource: s.key.resource.clone(),
                 stack: stacks.get(&s.key.stack).cloned().unwrap_or_default(),
+                python: python.get(&s.key.stack).cloned(),
                 open_fds: s.open,
                 leak_per_s: s.leak_per_s,
                 oldest_age_s: s.oldest_age_s,
@@ -466,7 +472,13 @@ impl ProcessAnalysis {
     }
 
     /// The process's line of the closing summary.
-    pub fn summary(&self, pid: u32, comm: &str, stacks: &HashMap<u64, Stack>) -> ProcessSummary {
+    pub fn summary(
+        &self,
+        pid: u32,
+        comm: &str,
+        stacks: &HashMap<u64, Stack>,
+        python: &HashMap<u64, PythonSite>,
+    ) -> ProcessSummary {
         let (emfile, enfile) = self.last.map_or((0, 0), |l| (l.emfile, l.enfile));
         let totals = self.exited.or(self.last_totals()).unwrap_or_default();
         ProcessSummary {
@@ -486,7 +498,7 @@ impl ProcessAnalysis {
             leak_per_s: self.leak_per_s,
             seconds_to_emfile: self.seconds_to_emfile,
             sites: self
-                .top_sites(3, stacks)
+                .top_sites(3, stacks, python)
                 .into_iter()
                 .filter(|s| s.leak_per_s >= GROWING_RATE)
                 .collect(),
@@ -581,6 +593,7 @@ mod tests {
                 tcp_states: &self.tcp,
                 stacks: &self.stacks,
                 attribution: Default::default(),
+                python: &HashMap::new(),
             })
         }
     }
@@ -627,7 +640,7 @@ mod tests {
             .find(|f| f.kind == FindingKind::Leak)
             .expect("a leak finding")
             .clone();
-        let summary = r.a.summary(42, "leaker", &r.stacks);
+        let summary = r.a.summary(42, "leaker", &r.stacks, &HashMap::new());
         let f = summary
             .findings
             .iter()
@@ -682,6 +695,7 @@ mod tests {
             tcp_states: &r.tcp,
             stacks: &r.stacks,
             attribution: Default::default(),
+            python: &HashMap::new(),
         });
         assert_eq!(rep.sites.len(), 2);
         // A new version regroups.
@@ -783,7 +797,7 @@ mod tests {
             !r.a.exit(Totals::default(), Ending::Exited),
             "an exit is seen once"
         );
-        let s = r.a.summary(42, "x", &r.stacks);
+        let s = r.a.summary(42, "x", &r.stacks, &HashMap::new());
         assert!(s.exited);
         assert_eq!(s.status, Status::Critical);
         assert_eq!(s.totals.closed, 950);

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use fdtrace_common::{FD_KINDS, FdKind};
 use serde::{Deserialize, Serialize};
 
-use super::{Attribution, ContainerReport, Errno, Finding, Request, Stack, Status};
+use super::{Attribution, ContainerReport, Errno, Finding, PythonSite, Request, Stack, Status};
 
 /// The record that opens a report: what was asked.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,6 +96,8 @@ pub struct SiteReport {
     pub kind: FdKind,
     pub resource: Rc<str>,
     pub stack: Stack,
+    /// Python processes: the Python stack that made the site's fds.
+    pub python: Option<PythonSite>,
     pub open_fds: u64,
     pub leak_per_s: f64,
     pub oldest_age_s: f64,
@@ -197,6 +199,12 @@ pub enum Notice {
         pid: u32,
         soft_limit: Option<u64>,
         hard_limit: Option<u64>,
+    },
+    /// Why a process's Python frames cannot be read (once per process).
+    Python {
+        ts: f64,
+        pid: u32,
+        message: String,
     },
     /// A finding from an event (EMFILE, inherited fds).
     Finding {

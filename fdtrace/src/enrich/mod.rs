@@ -6,6 +6,7 @@ pub mod attribution;
 pub mod container;
 pub mod label;
 pub mod process;
+pub mod python;
 pub mod symbols;
 
 use std::{os::fd::AsFd as _, rc::Rc, time::Duration};
@@ -19,6 +20,7 @@ use crate::{
     procfd::{self, ProcFd},
 };
 use label::{Links, Sockets};
+use python::PySites;
 use symbols::Symbols;
 
 /// Labels of a process's live fds by (fd, creation time): each fd is read
@@ -124,10 +126,12 @@ impl ProcessEnrichment {
     /// states of its sockets. Labelled fds that hold are not looked at
     /// again until the table changes; only fds at least `min_age` old at
     /// `now_ns` are labelled.
+    #[allow(clippy::too_many_arguments)]
     pub fn enrich(
         &mut self,
         k: &Kernel,
         symbols: &mut Symbols,
+        python: &mut PySites,
         pid: u32,
         table: &FdTable,
         now_ns: u64,
@@ -142,7 +146,7 @@ impl ProcessEnrichment {
                 let preexisting = f.info.flags & FD_PREEXISTING != 0;
                 !is_candidate(preexisting, f.info.created_ns, now_ns, min_age_ns)
             };
-            self.label(k, symbols, pid, &table.fds, &young, &mut sockets);
+            self.label(k, symbols, python, pid, &table.fds, &young, &mut sockets);
             self.from_table = Some(table.version);
             self.version += 1;
         }
@@ -162,10 +166,12 @@ impl ProcessEnrichment {
 
     /// Labels every fd of `table` that is not `young` (not yet a leak
     /// candidate), from the cache or /proc.
+    #[allow(clippy::too_many_arguments)]
     fn label(
         &mut self,
         k: &Kernel,
         symbols: &mut Symbols,
+        python: &mut PySites,
         pid: u32,
         table: &[LiveFd],
         young: &dyn Fn(&LiveFd) -> bool,
@@ -221,12 +227,24 @@ impl ProcessEnrichment {
                     has_sockets |= l.socket_inode.is_some();
                 }
             }
+            // A Python process's fd is keyed by its Python stack, and
+            // shows the native stack of the first fd seen with it.
+            let native = symbols.site(k, pid, f.info.site);
+            let stack = match python.site_key(pid, f.info.py_site, f.info.py_use, &mut |id| {
+                k.py_stacks.get(&id, 0).ok()
+            }) {
+                Some(key) => {
+                    symbols.alias(pid, key, native);
+                    key
+                }
+                None => native,
+            };
             out.push(LabelledFd {
                 fd: f.fd,
                 created_ns: f.info.created_ns,
                 preexisting,
                 kind,
-                stack: symbols.site(k, pid, f.info.site),
+                stack,
                 label,
             });
         }

@@ -99,6 +99,17 @@ impl Symbols {
         canon
     }
 
+    /// Makes `key` (a Python site of `pid`) show the frames of canonical
+    /// stack `native`, unless it shows some already.
+    pub fn alias(&mut self, pid: u32, key: u64, native: u64) {
+        let frames = self.frames.entry(pid).or_default();
+        if !frames.contains_key(&key)
+            && let Some(s) = frames.get(&native).cloned()
+        {
+            frames.insert(key, s);
+        }
+    }
+
     /// "function (file:line)" where debug info exists, "function" from the
     /// symbol table, "module+0xoffset" otherwise; innermost first.
     pub fn frames(&self, pid: u32, canon: u64) -> Stack {

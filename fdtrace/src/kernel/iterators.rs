@@ -241,6 +241,8 @@ mod tests {
                 info: fdtrace_common::FdInfo {
                     created_ns,
                     site: 7,
+                    py_site: 0,
+                    py_use: 0,
                     syscall: 257,
                     kind: kind as u8,
                     flags: fdtrace_common::FD_OPEN,

@@ -9,10 +9,15 @@ use aya::{
     maps::{Array, HashMap, MapData, Queue, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, Iter, ProgramFd},
 };
-use fdtrace_common::{FdInfo, FdKey, ProcStats, StackWindow};
+use fdtrace_common::{
+    FdInfo, FdKey, ProcStats, StackWindow,
+    python::{PyLayout, PyStack},
+};
 
 use crate::error::Fatal;
 
+/// The Python half of the syscall hook (fdtrace-ebpf python.rs).
+const PY_PROG: &str = "fdtrace_py_sys_exit";
 const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 /// The loaded programs and the maps user space works with. Dropping it
@@ -30,6 +35,12 @@ pub struct Kernel {
     /// Node mode's selected cgroup ids (see fdtrace-ebpf node.rs).
     pub node_cgroups: HashMap<MapData, u64, u8>,
     pub events: Option<RingBuf<MapData>>,
+    /// Python processes: tgid -> where their CPython keeps its frames.
+    pub py_layouts: HashMap<MapData, u32, PyLayout>,
+    /// Python stacks by id (FdInfo::py_site, py_use).
+    pub py_stacks: HashMap<MapData, u64, PyStack>,
+    /// fdtrace_py_sys_exit is attached (at the first Python process).
+    python_attached: bool,
     /// The seed iterator (iter/task_file): seeds the map at attach and
     /// names the fds it finds (seed::list).
     pub seed: ProgramFd,
@@ -38,7 +49,7 @@ pub struct Kernel {
     /// The entries iterator (iter/task_file), for seed::entries.
     pub entries: ProgramFd,
     /// Keeps the programs attached.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 /// Map sizes and what to record, from the command line.
@@ -66,6 +77,13 @@ impl Kernel {
         ] {
             attach_btf(&mut ebpf, &btf, prog, hook)?;
         }
+        // Loaded now, so that a verifier refusal shows at start; attached
+        // (after fdtrace_sys_exit, whose entries it completes) once a traced
+        // process runs a supported CPython: every syscall of every process
+        // pays for an attached program.
+        let py: &mut BtfTracePoint = program(&mut ebpf, PY_PROG)?.try_into()?;
+        py.load("sys_exit", &btf)
+            .with_context(|| format!("loading {PY_PROG}"))?;
         Ok(Kernel {
             seed: task_file_iter(&mut ebpf, &btf, "fdtrace_seed")?,
             names: task_file_iter(&mut ebpf, &btf, "fdtrace_names")?,
@@ -80,8 +98,26 @@ impl Kernel {
             windows: HashMap::try_from(take_map(&mut ebpf, "WINDOWS")?)?,
             node_cgroups: HashMap::try_from(take_map(&mut ebpf, "NODE_CGROUP_IDS")?)?,
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
-            _ebpf: ebpf,
+            py_layouts: HashMap::try_from(take_map(&mut ebpf, "PY_LAYOUTS")?)?,
+            py_stacks: HashMap::try_from(take_map(&mut ebpf, "PY_STACKS")?)?,
+            python_attached: false,
+            ebpf,
         })
+    }
+
+    /// Takes Python stacks in process `pid`, which runs the CPython
+    /// `layout` describes.
+    pub fn trace_python(&mut self, pid: u32, layout: &PyLayout) -> Result<()> {
+        self.py_layouts
+            .insert(pid, layout, 0)
+            .with_context(|| format!("writing the Python layout of pid {pid}"))?;
+        if !self.python_attached {
+            let p: &mut BtfTracePoint = program(&mut self.ebpf, PY_PROG)?.try_into()?;
+            p.attach()
+                .with_context(|| format!("attaching {PY_PROG} to tp_btf/sys_exit"))?;
+            self.python_attached = true;
+        }
+        Ok(())
     }
 
     pub fn counter(&self, idx: u32) -> u64 {

@@ -142,6 +142,8 @@ fn empty_info() -> FdInfo {
     FdInfo {
         created_ns: 0,
         site: 0,
+        py_site: 0,
+        py_use: 0,
         syscall: 0,
         kind: 0,
         flags: 0,

@@ -26,6 +26,7 @@ pub enum Record {
     Exit(ExitRecord),
     Emfile(EmfileRecord),
     Rlimit(RlimitRecord),
+    Notice(NoticeRecord),
     Lost(LostRecord),
     MapFull(MapFullRecord),
     Summary(SummaryRecord),
@@ -127,9 +128,25 @@ pub struct SiteRecord {
     pub kind: String,
     pub resource: String,
     pub stack: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub py_stack: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_frame: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     pub open_fds: u64,
     pub leak_per_s: f64,
     pub oldest_age_s: f64,
+}
+
+/// Something fdtrace says once about a process: why its Python frames
+/// cannot be read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub message: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -283,6 +300,12 @@ pub struct SummarySite {
     pub kind: String,
     pub resource: String,
     pub stack: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub py_stack: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_frame: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     pub open_fds: u64,
     pub leak_per_s: f64,
     pub oldest_age_s: f64,
@@ -361,6 +384,9 @@ fn site_record(ts: f64, pid: u32, s: &SiteReport) -> SiteRecord {
         kind: s.kind.name().to_string(),
         resource: s.resource.to_string(),
         stack: s.stack.to_vec(),
+        py_stack: s.python.as_ref().map(|p| p.stack.clone()),
+        user_frame: s.python.as_ref().and_then(|p| p.user_frame.clone()),
+        via: s.python.as_ref().and_then(|p| p.via.clone()),
         open_fds: s.open_fds,
         leak_per_s: display_rate(s.leak_per_s),
         oldest_age_s: s.oldest_age_s.round(),
@@ -538,6 +564,11 @@ impl From<&Notice> for Record {
             Notice::Finding { ts, pid, finding } => {
                 Record::Finding(finding_record(*ts, *pid, finding))
             }
+            Notice::Python { ts, pid, message } => Record::Notice(NoticeRecord {
+                ts: *ts,
+                pid: *pid,
+                message: message.clone(),
+            }),
         }
     }
 }
@@ -574,6 +605,9 @@ impl From<&ProcessSummary> for SummaryProcess {
                         kind: r.kind,
                         resource: r.resource,
                         stack: r.stack,
+                        py_stack: r.py_stack,
+                        user_frame: r.user_frame,
+                        via: r.via,
                         open_fds: r.open_fds,
                         leak_per_s: r.leak_per_s,
                         oldest_age_s: r.oldest_age_s,
@@ -678,6 +712,7 @@ mod tests {
             "exit",
             "emfile",
             "rlimit",
+            "notice",
             "lost",
             "map_full",
             "summary",
@@ -763,12 +798,40 @@ mod tests {
     }
 
     #[test]
+    fn python_fields_only_for_python_sites() {
+        let mut s = SiteReport {
+            id: "abc".into(),
+            kind: FdKind::Socket,
+            resource: "tcp 127.0.0.1:8080".into(),
+            stack: Default::default(),
+            python: None,
+            open_fds: 2,
+            leak_per_s: 1.0,
+            oldest_age_s: 3.0,
+        };
+        let native = serde_json::to_value(site_record(1.0, 7, &s)).unwrap();
+        for k in ["py_stack", "user_frame", "via"] {
+            assert!(native.get(k).is_none(), "{native}");
+        }
+        s.python = Some(std::rc::Rc::new(crate::analysis::PythonFrames {
+            stack: vec!["fetch (/srv/a.py:3)".into()],
+            user_frame: Some("fetch (/srv/a.py:3)".into()),
+            via: None,
+        }));
+        let py = serde_json::to_value(site_record(1.0, 7, &s)).unwrap();
+        assert_eq!(py["py_stack"], serde_json::json!(["fetch (/srv/a.py:3)"]));
+        assert_eq!(py["user_frame"], "fetch (/srv/a.py:3)");
+        assert!(py.get("via").is_none(), "{py}");
+    }
+
+    #[test]
     fn a_report_is_losses_then_each_process_with_its_sites_and_findings() {
         let site = SiteReport {
             id: "abc".into(),
             kind: FdKind::Pipe,
             resource: "pipe".into(),
             stack: Default::default(),
+            python: None,
             open_fds: 2,
             leak_per_s: 0.0,
             oldest_age_s: 3.6,

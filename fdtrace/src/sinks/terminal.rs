@@ -8,8 +8,8 @@ use fdtrace_common::{FD_KINDS, FdKind};
 
 use super::Sink;
 use crate::analysis::{
-    Ending, Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport,
-    Start, Summary, display_rate,
+    Ending, Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, PythonFrames, Report,
+    Resync, SiteReport, Start, Summary, display_rate,
     short_lived::{self, CommandGroup},
 };
 use crate::escape::terminal as safe;
@@ -98,10 +98,13 @@ impl<W: Write> Terminal<W> {
         if s.leak_per_s < GROWING_RATE {
             return Ok(());
         }
-        let at = s
-            .stack
-            .first()
-            .map_or(String::new(), |f| format!("  at {}", safe(f)));
+        let at = match &s.python {
+            Some(py) => python_at(py).map_or(String::new(), |f| format!("  at {}", safe(&f))),
+            None => s
+                .stack
+                .first()
+                .map_or(String::new(), |f| format!("  at {}", safe(f))),
+        };
         writeln!(
             self.out,
             "{:>17} {:+.1} fds/s  {} {}  ({} open, oldest {:.0}s){at}",
@@ -255,6 +258,9 @@ impl<W: Write> Sink for Terminal<W> {
                 )
             }
             Notice::Finding { ts, pid, finding } => self.finding(*ts, *pid, finding),
+            Notice::Python { ts, pid, message } => {
+                writeln!(self.out, "{:<8} {pid:>7} note: {message}", clock(*ts))
+            }
         }
     }
 
@@ -368,6 +374,14 @@ impl<W: Write> Sink for Terminal<W> {
                     site.open_fds,
                     site.oldest_age_s
                 )?;
+                if let Some(py) = &site.python {
+                    if let Some(at) = python_at(py) {
+                        writeln!(self.out, "    at {at}")?;
+                    }
+                    for frame in py.stack.iter().take(8) {
+                        writeln!(self.out, "      {frame}")?;
+                    }
+                }
                 for frame in site.stack.iter().take(8) {
                     writeln!(self.out, "      {}", safe(frame))?;
                 }
@@ -418,6 +432,17 @@ fn ending_text(e: Option<Ending>) -> String {
 }
 
 /// "3h12m", "45s": how long until EMFILE.
+/// Where a Python site is in the user's code: "fetch_data_wrong
+/// (/srv/agent.py:12) via httpx AsyncClient.get"; its innermost frame when
+/// no frame is the user's.
+fn python_at(py: &PythonFrames) -> Option<String> {
+    match (&py.user_frame, &py.via) {
+        (Some(f), Some(via)) => Some(format!("{f} via {via}")),
+        (Some(f), None) => Some(f.clone()),
+        (None, _) => py.stack.first().cloned(),
+    }
+}
+
 pub(super) fn eta(secs: Option<f64>) -> String {
     match secs {
         None => "-".into(),
@@ -497,6 +522,7 @@ mod tests {
                 kind: FdKind::File,
                 resource: "/tmp/a".into(),
                 stack: Default::default(),
+                python: None,
                 open_fds: 3,
                 leak_per_s: 2.0,
                 oldest_age_s: 4.2,
@@ -512,5 +538,31 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("+2.0 fds/s  file /tmp/a  (3 open, oldest 4s)"));
+    }
+
+    #[test]
+    fn a_python_site_shows_the_user_frame_and_the_library_call() {
+        let py = |user: Option<&str>, via: Option<&str>| PythonFrames {
+            stack: vec!["socket.__init__ (/usr/lib/python3.12/socket.py:232)".into()],
+            user_frame: user.map(str::to_owned),
+            via: via.map(str::to_owned),
+        };
+        assert_eq!(
+            python_at(&py(
+                Some("fetch_data_wrong (/srv/agent.py:12)"),
+                Some("httpx AsyncClient.get")
+            ))
+            .as_deref(),
+            Some("fetch_data_wrong (/srv/agent.py:12) via httpx AsyncClient.get")
+        );
+        assert_eq!(
+            python_at(&py(Some("f (/srv/a.py:1)"), None)).as_deref(),
+            Some("f (/srv/a.py:1)")
+        );
+        // No frame of the user's: the innermost one.
+        assert_eq!(
+            python_at(&py(None, None)).as_deref(),
+            Some("socket.__init__ (/usr/lib/python3.12/socket.py:232)")
+        );
     }
 }

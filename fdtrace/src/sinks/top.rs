@@ -451,6 +451,7 @@ impl View {
             Notice::Finding { ts, pid, finding } => {
                 self.finding(*ts, *pid, finding.kind.name(), &finding.message)
             }
+            Notice::Python { ts, pid, message } => self.finding(*ts, *pid, "notice", message),
             Notice::Exec { .. } | Notice::FdError { .. } | Notice::Rlimit { .. } => {}
         }
     }
@@ -1051,6 +1052,7 @@ mod tests {
             open_fds: open,
             leak_per_s: leak,
             oldest_age_s: 3.0,
+            python: None,
         }
     }
 

@@ -150,7 +150,7 @@ fn totals(pid: u32) -> Result<(u64, u64)> {
 /// (run_time_ns, run_cnt) per id of the BPF programs process `pid` holds
 /// fds to, from their fdinfo: no bpftool process whose own syscalls would
 /// run the tracer's syscall hook between the two readings.
-fn prog_totals(pid: u32) -> Result<BTreeMap<u64, (u64, u64)>> {
+pub(super) fn prog_totals(pid: u32) -> Result<BTreeMap<u64, (u64, u64)>> {
     let dir = format!("/proc/{pid}/fdinfo");
     let mut out = BTreeMap::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {

@@ -246,7 +246,13 @@ impl Metrics {
                 let mut l = base.clone();
                 l.push(("kind", s.kind.name().to_string()));
                 l.push(("resource", s.resource.to_string()));
-                l.push(("function", user_function(&s.stack).to_string()));
+                // A Python site's user frame is the user's own code; a native
+                // stack's first frame of the program's own code otherwise.
+                let function = match s.python.as_ref().and_then(|p| p.user_frame.as_deref()) {
+                    Some(f) => f,
+                    None => user_function(&s.stack),
+                };
+                l.push(("function", function.to_string()));
                 site_open.get_or_create(&l).set(gauge_i(s.open_fds));
                 site_leak.get_or_create(&l).set(s.leak_per_s);
             }
@@ -446,6 +452,7 @@ mod tests {
             open_fds: open,
             leak_per_s: rate,
             oldest_age_s: 1.0,
+            python: None,
         }
     }
 

@@ -21,7 +21,7 @@ use super::{
 };
 
 /// A process's CPython, ready for the frame walker.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Interpreter {
     /// The file holding `_PyRuntime`, as the process's maps name it.
     pub binary: PathBuf,
@@ -218,6 +218,44 @@ pub fn locate(pid: u32, mem: &Mem) -> Result<Option<Interpreter>, LocateError> {
         Some(v) => Err(Unsupported::Version(v).into()),
         None => Ok(None),
     }
+}
+
+/// Whether process `pid` has not mapped the libpython3.X.so its executable
+/// needs yet: right after exec, before the dynamic loader has run. Until
+/// then its executable looks like a Python without `_PyRuntime`.
+pub fn libpython_pending(pid: u32) -> bool {
+    if !links_libpython(pid) {
+        return false;
+    }
+    let Ok(maps) = Process::new(pid as i32).and_then(|p| p.maps()) else {
+        return false;
+    };
+    !maps.iter().any(|m| match &m.pathname {
+        MMapPath::Path(p) => is_libpython(p),
+        _ => false,
+    })
+}
+
+/// Whether process `pid`'s executable names a libpython3.X.so among the
+/// libraries it needs (DT_NEEDED).
+fn links_libpython(pid: u32) -> bool {
+    let Ok(file) = File::open(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    // Read as needed: the headers and the dynamic section, not the file.
+    let cache = ReadCache::new(file);
+    let Ok(elf) = object::read::elf::ElfFile64::<object::Endianness, _>::parse(&cache) else {
+        return false;
+    };
+    let Ok(table) = elf.elf_section_table().dynamic_table(elf.endian(), &cache) else {
+        return false;
+    };
+    table.iter().any(|d| {
+        d.tag == object::elf::DT_NEEDED
+            && table
+                .string(d)
+                .is_ok_and(|name| name.starts_with(b"libpython"))
+    })
 }
 
 #[cfg(test)]

@@ -107,6 +107,14 @@ impl Libraries {
         Some(parts.join("."))
     }
 
+    /// How many of `frames` are the user's own code.
+    pub fn user_frames(&self, frames: &[SymFrame]) -> usize {
+        frames
+            .iter()
+            .filter(|f| matches!(f, SymFrame::Code { file, .. } if self.module(file).is_none()))
+            .count()
+    }
+
     /// The user's frame in `frames` (innermost first) and the library call
     /// it made. Frames whose code could not be read belong to no one and
     /// are passed over.
@@ -232,5 +240,7 @@ mod tests {
 
         // Nothing but library code: no user frame.
         assert_eq!(l.user_frame(&frames[..4]), None);
+        assert_eq!(l.user_frames(&frames), 2);
+        assert_eq!(l.user_frames(&frames[..4]), 0);
     }
 }

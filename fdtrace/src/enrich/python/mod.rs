@@ -6,6 +6,7 @@ mod code;
 mod layout;
 mod locate;
 mod mem;
+mod sites;
 mod user;
 mod walk;
 
@@ -17,6 +18,7 @@ use serde_json::json;
 
 pub use code::SymFrame;
 pub use locate::Interpreter;
+pub use sites::{Found, PySites};
 pub use user::UserFrame;
 
 use crate::error::Fatal;
@@ -36,8 +38,15 @@ impl PyProc {
         let why = |e: &dyn std::fmt::Display| {
             format!("Python frames are not available for pid {pid}: {e}")
         };
-        let mem =
-            mem::Mem::open(pid).map_err(|e| why(&format!("cannot open /proc/{pid}/mem: {e}")))?;
+        let mem = match mem::Mem::open(pid) {
+            Ok(m) => m,
+            // Gone already, or exiting (a short-lived child, a zombie):
+            // nothing to say.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) || !crate::procfd::exists(pid) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(why(&format!("cannot open /proc/{pid}/mem: {e}"))),
+        };
         let interp = match locate::locate(pid, &mem) {
             Ok(Some(i)) => i,
             Ok(None) => return Ok(None),
@@ -48,6 +57,16 @@ impl PyProc {
             mem,
             codes: code::Codes::default(),
         }))
+    }
+
+    /// The same interpreter in a forked child `child`, read through its own
+    /// memory; None when the child is already gone.
+    pub fn fork(&self, child: u32) -> Option<PyProc> {
+        Some(PyProc {
+            interp: self.interp.clone(),
+            mem: mem::Mem::open(child).ok()?,
+            codes: code::Codes::default(),
+        })
     }
 
     /// Thread `tid`'s frames, innermost first, at most `max`.
@@ -68,6 +87,10 @@ impl PyProc {
 
     pub fn user_frame(&self, frames: &[SymFrame]) -> Option<UserFrame> {
         self.interp.libraries.user_frame(frames)
+    }
+
+    pub fn user_frames(&self, frames: &[SymFrame]) -> usize {
+        self.interp.libraries.user_frames(frames)
     }
 }
 
