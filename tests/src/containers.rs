@@ -31,8 +31,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The image archive writer.
-pub mod oci;
+use fdtrace_deploy::oci;
 
 /// fdtrace's container attribution, compiled in from the fdtrace crate (a
 /// binary crate, so it cannot be a dependency).

@@ -1,0 +1,7 @@
+//! What fdtrace ships for containers, shared by `cargo xtask` (which builds
+//! the image and checks the manifests) and the container tests (which build
+//! their own images the same way and run fdtrace as the manifests say):
+//!
+//! - [`oci`]: writes an OCI image archive with no base image and no registry.
+
+pub mod oci;
