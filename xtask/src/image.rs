@@ -176,8 +176,9 @@ impl Elf {
                 .ok()
                 .and_then(|o| o.checked_add(i * usize::from(phentsize)))
                 .context("program header offset overflows")?;
-            let p_type = bytes
-                .get(off..off + 4)
+            let p_type = off
+                .checked_add(4)
+                .and_then(|end| bytes.get(off..end))
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .context("program header past the end of the file")?;
             interpreter |= p_type == PT_INTERP;
@@ -203,11 +204,16 @@ fn embedded_bpf_objects(bytes: &[u8]) -> usize {
         .count()
 }
 
-/// Imports the archive into the containerd and podman that are installed.
+/// Imports the archive into the containerd that answers on its default
+/// socket and the podman that is installed.
 fn load(archive: &Path, name: &str) -> Result<()> {
     let path = archive.to_str().context("the archive path is not UTF-8")?;
     let mut loaded = Vec::new();
-    if proc::exists("ctr") {
+    if !proc::exists("ctr") {
+        eprintln!("xtask: ctr is not installed: not loaded into containerd");
+    } else if capture(Command::new("ctr").arg("version")).is_err() {
+        eprintln!("xtask: containerd does not answer `ctr version`: not loaded into containerd");
+    } else {
         proc::run(Command::new("ctr").args(["-n", CONTAINERD_NAMESPACE, "images", "import", path]))
             .context("importing into containerd failed: is containerd running?")?;
         let images =
@@ -219,14 +225,16 @@ fn load(archive: &Path, name: &str) -> Result<()> {
         }
         loaded.push("containerd");
     }
-    if proc::exists("podman") {
+    if !proc::exists("podman") {
+        eprintln!("xtask: podman is not installed: not loaded into podman");
+    } else {
         proc::run(Command::new("podman").args(["load", "-i", path]))?;
         capture(Command::new("podman").args(["image", "exists", name]))
             .with_context(|| format!("{name} is not in podman's images after the load"))?;
         loaded.push("podman");
     }
     if loaded.is_empty() {
-        bail!("--load: neither ctr (containerd) nor podman is installed");
+        bail!("--load: no containerd answering and no podman installed");
     }
     eprintln!("xtask: {name} loaded into {}", loaded.join(" and "));
     Ok(())
