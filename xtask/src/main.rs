@@ -2,6 +2,7 @@
 
 mod bench;
 mod image;
+mod manifests;
 mod proc;
 mod setup;
 mod soak;
@@ -52,6 +53,9 @@ enum Command {
     /// Run setup, build a static fdtrace and write its OCI image (no base
     /// image, no registry) to target/image/fdtrace-VERSION.oci.tar.
     Image(image::Args),
+    /// Generate deploy/kubernetes/prometheusrule.yaml from the alert rules;
+    /// with --check, validate the manifests offline instead.
+    Manifests(manifests::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,5 +102,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Bench(args) => bench::bench(&tools, &args),
         Command::Soak(args) => soak::soak(&tools, &args),
         Command::Image(args) => image::image(&tools, &args),
+        Command::Manifests(args) => manifests::manifests(&args),
     }
 }
