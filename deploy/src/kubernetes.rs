@@ -544,6 +544,25 @@ fn check_wiring(deploy: &Path, version: &str) -> Result<Vec<String>, Error> {
                 format!("scrapes port {port:?}, not one of the Service's {port_names:?}"),
             );
         }
+        // A labeldrop of the target's own pod labels (servicemonitor.yaml
+        // says why).
+        let dropped: Vec<&str> = e
+            .get("relabelings")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter(|r| r.get("action").and_then(Value::as_str) == Some("labeldrop"))
+            .filter_map(|r| r.get("regex")?.as_str())
+            .flat_map(|re| re.split('|'))
+            .collect();
+        for label in ["namespace", "pod", "container"] {
+            if !dropped.contains(&label) {
+                problem(
+                    &monitor_path,
+                    format!("the target's own {label} label is not dropped (labeldrop)"),
+                );
+            }
+        }
         if e.get("honorLabels").and_then(Value::as_bool) != Some(true) {
             problem(
                 &monitor_path,
@@ -853,6 +872,12 @@ groups:
                 "matchLabels:\n      app.kubernetes.io/name: fdtrace",
                 "matchLabels:\n      app: fdtrace",
                 "Service's labels",
+            ),
+            (
+                "kubernetes/base/servicemonitor.yaml",
+                "regex: namespace|pod|container",
+                "regex: namespace|container",
+                "own pod label",
             ),
             (
                 "kubernetes/base/service.yaml",
