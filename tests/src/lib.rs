@@ -27,6 +27,7 @@ mod one_shot;
 mod procfs;
 mod session;
 mod snapshot;
+pub mod prometheus;
 
 pub use env::*;
 pub use fdops::*;

@@ -18,6 +18,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_VERSION_PREFIX: &str = "bpf-linker 0.13";
 pub const TRACEFS_DIR: &str = "/sys/kernel/tracing";
 const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+/// Debian's package with `prometheus` and `promtool` (2.42 on Debian 12).
+const PROMETHEUS_PACKAGE: &str = "prometheus";
 
 /// Where setup installs its tools: `<dir>/bin/bpf-linker` and the LLVM links
 /// in `<dir>/bpf-linker-llvm/lib` (bpf-linker's rpath points there).
@@ -411,6 +413,56 @@ pub fn mount_tracefs(via: Option<&str>) -> Result<()> {
         bail!("tracefs mounted but {TRACEFS_DIR}/events is missing: check `mount | grep tracefs`");
     }
     Ok(())
+}
+
+/// Debian's `prometheus` package, unless `prometheus` and `promtool` both run:
+/// the tests check the alert rules with promtool and run a real Prometheus.
+pub fn ensure_prometheus() -> Result<()> {
+    const PROGS: [&str; 2] = ["prometheus", "promtool"];
+    if PROGS.iter().all(proc::exists) {
+        let version = capture(Command::new("prometheus").arg("--version"))?;
+        step("prometheus", format!("present ({})", first_line(&version)));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "prometheus and promtool are needed by the tests and missing, and installing them \
+             needs root: run `apt-get install --no-install-recommends {PROMETHEUS_PACKAGE}` as root"
+        );
+    }
+    step("prometheus", "missing: installing Debian's package");
+    if apt_install(PROMETHEUS_PACKAGE).is_err() {
+        // A fresh machine may have no package lists yet.
+        step(
+            "prometheus",
+            "install failed: updating the package lists and trying again",
+        );
+        proc::run(Command::new("apt-get").arg("update"))
+            .context("apt-get update failed: check the network")?;
+        apt_install(PROMETHEUS_PACKAGE)?;
+    }
+    if let Some(prog) = PROGS.iter().find(|p| !proc::exists(p)) {
+        bail!("the {PROMETHEUS_PACKAGE} package was installed but `{prog} --version` does not run");
+    }
+    // The tests start their own Prometheus on a free port; the package's
+    // service (started by systemd, where there is one) does not disturb them.
+    step(
+        "prometheus",
+        "installed; where systemd runs, the package also enabled prometheus.service \
+         (`systemctl disable --now prometheus` to stop it)",
+    );
+    Ok(())
+}
+
+/// `apt-get install -y --no-install-recommends PACKAGE` (the recommends of
+/// prometheus are node-exporter and its collectors, which the tests do not use).
+fn apt_install(package: &str) -> Result<()> {
+    proc::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("cannot install {package} with apt-get"))
 }
 
 fn first_line(s: &str) -> &str {

@@ -3,16 +3,21 @@
 //! xtask's own messages go to stderr so that `cargo xtask run -- --json`
 //! leaves fdtrace's stdout clean.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus};
 
 use anyhow::{Context, Result, bail};
 
-use crate::proc::{self, capture, exit_code, is_root};
+use crate::proc::{self, Tally, capture, exit_code, is_root};
 use crate::setup::{self, Tools};
 
 /// Built by aya-build for the BPF target, never for the host.
 const EBPF_CRATE: &str = "fdtrace-ebpf";
+/// The shipped Prometheus alert rules, and the dir of their promtool unit
+/// tests, relative to the workspace root.
+const RULE_FILE: &str = "deploy/prometheus/fdtrace-rules.yaml";
+const RULE_TESTS_DIR: &str = "deploy/prometheus/tests";
 
 /// The workspace as cargo sees it.
 pub struct Workspace {
@@ -137,7 +142,8 @@ fn shield_sigint() {
     }
 }
 
-/// `cargo xtask test`: setup, fmt, clippy, release build, cargo test.
+/// `cargo xtask test`: setup, fmt, clippy, release build, the alert rules'
+/// promtool tests, cargo test.
 pub fn test(tools: &Tools) -> Result<ExitCode> {
     if !is_root() {
         eprintln!(
@@ -148,6 +154,7 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
     }
     setup::setup(tools)?;
     ensure_lint_components()?;
+    setup::ensure_prometheus()?;
     let ws = Workspace::locate()?;
     let bin = ws.fdtrace_bin(true);
     // The eBPF crate only builds for bpfel-unknown-none with nightly (through
@@ -200,9 +207,23 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
             }
             continue;
         }
-        let (status, tally) = proc::status_tally(&mut cmd)?;
-        // One closing line for all test binaries: cargo's own last lines are
-        // the doc-test runs, which have nothing to run.
+        // Before cargo test, which takes minutes: a broken rule fails fast.
+        let (rules, failed) = rule_tests(&ws)?;
+        if !failed.is_empty() {
+            println!("tests: {} passed, {} failed", rules.passed, rules.failed);
+            let names: Vec<_> = failed.iter().map(|f| f.display().to_string()).collect();
+            eprintln!(
+                "xtask: `promtool test rules` failed for {} (see its output above)",
+                names.join(", ")
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        let (status, mut tally) = proc::status_tally(&mut cmd)?;
+        let cargo_ran = tally.passed + tally.failed;
+        tally.passed += rules.passed;
+        tally.failed += rules.failed;
+        // One closing line for all test binaries and the rule tests: cargo's
+        // own last lines are the doc-test runs, which have nothing to run.
         let skipped = match tally.ignored {
             0 => String::new(),
             n => format!(", {n} skipped"),
@@ -214,12 +235,56 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
         if !status.success() {
             return Ok(fail(&cmd, status));
         }
-        if tally.passed == 0 {
+        if cargo_ran == 0 {
             eprintln!("xtask: cargo test ran no test");
             return Ok(ExitCode::FAILURE);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `promtool check rules` on the rule file (an error if it fails), then
+/// `promtool test rules` on each unit test file: each file is one test of the
+/// tally, and failed files are named.
+fn rule_tests(ws: &Workspace) -> Result<(Tally, Vec<PathBuf>)> {
+    proc::run(
+        Command::new("promtool")
+            .args(["check", "rules", RULE_FILE])
+            .current_dir(&ws.root),
+    )?;
+    let mut tally = Tally::default();
+    let mut failed = Vec::new();
+    for file in rule_test_files(&ws.root.join(RULE_TESTS_DIR))? {
+        let mut cmd = Command::new("promtool");
+        cmd.args(["test", "rules"]).arg(&file).current_dir(&ws.root);
+        if proc::status(&mut cmd)?.success() {
+            tally.passed += 1;
+        } else {
+            tally.failed += 1;
+            failed.push(file);
+        }
+    }
+    Ok((tally, failed))
+}
+
+/// The `*.yaml` files of `dir`, sorted; an error when there is none, so that a
+/// moved directory cannot pass as "no test failed".
+fn rule_test_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        bail!("no *.yaml promtool test in {}", dir.display());
+    }
+    Ok(files)
 }
 
 fn fail(cmd: &Command, status: ExitStatus) -> ExitCode {
