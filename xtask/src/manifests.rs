@@ -22,6 +22,7 @@ use fdtrace_deploy::kubernetes::{self, PROMETHEUS_RULE, SECCOMP_OVERLAY};
 use serde_yaml_ng::Value;
 
 use crate::proc::{self, capture};
+use crate::setup;
 use crate::tasks::Workspace;
 
 /// The Kubernetes versions the manifests are validated against: the
@@ -43,14 +44,23 @@ pub struct Args {
 /// `cargo xtask manifests`.
 pub fn manifests(args: &Args) -> Result<ExitCode> {
     let ws = Workspace::locate()?;
-    let deploy = ws.root.join("deploy");
-    if !args.check {
-        let rule = kubernetes::generate(&deploy)?;
-        let path = deploy.join(PROMETHEUS_RULE);
-        fs::write(&path, rule).with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("xtask: {} written", path.display());
+    if args.check {
+        setup::ensure_prometheus()?;
+        check(&ws)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let deploy = ws.root.join("deploy");
+    let rule = kubernetes::generate(&deploy)?;
+    let path = deploy.join(PROMETHEUS_RULE);
+    fs::write(&path, rule).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("xtask: {} written", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo xtask manifests --check` (promtool must be installed): fails on
+/// the first problem found.
+pub fn check(ws: &Workspace) -> Result<()> {
+    let deploy = ws.root.join("deploy");
     let problems = kubernetes::check(&deploy, env!("CARGO_PKG_VERSION"));
     for p in &problems {
         eprintln!("xtask: {p}");
@@ -59,7 +69,7 @@ pub fn manifests(args: &Args) -> Result<ExitCode> {
         bail!("{} problem(s) in {}", problems.len(), deploy.display());
     }
     eprintln!("xtask: deploy/: generated file up to date, manifests consistent");
-    let venv = validator(&ws)?;
+    let venv = validator(ws)?;
     let out = ws.target_dir.join("manifests");
     fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     for (name, dir, seccomp, bundles) in [
@@ -93,7 +103,7 @@ pub fn manifests(args: &Args) -> Result<ExitCode> {
             KUBERNETES_VERSIONS[KUBERNETES_VERSIONS.len() - 1]
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// `kubectl kustomize DIR` (kustomize is built into kubectl and needs no
