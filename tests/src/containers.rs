@@ -205,6 +205,97 @@ pub struct Started {
     pub first_line: String,
 }
 
+/// The capabilities containerd gives a container by default
+/// (containerd's `oci.WithDefaultSpec`): `ctr run --cap-drop ALL` is
+/// refused, so "drop ALL" drops these by name.
+pub const CONTAINERD_DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The `ctr run` options that run a container as the DaemonSet runs fdtrace
+/// (read from deploy/kubernetes by [`fdtrace_deploy::kubernetes::Fdtrace`],
+/// so the test and the manifest cannot drift apart): its capabilities,
+/// seccomp profile (`localhost`: the file of a Localhost one), read-only
+/// root, no_new_privs, the host's pid namespace (`pid_ns`, e.g.
+/// `/proc/self/ns/pid`: ctr cannot join `/proc/1/ns/pid` here) and its
+/// read-only host mounts. A setting ctr cannot reproduce is an error.
+pub fn daemonset_ctr_options(
+    ds: &fdtrace_deploy::kubernetes::Fdtrace,
+    pid_ns: &Path,
+    localhost: Option<&Path>,
+) -> Result<Vec<String>> {
+    let mut opts = Vec::new();
+    if ds.privileged {
+        return Err("the DaemonSet runs fdtrace privileged".into());
+    }
+    // The image names no user: ctr runs it as root, and has no option for
+    // another uid.
+    if ds.run_as_user != Some(0) {
+        return Err(format!(
+            "runAsUser {:?}: ctr runs the image as 0",
+            ds.run_as_user
+        ));
+    }
+    if ds.allow_privilege_escalation {
+        opts.push("--allow-new-privs".to_owned());
+    }
+    if ds.read_only_root_filesystem {
+        opts.push("--read-only".to_owned());
+    }
+    if ds.cap_drop != ["ALL"] {
+        return Err(format!("drops {:?}: only [ALL] is reproduced", ds.cap_drop));
+    }
+    let add: Vec<String> = ds.cap_add.iter().map(|c| format!("CAP_{c}")).collect();
+    for cap in CONTAINERD_DEFAULT_CAPS {
+        if !add.iter().any(|a| a == cap) {
+            opts.extend(["--cap-drop".to_owned(), cap.to_owned()]);
+        }
+    }
+    for cap in add {
+        opts.extend(["--cap-add".to_owned(), cap]);
+    }
+    match (ds.seccomp.as_str(), localhost) {
+        // containerd's default profile is the one its CRI applies for
+        // RuntimeDefault.
+        ("RuntimeDefault", None) => opts.push("--seccomp".to_owned()),
+        ("Localhost", Some(profile)) => {
+            opts.push("--seccomp".to_owned());
+            opts.push("--seccomp-profile".to_owned());
+            opts.push(profile.display().to_string());
+        }
+        (kind, file) => return Err(format!("seccomp {kind} with profile file {file:?}")),
+    }
+    if ds.host_pid {
+        opts.push("--with-ns".to_owned());
+        opts.push(format!("pid:{}", pid_ns.display()));
+    }
+    if ds.host_network {
+        opts.push("--net-host".to_owned());
+    }
+    for m in &ds.mounts {
+        let ro = if m.read_only { ":ro" } else { "" };
+        opts.push("--mount".to_owned());
+        opts.push(format!(
+            "type=bind,src={},dst={},options=rbind{ro}",
+            m.host_path, m.mount_path
+        ));
+    }
+    Ok(opts)
+}
+
 /// A running container's task.
 struct Task {
     /// `ctr run`, attached to the task's stdio.
@@ -687,5 +778,88 @@ fn first_line(child: &mut Child, timeout: Duration) -> Result<String> {
             let _ = child.wait();
             Err(format!("no line on stdout ({other:?})"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fdtrace_deploy::kubernetes::{DAEMONSET, Fdtrace, deploy_dir};
+
+    fn shipped() -> Fdtrace {
+        Fdtrace::load(&deploy_dir().join(DAEMONSET)).unwrap()
+    }
+
+    /// The option following `name` each time it appears.
+    fn values<'a>(opts: &'a [String], name: &str) -> Vec<&'a str> {
+        opts.windows(2)
+            .filter(|w| w[0] == name)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn ctr_options_of_the_shipped_daemonset() {
+        let opts = daemonset_ctr_options(&shipped(), Path::new("/proc/7/ns/pid"), None).unwrap();
+        assert_eq!(
+            values(&opts, "--cap-add"),
+            [
+                "CAP_BPF",
+                "CAP_PERFMON",
+                "CAP_SYS_PTRACE",
+                "CAP_DAC_READ_SEARCH"
+            ]
+        );
+        // Every default capability dropped: with the four added, the
+        // container's set is exactly those four.
+        assert_eq!(values(&opts, "--cap-drop"), CONTAINERD_DEFAULT_CAPS);
+        assert_eq!(values(&opts, "--with-ns"), ["pid:/proc/7/ns/pid"]);
+        assert_eq!(
+            values(&opts, "--mount"),
+            [
+                "type=bind,src=/sys/fs/cgroup,dst=/host/sys/fs/cgroup,options=rbind:ro",
+                "type=bind,src=/run/containerd/io.containerd.runtime.v2.task,\
+                 dst=/host/run/containerd/io.containerd.runtime.v2.task,options=rbind:ro",
+            ]
+        );
+        for flag in ["--read-only", "--seccomp"] {
+            assert!(opts.iter().any(|o| o == flag), "{flag} not in {opts:?}");
+        }
+        for flag in [
+            "--allow-new-privs",
+            "--net-host",
+            "--privileged",
+            "--seccomp-profile",
+        ] {
+            assert!(!opts.iter().any(|o| o == flag), "{flag} in {opts:?}");
+        }
+    }
+
+    #[test]
+    fn settings_ctr_cannot_reproduce_are_errors() {
+        let ns = Path::new("/proc/self/ns/pid");
+        let mut ds = shipped();
+        ds.run_as_user = Some(1000);
+        assert!(daemonset_ctr_options(&ds, ns, None).is_err());
+        let mut ds = shipped();
+        ds.cap_drop = vec!["NET_RAW".into()];
+        assert!(daemonset_ctr_options(&ds, ns, None).is_err());
+        let mut ds = shipped();
+        ds.seccomp = "Localhost".into();
+        assert!(
+            daemonset_ctr_options(&ds, ns, None).is_err(),
+            "no profile file"
+        );
+        let opts = daemonset_ctr_options(&ds, ns, Some(Path::new("/p.json"))).unwrap();
+        assert_eq!(values(&opts, "--seccomp-profile"), ["/p.json"]);
+        let mut ds = shipped();
+        ds.privileged = true;
+        assert!(daemonset_ctr_options(&ds, ns, None).is_err());
+        let mut ds = shipped();
+        ds.read_only_root_filesystem = false;
+        ds.allow_privilege_escalation = true;
+        let opts = daemonset_ctr_options(&ds, ns, None).unwrap();
+        assert!(!opts.iter().any(|o| o == "--read-only"));
+        assert!(opts.iter().any(|o| o == "--allow-new-privs"));
     }
 }
