@@ -25,9 +25,9 @@ mod env;
 mod fdops;
 mod one_shot;
 mod procfs;
+pub mod prometheus;
 mod session;
 mod snapshot;
-pub mod prometheus;
 
 pub use env::*;
 pub use fdops::*;
