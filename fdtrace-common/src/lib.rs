@@ -2,8 +2,10 @@
 //!
 //! Every type is `#[repr(C)]` with explicit padding fields, so its layout is the
 //! same on both sides and no byte of a map value is left uninitialised.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
+pub mod decode;
+pub mod kind;
 pub mod python;
 pub mod syscalls;
 
@@ -157,7 +159,8 @@ pub const PROC_SHARED_TABLE: u32 = 1 << 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcStats {
-    /// Fds created since tracing started (pre-existing ones not included).
+    /// Fds created since tracing started (pre-existing ones not included:
+    /// see `seeded`).
     pub opened: u64,
     /// Fds closed since tracing started (explicit, implicit by dup2/dup3,
     /// close_range, close-on-exec).
@@ -172,6 +175,11 @@ pub struct ProcStats {
     /// Times the kernel side could not be exact (a user-memory read failed, a
     /// full map, more fds than a loop may visit); user space resyncs.
     pub inexact: u64,
+    /// Fds already open when tracing of the process began: found by the
+    /// walk of its table at attach, or copied from the parent's at fork.
+    /// `live() == seeded + opened - closed` at every moment the counters
+    /// are read consistently.
+    pub seeded: u64,
     /// One past the highest fd number seen: bound of the loops over the table.
     pub fd_hwm: u32,
     /// `PROC_*` flags.
@@ -210,6 +218,7 @@ impl ProcStats {
             enfile: 0,
             generation: 0,
             inexact: 0,
+            seeded: 0,
             fd_hwm: 0,
             flags,
             by_kind: [0; FD_KINDS],
@@ -320,9 +329,8 @@ pub const CNT_FDS_MAP_FULL: u32 = 1;
 pub const CNT_PROCS_MAP_FULL: u32 = 2;
 pub const CNT_LEN: u32 = 3;
 
-/// Offsets into classic tracepoint records, read by user space from
-/// `/sys/kernel/tracing/events/sched/*/format` (they changed across kernels)
-/// and set as globals before load.
+/// A kernel struct member offset user space has not set (it reads them
+/// from the kernel's BTF and sets them as globals before load).
 pub const NO_FIELD: u32 = u32::MAX;
 
 #[cfg(feature = "user")]
@@ -340,5 +348,5 @@ const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<EntryRecord>() == 32);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 9 * 8 + 8 + 8 * FD_KINDS + 8);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS + 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, Queue, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf, StackTrace},
 };
 use fdtrace_common::{CNT_LEN, FdInfo, FdKey, ProcStats, StackWindow};
 
@@ -53,3 +53,11 @@ pub static WINDOWS: HashMap<u32, StackWindow> = HashMap::with_max_entries(16384,
 /// Per-CPU room to read a StackWindow (too large for the BPF stack).
 #[map]
 pub static WINDOW_SCRATCH: PerCpuArray<StackWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// The `struct file` each fd the seed walk wrote had when the walk saw it,
+/// and when (bpf_ktime_get_ns), so that the fd's own creating syscall, if it reaches sys_exit after the
+/// walk, is told apart from a new fd on a number whose close is still on its
+/// way (see table::install). Only the moments after an attach need it: an
+/// LRU of a fixed size keeps the last walk's fds.
+#[map]
+pub static SEED_FILES: LruHashMap<FdKey, [u64; 2]> = LruHashMap::with_max_entries(16384, 0);

@@ -10,14 +10,18 @@ use core::{
 
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-    bpf_probe_read_user_str_bytes, generated::bpf_loop,
+    bpf_probe_read_user_str_bytes,
+    generated::{bpf_get_current_task, bpf_loop},
 };
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC,
     FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, NO_SITE, ProcStats,
 };
 
-use crate::maps::{COUNTERS, EVENTS, FDS, FREE_SLOTS, PROCS, STATS, TRACED};
+use crate::{
+    iter::file_at,
+    maps::{COUNTERS, EVENTS, FDS, FREE_SLOTS, PROCS, SEED_FILES, STATS, TRACED},
+};
 
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = -17;
@@ -201,11 +205,19 @@ pub fn install(
                 }
             },
         };
-        if (*entry).flags & FD_OPEN != 0 {
+        let flags = (*entry).flags;
+        if flags & FD_OPEN != 0 {
             add64(kind_slot(p, (*entry).kind), u64::MAX);
-            add64(&raw mut (*p).closed, 1);
-            if !replaces {
-                info.flags |= FD_CLOSE_PENDING;
+            if flags & FD_PREEXISTING != 0 && seeded_is_this_fd(key, origin.now) {
+                // The walk at attach found this very fd while its creating
+                // syscall was on its way here: it was opened since tracing
+                // began, not before.
+                add64(&raw mut (*p).seeded, u64::MAX);
+            } else {
+                add64(&raw mut (*p).closed, 1);
+                if !replaces {
+                    info.flags |= FD_CLOSE_PENDING;
+                }
             }
         }
         *entry = info;
@@ -213,12 +225,41 @@ pub fn install(
     }
 }
 
+/// How long after the walk saw a seeded fd its creating syscall may still
+/// reach sys_exit and be recognised as that fd's own (see
+/// [`seeded_is_this_fd`]): such a syscall was on its way when the walk ran,
+/// microseconds before.
+const SEED_RACE_NS: u64 = 1_000_000_000;
+
+/// Whether the seeded entry `key` is of the fd now in the table at that
+/// number, a syscall that made it exiting at `now`: the same `struct file`
+/// as the walk saw, shortly after the walk. A new fd on a number whose
+/// previous (seeded) fd another thread is still closing has another file:
+/// the old one is only released after that close's sys_exit, so its address
+/// cannot have been reused. The time bound keeps a later dup2 onto a seeded
+/// fd that already shared the source's file (`2>&1` when both were the
+/// terminal) an implicit close, as it is. Read only on the rare path of a
+/// seeded entry that is open when a new fd gets its number.
+fn seeded_is_this_fd(key: FdKey, now: u64) -> bool {
+    // SAFETY: plain read of a map value.
+    let Some(&[file, seen_ns]) = (unsafe { SEED_FILES.get(key) }) else {
+        return false;
+    };
+    if now.wrapping_sub(seen_ns) > SEED_RACE_NS {
+        return false;
+    }
+    // SAFETY: helper without arguments; the current task is the one whose
+    // syscall is exiting, of the process `key.tgid`.
+    let task = unsafe { bpf_get_current_task() };
+    file_at(task, key.fd) == Some(file)
+}
+
 /// Fd `fd` of `tgid` was there before tracing began (the seed walk at
-/// attach found it): its entry is written and counted. Any entry for the
-/// number, open or closed, was made since the registration: the walk then
-/// saw an fd whose own syscall has counted it, or is about to, and it is
-/// left alone. Not counted as opened.
-pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool) {
+/// attach found it, its `struct file` at `file`): its entry is written and
+/// counted as seeded. Any entry for the number, open or closed, was made
+/// since the registration: the walk then saw an fd whose own syscall has
+/// counted it, or is about to, and it is left alone. Not counted as opened.
+pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool, file: u64) {
     let key = FdKey { tgid, fd };
     let info = FdInfo {
         created_ns: 0,
@@ -228,10 +269,20 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool) {
         flags: FD_OPEN | FD_PREEXISTING | if cloexec { FD_CLOEXEC } else { 0 },
         detail: 0,
     };
+    // Before the entry: a creating syscall that finds the entry open looks
+    // here. Left over when the number has an entry already, where it is
+    // never looked at (that entry is not a seeded one).
+    // SAFETY: helper without arguments.
+    let seen: [u64; 2] = [file, unsafe { bpf_ktime_get_ns() }];
+    let _ = SEED_FILES.insert(key, seen, 0);
     // BPF_NOEXIST: the element is only allocated when the number has no
     // entry, which is the one case to write.
     match FDS.insert(key, info, BPF_NOEXIST) {
-        Ok(()) => counted(p, fd, kind),
+        Ok(()) => {
+            // SAFETY: p is a live STATS element.
+            add64(unsafe { &raw mut (*p).seeded }, 1);
+            counted(p, fd, kind);
+        }
         Err(EEXIST) => {}
         Err(_) => {
             count(CNT_FDS_MAP_FULL);
@@ -379,7 +430,10 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
                     )
                     .is_ok()
                 {
+                    // Open when the child's tracing began.
                     add64(kind_slot(c.dst, info.kind), 1);
+                    // SAFETY: dst is a live STATS element.
+                    add64(unsafe { &raw mut (*c.dst).seeded }, 1);
                 } else {
                     count(CNT_FDS_MAP_FULL);
                     inexact(c.dst);

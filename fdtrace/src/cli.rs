@@ -3,7 +3,7 @@ use std::{ffi::OsString, time::Duration};
 
 use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
-use crate::leaks::Status;
+use crate::analysis::Status;
 
 const EXAMPLES: &str = "\
 Examples:

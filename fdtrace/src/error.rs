@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Fatal {
-    #[error("root privileges needed: run fdtrace with sudo (it lacks {0})")]
+    #[error(
+        "missing capabilities: {0}; run fdtrace as root (sudo), or grant it these capabilities"
+    )]
     Privileges(String),
     #[error("{0}")]
     Environment(String),

@@ -1,22 +1,23 @@
 //! fdtrace: a kernel-level file-descriptor leak tracer.
-mod btf;
+//!
+//! The data of one report flows one way: `kernel` (maps, iterators, ring
+//! buffer) -> `reconcile` (drift against /proc, resync) -> `enrich` (/proc
+//! and symbols) -> `analysis` (pure) -> `sinks` (terminal, NDJSON), driven
+//! by the event loop in `session`.
+mod analysis;
 mod cli;
 // Not wired into the tracer yet: it becomes an enricher of the pipeline.
 #[allow(dead_code)]
 mod container;
+mod enrich;
 mod error;
-mod label;
-mod leaks;
-mod loader;
-mod output;
+mod kernel;
 mod procfd;
 mod python;
-mod scan;
-mod seed;
+mod reconcile;
+mod session;
+mod sinks;
 mod spawn;
-mod symbols;
-mod sync;
-mod tracer;
 
 use std::process::ExitCode;
 
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(tracer::run(cli)) {
+    match runtime.block_on(session::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fdtrace: {e:#}");

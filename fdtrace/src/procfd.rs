@@ -8,7 +8,7 @@ use std::{
     str::FromStr as _,
 };
 
-use fdtrace_common::FdKind;
+use fdtrace_common::{FdKind, kind::classify};
 use procfs::process::{FDTarget, Process};
 
 /// One open fd of a process: what the kernel walk (or /proc) says it is.
@@ -99,75 +99,20 @@ fn fd_cloexec(path: &str) -> Option<bool> {
     Some(flags & O_CLOEXEC != 0)
 }
 
-/// Kind from the /proc/PID/fd link target, named as the kernel names its
-/// anonymous inodes (fs/anon_inodes.c callers).
+/// Kind from the /proc/PID/fd link target: fdtrace-common's one rule over
+/// the link text, as the kernel wrote it (procfs's parse, written back).
 pub fn kind_of(target: &FDTarget) -> FdKind {
-    match target {
-        FDTarget::Path(p) => {
-            if p.starts_with("/memfd:") {
-                FdKind::Memfd
-            } else if p.starts_with("/dev/mqueue") {
-                FdKind::Mqueue
-            } else {
-                FdKind::File
-            }
-        }
-        FDTarget::Socket(_) | FDTarget::Net(_) => FdKind::Socket,
-        FDTarget::Pipe(_) => FdKind::Pipe,
-        FDTarget::MemFD(_) => FdKind::Memfd,
-        FDTarget::AnonInode(name) => match name.trim_matches(|c| c == '[' || c == ']') {
-            "eventfd" => FdKind::Eventfd,
-            "eventpoll" => FdKind::Epoll,
-            "timerfd" => FdKind::Timerfd,
-            "signalfd" => FdKind::Signalfd,
-            "inotify" => FdKind::Inotify,
-            "fanotify" => FdKind::Fanotify,
-            "userfaultfd" => FdKind::Userfaultfd,
-            "perf_event" => FdKind::PerfEvent,
-            "io_uring" => FdKind::IoUring,
-            "pidfd" => FdKind::Pidfd,
-            "fscontext" => FdKind::Mount,
-            n if n.starts_with("bpf") => FdKind::Bpf,
-            n if n.starts_with("memfd") => FdKind::Memfd,
-            _ => FdKind::Unknown,
-        },
-        // pidfds on pidfs (6.9+) show as "pidfd:[N]".
-        FDTarget::Other(name, _) if name == "pidfd" => FdKind::Pidfd,
-        FDTarget::Other(..) | FDTarget::Unknown(..) => FdKind::Unknown,
-    }
-}
-
-/// Identity and limits of a process, read once per report.
-#[derive(Clone, Debug, Default)]
-pub struct ProcInfo {
-    pub comm: String,
-    pub ppid: Option<u32>,
-    pub soft_limit: Option<u64>,
-    pub hard_limit: Option<u64>,
-}
-
-/// None when the process is gone.
-pub fn info(pid: u32) -> Option<ProcInfo> {
-    use procfs::process::LimitValue;
-    let proc = Process::new(pid as i32).ok()?;
-    let stat = proc.stat().ok()?;
-    let limit = |v: LimitValue| match v {
-        LimitValue::Value(n) => Some(n),
-        LimitValue::Unlimited => None,
+    let text = match target {
+        FDTarget::Path(p) => return classify(p.as_os_str().as_encoded_bytes()),
+        FDTarget::Socket(n) => format!("socket:[{n}]"),
+        FDTarget::Net(n) => format!("net:[{n}]"),
+        FDTarget::Pipe(n) => format!("pipe:[{n}]"),
+        FDTarget::AnonInode(name) => format!("anon_inode:{name}"),
+        FDTarget::MemFD(name) => format!("/memfd:{name}"),
+        FDTarget::Other(kind, n) => format!("{kind}:[{n}]"),
+        FDTarget::Unknown(kind, rest) => format!("{kind}:{rest}"),
     };
-    let (soft_limit, hard_limit) = match proc.limits() {
-        Ok(l) => (
-            limit(l.max_open_files.soft_limit),
-            limit(l.max_open_files.hard_limit),
-        ),
-        Err(_) => (None, None),
-    };
-    Some(ProcInfo {
-        comm: stat.comm,
-        ppid: u32::try_from(stat.ppid).ok(),
-        soft_limit,
-        hard_limit,
-    })
+    classify(text.as_bytes())
 }
 
 pub fn exists(pid: u32) -> bool {

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{error::Fatal, loader::Kernel, sync};
+use crate::{error::Fatal, kernel::Kernel, reconcile};
 
 pub struct Spawned {
     pub pid: u32,
@@ -94,7 +94,7 @@ pub fn start(k: &mut Kernel, argv: &[OsString], follow: bool) -> Result<Spawned>
         return Err(spawn_failed(&name, rx.recv()));
     }
     let pid = u32::from_ne_bytes(pid);
-    sync::attach(k, pid, follow)?;
+    reconcile::attach(k, pid, follow)?;
     let mut go = File::from(go_w);
     if go.write_all(&[1]).is_err() {
         return Err(spawn_failed(&name, rx.recv()));

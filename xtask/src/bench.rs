@@ -9,8 +9,10 @@
 
 pub mod child;
 mod extras;
+mod node;
 mod progtime;
 mod report;
+mod tax;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -79,6 +81,12 @@ pub struct Args {
     /// (e.g. to compare two builds)
     #[arg(long, value_name = "PATH")]
     fdtrace: Option<PathBuf>,
+    /// Only the node section: a synthetic node of 300 processes watched by
+    /// `fdtrace --all` and by process-exporter, the tax of node-wide tracing
+    /// on nginx and on fork+exec, and the node-wide bpftrace tracker's
+    /// program time
+    #[arg(long)]
+    node: bool,
 }
 
 /// The conditions each mode is measured under.
@@ -195,10 +203,14 @@ pub fn bench(tools: &Tools, args: &Args) -> Result<ExitCode> {
     setup::setup(tools)?;
     let ws = Workspace::locate()?;
     let bins = build(&ws, tools, args.fdtrace.as_deref())?;
-    ensure_packages()?;
+    ensure_packages(args.node)?;
     child::install_signal_flag();
     child::become_subreaper();
-    let result = measure_and_report(&bins, args, &ws);
+    let result = if args.node {
+        measure_node(&bins, args, &ws)
+    } else {
+        measure_and_report(&bins, args, &ws)
+    };
     child::sweep_orphans();
     result.map(|()| ExitCode::SUCCESS)
 }
@@ -226,6 +238,39 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
+/// The node section.
+fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
+    let target = if args.quick { 0.04 } else { 0.4 } * args.scale;
+    let (figures, tax, progs) = {
+        // The accounting taxes every program run: off for the wall clock.
+        let _stats = progtime::StatsSwitch::set(false)?;
+        let mut node = node::start_node(bins)?;
+        let figures = node::watch_node(bins, &mut node, args.quick)?;
+        drop(node);
+        let tax = tax::measure(bins, rounds, args.quick)?;
+        let open = calibrate_mode(bins, "open", target)?;
+        (figures, tax, progtime::node_measure(bins, open, rounds)?)
+    };
+    println!();
+    println!("=== fdtrace bench: node section ===");
+    println!(
+        "revision {}, kernel {}, {} CPUs{}",
+        revision(&ws.root),
+        kernel_release(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if args.quick {
+            " (--quick: a smoke check, short runs, not a measurement)"
+        } else {
+            ""
+        }
+    );
+    node::print(&figures);
+    tax::print(&tax);
+    report::node_program_time(&progs);
+    Ok(())
+}
+
 /// Release builds of fdtrace (unless `given`) and fdloop.
 fn build(ws: &Workspace, tools: &Tools, given: Option<&Path>) -> Result<Bins> {
     let fdtrace = match given {
@@ -249,15 +294,27 @@ fn build(ws: &Workspace, tools: &Tools, given: Option<&Path>) -> Result<Bins> {
     Ok(Bins { fdtrace, fdloop })
 }
 
-/// bpftrace (the baseline) and bpftool (map memory), from Debian's packages.
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = [("bpftrace", "--version"), ("bpftool", "version")]
+/// bpftrace (the baseline) and bpftool (map memory), from Debian's
+/// packages; for the node section also process-exporter, nginx and wrk
+/// (each package is named as its program). Debian's policy-rc.d keeps the
+/// packages' services from starting at install; the bench starts its own.
+fn ensure_packages(node: bool) -> Result<()> {
+    let mut wanted = vec![("bpftrace", "--version"), ("bpftool", "version")];
+    if node {
+        wanted.extend([
+            ("prometheus-process-exporter", "-version"),
+            ("nginx", "-v"),
+            ("wrk", "--version"),
+        ]);
+    }
+    let names: Vec<&str> = wanted.iter().map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = wanted
         .into_iter()
         .filter(|(prog, arg)| !runs(prog, arg))
         .map(|(prog, _)| prog)
         .collect();
     if missing.is_empty() {
-        eprintln!("bench: bpftrace, bpftool: present");
+        eprintln!("bench: {}: present", names.join(", "));
         return Ok(());
     }
     eprintln!("bench: {}: missing: installing", missing.join(", "));
@@ -271,7 +328,7 @@ fn ensure_packages() -> Result<()> {
     )
     .with_context(|| format!("cannot install {} with apt-get", missing.join(" ")))?;
     for prog in missing {
-        if !runs(prog, "help") && !runs(prog, "--version") {
+        if !runs(prog, "help") && !runs(prog, "--version") && !runs(prog, "-v") {
             bail!("{prog} was installed but does not run");
         }
     }
@@ -342,20 +399,24 @@ fn kernel_release() -> String {
 
 /// Iterations per mode so that an untraced run takes about `target` seconds.
 fn calibrate(bins: &Bins, target: f64) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for mode in MODES {
-        let probe = if mode == NO_FD_MODE { 200_000 } else { 20_000 };
-        // The first run warms caches; the second is the one that counts.
-        run_untraced(bins, mode, probe)?;
-        let lp = run_untraced(bins, mode, probe)?;
-        let n = round_2_digits(target * 1e9 / lp.ns.max(1.0)).max(1000);
-        eprintln!(
-            "bench: {mode}: {:.0} ns/iter untraced: {n} iterations per run",
-            lp.ns
-        );
-        out.push(n);
-    }
-    Ok(out)
+    MODES
+        .iter()
+        .map(|mode| calibrate_mode(bins, mode, target))
+        .collect()
+}
+
+/// Iterations of `mode` so that an untraced run takes about `target` seconds.
+fn calibrate_mode(bins: &Bins, mode: &str, target: f64) -> Result<u64> {
+    let probe = if mode == NO_FD_MODE { 200_000 } else { 20_000 };
+    // The first run warms caches; the second is the one that counts.
+    run_untraced(bins, mode, probe)?;
+    let lp = run_untraced(bins, mode, probe)?;
+    let n = round_2_digits(target * 1e9 / lp.ns.max(1.0)).max(1000);
+    eprintln!(
+        "bench: {mode}: {:.0} ns/iter untraced: {n} iterations per run",
+        lp.ns
+    );
+    Ok(n)
 }
 
 /// `x` rounded to two significant digits.
@@ -609,8 +670,13 @@ fn start_sleeper() -> Result<Proc> {
 /// `fdtrace --json --pid PID...` (the default 1 s interval, as in
 /// production), once its first line is out.
 fn start_fdtrace_on(bins: &Bins, pids: &[u32]) -> Result<Proc> {
+    start_fdtrace_with(bins, &[], pids)
+}
+
+/// `fdtrace --json EXTRA... --pid PID...`, once its first line is out.
+fn start_fdtrace_with(bins: &Bins, extra: &[&str], pids: &[u32]) -> Result<Proc> {
     let mut cmd = Command::new(&bins.fdtrace);
-    cmd.arg("--json");
+    cmd.arg("--json").args(extra);
     for pid in pids {
         cmd.args(["--pid", &pid.to_string()]);
     }

@@ -163,7 +163,7 @@ fn watch_reports(ft: &mut Proc, first_holder: u32) -> Result<Watch> {
 }
 
 /// User + system time of process `pid` (all its threads) so far.
-fn cpu_time(pid: u32) -> Result<Duration> {
+pub(super) fn cpu_time(pid: u32) -> Result<Duration> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name, which may hold spaces: utime and stime
@@ -188,7 +188,7 @@ fn cpu_time(pid: u32) -> Result<Duration> {
 }
 
 /// VmRSS of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(super) fn rss_kib(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status
@@ -212,7 +212,7 @@ fn open_fds(line: &str) -> Option<u64> {
 }
 
 /// Entries in /proc/PID/fd.
-fn count_fds(pid: u32) -> Result<u64> {
+pub(super) fn count_fds(pid: u32) -> Result<u64> {
     let dir = format!("/proc/{pid}/fd");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {

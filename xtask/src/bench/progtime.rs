@@ -7,13 +7,14 @@
 //! record built before its program runs), which the wall figures include.
 //! bpf_stats itself adds two clock reads per program run, to both tracers.
 
+use std::collections::BTreeMap;
 use std::fs;
 
 use anyhow::{Context, Result, bail};
 
 use super::child::Proc;
 use super::{Bins, LOOP_TIMEOUT, MODES, NO_FD_MODE, STOP_GRACE, fdloop_cmd, is_loop_line, median};
-use super::{start_bpftrace, start_fdtrace_on};
+use super::{start_bpftrace, start_fdtrace_with};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -80,6 +81,8 @@ pub fn measure(bins: &Bins, iters: &[u64], rounds: u32) -> Result<Vec<ProgTime>>
 #[derive(Clone, Copy, Debug)]
 enum Tracer {
     Fdtrace,
+    /// fdtrace with `--no-stacks`.
+    FdtraceNoStacks,
     Bpftrace,
 }
 
@@ -88,7 +91,7 @@ impl Tracer {
     /// syscall (at exit), bpftrace per probe (pipe2 has two).
     fn min_runs(self, mode: &str) -> f64 {
         match (self, mode) {
-            (Tracer::Fdtrace, "pipe") => 3.0,
+            (Tracer::Fdtrace | Tracer::FdtraceNoStacks, "pipe") => 3.0,
             (Tracer::Bpftrace, "pipe") => 4.0,
             _ => 2.0,
         }
@@ -116,8 +119,10 @@ fn one(bins: &Bins, mode: &str, n: u64, tracer: Tracer) -> Result<(f64, f64)> {
     // exited: a sleeper keeps it, and its counters, there until the second
     // reading, which comes after fdloop's exit. Dropped after the tracer.
     let sleeper = super::start_sleeper()?;
+    let pids = [lp.pid(), sleeper.pid()];
     let mut tr = match tracer {
-        Tracer::Fdtrace => start_fdtrace_on(bins, &[lp.pid(), sleeper.pid()])?,
+        Tracer::Fdtrace => start_fdtrace_with(bins, &[], &pids)?,
+        Tracer::FdtraceNoStacks => start_fdtrace_with(bins, &["--no-stacks"], &pids)?,
         Tracer::Bpftrace => start_bpftrace(lp.pid())?,
     };
     let before = totals(tr.pid())?;
@@ -135,12 +140,19 @@ fn one(bins: &Bins, mode: &str, n: u64, tracer: Tracer) -> Result<(f64, f64)> {
     ))
 }
 
-/// Summed (run_time_ns, run_cnt) of the BPF programs process `pid` holds
+/// Summed (run_time_ns, run_cnt) of the BPF programs process `pid` holds.
+fn totals(pid: u32) -> Result<(u64, u64)> {
+    Ok(prog_totals(pid)?
+        .values()
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)))
+}
+
+/// (run_time_ns, run_cnt) per id of the BPF programs process `pid` holds
 /// fds to, from their fdinfo: no bpftool process whose own syscalls would
 /// run the tracer's syscall hook between the two readings.
-fn totals(pid: u32) -> Result<(u64, u64)> {
+fn prog_totals(pid: u32) -> Result<BTreeMap<u64, (u64, u64)>> {
     let dir = format!("/proc/{pid}/fdinfo");
-    let (mut sum, mut progs) = ((0, 0), 0);
+    let mut out = BTreeMap::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
         let entry = entry.with_context(|| format!("reading {dir}"))?;
         // An fd may close meanwhile: skip what cannot be read.
@@ -156,15 +168,90 @@ fn totals(pid: u32) -> Result<(u64, u64)> {
         if field("prog_type:").is_none() {
             continue;
         }
-        progs += 1;
-        let (Some(t), Some(c)) = (field("run_time_ns:"), field("run_cnt:")) else {
-            bail!("{dir}: a program's fdinfo has no run_time_ns/run_cnt (kernel too old?)");
+        let (Some(id), Some(t), Some(c)) =
+            (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+        else {
+            bail!("{dir}: a program's fdinfo has no prog_id/run_time_ns/run_cnt (kernel too old?)");
         };
-        sum.0 += t;
-        sum.1 += c;
+        // Two fds of one program count once.
+        out.insert(id, (t, c));
     }
-    if progs == 0 {
+    if out.is_empty() {
         bail!("process {pid} holds no BPF program fd");
     }
-    Ok(sum)
+    Ok(out)
+}
+
+/// Per traced openat+close (`fdloop open`), medians over rounds of
+/// (program ns, program runs) per iteration.
+pub struct NodeProgTime {
+    pub iters: u64,
+    pub fdtrace_no_stacks: (f64, f64),
+    pub bpftrace_light: (f64, f64),
+    pub bpftrace_node: (f64, f64),
+}
+
+/// fdtrace `--no-stacks`, today's bpftrace script (filtered to the loop's
+/// pid) and the node-wide tracker, `rounds` interleaved runs each.
+pub fn node_measure(bins: &Bins, n: u64, rounds: u32) -> Result<NodeProgTime> {
+    let _stats = StatsSwitch::set(true)?;
+    let (mut ft, mut light, mut heavy) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        super::check_interrupted()?;
+        eprintln!(
+            "bench: node program time {}/{rounds}: open under fdtrace --no-stacks, bpftrace, bpftrace node-wide",
+            round + 1
+        );
+        ft.push(checked(bins, "open", n, Tracer::FdtraceNoStacks)?);
+        light.push(checked(bins, "open", n, Tracer::Bpftrace)?);
+        heavy.push(node_wide(bins, n)?);
+    }
+    Ok(NodeProgTime {
+        iters: n,
+        fdtrace_no_stacks: med(&ft),
+        bpftrace_light: med(&light),
+        bpftrace_node: med(&heavy),
+    })
+}
+
+fn med(v: &[(f64, f64)]) -> (f64, f64) {
+    let ns: Vec<f64> = v.iter().map(|x| x.0).collect();
+    let runs: Vec<f64> = v.iter().map(|x| x.1).collect();
+    (median(&ns).unwrap_or(0.0), median(&runs).unwrap_or(0.0))
+}
+
+/// The node-wide tracker over one open loop. Its programs also run for
+/// every other process's openat and close, so the figure is the sum over
+/// its programs of their mean time per run (each runs once per iteration:
+/// one on openat's exit, one on close's entry), not their total over the
+/// loop's iterations. The runs figure says how many runs the node added.
+fn node_wide(bins: &Bins, n: u64) -> Result<(f64, f64)> {
+    let mut lp = Proc::spawn("fdloop", &mut fdloop_cmd(bins, "open", n, true))?;
+    let mut bt = super::tax::start_bpftrace_node()?;
+    let before = prog_totals(bt.pid())?;
+    lp.poke()?;
+    let line = lp.stdout()?.wait_for(LOOP_TIMEOUT, is_loop_line);
+    line.map_err(|e| lp.fail(format!("no result line: {e:#}")))?;
+    let after = prog_totals(bt.pid())?;
+    lp.wait_ok(LOOP_TIMEOUT)?;
+    bt.stop(STOP_GRACE)?;
+    let (mut ns, mut runs, mut progs) = (0.0, 0u64, 0);
+    for (id, (t, c)) in &after {
+        let (t0, c0) = before.get(id).copied().unwrap_or((0, 0));
+        let (dt, dc) = (t.saturating_sub(t0), c.saturating_sub(c0));
+        if dc == 0 {
+            // BEGIN and END: not per event.
+            continue;
+        }
+        if dc < n {
+            bail!("the node-wide tracker's program {id} ran {dc} times over {n} iterations");
+        }
+        ns += dt as f64 / dc as f64;
+        runs += dc;
+        progs += 1;
+    }
+    if progs != 2 {
+        bail!("the node-wide tracker ran {progs} programs per event, expected 2 (openat, close)");
+    }
+    Ok((ns, runs as f64 / n as f64))
 }

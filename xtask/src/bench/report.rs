@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::extras::Attach;
-use super::progtime::ProgTime;
+use super::progtime::{NodeProgTime, ProgTime};
 use super::{Cond, MODES, NO_FD_MODE, Samples, Setting, TracedRun, median};
 
 /// Ratios are printed only when the denominator is at least this many ns:
@@ -54,6 +54,53 @@ fn program_time(progs: &[ProgTime]) {
         println!(
             "  {:<8} {:>13.1} {:>9.2} {:>14.1} {:>9.2} {:>18}",
             p.mode, p.fdtrace.0, p.fdtrace.1, p.bpftrace.0, p.bpftrace.1, ratio
+        );
+    }
+}
+
+/// The goal for fdtrace's program time against the node-wide tracker's.
+const GOAL_NODE_PROG_RATIO: f64 = 0.35;
+
+/// Program time per traced openat+close: fdtrace `--no-stacks` against
+/// today's bpftrace script and the node-wide tracker.
+pub fn node_program_time(p: &NodeProgTime) {
+    println!();
+    println!(
+        "=== time inside the programs per traced openat+close (`fdloop open {}`; kernel \
+         bpf_stats; medians over rounds) ===",
+        p.iters
+    );
+    println!(
+        "fdtrace: `--no-stacks --pid` the loop (its programs' total over the loop / iterations, \
+         so other processes' syscalls passing its hooks count against it). bpftrace script: \
+         today's, filtered to the loop's pid. bpftrace node-wide: @live[pid, fd] = nsecs on \
+         sys_exit_openat, a per-pid count(), delete on sys_enter_close, for every process (the \
+         mean time per run of each of its two programs, summed: other processes' events run them \
+         too, which the runs column shows)."
+    );
+    println!(
+        "  {:<28} {:>10} {:>14} {:>18}",
+        "tracer", "ns", "runs/iter", "fdtrace / this"
+    );
+    let (ft, _) = p.fdtrace_no_stacks;
+    for (name, (ns, runs)) in [
+        ("fdtrace --no-stacks", p.fdtrace_no_stacks),
+        ("bpftrace script (pid)", p.bpftrace_light),
+        ("bpftrace node-wide", p.bpftrace_node),
+    ] {
+        let ratio = if ns >= MIN_DENOMINATOR_NS {
+            format!("{:.2}", ft / ns)
+        } else {
+            "n/a".into()
+        };
+        println!("  {name:<28} {ns:>10.1} {runs:>14.2} {ratio:>18}");
+    }
+    let (heavy, _) = p.bpftrace_node;
+    if heavy >= MIN_DENOMINATOR_NS {
+        let r = ft / heavy;
+        println!(
+            "  goal: fdtrace <= {GOAL_NODE_PROG_RATIO}x the node-wide tracker: {r:.2}x: {}",
+            super::node::verdict(r <= GOAL_NODE_PROG_RATIO)
         );
     }
 }

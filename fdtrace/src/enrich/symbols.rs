@@ -26,12 +26,10 @@ use object::{
 };
 use procfs::process::{MMPermissions, MMapPath, MemoryMap, MemoryMaps, Process};
 
-use crate::loader::Kernel;
+use crate::{analysis::Stack, kernel::Kernel};
 
 /// Frames kept per stack, innermost first.
 const MAX_FRAMES: usize = 16;
-
-pub type Stack = Rc<Vec<String>>;
 
 pub struct Symbols {
     symbolizer: Symbolizer,
@@ -39,11 +37,12 @@ pub struct Symbols {
     /// validated frames): stack ids whose frames differ only in garbage past
     /// a frame without a frame pointer are one site.
     canon: HashMap<(u32, u64), u64>,
-    /// (pid, canonical stack) -> symbolized frames.
-    frames: HashMap<(u32, u64), Stack>,
+    /// pid -> canonical stack -> symbolized frames.
+    frames: HashMap<u32, HashMap<u64, Stack>>,
     cfi: CfiCache,
-    unknown: Stack,
     not_sampled: Stack,
+    /// The stacks of a process without any.
+    none: HashMap<u64, Stack>,
 }
 
 impl Symbols {
@@ -53,8 +52,8 @@ impl Symbols {
             canon: HashMap::new(),
             frames: HashMap::new(),
             cfi: CfiCache::default(),
-            unknown: Rc::new(Vec::new()),
             not_sampled: Rc::new(vec!["[not sampled: over --stack-rate]".to_string()]),
+            none: HashMap::new(),
         }
     }
 
@@ -62,7 +61,15 @@ impl Symbols {
     /// when none was recorded). Symbolized on first sight, while the process
     /// is alive.
     pub fn site(&mut self, k: &Kernel, pid: u32, id: u64) -> u64 {
-        if id == NO_SITE || id == SITE_NOT_SAMPLED {
+        if id == NO_SITE {
+            return id;
+        }
+        if id == SITE_NOT_SAMPLED {
+            self.frames
+                .entry(pid)
+                .or_default()
+                .entry(id)
+                .or_insert_with(|| self.not_sampled.clone());
             return id;
         }
         if let Some(&c) = self.canon.get(&(pid, id)) {
@@ -76,10 +83,17 @@ impl Symbols {
             ips.hash(&mut h);
             h.finish() & !(1 << 63) // never NO_SITE
         };
-        if canon != NO_SITE && !self.frames.contains_key(&(pid, canon)) {
+        let known = self
+            .frames
+            .get(&pid)
+            .is_some_and(|f| f.contains_key(&canon));
+        if canon != NO_SITE && !known {
             let maps = Process::new(pid as i32).and_then(|p| p.maps()).ok();
             let text = self.symbolize(pid, &ips, maps.as_ref());
-            self.frames.insert((pid, canon), Rc::new(text));
+            self.frames
+                .entry(pid)
+                .or_default()
+                .insert(canon, Rc::new(text));
         }
         self.canon.insert((pid, id), canon);
         canon
@@ -88,13 +102,12 @@ impl Symbols {
     /// "function (file:line)" where debug info exists, "function" from the
     /// symbol table, "module+0xoffset" otherwise; innermost first.
     pub fn frames(&self, pid: u32, canon: u64) -> Stack {
-        if canon == SITE_NOT_SAMPLED {
-            return self.not_sampled.clone();
-        }
-        self.frames
-            .get(&(pid, canon))
-            .cloned()
-            .unwrap_or_else(|| self.unknown.clone())
+        self.stacks(pid).get(&canon).cloned().unwrap_or_default()
+    }
+
+    /// Every symbolized stack of `pid`, by canonical id.
+    pub fn stacks(&self, pid: u32) -> &HashMap<u64, Stack> {
+        self.frames.get(&pid).unwrap_or(&self.none)
     }
 
     /// Drops the stack ids of a process that is gone (its symbolized frames

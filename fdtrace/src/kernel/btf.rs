@@ -1,4 +1,5 @@
-//! Offsets of kernel struct members, from the kernel's own BTF.
+//! Offsets of kernel struct members, and the arity of tracepoints, from the
+//! kernel's own BTF.
 //!
 //! The fd-table iterators read a few kernel structures; Rust BPF programs have no
 //! CO-RE relocations, so user space looks the offsets up and sets them as
@@ -21,8 +22,11 @@ pub enum BtfError {
 }
 
 const MAGIC: u16 = 0xeb9f;
+const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_FUNC_PROTO: u32 = 13;
 
 struct Member {
     name: u32,
@@ -31,16 +35,28 @@ struct Member {
 }
 
 enum Ty {
-    Composite { name: u32, members: Vec<Member> },
+    Composite {
+        name: u32,
+        members: Vec<Member>,
+    },
+    /// A pointer or typedef to type `ty`.
+    Ref {
+        ty: u32,
+    },
+    FuncProto {
+        params: usize,
+    },
     Other,
 }
 
-/// The struct and union types of a BTF blob.
+/// The struct, union, typedef, pointer and function prototype types of a
+/// BTF blob.
 pub struct Btf {
     strings: Vec<u8>,
     /// Index = type id - 1.
     types: Vec<Ty>,
     by_name: HashMap<Vec<u8>, u32>,
+    typedefs: HashMap<Vec<u8>, u32>,
 }
 
 impl Btf {
@@ -63,6 +79,7 @@ impl Btf {
         let (start, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
         let mut types = Vec::new();
         let mut by_name = HashMap::new();
+        let mut typedefs = HashMap::new();
         let mut off = start;
         while off < end {
             let (name, info) = (u32_at(off)?, u32_at(off + 4)?);
@@ -99,8 +116,18 @@ impl Btf {
                 2 | 7..=12 | 16 | 18 => 0,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
-            if !matches!(kind, KIND_STRUCT | KIND_UNION) {
-                types.push(Ty::Other);
+            match kind {
+                KIND_STRUCT | KIND_UNION => {}
+                KIND_PTR | KIND_TYPEDEF => {
+                    if kind == KIND_TYPEDEF && name != 0 {
+                        typedefs.insert(c_str(&strings, name).to_vec(), types.len() as u32 + 1);
+                    }
+                    types.push(Ty::Ref {
+                        ty: u32_at(off - 4)?,
+                    });
+                }
+                KIND_FUNC_PROTO => types.push(Ty::FuncProto { params: vlen }),
+                _ => types.push(Ty::Other),
             }
             off += extra;
         }
@@ -108,7 +135,25 @@ impl Btf {
             strings,
             types,
             by_name,
+            typedefs,
         })
+    }
+
+    /// The arguments a BTF tracepoint program gets on `event`: those of its
+    /// `btf_trace_<event>` prototype but the first (the tracepoint's own
+    /// `void *__data`). None when the kernel has no such tracepoint.
+    /// https://github.com/torvalds/linux/blob/v6.18/include/trace/bpf_probe.h (btf_trace_##call)
+    pub fn tracepoint_args(&self, event: &str) -> Option<usize> {
+        let mut id = *self.typedefs.get(format!("btf_trace_{event}").as_bytes())?;
+        // typedef -> pointer -> function prototype.
+        for _ in 0..4 {
+            match self.types.get(id.checked_sub(1)? as usize)? {
+                Ty::Ref { ty } => id = *ty,
+                Ty::FuncProto { params } => return params.checked_sub(1),
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// Byte offset of `member` in `struct name`, looking through anonymous
@@ -182,5 +227,12 @@ mod tests {
             btf.member_offset("no_such_struct", "x"),
             Err(BtfError::NoStruct(_))
         ));
+        // sched_process_fork(parent, child) since it has had BTF;
+        // sys_exit(regs, ret).
+        assert_eq!(btf.tracepoint_args("sched_process_fork"), Some(2));
+        assert_eq!(btf.tracepoint_args("sys_exit"), Some(2));
+        let exit = btf.tracepoint_args("sched_process_exit");
+        assert!(matches!(exit, Some(1 | 2)), "{exit:?}");
+        assert_eq!(btf.tracepoint_args("no_such_event"), None);
     }
 }

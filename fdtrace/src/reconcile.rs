@@ -1,5 +1,6 @@
-//! Keeping the kernel's tables equal to /proc: seeding at attach, the drift
-//! check every interval, and the resync after a non-zero drift.
+//! Phase 2: keeping the kernel's tables equal to /proc (the ground truth):
+//! seeding at attach, the drift check every interval, kind fixes for fds
+//! the kernel could not name, and the resync after a non-zero drift.
 use std::{
     collections::{HashMap, HashSet},
     os::fd::AsFd as _,
@@ -9,10 +10,18 @@ use std::{
 use anyhow::{Context as _, Result};
 use fdtrace_common::{
     FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW,
-    ProcStats,
+    PROC_SHARED_TABLE, ProcStats,
 };
 
-use crate::{loader::Kernel, procfd, scan, seed};
+use crate::{
+    analysis::{Counts, Resync},
+    kernel::{
+        FdTable, Kernel, iterators,
+        map_batch::{self, LiveFd},
+        monotonic_ns,
+    },
+    procfd,
+};
 
 /// BPF_EXIST: update only if present, so an fd closed meanwhile stays gone.
 const BPF_EXIST: u64 = 2;
@@ -37,7 +46,8 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::Proc
     let flags = if follow { PROC_FOLLOW } else { 0 };
     // Already traced: a followed child of another traced process.
     k.register(pid, &ProcStats::new(pid, flags))?;
-    seed::list(k.seed.as_fd(), pid).with_context(|| format!("reading the fd table of pid {pid}"))
+    iterators::list(k.seed.as_fd(), pid)
+        .with_context(|| format!("reading the fd table of pid {pid}"))
 }
 
 /// How long to wait before re-checking a non-zero drift: a syscall that has
@@ -80,8 +90,8 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
 /// does not have, and recomputes the per-kind counts. What /proc lists and
 /// fdtrace lacked was opened, and what fdtrace had and /proc lacks was
 /// closed, while fdtrace was not looking: they count in the totals.
-pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
-    let listed: HashMap<u32, procfd::ProcFd> = seed::list(k.names.as_fd(), pid)?
+fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
+    let listed: HashMap<u32, procfd::ProcFd> = iterators::list(k.names.as_fd(), pid)?
         .into_iter()
         .map(|f| (f.fd, f))
         .collect();
@@ -94,11 +104,11 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
     let entries = if hwm == 0 {
         Vec::new()
     } else {
-        scan::live_fds(&k.fds, |t| t == pid)?
+        map_batch::live_fds(&k.fds, |t| t == pid)?
             .remove(&pid)
             .unwrap_or_default()
     };
-    for scan::LiveFd { fd, info } in entries {
+    for LiveFd { fd, info } in entries {
         if listed.contains_key(&fd) {
             by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
             known.insert(fd);
@@ -133,7 +143,7 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
             )
         })
         .collect();
-    scan::insert_batch(&k.fds, &new).with_context(|| {
+    map_batch::insert_batch(&k.fds, &new).with_context(|| {
         format!("resyncing the fds of pid {pid}: the fd map is full, raise --max-fds")
     })?;
     for (_, info) in &new {
@@ -161,15 +171,15 @@ pub fn resync(k: &mut Kernel, pid: u32) -> Result<()> {
 /// counted under the real kind; the kernel incremented `unknown` but will
 /// decrement the real kind, and this array holds the difference.
 #[derive(Clone, Copy, Default)]
-pub struct KindFix {
-    pub delta: [i64; FD_KINDS],
+struct KindFix {
+    delta: [i64; FD_KINDS],
     /// Unknown fds /proc could not name either: not looked up again until the
     /// kernel's unknown count moves.
-    pub unnamed: u64,
+    unnamed: u64,
 }
 
 impl KindFix {
-    pub fn apply(&self, by_kind: &[u64; FD_KINDS]) -> [u64; FD_KINDS] {
+    fn apply(&self, by_kind: &[u64; FD_KINDS]) -> [u64; FD_KINDS] {
         let mut out = *by_kind;
         for (o, d) in out.iter_mut().zip(self.delta) {
             *o = o.saturating_add_signed(d);
@@ -182,12 +192,12 @@ impl KindFix {
 /// entries as read from the kernel, and those renamed here are renamed in it
 /// too (then it returns true). Runs only when the kernel counts unknown fds
 /// that were not looked at yet.
-pub fn resolve_kinds(
+fn resolve_kinds(
     k: &mut Kernel,
     pid: u32,
     stats: &ProcStats,
     fix: &mut KindFix,
-    fds: &mut [scan::LiveFd],
+    fds: &mut [LiveFd],
 ) -> bool {
     let unknown = stats.by_kind[FdKind::Unknown as usize].saturating_add_signed(fix.delta[0]);
     if unknown <= fix.unnamed {
@@ -209,7 +219,7 @@ pub fn resolve_kinds(
             continue;
         }
         // Read again: the number may hold another fd since the report's read.
-        let Some(mut info) = scan::open_fd(&k.fds, pid, fd) else {
+        let Some(mut info) = map_batch::open_fd(&k.fds, pid, fd) else {
             continue;
         };
         if info.created_ns != seen.info.created_ns || info.kind != FdKind::Unknown as u8 {
@@ -230,14 +240,99 @@ pub fn resolve_kinds(
     renamed
 }
 
-/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, so user-made entries
-/// compare with kernel-made ones.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+/// What reconciling keeps of one process between reports.
+#[derive(Default)]
+pub struct ReconcileState {
+    kind_fix: KindFix,
+    /// The kernel's `inexact` count at the last report.
+    seen_inexact: u64,
+}
+
+/// The reconciled view of one process at a report.
+pub struct Reconciled {
+    pub counts: Counts,
+    pub drift: Option<i64>,
+    /// Resynced after this report's figures were taken.
+    pub resync: Option<Resync>,
+}
+
+/// Names the `unknown` fds of the process, corrects the per-kind counts,
+/// and resyncs its kernel table when the drift check (in `snap`) found a
+/// difference or the kernel side said it could not follow a change. The
+/// figures are those of `snap`: a resync shows in the next report.
+pub fn reconcile(
+    k: &mut Kernel,
+    pid: u32,
+    state: &mut ReconcileState,
+    table: &mut FdTable,
+    snap: &Snapshot,
+) -> Reconciled {
+    let st = &snap.stats;
+    if resolve_kinds(k, pid, st, &mut state.kind_fix, &mut table.fds) {
+        table.changed();
+    }
+    let counts = Counts {
+        open_fds: st.live(),
+        by_kind: state.kind_fix.apply(&st.by_kind),
+        preexisting: st.seeded,
+        opened: st.opened,
+        closed: st.closed,
+        emfile: st.emfile,
+        enfile: st.enfile,
+        stacks_not_sampled: st.not_sampled,
+        shares_fd_table: st.flags & PROC_SHARED_TABLE != 0,
     };
-    // SAFETY: clock_gettime writes the timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    // The kernel side flags what it could not follow exactly (a user read
+    // that failed, a loop cap): resync even when the count agrees.
+    let inexact = st.inexact > state.seen_inexact;
+    state.seen_inexact = st.inexact;
+    let drift = snap.drift.filter(|&d| d != 0);
+    let mut resync = None;
+    if drift.is_some() || inexact {
+        // Read the entries again next time, whatever part of the resync was
+        // done.
+        table.generation = None;
+        match self::resync(k, pid) {
+            Ok(()) => {
+                // The resync recounted every kind from the entries.
+                state.kind_fix = KindFix::default();
+                resync = Some(drift.map_or(Resync::Inexact, Resync::Drift));
+            }
+            Err(e) => eprintln!("fdtrace: resync of pid {pid} failed: {e:#}"),
+        }
+    }
+    Reconciled {
+        counts,
+        drift: snap.drift,
+        resync,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_fix_moves_counts_between_kinds() {
+        let mut fix = KindFix::default();
+        fix.delta[FdKind::Unknown as usize] = -2;
+        fix.delta[FdKind::Socket as usize] = 2;
+        let mut by_kind = [0u64; FD_KINDS];
+        by_kind[FdKind::Unknown as usize] = 3;
+        by_kind[FdKind::File as usize] = 4;
+        let fixed = fix.apply(&by_kind);
+        assert_eq!(fixed[FdKind::Unknown as usize], 1);
+        assert_eq!(fixed[FdKind::Socket as usize], 2);
+        assert_eq!(fixed[FdKind::File as usize], 4);
+        assert_eq!(fixed.iter().sum::<u64>(), by_kind.iter().sum::<u64>());
+    }
+
+    #[test]
+    fn kind_fix_never_goes_below_zero() {
+        let mut fix = KindFix::default();
+        fix.delta[FdKind::Pipe as usize] = -5;
+        let mut by_kind = [0u64; FD_KINDS];
+        by_kind[FdKind::Pipe as usize] = 2;
+        assert_eq!(fix.apply(&by_kind)[FdKind::Pipe as usize], 0);
+    }
 }

@@ -123,7 +123,7 @@ pub fn insert_batch(
 }
 
 /// bpf(2) for the commands aya does not wrap (batch map operations here,
-/// iterator links in seed.rs). Returns the syscall's value (a new fd for
+/// iterator links in iterators.rs). Returns the syscall's value (a new fd for
 /// the commands that make one).
 ///
 /// # Safety

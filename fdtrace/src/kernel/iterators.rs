@@ -15,10 +15,8 @@ use std::{
 use fdtrace_common::{EntryRecord, SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SeedRecord};
 use procfs::process::FDTarget;
 
-use crate::{
-    procfd::{self, ProcDir, ProcFd},
-    scan::{self, LiveFd},
-};
+use super::map_batch::{self, LiveFd};
+use crate::procfd::{self, ProcDir, ProcFd};
 
 /// bpf(2) commands and the iterator attach type (include/uapi/linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -57,7 +55,8 @@ struct IterCreateAttr {
 }
 
 /// Every open fd of `pid`. An fd whose link or close-on-exec bit the kernel
-/// could not read is looked up in /proc instead.
+/// could not read is looked up in /proc instead (and kept, unnamed and not
+/// close-on-exec, when /proc cannot say either).
 pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
     parse(&walk(prog, pid)?, pid)
 }
@@ -130,17 +129,23 @@ fn parse(data: &[u8], pid: u32) -> io::Result<Vec<ProcFd>> {
         let text = rest.get(HDR..HDR + len).ok_or_else(truncated)?;
         rest = &rest[HDR + len..];
         // /proc is read only for what the kernel walk could not.
+        // An fd the walk saw is in the table even when /proc cannot say
+        // more about it (closed since, or not readable by fdtrace: another
+        // user's process without CAP_DAC_READ_SEARCH, or a process whose
+        // links deny even root): it is listed, unnamed (kind unknown) and
+        // not close-on-exec; the kernel marked the process inexact, and the
+        // drift check settles a close.
         let target = if flags & SEED_NO_PATH != 0 {
-            proc_dir(&mut dir, pid)?.target(fd)
+            proc_dir(&mut dir, pid).ok().and_then(|d| d.target(fd))
         } else {
             let text = text.strip_suffix(&[0]).unwrap_or(text);
             FDTarget::from_str(&String::from_utf8_lossy(text)).ok()
         };
         let cloexec = if flags & SEED_NO_CLOEXEC != 0 {
-            match proc_dir(&mut dir, pid)?.cloexec(fd) {
-                Some(c) => c,
-                None => continue, // closed meanwhile
-            }
+            proc_dir(&mut dir, pid)
+                .ok()
+                .and_then(|d| d.cloexec(fd))
+                .unwrap_or(false)
         } else {
             flags & SEED_CLOEXEC != 0
         };
@@ -167,10 +172,10 @@ fn proc_dir(dir: &mut Option<ProcDir>, pid: u32) -> io::Result<&ProcDir> {
 /// bpf(cmd, attr) for the commands that return a new fd.
 ///
 /// # Safety
-/// As [`scan::bpf`].
+/// As [`map_batch::bpf`].
 unsafe fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     // SAFETY: per the contract above.
-    let fd = unsafe { scan::bpf(cmd, attr) }?;
+    let fd = unsafe { map_batch::bpf(cmd, attr) }?;
     // SAFETY: the kernel returned a new fd nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -243,6 +248,19 @@ mod tests {
             [(3, FdKind::File as u8, 11), (40, FdKind::Socket as u8, 22)]
         );
         assert!(parse_entries(&data[..data.len() - 1]).is_err());
+    }
+
+    /// The kernel could read neither the link nor the close-on-exec bit,
+    /// and /proc has no such process: the fd is still listed.
+    #[test]
+    fn an_fd_nothing_can_name_is_kept() {
+        let data = record(7, SEED_NO_PATH | SEED_NO_CLOEXEC, "");
+        let fds = parse(&data, u32::MAX).expect("parses");
+        let got: Vec<(u32, FdKind, bool, bool)> = fds
+            .iter()
+            .map(|f| (f.fd, f.kind, f.cloexec, f.target.is_none()))
+            .collect();
+        assert_eq!(got, [(7, FdKind::Unknown, false, true)]);
     }
 
     #[test]

@@ -1,17 +1,20 @@
 //! Resource labels: what an fd points at, named so that the fds of one leak
 //! group together (paths differing only by digits or random suffixes are one
 //! label; a socket is its protocol and peer).
-use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd, rc::Rc};
+use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd};
 
 use fdtrace_common::FdKind;
 
-use crate::{
-    procfd::{ProcDir, ProcFd},
-    seed,
-};
+use foldhash::{HashMap as FastMap, HashMapExt as _};
 use procfs::{
-    net::TcpState,
+    net::TcpState as ProcTcpState,
     process::{FDTarget, Process},
+};
+
+use crate::{
+    analysis::{Label, TcpState},
+    kernel::iterators,
+    procfd::{ProcDir, ProcFd},
 };
 
 /// A socket as the kernel's socket tables show it.
@@ -43,7 +46,7 @@ impl Links {
     /// For labelling `wanted` fds of `pid`; None when the process is gone.
     pub fn open(seed_prog: BorrowedFd<'_>, pid: u32, wanted: usize) -> Option<Links> {
         if wanted > WALK_OVER
-            && let Ok(fds) = seed::list(seed_prog, pid)
+            && let Ok(fds) = iterators::list(seed_prog, pid)
         {
             return Some(Links::walked(pid, fds));
         }
@@ -88,7 +91,7 @@ impl Sockets {
             return Sockets { by_inode };
         };
         for e in proc.tcp().into_iter().chain(proc.tcp6()).flatten() {
-            let listen = e.state == TcpState::Listen;
+            let listen = e.state == ProcTcpState::Listen;
             let label = if listen {
                 format!("tcp listen {}", e.local_address)
             } else {
@@ -99,7 +102,11 @@ impl Sockets {
                 e.inode,
                 SockInfo {
                     label,
-                    state: Some(e.state),
+                    state: Some(match e.state {
+                        ProcTcpState::CloseWait => TcpState::CloseWait,
+                        ProcTcpState::Listen => TcpState::Listen,
+                        _ => TcpState::Other,
+                    }),
                     provisional,
                 },
             );
@@ -140,6 +147,17 @@ impl Sockets {
     pub fn get(&self, inode: u64) -> Option<&SockInfo> {
         self.by_inode.get(&inode)
     }
+
+    /// The TCP states of the sockets, by inode, for the analysis.
+    pub fn tcp_states(&self) -> FastMap<u64, TcpState> {
+        let mut out = FastMap::with_capacity(self.by_inode.len());
+        for (&inode, s) in &self.by_inode {
+            if let Some(state) = s.state {
+                out.insert(inode, state);
+            }
+        }
+        out
+    }
 }
 
 /// An unbound UDP socket shows port 0; keep the address family only.
@@ -149,17 +167,6 @@ fn unspecified_port(a: SocketAddr) -> String {
     } else {
         a.to_string()
     }
-}
-
-/// What one fd is, for grouping.
-#[derive(Clone, Debug)]
-pub struct Label {
-    /// Shared: a report groups every fd by it, and many fds share one text.
-    pub text: Rc<str>,
-    /// The socket's inode, to look its state up again at later reports.
-    pub socket_inode: Option<u64>,
-    /// May change later (an unconnected socket): do not cache.
-    pub provisional: bool,
 }
 
 /// The protocol of a socket from its socket(2) arguments (FdInfo::detail),
@@ -269,7 +276,7 @@ pub fn normalize_path(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize_path;
+    use super::{normalize_path, protocol, unspecified_port};
 
     #[test]
     fn numbers_and_random_parts_group() {
@@ -280,5 +287,59 @@ mod tests {
         assert_eq!(normalize_path("/proc/1234/fd"), "/proc/N/fd");
         assert_eq!(normalize_path("/data/agent.db"), "/data/agent.db");
         assert_eq!(normalize_path("/var/log/app.log.1"), "/var/log/app.log.N");
+    }
+
+    #[test]
+    fn normalisation_is_idempotent() {
+        for p in [
+            "/tmp/tmpk2j3h4x9/log-2024-11-27.txt",
+            "/proc/1234/fd",
+            "/var/lib/app/shard-0042/part-7.bin",
+            "memfd:wayland-shm",
+            "",
+            "/",
+        ] {
+            let once = normalize_path(p);
+            assert_eq!(normalize_path(&once), once, "{p}");
+        }
+    }
+
+    #[test]
+    fn short_or_plain_tokens_stay() {
+        assert_eq!(normalize_path("/etc/hosts"), "/etc/hosts");
+        assert_eq!(normalize_path("/dev/pts/3"), "/dev/pts/N");
+        // Too short to be a random suffix: digits become N.
+        assert_eq!(normalize_path("/tmp/a1b2"), "/tmp/aNbN");
+        assert_eq!(normalize_path("/tmp/x86_64"), "/tmp/xN_N");
+    }
+
+    #[test]
+    fn non_ascii_paths_keep_their_letters() {
+        assert_eq!(
+            normalize_path("/données/été-2024.log"),
+            "/données/été-N.log"
+        );
+    }
+
+    #[test]
+    fn socket_protocols_from_socket_args() {
+        // (AF_INET << 16) | SOCK_STREAM, and so on.
+        assert_eq!(protocol(2 << 16 | 1), "tcp");
+        assert_eq!(protocol(10 << 16 | 2), "udp");
+        assert_eq!(protocol(2 << 16 | 3), "raw");
+        assert_eq!(protocol(1 << 16 | 1), "unix");
+        assert_eq!(protocol(16 << 16 | 3), "netlink");
+        assert_eq!(protocol(17 << 16 | 3), "packet");
+        assert_eq!(protocol(0), "socket");
+    }
+
+    #[test]
+    fn unbound_udp_keeps_only_the_family() {
+        assert_eq!(unspecified_port("0.0.0.0:0".parse().unwrap()), "ipv4");
+        assert_eq!(unspecified_port("[::]:0".parse().unwrap()), "ipv6");
+        assert_eq!(
+            unspecified_port("127.0.0.1:53".parse().unwrap()),
+            "127.0.0.1:53"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The iterators over one process's fd table, walked by the kernel: the
+//! The task_file iterators over one process's fd table, walked by the kernel: the
 //! seed and names iterators (every open fd, named; the seed iterator also
 //! writes and counts its entry, at attach) and the entries iterator (the
 //! kernel map's entry of every open fd).
@@ -23,30 +23,33 @@ use aya_ebpf::{
 };
 use fdtrace_common::{
     EntryRecord, NO_FIELD, SEED_CLOEXEC, SEED_NO_CLOEXEC, SEED_NO_PATH, SEED_PATH_MAX, SeedRecord,
+    kind::classify,
 };
 
 use crate::{
     global,
-    kind::classify,
     table::{self, inexact, proc_of},
 };
 
 /// Offsets in kernel structures this kernel's BTF gives (set by user space
 /// before load; Rust has no CO-RE relocations): `file.f_path`,
-/// `task_struct.files`, `files_struct.fdt`, `fdtable.close_on_exec`.
+/// `task_struct.files`, `files_struct.fdt`, `fdtable.close_on_exec`,
+/// `fdtable.fd`.
 #[unsafe(no_mangle)]
 static FILE_F_PATH_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
-static TASK_FILES_OFF: u32 = NO_FIELD;
+pub static TASK_FILES_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
 static FILES_FDT_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
 static FDT_CLOEXEC_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static FDT_FD_OFF: u32 = NO_FIELD;
 /// `task_struct.pid` and `task_struct.tgid`.
 #[unsafe(no_mangle)]
-static TASK_PID_OFF: u32 = NO_FIELD;
+pub static TASK_PID_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
-static TASK_TGID_OFF: u32 = NO_FIELD;
+pub static TASK_TGID_OFF: u32 = NO_FIELD;
 
 const HDR: usize = core::mem::size_of::<SeedRecord>();
 
@@ -71,7 +74,7 @@ struct IterMeta {
 /// struct bpf_iter__task_file (kernel/bpf/task_iter.c). `task` and `file`
 /// are NULL on the last call, which ends the walk.
 #[repr(C)]
-struct TaskFileCtx {
+pub struct TaskFileCtx {
     meta: *const IterMeta,
     task: *const u8,
     fd: u32,
@@ -79,27 +82,11 @@ struct TaskFileCtx {
     file: *const u8,
 }
 
-/// At attach: writes each fd's entry into FDS (unless the fd was made since
-/// the process was registered, and has one already) and counts it, then
-/// names it to user space. Done here, and not by user space after the walk,
-/// so that an fd closed meanwhile is not written back as open, and so that
-/// the counters are only ever moved by atomic adds.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/task_file")]
-pub fn fdtrace_seed(ctx: *mut c_void) -> i32 {
-    // SAFETY: the kernel passes a bpf_iter__task_file.
-    let _ = try_walk(unsafe { &*(ctx as *const TaskFileCtx) }, true);
-    0
-}
-
-/// Names each fd to user space only: for labels, and for the resync after a
-/// drift (which works out what to add and drop itself).
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/task_file")]
-pub fn fdtrace_names(ctx: *mut c_void) -> i32 {
-    // SAFETY: the kernel passes a bpf_iter__task_file.
-    let _ = try_walk(unsafe { &*(ctx as *const TaskFileCtx) }, false);
-    0
+/// The seed and names walks (`seed`: at attach, also write and count each
+/// fd's entry; see table::seed).
+#[inline(always)]
+pub fn walk(ctx: &TaskFileCtx, seed: bool) {
+    let _ = try_walk(ctx, seed);
 }
 
 #[inline(always)]
@@ -130,12 +117,17 @@ fn try_walk(ctx: &TaskFileCtx, seed: bool) -> Option<()> {
             0
         };
         if seed && let Some(p) = proc_of(tgid) {
-            let kind = classify(&(*buf).path, len);
+            // The whole buffer, a constant length: the text ends at its NUL.
+            let kind = if len == 0 {
+                fdtrace_common::FdKind::Unknown
+            } else {
+                classify(&(*buf).path)
+            };
             if on_exec.is_none() {
                 // The bit is unknown: a resync at the next report.
                 inexact(p);
             }
-            table::seed(p, tgid, fd, kind as u8, on_exec == Some(true));
+            table::seed(p, tgid, fd, kind as u8, on_exec == Some(true), file as u64);
         }
         (*buf).hdr = SeedRecord {
             fd,
@@ -163,35 +155,43 @@ fn leader_tgid(task: *const u8) -> Option<u32> {
     (read(&TASK_PID_OFF)? == tgid).then_some(tgid)
 }
 
+#[inline(always)]
+fn read_u64(addr: u64) -> Option<u64> {
+    // SAFETY: the helper checks the address.
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
+}
+
+/// `task->files->fdt`.
+#[inline(always)]
+fn fdtable(task: u64) -> Option<u64> {
+    let off = |g: &u32| u64::from(global(g));
+    let files = read_u64(task + off(&TASK_FILES_OFF))?;
+    read_u64(files + off(&FILES_FDT_OFF))
+}
+
 /// The fd's bit in its table's close_on_exec bitmap; None when a read
 /// failed (user space then reads fdinfo).
 /// https://github.com/torvalds/linux/blob/v6.18/include/linux/fdtable.h (close_on_exec)
 fn cloexec(task: *const u8, fd: u32) -> Option<bool> {
-    let read = |addr: u64| -> Option<u64> {
-        // SAFETY: the helper checks the address.
-        unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
-    };
-    let off = |g: &u32| u64::from(global(g));
-    let files = read(task as u64 + off(&TASK_FILES_OFF))?;
-    let fdt = read(files + off(&FILES_FDT_OFF))?;
-    let bits = read(fdt + off(&FDT_CLOEXEC_OFF))?;
-    let word = read(bits + u64::from(fd / 64) * 8)?;
+    let fdt = fdtable(task as u64)?;
+    let bits = read_u64(fdt + u64::from(global(&FDT_CLOEXEC_OFF)))?;
+    let word = read_u64(bits + u64::from(fd / 64) * 8)?;
     Some(word & (1 << (fd % 64)) != 0)
 }
 
-/// The entries iterator: the FDS entry of each fd in the table, for a report.
-///
-/// Reading a process's entries from the map itself means walking the whole
-/// hash, every traced process's entries (closed ones included), about 0.3 us
-/// an entry: a third of a second per report at a million tracked fds. The
-/// table walk costs what the process holds. Fds the map lacks, and entries of
-/// fds the table lacks, are left out; the drift check counts them.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/task_file")]
-pub fn fdtrace_entries(ctx: *mut c_void) -> i32 {
-    // SAFETY: the kernel passes a bpf_iter__task_file.
-    let _ = try_entries(unsafe { &*(ctx as *const TaskFileCtx) });
-    0
+/// The `struct file` at `fd` in `task`'s table (`fdt->fd[fd]`), as an
+/// address; None when a read failed. The caller bounds `fd`: a number past
+/// the table's end reads a word that is no file of that fd.
+pub fn file_at(task: u64, fd: u32) -> Option<u64> {
+    let fdt = fdtable(task)?;
+    let fds = read_u64(fdt + u64::from(global(&FDT_FD_OFF)))?;
+    read_u64(fds + u64::from(fd) * 8)
+}
+
+/// The entries walk.
+#[inline(always)]
+pub fn entries(ctx: &TaskFileCtx) {
+    let _ = try_entries(ctx);
 }
 
 fn try_entries(ctx: &TaskFileCtx) -> Option<()> {

@@ -1,0 +1,77 @@
+//! The calling user stack of an fd-creating call: its id in STACKS, and the
+//! top of the stack the first time an id is seen.
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::bpf_probe_read_user_buf,
+    programs::{BtfTracePointContext, tracing::StackIdContext as _},
+};
+use fdtrace_common::{NO_SITE, ProcStats, SITE_NOT_SAMPLED, StackWindow, WINDOW_WORDS};
+
+use crate::{
+    global,
+    maps::{STACKS, WINDOW_SCRATCH, WINDOWS},
+    regs::Regs,
+    table,
+};
+
+/// Stacks taken per process per 100 ms (`--stack-rate` / 10); 0 for none
+/// (`--no-stacks`). The user stack walk is the largest part of the cost of a
+/// traced fd creation; a process creating fds faster than the budget has
+/// its fds over budget recorded without a stack.
+#[unsafe(no_mangle)]
+static STACKS_PER_SLOT: u32 = 100;
+
+const SLOT_NS: u64 = 100_000_000;
+
+/// The calling user stack's id in STACKS; NO_SITE without stacks, and
+/// SITE_NOT_SAMPLED over the process's budget. The first time an id is seen,
+/// the top of the user stack is saved with it (see StackWindow).
+#[inline(always)]
+pub fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) -> u64 {
+    let budget = u64::from(global(&STACKS_PER_SLOT));
+    if budget == 0 {
+        return NO_SITE;
+    }
+    // SAFETY: p is a live STATS element. Threads race on the budget fields;
+    // a lost update only shifts a few fds across the budget line.
+    unsafe {
+        let slot = now / SLOT_NS;
+        if (*p).stack_slot != slot {
+            (*p).stack_slot = slot;
+            (*p).stacks_in_slot = 0;
+        }
+        if (*p).stacks_in_slot >= budget {
+            table::add64(&raw mut (*p).not_sampled, 1);
+            return SITE_NOT_SAMPLED;
+        }
+        (*p).stacks_in_slot += 1;
+    }
+    let Ok(id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
+        return NO_SITE;
+    };
+    // SAFETY: presence check only.
+    if unsafe { WINDOWS.get(id as u32) }.is_none() {
+        save_window(id as u32, r);
+    }
+    id as u64
+}
+
+fn save_window(id: u32, r: &Regs) {
+    let Some(w) = WINDOW_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let (sp, bp) = (r.sp(), r.bp());
+    // SAFETY: w is this CPU's scratch value; the helper checks the address.
+    unsafe {
+        let words =
+            core::slice::from_raw_parts_mut((&raw mut (*w).words).cast::<u8>(), WINDOW_WORDS * 8);
+        if bpf_probe_read_user_buf(sp as *const u8, words).is_err() {
+            return;
+        }
+        (*w).sp = sp;
+        (*w).bp = bp;
+        // By reference: the window is larger than the BPF stack.
+        let window: &StackWindow = &*w;
+        let _ = WINDOWS.insert(id, window, u64::from(BPF_NOEXIST));
+    }
+}

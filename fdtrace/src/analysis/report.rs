@@ -1,0 +1,174 @@
+//! What the analysis hands to the sinks: one [`Report`] per interval, a
+//! [`Notice`] per event between reports, [`Start`] first and [`Summary`]
+//! last.
+use std::rc::Rc;
+
+use fdtrace_common::{FD_KINDS, FdKind};
+
+use super::{Errno, Finding, Request, Stack, Status};
+
+/// The record that opens a report: what was asked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Start {
+    pub ts: f64,
+    pub request: Request,
+}
+
+/// What the kernel side could not keep since the last report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// Events dropped: the ring buffer was full.
+    RingBuffer { count: u64 },
+    /// Fds not tracked: the fd map was full.
+    FdsMapFull { count: u64, max_entries: u32 },
+    /// Processes not traced: the process map was full.
+    ProcsMapFull { count: u64, max_entries: u32 },
+}
+
+/// Why a process was resynced with /proc after its report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resync {
+    /// A confirmed difference with /proc/PID/fd.
+    Drift(i64),
+    /// The kernel side said it could not follow a change exactly.
+    Inexact,
+}
+
+/// One report, every traced live process.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub ts: f64,
+    pub losses: Vec<Loss>,
+    pub processes: Vec<ProcessReport>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessReport {
+    pub figures: ProcessFigures,
+    /// The fastest-growing sites (--top).
+    pub sites: Vec<SiteReport>,
+    /// Findings new at this report.
+    pub findings: Vec<Finding>,
+    pub resync: Option<Resync>,
+}
+
+/// One process at one report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessFigures {
+    pub pid: u32,
+    pub ppid: Option<u32>,
+    pub comm: String,
+    pub open_fds: u64,
+    pub soft_limit: Option<u64>,
+    pub hard_limit: Option<u64>,
+    pub pct_used: Option<f64>,
+    pub by_kind: [u64; FD_KINDS],
+    /// `open_fds == preexisting + opened - closed` whenever the count is exact.
+    pub preexisting: u64,
+    pub opened: u64,
+    pub closed: u64,
+    pub opened_per_s: f64,
+    pub closed_per_s: f64,
+    pub emfile: u64,
+    pub enfile: u64,
+    pub drift: Option<i64>,
+    pub status: Status,
+    pub leak_per_s: f64,
+    pub seconds_to_emfile: Option<f64>,
+    /// Fds created over the --stack-rate budget (no call-site stack).
+    pub stacks_not_sampled: u64,
+    /// Shares its fd table with another process (clone CLONE_FILES without
+    /// CLONE_THREAD): its counts may drift, and are resynced.
+    pub shares_fd_table: bool,
+}
+
+/// One call site at one report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteReport {
+    pub id: String,
+    pub kind: FdKind,
+    pub resource: Rc<str>,
+    pub stack: Stack,
+    pub open_fds: u64,
+    pub leak_per_s: f64,
+    pub oldest_age_s: f64,
+}
+
+/// Fd totals of a process since tracing began.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub open_fds: u64,
+    pub opened: u64,
+    pub closed: u64,
+}
+
+/// An event between reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Notice {
+    Fork {
+        ts: f64,
+        pid: u32,
+        ppid: u32,
+    },
+    Exec {
+        ts: f64,
+        pid: u32,
+        comm: String,
+    },
+    Exit {
+        ts: f64,
+        pid: u32,
+        comm: String,
+        totals: Totals,
+    },
+    /// A call that failed with EMFILE or ENFILE.
+    FdError {
+        ts: f64,
+        pid: u32,
+        tid: u32,
+        syscall: &'static str,
+        errno: Errno,
+        resource: Option<String>,
+        stack: Stack,
+    },
+    /// RLIMIT_NOFILE changed (None: unlimited).
+    Rlimit {
+        ts: f64,
+        pid: u32,
+        soft_limit: Option<u64>,
+        hard_limit: Option<u64>,
+    },
+    /// A finding from an event (EMFILE, inherited fds).
+    Finding {
+        ts: f64,
+        pid: u32,
+        finding: Finding,
+    },
+}
+
+/// The closing summary.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub ts: f64,
+    pub duration_s: f64,
+    pub processes: Vec<ProcessSummary>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessSummary {
+    pub pid: u32,
+    pub comm: String,
+    pub totals: Totals,
+    pub emfile: u64,
+    pub enfile: u64,
+    pub exited: bool,
+    /// The worst status reached for a process that exited, the last one
+    /// otherwise.
+    pub status: Status,
+    pub leak_per_s: f64,
+    pub seconds_to_emfile: Option<f64>,
+    /// Its sites growing at 0.05 fds/s or more, fastest first (at most 3).
+    pub sites: Vec<SiteReport>,
+    /// Every finding, with its current figures.
+    pub findings: Vec<Finding>,
+}

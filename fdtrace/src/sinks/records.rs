@@ -1,0 +1,725 @@
+//! The NDJSON schema: one type per object, `type` naming it. README.md
+//! ("JSON output") documents each; a unit test parses every example there.
+use std::collections::BTreeMap;
+
+use fdtrace_common::FdKind;
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{
+    Errno, Finding, FindingKind, Loss, Notice, ProcessReport, ProcessSummary, Report, SiteReport,
+    Start, Status, Summary, display_rate,
+};
+
+/// Bumped when a field changes meaning.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    Start(StartRecord),
+    Process(ProcessRecord),
+    Site(SiteRecord),
+    Finding(FindingRecord),
+    Fork(ForkRecord),
+    Exec(ExecRecord),
+    Exit(ExitRecord),
+    Emfile(EmfileRecord),
+    Rlimit(RlimitRecord),
+    Lost(LostRecord),
+    MapFull(MapFullRecord),
+    Summary(SummaryRecord),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRecord {
+    pub ts: f64,
+    pub version: String,
+    pub schema: u32,
+    pub pids: Vec<u32>,
+    pub command: Option<Vec<String>>,
+    pub follow: bool,
+    pub interval_s: f64,
+    pub duration_s: Option<f64>,
+    pub window_s: f64,
+    pub min_age_s: f64,
+    pub top: usize,
+    pub stacks: bool,
+    pub fail_on: Option<Status>,
+    pub thresholds: ThresholdsRecord,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdsRecord {
+    pub warn_pct: f64,
+    pub crit_pct: f64,
+    pub warn_within_s: f64,
+    pub crit_within_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub ppid: Option<u32>,
+    pub comm: String,
+    pub open_fds: u64,
+    pub fd_soft_limit: Option<u64>,
+    pub fd_hard_limit: Option<u64>,
+    pub pct_used: Option<f64>,
+    pub by_kind: BTreeMap<String, u64>,
+    pub preexisting_fds: u64,
+    pub opened_total: u64,
+    pub closed_total: u64,
+    pub opened_per_s: f64,
+    pub closed_per_s: f64,
+    pub emfile_errors: u64,
+    pub enfile_errors: u64,
+    pub drift: Option<i64>,
+    pub status: Status,
+    pub leak_per_s: f64,
+    pub seconds_to_emfile: Option<f64>,
+    pub stacks_not_sampled: u64,
+    pub shares_fd_table: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub site: String,
+    pub kind: String,
+    pub resource: String,
+    pub stack: Vec<String>,
+    pub open_fds: u64,
+    pub leak_per_s: f64,
+    pub oldest_age_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FindingRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub finding: FindingKind,
+    pub message: String,
+    pub recommendation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fds: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub ppid: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub comm: String,
+    pub open_fds: u64,
+    pub opened_total: u64,
+    pub closed_total: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmfileRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub tid: u32,
+    pub syscall: String,
+    pub errno: Errno,
+    pub resource: Option<String>,
+    pub stack: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlimitRecord {
+    pub ts: f64,
+    pub pid: u32,
+    pub fd_soft_limit: Option<u64>,
+    pub fd_hard_limit: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LostRecord {
+    pub ts: f64,
+    pub count: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapName {
+    Fds,
+    Procs,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapFullRecord {
+    pub ts: f64,
+    pub map: MapName,
+    pub count: u64,
+    pub max_entries: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryRecord {
+    pub ts: f64,
+    pub duration_s: f64,
+    pub processes: Vec<SummaryProcess>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessState {
+    Running,
+    Exited,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub state: ProcessState,
+    pub open_fds: u64,
+    pub opened_total: u64,
+    pub closed_total: u64,
+    pub emfile_errors: u64,
+    pub enfile_errors: u64,
+    pub status: Status,
+    pub leak_per_s: f64,
+    pub seconds_to_emfile: Option<f64>,
+    pub sites: Vec<SummarySite>,
+    pub findings: Vec<SummaryFinding>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummarySite {
+    pub site: String,
+    pub kind: String,
+    pub resource: String,
+    pub stack: Vec<String>,
+    pub open_fds: u64,
+    pub leak_per_s: f64,
+    pub oldest_age_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryFinding {
+    pub finding: FindingKind,
+    pub message: String,
+    pub recommendation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fds: Option<Vec<String>>,
+    pub first_seen_ts: f64,
+}
+
+impl From<&Start> for StartRecord {
+    fn from(s: &Start) -> Self {
+        let r = &s.request;
+        StartRecord {
+            ts: s.ts,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            schema: SCHEMA,
+            pids: r.pids.clone(),
+            command: r.command.clone(),
+            follow: r.follow,
+            interval_s: r.interval.as_secs_f64(),
+            duration_s: r.duration.map(|d| d.as_secs_f64()),
+            window_s: r.window.as_secs_f64(),
+            min_age_s: r.min_age.as_secs_f64(),
+            top: r.top,
+            stacks: r.stacks,
+            fail_on: r.fail_on,
+            thresholds: ThresholdsRecord {
+                warn_pct: r.thresholds.warn_pct,
+                crit_pct: r.thresholds.crit_pct,
+                warn_within_s: r.thresholds.warn_within.as_secs_f64(),
+                crit_within_s: r.thresholds.crit_within.as_secs_f64(),
+            },
+        }
+    }
+}
+
+/// Open fds per kind, the kinds with none left out.
+fn by_kind(counts: &[u64]) -> BTreeMap<String, u64> {
+    FdKind::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (k.name().to_string(), *n))
+        .collect()
+}
+
+fn finding_record(ts: f64, pid: u32, f: &Finding) -> FindingRecord {
+    FindingRecord {
+        ts,
+        pid,
+        finding: f.kind,
+        message: f.message.clone(),
+        recommendation: f.recommendation.to_string(),
+        site: f.site.clone(),
+        count: f.count,
+        fds: f.fds.clone(),
+    }
+}
+
+fn site_record(ts: f64, pid: u32, s: &SiteReport) -> SiteRecord {
+    SiteRecord {
+        ts,
+        pid,
+        site: s.id.clone(),
+        kind: s.kind.name().to_string(),
+        resource: s.resource.to_string(),
+        stack: s.stack.to_vec(),
+        open_fds: s.open_fds,
+        leak_per_s: display_rate(s.leak_per_s),
+        oldest_age_s: s.oldest_age_s.round(),
+    }
+}
+
+impl Record {
+    /// The objects of one report: losses, then each process with its sites
+    /// and new findings. A resync is carried by the process's `drift`.
+    pub fn of_report(r: &Report) -> Vec<Record> {
+        let ts = r.ts;
+        let mut out: Vec<Record> = r
+            .losses
+            .iter()
+            .map(|l| match *l {
+                Loss::RingBuffer { count } => Record::Lost(LostRecord { ts, count }),
+                Loss::FdsMapFull { count, max_entries } => Record::MapFull(MapFullRecord {
+                    ts,
+                    map: MapName::Fds,
+                    count,
+                    max_entries,
+                }),
+                Loss::ProcsMapFull { count, max_entries } => Record::MapFull(MapFullRecord {
+                    ts,
+                    map: MapName::Procs,
+                    count,
+                    max_entries,
+                }),
+            })
+            .collect();
+        for p in &r.processes {
+            out.extend(Self::of_process(ts, p));
+        }
+        out
+    }
+
+    fn of_process(ts: f64, p: &ProcessReport) -> Vec<Record> {
+        let f = &p.figures;
+        let mut out = vec![Record::Process(ProcessRecord {
+            ts,
+            pid: f.pid,
+            ppid: f.ppid,
+            comm: f.comm.clone(),
+            open_fds: f.open_fds,
+            fd_soft_limit: f.soft_limit,
+            fd_hard_limit: f.hard_limit,
+            pct_used: f.pct_used,
+            by_kind: by_kind(&f.by_kind),
+            preexisting_fds: f.preexisting,
+            opened_total: f.opened,
+            closed_total: f.closed,
+            opened_per_s: display_rate(f.opened_per_s),
+            closed_per_s: display_rate(f.closed_per_s),
+            emfile_errors: f.emfile,
+            enfile_errors: f.enfile,
+            drift: f.drift,
+            status: f.status,
+            leak_per_s: display_rate(f.leak_per_s),
+            seconds_to_emfile: f.seconds_to_emfile.map(f64::round),
+            stacks_not_sampled: f.stacks_not_sampled,
+            shares_fd_table: f.shares_fd_table,
+        })];
+        out.extend(
+            p.sites
+                .iter()
+                .map(|s| Record::Site(site_record(ts, f.pid, s))),
+        );
+        out.extend(
+            p.findings
+                .iter()
+                .map(|x| Record::Finding(finding_record(ts, f.pid, x))),
+        );
+        // A resync is not an object: the process's `drift` says what it
+        // repaired.
+        out
+    }
+}
+
+impl From<&Notice> for Record {
+    fn from(n: &Notice) -> Self {
+        match n {
+            &Notice::Fork { ts, pid, ppid } => Record::Fork(ForkRecord { ts, pid, ppid }),
+            Notice::Exec { ts, pid, comm } => Record::Exec(ExecRecord {
+                ts: *ts,
+                pid: *pid,
+                comm: comm.clone(),
+            }),
+            Notice::Exit {
+                ts,
+                pid,
+                comm,
+                totals,
+            } => Record::Exit(ExitRecord {
+                ts: *ts,
+                pid: *pid,
+                comm: comm.clone(),
+                open_fds: totals.open_fds,
+                opened_total: totals.opened,
+                closed_total: totals.closed,
+            }),
+            Notice::FdError {
+                ts,
+                pid,
+                tid,
+                syscall,
+                errno,
+                resource,
+                stack,
+            } => Record::Emfile(EmfileRecord {
+                ts: *ts,
+                pid: *pid,
+                tid: *tid,
+                syscall: syscall.to_string(),
+                errno: *errno,
+                resource: resource.clone(),
+                stack: stack.to_vec(),
+            }),
+            &Notice::Rlimit {
+                ts,
+                pid,
+                soft_limit,
+                hard_limit,
+            } => Record::Rlimit(RlimitRecord {
+                ts,
+                pid,
+                fd_soft_limit: soft_limit,
+                fd_hard_limit: hard_limit,
+            }),
+            Notice::Finding { ts, pid, finding } => {
+                Record::Finding(finding_record(*ts, *pid, finding))
+            }
+        }
+    }
+}
+
+impl From<&ProcessSummary> for SummaryProcess {
+    fn from(p: &ProcessSummary) -> Self {
+        SummaryProcess {
+            pid: p.pid,
+            comm: p.comm.clone(),
+            state: if p.exited {
+                ProcessState::Exited
+            } else {
+                ProcessState::Running
+            },
+            open_fds: p.totals.open_fds,
+            opened_total: p.totals.opened,
+            closed_total: p.totals.closed,
+            emfile_errors: p.emfile,
+            enfile_errors: p.enfile,
+            status: p.status,
+            leak_per_s: display_rate(p.leak_per_s),
+            seconds_to_emfile: p.seconds_to_emfile.map(f64::round),
+            sites: p
+                .sites
+                .iter()
+                .map(|s| {
+                    let r = site_record(0.0, p.pid, s);
+                    SummarySite {
+                        site: r.site,
+                        kind: r.kind,
+                        resource: r.resource,
+                        stack: r.stack,
+                        open_fds: r.open_fds,
+                        leak_per_s: r.leak_per_s,
+                        oldest_age_s: r.oldest_age_s,
+                    }
+                })
+                .collect(),
+            findings: p
+                .findings
+                .iter()
+                .map(|f| SummaryFinding {
+                    finding: f.kind,
+                    message: f.message.clone(),
+                    recommendation: f.recommendation.to_string(),
+                    site: f.site.clone(),
+                    count: f.count,
+                    fds: f.fds.clone(),
+                    first_seen_ts: f.first_seen_ts,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&Summary> for SummaryRecord {
+    fn from(s: &Summary) -> Self {
+        SummaryRecord {
+            ts: s.ts,
+            duration_s: (s.duration_s * 10.0).round() / 10.0,
+            processes: s.processes.iter().map(SummaryProcess::from).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    const README: &str = include_str!("../../../README.md");
+
+    /// Every line of every ```json block of the README.
+    fn readme_examples() -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut inside = false;
+        for line in README.lines() {
+            match line.trim() {
+                "```json" => inside = true,
+                "```" => inside = false,
+                l if inside && !l.is_empty() => out.push(
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("README example {l}: {e}")),
+                ),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Equal as JSON, numbers compared as numbers (322 and 322.0 alike).
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+
+    #[test]
+    fn every_readme_example_parses_into_its_type_and_back() {
+        let examples = readme_examples();
+        assert!(examples.len() >= 12, "{} examples", examples.len());
+        for ex in &examples {
+            let r: Record =
+                serde_json::from_value(ex.clone()).unwrap_or_else(|e| panic!("{ex}: {e}"));
+            let back = serde_json::to_value(&r).expect("serializes");
+            // Same keys both ways: no field of the example is unknown to the
+            // type (deny_unknown_fields), none of the type's is missing.
+            assert!(same(ex, &back), "\n readme: {ex}\n type:   {back}");
+        }
+    }
+
+    #[test]
+    fn every_record_type_has_a_readme_example() {
+        let types: Vec<String> = readme_examples()
+            .iter()
+            .map(|v| v["type"].as_str().unwrap_or_default().to_string())
+            .collect();
+        for ty in [
+            "start", "process", "site", "finding", "fork", "exec", "exit", "emfile", "rlimit",
+            "lost", "map_full", "summary",
+        ] {
+            assert!(types.iter().any(|t| t == ty), "no README example of {ty}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_refused() {
+        let extra = r#"{"type":"lost","ts":1.0,"count":1,"more":2}"#;
+        assert!(serde_json::from_str::<Record>(extra).is_err());
+        let unknown = r#"{"type":"nope","ts":1.0}"#;
+        assert!(serde_json::from_str::<Record>(unknown).is_err());
+        let missing = r#"{"type":"lost","ts":1.0}"#;
+        assert!(serde_json::from_str::<Record>(missing).is_err());
+    }
+
+    #[test]
+    fn type_comes_first_and_options_are_null_or_absent() {
+        let r = Record::Finding(FindingRecord {
+            ts: 1.0,
+            pid: 2,
+            finding: FindingKind::Emfile,
+            message: "m".into(),
+            recommendation: "r".into(),
+            site: None,
+            count: None,
+            fds: None,
+        });
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"type":"finding","ts":1.0,"pid":2,"finding":"emfile","message":"m","recommendation":"r"}"#
+        );
+        let e = Record::Rlimit(RlimitRecord {
+            ts: 1.0,
+            pid: 2,
+            fd_soft_limit: None,
+            fd_hard_limit: Some(4),
+        });
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"rlimit","ts":1.0,"pid":2,"fd_soft_limit":null,"fd_hard_limit":4}"#
+        );
+    }
+
+    #[test]
+    fn by_kind_leaves_out_empty_kinds() {
+        let mut counts = [0u64; fdtrace_common::FD_KINDS];
+        counts[FdKind::Socket as usize] = 40;
+        counts[FdKind::File as usize] = 12;
+        let m = by_kind(&counts);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["socket"], 40);
+        assert_eq!(m["file"], 12);
+    }
+
+    fn figures() -> crate::analysis::ProcessFigures {
+        crate::analysis::ProcessFigures {
+            pid: 7,
+            ppid: None,
+            comm: "idle".into(),
+            open_fds: 5,
+            soft_limit: Some(1024),
+            hard_limit: None,
+            pct_used: Some(0.5),
+            by_kind: [0; fdtrace_common::FD_KINDS],
+            preexisting: 0,
+            opened: 9,
+            closed: 4,
+            opened_per_s: 0.0,
+            closed_per_s: 0.0,
+            emfile: 0,
+            enfile: 0,
+            drift: Some(0),
+            status: Status::Ok,
+            leak_per_s: -0.04,
+            seconds_to_emfile: None,
+            stacks_not_sampled: 0,
+            shares_fd_table: false,
+        }
+    }
+
+    #[test]
+    fn a_report_is_losses_then_each_process_with_its_sites_and_findings() {
+        let site = SiteReport {
+            id: "abc".into(),
+            kind: FdKind::Pipe,
+            resource: "pipe".into(),
+            stack: Default::default(),
+            open_fds: 2,
+            leak_per_s: 0.0,
+            oldest_age_s: 3.6,
+        };
+        let report = Report {
+            ts: 5.0,
+            losses: vec![Loss::RingBuffer { count: 3 }],
+            processes: vec![ProcessReport {
+                figures: figures(),
+                sites: vec![site],
+                findings: vec![crate::analysis::close_wait("abc", "tcp 1.2.3.4:5", 1, 5.0)],
+                resync: Some(crate::analysis::Resync::Drift(-1)),
+            }],
+        };
+        let records = Record::of_report(&report);
+        let types: Vec<String> = records
+            .iter()
+            .map(|r| {
+                serde_json::to_value(r).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(types, ["lost", "process", "site", "finding"]);
+        let process = serde_json::to_string(&records[1]).unwrap();
+        // No "-0.0" from a slope just under zero, null for no forecast.
+        assert!(
+            process.contains(r#""leak_per_s":0.0,"seconds_to_emfile":null"#),
+            "{process}"
+        );
+        let site = serde_json::to_value(&records[2]).unwrap();
+        assert_eq!(site["oldest_age_s"], 4.0);
+    }
+
+    #[test]
+    fn the_summary_record_carries_state_and_first_seen() {
+        let summary = Summary {
+            ts: 9.0,
+            duration_s: 21.94,
+            processes: vec![ProcessSummary {
+                pid: 7,
+                comm: "idle".into(),
+                totals: crate::analysis::Totals {
+                    open_fds: 5,
+                    opened: 9,
+                    closed: 4,
+                },
+                emfile: 1,
+                enfile: 0,
+                exited: true,
+                status: Status::Exhausted,
+                leak_per_s: 0.0,
+                seconds_to_emfile: None,
+                sites: Vec::new(),
+                findings: vec![crate::analysis::fd_error(
+                    "open",
+                    None,
+                    Errno::Emfile,
+                    None,
+                    3.0,
+                )],
+            }],
+        };
+        let v = serde_json::to_value(Record::Summary(SummaryRecord::from(&summary))).unwrap();
+        assert_eq!(v["duration_s"], 21.9);
+        let p = &v["processes"][0];
+        assert_eq!(p["state"], "exited");
+        assert_eq!(p["status"], "exhausted");
+        assert_eq!(p["emfile_errors"], 1);
+        assert_eq!(p["findings"][0]["finding"], "emfile");
+        assert_eq!(p["findings"][0]["first_seen_ts"], 3.0);
+    }
+}

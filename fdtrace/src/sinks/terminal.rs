@@ -1,0 +1,393 @@
+//! The readable table on a terminal, rendered from the same data as NDJSON.
+use std::io::{self, Write};
+
+use fdtrace_common::{FD_KINDS, FdKind};
+
+use super::Sink;
+use crate::analysis::{
+    Errno, Finding, GROWING_RATE, Loss, Notice, ProcessFigures, Report, Resync, SiteReport, Start,
+    Summary, display_rate,
+};
+
+pub struct Terminal<W: Write> {
+    out: io::BufWriter<W>,
+}
+
+impl<W: Write> Terminal<W> {
+    pub fn new(w: W) -> Self {
+        Terminal {
+            out: io::BufWriter::new(w),
+        }
+    }
+
+    fn header(&mut self) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "\n{:<8} {:>7} {:<15} {:>15} {:>6} {:>8} {:>8} {:>7} {:>8} {:<9} {:>6} {:>5}  BY KIND",
+            "TIME",
+            "PID",
+            "COMM",
+            "FDS/LIMIT",
+            "USED",
+            "OPEN/s",
+            "CLOSE/s",
+            "LEAK/s",
+            "EMFILE IN",
+            "STATUS",
+            "EMFILE",
+            "DRIFT"
+        )
+    }
+
+    fn process(&mut self, ts: f64, r: &ProcessFigures) -> io::Result<()> {
+        let limit = r.soft_limit.map_or("-".into(), |l| l.to_string());
+        let used = r.pct_used.map_or("-".into(), |p| format!("{p:.1}%"));
+        let drift = r.drift.map_or("?".into(), |d| d.to_string());
+        writeln!(
+            self.out,
+            "{:<8} {:>7} {:<15} {:>15} {:>6} {:>8.1} {:>8.1} {:>+7.1} {:>9} {:<9} {:>6} {:>5}  {}",
+            clock(ts),
+            r.pid,
+            r.comm,
+            format!("{}/{}", r.open_fds, limit),
+            used,
+            display_rate(r.opened_per_s),
+            display_rate(r.closed_per_s),
+            display_rate(r.leak_per_s),
+            eta(r.seconds_to_emfile),
+            r.status.name(),
+            r.emfile + r.enfile,
+            drift,
+            kinds_text(&r.by_kind)
+        )
+    }
+
+    /// The growing sites only.
+    fn site(&mut self, s: &SiteReport) -> io::Result<()> {
+        if s.leak_per_s < GROWING_RATE {
+            return Ok(());
+        }
+        let at = s
+            .stack
+            .first()
+            .map_or(String::new(), |f| format!("  at {f}"));
+        writeln!(
+            self.out,
+            "{:>17} {:+.1} fds/s  {} {}  ({} open, oldest {:.0}s){at}",
+            "site",
+            display_rate(s.leak_per_s),
+            s.kind.name(),
+            s.resource,
+            s.open_fds,
+            s.oldest_age_s
+        )
+    }
+
+    fn finding(&mut self, ts: f64, pid: u32, f: &Finding) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "{:<8} {pid:>7} FINDING {}: {}",
+            clock(ts),
+            f.kind.name(),
+            f.message
+        )?;
+        writeln!(self.out, "{:>17} fix: {}", "", f.recommendation)
+    }
+
+    fn resync(&mut self, ts: f64, pid: u32, r: Resync) -> io::Result<()> {
+        let why = match r {
+            Resync::Drift(d) => format!("drift {d:+} against /proc/{pid}/fd"),
+            Resync::Inexact => "a change the kernel side could not follow exactly".into(),
+        };
+        writeln!(self.out, "{:<8} {pid:>7} {why}; resynced", clock(ts))
+    }
+
+    fn loss(&mut self, ts: f64, l: &Loss) -> io::Result<()> {
+        let (map, count, max_entries, flag) = match *l {
+            Loss::RingBuffer { count } => {
+                return writeln!(
+                    self.out,
+                    "{:<8} warning: {count} events lost (ring buffer full); counts stay exact, fork/exec/exit notices may be missing",
+                    clock(ts)
+                );
+            }
+            Loss::FdsMapFull { count, max_entries } => ("fds", count, max_entries, "--max-fds"),
+            Loss::ProcsMapFull { count, max_entries } => {
+                ("procs", count, max_entries, "--max-procs")
+            }
+        };
+        writeln!(
+            self.out,
+            "{:<8} warning: the {map} map is full ({max_entries} entries): {count} not tracked; raise {flag}",
+            clock(ts)
+        )
+    }
+}
+
+impl<W: Write> Sink for Terminal<W> {
+    /// What was asked is on the command line already.
+    fn start(&mut self, _: &Start) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn notice(&mut self, n: &Notice) -> io::Result<()> {
+        match n {
+            Notice::Fork { ts, pid, ppid } => writeln!(
+                self.out,
+                "{:<8} {pid:>7} forked from {ppid} (now traced)",
+                clock(*ts)
+            ),
+            Notice::Exec { ts, pid, comm } => {
+                writeln!(self.out, "{:<8} {pid:>7} exec {comm}", clock(*ts))
+            }
+            Notice::Exit {
+                ts,
+                pid,
+                comm,
+                totals: t,
+            } => writeln!(
+                self.out,
+                "{:<8} {pid:>7} {comm} exited holding {} fds (opened {}, closed {} while traced)",
+                clock(*ts),
+                t.open_fds,
+                t.opened,
+                t.closed
+            ),
+            Notice::FdError {
+                ts,
+                pid,
+                syscall,
+                errno,
+                resource,
+                stack,
+                ..
+            } => {
+                let why = match errno {
+                    Errno::Emfile => "the process is at its RLIMIT_NOFILE",
+                    Errno::Enfile => "the system-wide fs.file-max is reached",
+                };
+                let what = resource
+                    .as_ref()
+                    .map_or(String::new(), |r| format!(" ({r})"));
+                let at = stack.first().map_or(String::new(), |f| format!(" at {f}"));
+                writeln!(
+                    self.out,
+                    "{:<8} {pid:>7} {syscall}{what} failed with {}{at}: {why}",
+                    clock(*ts),
+                    errno.name()
+                )
+            }
+            Notice::Rlimit {
+                ts,
+                pid,
+                soft_limit,
+                hard_limit,
+            } => {
+                let show = |l: &Option<u64>| l.map_or("unlimited".to_string(), |v| v.to_string());
+                writeln!(
+                    self.out,
+                    "{:<8} {pid:>7} RLIMIT_NOFILE now {} (hard {})",
+                    clock(*ts),
+                    show(soft_limit),
+                    show(hard_limit)
+                )
+            }
+            Notice::Finding { ts, pid, finding } => self.finding(*ts, *pid, finding),
+        }
+    }
+
+    fn report(&mut self, r: &Report) -> io::Result<()> {
+        for l in &r.losses {
+            self.loss(r.ts, l)?;
+        }
+        if !r.processes.is_empty() {
+            self.header()?;
+        }
+        for p in &r.processes {
+            self.process(r.ts, &p.figures)?;
+            for s in &p.sites {
+                self.site(s)?;
+            }
+            for f in &p.findings {
+                self.finding(r.ts, p.figures.pid, f)?;
+            }
+            if let Some(rs) = p.resync {
+                self.resync(r.ts, p.figures.pid, rs)?;
+            }
+        }
+        self.out.flush()
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        if s.processes.is_empty() {
+            return self.out.flush();
+        }
+        writeln!(self.out, "\nSummary ({:.1}s traced):", s.duration_s)?;
+        writeln!(
+            self.out,
+            "{:>7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:<9} {:>6}  STATE",
+            "PID",
+            "COMM",
+            "OPEN",
+            "OPENED",
+            "CLOSED",
+            "NET",
+            "LEAK/s",
+            "EMFILE IN",
+            "STATUS",
+            "EMFILE"
+        )?;
+        for p in &s.processes {
+            let t = &p.totals;
+            writeln!(
+                self.out,
+                "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8} {:>+7.1} {:>9} {:<9} {:>6}  {}",
+                p.pid,
+                p.comm,
+                t.open_fds,
+                t.opened,
+                t.closed,
+                t.opened as i64 - t.closed as i64,
+                display_rate(p.leak_per_s),
+                eta(p.seconds_to_emfile),
+                p.status.name(),
+                p.emfile + p.enfile,
+                if p.exited { "exited" } else { "running" }
+            )?;
+        }
+        for p in s
+            .processes
+            .iter()
+            .filter(|p| !p.sites.is_empty() || !p.findings.is_empty())
+        {
+            writeln!(self.out, "\n{} ({}): {}", p.pid, p.comm, p.status.name())?;
+            for site in &p.sites {
+                writeln!(
+                    self.out,
+                    "  {:+.1} fds/s  {} {}: {} open, oldest {:.0}s",
+                    display_rate(site.leak_per_s),
+                    site.kind.name(),
+                    site.resource,
+                    site.open_fds,
+                    site.oldest_age_s
+                )?;
+                for frame in site.stack.iter().take(8) {
+                    writeln!(self.out, "      {frame}")?;
+                }
+            }
+            for f in &p.findings {
+                writeln!(
+                    self.out,
+                    "  {}: {} (first seen {})",
+                    f.kind.name(),
+                    f.message,
+                    clock(f.first_seen_ts)
+                )?;
+                writeln!(self.out, "    fix: {}", f.recommendation)?;
+            }
+        }
+        self.out.flush()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// "3h12m", "45s": how long until EMFILE.
+fn eta(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(s) if s >= 86_400.0 * 99.0 => ">99d".into(),
+        Some(s) => {
+            let s = s.max(0.0) as u64;
+            match s {
+                0..60 => format!("{s}s"),
+                60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+                3600..86_400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+                _ => format!("{}d{:02}h", s / 86_400, s / 3600 % 24),
+            }
+        }
+    }
+}
+
+/// HH:MM:SS (UTC) of a unix time.
+fn clock(ts: f64) -> String {
+    let s = ts as u64 % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// "socket:40 file:12": open fds per kind, most first.
+fn kinds_text(by_kind: &[u64; FD_KINDS]) -> String {
+    let mut parts: Vec<(u64, &str)> = FdKind::ALL
+        .iter()
+        .zip(by_kind)
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (*n, k.name()))
+        .collect();
+    parts.sort_by_key(|p| std::cmp::Reverse(p.0));
+    parts
+        .iter()
+        .map(|(n, k)| format!("{k}:{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_in_the_largest_useful_unit() {
+        assert_eq!(eta(None), "-");
+        assert_eq!(eta(Some(45.4)), "45s");
+        assert_eq!(eta(Some(106.0)), "1m46s");
+        assert_eq!(eta(Some(3.0 * 3600.0 + 12.0 * 60.0)), "3h12m");
+        assert_eq!(eta(Some(2.0 * 86_400.0 + 5.0 * 3600.0)), "2d05h");
+        assert_eq!(eta(Some(100.0 * 86_400.0)), ">99d");
+        assert_eq!(eta(Some(-3.0)), "0s");
+    }
+
+    #[test]
+    fn clock_is_utc_time_of_day() {
+        assert_eq!(clock(1_767_225_600.5), "00:00:00");
+        assert_eq!(clock(1_767_225_600.0 + 3723.0), "01:02:03");
+    }
+
+    #[test]
+    fn kinds_most_first() {
+        let mut k = [0u64; FD_KINDS];
+        k[FdKind::File as usize] = 4;
+        k[FdKind::Socket as usize] = 169;
+        k[FdKind::Pipe as usize] = 1;
+        assert_eq!(kinds_text(&k), "socket:169 file:4 pipe:1");
+        assert_eq!(kinds_text(&[0; FD_KINDS]), "");
+    }
+
+    #[test]
+    fn a_flat_rate_prints_without_sign_noise() {
+        let mut out = Vec::new();
+        {
+            let mut t = Terminal::new(&mut out);
+            let s = SiteReport {
+                id: "x".into(),
+                kind: FdKind::File,
+                resource: "/tmp/a".into(),
+                stack: Default::default(),
+                open_fds: 3,
+                leak_per_s: 2.0,
+                oldest_age_s: 4.2,
+            };
+            t.site(&s).unwrap();
+            t.site(&SiteReport {
+                leak_per_s: 0.01,
+                ..s
+            })
+            .unwrap();
+            t.out.flush().unwrap();
+        }
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("+2.0 fds/s  file /tmp/a  (3 open, oldest 4s)"));
+    }
+}
