@@ -31,7 +31,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fdtrace_deploy::oci;
+use xtask::oci;
 
 /// fdtrace's container attribution, compiled in from the fdtrace crate (a
 /// binary crate, so it cannot be a dependency).
@@ -226,14 +226,14 @@ pub const CONTAINERD_DEFAULT_CAPS: [&str; 14] = [
 ];
 
 /// The `ctr run` options that run a container as the DaemonSet runs fdtrace
-/// (read from deploy/kubernetes by [`fdtrace_deploy::kubernetes::Fdtrace`],
+/// (read from deploy/kubernetes by [`xtask::kubernetes::Fdtrace`],
 /// so the test and the manifest cannot drift apart): its capabilities,
 /// seccomp profile (`localhost`: the file of a Localhost one), read-only
 /// root, no_new_privs, the host's pid namespace (`pid_ns`, e.g.
 /// `/proc/self/ns/pid`: ctr cannot join `/proc/1/ns/pid` here) and its
 /// read-only host mounts. A setting ctr cannot reproduce is an error.
 pub fn daemonset_ctr_options(
-    ds: &fdtrace_deploy::kubernetes::Fdtrace,
+    ds: &xtask::kubernetes::Fdtrace,
     pid_ns: &Path,
     localhost: Option<&Path>,
 ) -> Result<Vec<String>> {
@@ -784,7 +784,7 @@ fn first_line(child: &mut Child, timeout: Duration) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fdtrace_deploy::kubernetes::{DAEMONSET, Fdtrace, deploy_dir};
+    use xtask::kubernetes::{DAEMONSET, Fdtrace, deploy_dir};
 
     fn shipped() -> Fdtrace {
         Fdtrace::load(&deploy_dir().join(DAEMONSET)).unwrap()

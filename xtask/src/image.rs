@@ -5,7 +5,7 @@
 //! the image has no libc to link against), checked to be static, to embed
 //! its eBPF object and to run, is the one file of an OCI image
 //! `fdtrace:<version>` (entrypoint `/fdtrace`), written as an OCI archive
-//! `target/image/fdtrace-<version>.oci.tar` by [`fdtrace_deploy::oci`].
+//! `target/image/fdtrace-<version>.oci.tar` by [`xtask::oci`].
 //! The file is root's, mode 0755: the image runs under any uid, though the
 //! DaemonSet runs it as root (see deploy/kubernetes/daemonset.yaml).
 //! `--load` imports the archive into the containerd (namespace `k8s.io`,
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
-use fdtrace_deploy::oci;
+use xtask::oci;
 
 use crate::proc::{self, capture};
 use crate::setup::{self, Tools};

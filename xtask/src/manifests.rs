@@ -5,7 +5,7 @@
 //! deploy/prometheus/fdtrace-rules.yaml. With it, changes nothing and fails
 //! unless, offline (no cluster exists here):
 //! - the PrometheusRule is the one generated, and the files agree with each
-//!   other ([`fdtrace_deploy::kubernetes::check`]: kustomizations, Service
+//!   other ([`xtask::kubernetes::check`]: kustomizations, Service
 //!   and ServiceMonitor, the DaemonSet's capabilities, image and mounts);
 //! - `kubectl kustomize` builds the base and the seccomp overlay, and every
 //!   object of a built kind validates with PyPI's `kubernetes-validate
@@ -18,8 +18,8 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
-use fdtrace_deploy::kubernetes::{self, PROMETHEUS_RULE, SECCOMP_OVERLAY};
 use serde_yaml_ng::Value;
+use xtask::kubernetes::{self, PROMETHEUS_RULE, SECCOMP_OVERLAY};
 
 use crate::proc::{self, capture};
 use crate::setup;

@@ -1,6 +1,6 @@
-//! What fdtrace ships for containers, shared by `cargo xtask` (which builds
-//! the image and checks the manifests) and the container tests (which build
-//! their own images the same way and run fdtrace as the manifests say):
+//! What `cargo xtask` shares with the container tests about fdtrace's image
+//! and manifests (the tests build their images and run fdtrace exactly as
+//! the shipped files say):
 //!
 //! - [`oci`]: writes an OCI image archive with no base image and no registry;
 //! - [`kubernetes`]: the manifests of `deploy/kubernetes`, the PrometheusRule

@@ -38,7 +38,8 @@ pub const HOST_ROOT: &str = "/host";
 
 /// The deploy/ directory of this source tree.
 pub fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_owned()
+    // xtask/ and deploy/ are siblings in the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
 #[derive(Debug, thiserror::Error)]
