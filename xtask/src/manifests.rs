@@ -110,8 +110,12 @@ pub fn check(ws: &Workspace) -> Result<()> {
 /// cluster).
 fn kustomize(dir: &Path) -> Result<String> {
     if !proc::exists("kubectl") {
+        // The rust machine image ships kubectl (package kubectl 1:528.0.0-0,
+        // from outside Debian's registry, whose kubernetes-client 1.20 has a
+        // kustomize too old for these files): nothing here can install it.
         bail!(
-            "kubectl is not installed: it builds the kustomizations (`kubectl kustomize`, no cluster needed)"
+            "kubectl is not installed: the manifest check builds the kustomizations with \
+             `kubectl kustomize` (no cluster needed); install kubectl 1.27 or later"
         );
     }
     capture(Command::new("kubectl").arg("kustomize").arg(dir))
