@@ -1,5 +1,5 @@
 //! Command line.
-use std::{ffi::OsString, time::Duration};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
@@ -106,6 +106,12 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 8192, global = true,
           value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub max_procs: u32,
+
+    /// Where the host's /proc, /run and /var/lib are found, when fdtrace runs
+    /// in a container with them mounted elsewhere: each process's cgroup,
+    /// container and pod are read there
+    #[arg(long, value_name = "DIR", default_value = "/", global = true)]
+    pub host_root: PathBuf,
 
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -6,9 +6,6 @@
 //! by the event loop in `session`.
 mod analysis;
 mod cli;
-// Not wired into the tracer yet: it becomes an enricher of the pipeline.
-#[allow(dead_code)]
-mod container;
 mod enrich;
 mod error;
 mod kernel;

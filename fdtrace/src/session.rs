@@ -13,11 +13,16 @@ use tokio::{
 
 use crate::{
     analysis::{
-        self, Config, Notice, ProcessAnalysis, ProcessSample, Report, Request, Start, Summary,
-        Thresholds, Totals,
+        self, Config, Containers, Notice, ProcessAnalysis, ProcessSample, Report, Request, Start,
+        Summary, Thresholds, Totals,
     },
     cli::{Cli, Command},
-    enrich::{self, ProcessEnrichment, label, process, symbols::Symbols},
+    enrich::{
+        self, ProcessEnrichment,
+        attribution::{Attributions, ProcessAttribution},
+        label, process,
+        symbols::Symbols,
+    },
     error::Fatal,
     kernel::{
         self, FdTable, Kernel, Limits, LossCounters,
@@ -63,6 +68,8 @@ struct Session {
     max_procs: u32,
     cfg: Config,
     symbols: Symbols,
+    attributions: Attributions,
+    containers: Containers,
     started: Instant,
     /// The `run` command's reaper, kept for the session.
     child: Option<spawn::Spawned>,
@@ -104,6 +111,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         if !procfd::exists(pid) {
             return Err(Fatal::NoSuchPid(pid).into());
         }
+    }
+    // Each process's cgroup is read under --host-root.
+    let host_proc = cli.host_root.join("proc");
+    if !host_proc.is_dir() {
+        return Err(Fatal::Usage(format!(
+            "--host-root {}: {} is not a directory (the host's /proc must be there)",
+            cli.host_root.display(),
+            host_proc.display()
+        ))
+        .into());
     }
     let limits = Limits {
         max_fds: cli.max_fds,
@@ -149,6 +166,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         max_procs: cli.max_procs,
         cfg,
         symbols: Symbols::new(),
+        attributions: Attributions::new(&cli.host_root),
+        containers: Containers::default(),
         started: Instant::now(),
         child: None,
     };
@@ -256,7 +275,10 @@ impl Session {
                 {
                     self.exited(pid, None)?;
                 }
-                let enrich = ProcessEnrichment::new(comm, Some(ppid));
+                let mut enrich = ProcessEnrichment::new(comm, Some(ppid));
+                if let Some(parent) = self.procs.get(&ppid) {
+                    enrich.who = ProcessAttribution::inherited(&parent.enrich.who);
+                }
                 self.procs.insert(pid, Traced::new(enrich, self.cfg));
                 self.sinks.notice(&Notice::Fork { ts, pid, ppid })
             }
@@ -268,6 +290,9 @@ impl Session {
             } => {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.enrich.comm.clone_from(&comm);
+                    // A runtime moves a container's first process into its
+                    // cgroup between fork and exec.
+                    p.enrich.who.stale();
                 }
                 self.sinks.notice(&Notice::Exec {
                     ts,
@@ -359,6 +384,7 @@ impl Session {
         }
         p.table.clear();
         p.enrich.forget_fds();
+        self.containers.exited(pid, p.enrich.who.current(), totals);
         let comm = p.enrich.comm.clone();
         self.symbols.forget(pid);
         self.sinks.notice(&Notice::Exit {
@@ -374,6 +400,7 @@ impl Session {
             ts: sinks::now(),
             losses: self.losses.read(&self.k, self.max_fds, self.max_procs),
             processes: Vec::new(),
+            containers: Vec::new(),
         };
         let t = self.started.elapsed().as_secs_f64();
         // The kernel map says who is traced: a fork or exit event lost to a
@@ -420,6 +447,8 @@ impl Session {
                 p.enrich.ppid = p.enrich.ppid.or(i.ppid);
             }
             let (comm, ppid) = (p.enrich.comm.clone(), p.enrich.ppid);
+            self.attributions.refresh(pid, &mut p.enrich.who);
+            let attribution = p.enrich.who.current().clone();
             let enriched = p.enrich.enrich(
                 &self.k,
                 &mut self.symbols,
@@ -445,9 +474,17 @@ impl Session {
                 fds_version: enriched.version,
                 tcp_states: enriched.tcp_states,
                 stacks: self.symbols.stacks(pid),
+                attribution,
             };
             report.processes.push(p.analysis.update(&sample));
         }
+        report.containers = self.containers.report(report.ts, &report.processes);
+        self.attributions.retain(
+            self.procs
+                .values()
+                .filter(|p| !p.analysis.exited())
+                .map(|p| &p.enrich.who),
+        );
         // Sinks.
         self.sinks.report(&report)
     }

@@ -35,7 +35,7 @@ use xtask::oci;
 
 /// fdtrace's container attribution, compiled in from the fdtrace crate (a
 /// binary crate, so it cannot be a dependency).
-#[path = "../../fdtrace/src/container/mod.rs"]
+#[path = "../../fdtrace/src/enrich/container/mod.rs"]
 pub mod attribution;
 
 /// The containerd namespace the containers run in: Kubernetes's.

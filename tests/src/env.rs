@@ -22,8 +22,8 @@ pub fn require_root() {
     assert!(
         euid == 0,
         "the fdtrace integration tests must run as root (euid 0, here {euid}): fdtrace needs \
-         CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN to load and attach its eBPF programs, and the \
-         tests read /proc/PID/fd of the traced processes; run them with 'cargo xtask test' \
+         CAP_BPF and CAP_PERFMON to load and attach its eBPF programs, the tests read \
+         /proc/PID/fd of the traced processes and run containers; run them with 'cargo xtask test' \
          or as root"
     );
 }

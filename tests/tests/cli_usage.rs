@@ -181,3 +181,20 @@ fn map_sizes_out_of_range() {
     accepted(&["--max-fds", "1", "--max-procs", "1"]);
     accepted(&["--max-fds", "134217728", "--max-procs", "65535"]);
 }
+
+/// A `--host-root` with no `proc` in it is refused before anything is
+/// loaded, naming the directory looked for.
+#[test]
+fn host_root_without_proc_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_str().expect("UTF-8 temp path");
+    let me = std::process::id().to_string();
+    let f = run_fdtrace_rootless(
+        &["--host-root", root, "--pid", &me],
+        Duration::from_secs(15),
+    );
+    assert_eq!(f.status.code(), Some(2), "stderr: {}", f.stderr);
+    let says = format!("--host-root {root}: {root}/proc is not a directory");
+    assert!(f.stderr.contains(&says), "{:?} lacks {says:?}", f.stderr);
+    assert!(f.stdout.is_empty(), "{}", f.stdout);
+}

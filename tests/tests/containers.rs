@@ -7,6 +7,11 @@
 //!
 //! The same for podman's own containers, named from podman's state.
 //!
+//! fdtrace's own output too: each `process` record's attribution and its
+//! count against /proc, the `container` record that adds up its processes
+//! (the exited ones included in its totals), and a process moved to another
+//! cgroup while traced.
+//!
 //! Needs root, containerd and ctr (`apt-get install containerd`), podman
 //! and runc (`apt-get install podman runc`), and a cgroup v2 hierarchy
 //! (pure or hybrid). Never skips: a missing part fails.
@@ -23,13 +28,116 @@ use fdtrace_tests::containers::{
     Containerd, HandMadeCgroup, Podman, RunSpec, Started, proc_v2_path, random_id, random_pod_uid,
     require_root, static_binaries, write_image,
 };
-use serde_json::Value;
+use fdtrace_tests::{proc_fds, proc_nofile, run_fdtrace};
+use serde_json::{Value, json};
 
 const CRI: &str = "io.kubernetes.cri";
 
+/// Every NDJSON object fdtrace wrote.
+fn records(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// `fdtrace --pid P... --json` for `secs` seconds: its records.
+fn fdtrace_json(pids: &[u32], secs: u32) -> Vec<Value> {
+    let mut args: Vec<String> = pids
+        .iter()
+        .flat_map(|p| ["--pid".into(), p.to_string()])
+        .collect();
+    args.extend(
+        [
+            "--json",
+            "--interval",
+            "500ms",
+            "--window",
+            "2s",
+            "--duration",
+        ]
+        .map(String::from),
+    );
+    args.push(format!("{secs}s"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let done = run_fdtrace(&args, std::time::Duration::from_secs(u64::from(secs) + 30));
+    assert!(
+        done.status.success(),
+        "fdtrace {args:?}: {}\nstderr: {}",
+        done.status,
+        done.stderr
+    );
+    records(&done.stdout)
+}
+
+/// The last `process` record of `pid`.
+fn last_process(records: &[Value], pid: u32) -> &Value {
+    records
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "process" && r["pid"] == pid)
+        .unwrap_or_else(|| panic!("no process record of {pid}"))
+}
+
+/// The last `container` record whose `key` is `value`.
+fn last_container<'a>(records: &'a [Value], key: &str, value: &str) -> &'a Value {
+    records
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "container" && r[key] == value)
+        .unwrap_or_else(|| panic!("no container record with {key} {value}"))
+}
+
+/// The process record's attribution fields.
+fn attribution(r: &Value) -> Value {
+    let keys = [
+        "cgroup",
+        "container_id",
+        "pod",
+        "namespace",
+        "container",
+        "pod_uid",
+        "qos",
+        "pid_in_container",
+    ];
+    keys.iter().map(|k| (k.to_string(), r[k].clone())).collect()
+}
+
+/// The process's count is /proc's, and its container's record adds up that
+/// one process: its count, its ratio to its own soft limit, its names.
+fn check_counts(records: &[Value], pid: u32, group_key: &str, group: &str) {
+    let p = last_process(records, pid);
+    let on_proc = proc_fds(pid as i32).unwrap().len() as u64;
+    assert_eq!(p["open_fds"], on_proc, "{pid}: {p}");
+    assert_eq!(p["drift"], 0, "{p}");
+    let c = last_container(records, group_key, group);
+    assert_eq!(
+        c["ts"], p["ts"],
+        "the container record is of the same report"
+    );
+    assert_eq!(c["processes"], 1, "{c}");
+    assert_eq!(c["open_fds"], on_proc, "{c}");
+    let (soft, _) = proc_nofile(pid as i32).unwrap();
+    let ratio = c["fd_usage_ratio"].as_f64().expect("a ratio");
+    assert!((ratio - on_proc as f64 / soft as f64).abs() < 1e-4, "{c}");
+    for k in [
+        "cgroup",
+        "container_id",
+        "pod",
+        "namespace",
+        "container",
+        "pod_uid",
+        "qos",
+    ] {
+        assert_eq!(c[k], p[k], "{k}: {c} vs {p}");
+    }
+    assert_eq!(c["status"], p["status"]);
+    assert_eq!(c["opened_total"], p["opened_total"]);
+}
+
 fn identify(pid: u32) -> Identity {
     Attributor::new("/")
-        .identify(pid)
+        .refresh(pid, None)
         .unwrap_or_else(|e| panic!("identify {pid}: {e}"))
 }
 
@@ -193,6 +301,56 @@ fn containerd_containers_are_attributed() {
     );
     assert_eq!((&names.pod, &names.container), (&None, &None));
 
+    // fdtrace's own output: each process's attribution, its count against
+    // /proc, and its container's record.
+    let out = fdtrace_json(&[app.host_pid, pause.host_pid, plain.host_pid], 3);
+    assert_eq!(
+        attribution(last_process(&out, app.host_pid)),
+        json!({
+            "cgroup": format!("/kubepods/besteffort/pod{app_uid}/{app_id}"),
+            "container_id": app_id,
+            "pod": "web-0",
+            "namespace": "shop",
+            "container": "app",
+            "pod_uid": app_uid,
+            "qos": "BestEffort",
+            "pid_in_container": 1,
+        })
+    );
+    assert_eq!(
+        attribution(last_process(&out, pause.host_pid)),
+        json!({
+            "cgroup": format!("/kubepods/pod{pause_uid}/{pause_id}"),
+            "container_id": pause_id,
+            "pod": "db-0",
+            "namespace": "store",
+            "container": null,
+            "pod_uid": pause_uid,
+            "qos": "Guaranteed",
+            "pid_in_container": 1,
+        })
+    );
+    assert_eq!(
+        attribution(last_process(&out, plain.host_pid)),
+        json!({
+            "cgroup": format!("/fdtrace-test/{plain_id}"),
+            "container_id": plain_id,
+            "pod": null,
+            "namespace": null,
+            "container": null,
+            "pod_uid": null,
+            "qos": null,
+            "pid_in_container": 1,
+        })
+    );
+    for (pid, id) in [
+        (app.host_pid, &app_id),
+        (pause.host_pid, &pause_id),
+        (plain.host_pid, &plain_id),
+    ] {
+        check_counts(&out, pid, "container_id", id);
+    }
+
     let t4 = Instant::now();
     drop(containerd);
     eprintln!("teardown {:.1?}", t4.elapsed());
@@ -249,6 +407,67 @@ fn host_processes_are_named_by_their_cgroup() {
     assert_eq!(id.cgroup.qos, Some(Qos::Burstable));
     assert_eq!(id.cgroup.container_id, None);
     assert!(matches!(id.names, Ok(None)));
+
+    // fdtrace's own output: named by its cgroup, counted against /proc, and
+    // followed when it is moved while traced.
+    let out = fdtrace_json(&[pid], 2);
+    assert_eq!(
+        attribution(last_process(&out, pid)),
+        json!({
+            "cgroup": pod.path, "container_id": null, "pod": null, "namespace": null,
+            "container": null, "pod_uid": uid, "qos": "Burstable", "pid_in_container": null,
+        })
+    );
+    check_counts(&out, pid, "cgroup", &pod.path);
+    let bin = fdtrace_tests::fdtrace_bin();
+    let mut tracer = Command::new(&bin)
+        .args(["--pid", &pid.to_string(), "--json", "--interval", "200ms"])
+        .args(["--window", "1s", "--duration", "3s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("fdtrace");
+    let mut lines = BufReader::new(tracer.stdout.take().unwrap()).lines();
+    let mut out = Vec::new();
+    // Moved once fdtrace has reported it in the pod's cgroup twice.
+    let mut reports = 0;
+    for line in lines.by_ref() {
+        let r: Value = serde_json::from_str(&line.expect("fdtrace's output")).unwrap();
+        reports += usize::from(r["type"] == "process");
+        out.push(r);
+        if reports == 2 {
+            break;
+        }
+    }
+    unit.add(pid).unwrap();
+    for line in lines {
+        out.push(serde_json::from_str(&line.expect("fdtrace's output")).unwrap());
+    }
+    let status = tracer.wait().expect("fdtrace ran");
+    assert!(status.success(), "fdtrace: {status}");
+    let cgroups: Vec<&Value> = out
+        .iter()
+        .filter(|r| r["type"] == "process")
+        .map(|r| &r["cgroup"])
+        .collect();
+    // In the pod's cgroup first, then in the unit's, and no report back.
+    let moved = cgroups
+        .iter()
+        .position(|c| **c == unit.path)
+        .unwrap_or_else(|| panic!("never seen in {}: {cgroups:?}", unit.path));
+    assert!(moved > 0, "{cgroups:?}");
+    assert!(
+        cgroups[..moved].iter().all(|c| **c == pod.path),
+        "{cgroups:?}"
+    );
+    assert!(
+        cgroups[moved..].iter().all(|c| **c == unit.path),
+        "{cgroups:?}"
+    );
+    let p = last_process(&out, pid);
+    assert_eq!((&p["pod_uid"], &p["qos"]), (&Value::Null, &Value::Null));
+    check_counts(&out, pid, "cgroup", &unit.path);
 
     let _ = child.kill();
     let _ = child.wait();
@@ -310,4 +529,74 @@ fn podman_containers_are_named_from_podman_state() {
     assert_eq!(names.namespace.as_deref(), Some("prod"));
     assert_eq!(names.container.as_deref(), Some("server"));
     assert_eq!(id.pod_uid(), Some(uid.as_str()));
+}
+
+#[test]
+fn a_cgroups_totals_include_its_exited_processes() {
+    require_root().unwrap();
+    // A shell in a hand-made cgroup runs short-lived children on request.
+    let mut sh = Command::new("sh")
+        .args([
+            "-c",
+            "read x; for i in 1 2 3 4 5 6 7 8; do cat /etc/hostname >/dev/null; done; read y",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sh");
+    let pid = sh.id();
+    let unit = HandMadeCgroup::new(&format!("/system.slice/fdtrace-test-{pid}.service")).unwrap();
+    unit.add(pid).unwrap();
+    let bin = fdtrace_tests::fdtrace_bin();
+    let mut tracer = Command::new(&bin)
+        .args(["--pid", &pid.to_string(), "--follow", "--json"])
+        .args(["--interval", "300ms", "--window", "1s", "--duration", "3s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("fdtrace");
+    let mut lines = BufReader::new(tracer.stdout.take().unwrap()).lines();
+    let mut out: Vec<Value> = Vec::new();
+    for line in lines.by_ref() {
+        out.push(serde_json::from_str(&line.expect("fdtrace's output")).unwrap());
+        if out.last().unwrap()["type"] == "process" {
+            break;
+        }
+    }
+    // The children run, and the shell waits for the next line.
+    let mut stdin = sh.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    for line in lines {
+        out.push(serde_json::from_str(&line.expect("fdtrace's output")).unwrap());
+    }
+    assert!(tracer.wait().expect("fdtrace ran").success());
+    // The shell waits for its last line, its fds as fdtrace last saw them.
+    let on_proc = proc_fds(pid as i32).unwrap().len() as u64;
+    drop(stdin);
+    let _ = sh.wait();
+
+    let c = last_container(&out, "cgroup", &unit.path);
+    let ts = c["ts"].as_f64().unwrap();
+    let exits: Vec<&Value> = out
+        .iter()
+        .filter(|r| r["type"] == "exit" && r["ts"].as_f64().unwrap() <= ts)
+        .collect();
+    assert_eq!(exits.len(), 8, "every child exited before the last report");
+    let shell = last_process(&out, pid);
+    assert_eq!(shell["ts"], c["ts"]);
+    assert_eq!(shell["cgroup"], unit.path.as_str());
+    assert_eq!(c["processes"], 1, "{c}");
+    let total = |key: &str| {
+        shell[key].as_u64().unwrap() + exits.iter().map(|e| e[key].as_u64().unwrap()).sum::<u64>()
+    };
+    assert!(
+        exits
+            .iter()
+            .all(|e| e["opened_total"].as_u64().unwrap() > 0)
+    );
+    assert_eq!(c["opened_total"], total("opened_total"), "{c}");
+    assert_eq!(c["closed_total"], total("closed_total"), "{c}");
+    assert_eq!(c["open_fds"], shell["open_fds"]);
+    assert_eq!(shell["open_fds"], on_proc);
 }

@@ -201,6 +201,7 @@ pub fn bench(tools: &Tools, args: &Args) -> Result<ExitCode> {
         bail!("--scale must be a positive number");
     }
     setup::setup(tools)?;
+    setup::ensure_tracefs()?;
     let ws = Workspace::locate()?;
     let bins = build(&ws, tools, args.fdtrace.as_deref())?;
     ensure_packages(args.node)?;

@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Install what building fdtrace needs (idempotent): the nightly
-    /// toolchain with rust-src, bpf-linker, and a mounted tracefs.
+    /// toolchain with rust-src and bpf-linker.
     Setup,
     /// Run setup, then build fdtrace (release unless --debug).
     Build(BuildArgs),

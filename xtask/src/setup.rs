@@ -92,7 +92,6 @@ pub fn setup(tools: &Tools) -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker(tools)?;
     check_btf();
-    ensure_tracefs()?;
     Ok(())
 }
 
@@ -373,41 +372,19 @@ pub fn tracefs_mounted() -> bool {
     Path::new(TRACEFS_DIR).join("events").is_dir()
 }
 
-fn ensure_tracefs() -> Result<()> {
+/// Only the bench needs it: bpftrace, its peer, attaches classic
+/// tracepoints. fdtrace itself uses BTF tracepoints and iterators, which need
+/// no tracefs.
+pub fn ensure_tracefs() -> Result<()> {
     if tracefs_mounted() {
         step("tracefs", format!("mounted at {TRACEFS_DIR}"));
         return Ok(());
     }
-    if !is_root() {
-        step(
-            "tracefs",
-            format!(
-                "not mounted at {TRACEFS_DIR} and not root: fdtrace needs it; \
-                 run `sudo mount -t tracefs nodev {TRACEFS_DIR}` or `cargo xtask setup` as root"
-            ),
-        );
-        return Ok(());
-    }
-    step("tracefs", format!("not mounted: mounting at {TRACEFS_DIR}"));
-    mount_tracefs(None)
-}
-
-/// `mount -t tracefs nodev /sys/kernel/tracing`, through `via` (e.g. sudo) if given.
-pub fn mount_tracefs(via: Option<&str>) -> Result<()> {
-    let mount = ["mount", "-t", "tracefs", "nodev", TRACEFS_DIR];
-    let mut cmd = match via {
-        Some(wrapper) => {
-            let mut c = Command::new(wrapper);
-            c.args(mount);
-            c
-        }
-        None => {
-            let mut c = Command::new(mount[0]);
-            c.args(&mount[1..]);
-            c
-        }
-    };
-    proc::run(&mut cmd)
+    step(
+        "tracefs",
+        format!("not mounted: mounting at {TRACEFS_DIR} for bpftrace"),
+    );
+    proc::run(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS_DIR]))
         .context("cannot mount tracefs: the kernel needs CONFIG_TRACING (tracefs)")?;
     if !tracefs_mounted() {
         bail!("tracefs mounted but {TRACEFS_DIR}/events is missing: check `mount | grep tracefs`");
@@ -451,6 +428,49 @@ pub fn ensure_prometheus() -> Result<()> {
         "installed; where systemd runs, the package also enabled prometheus.service \
          (`systemctl disable --now prometheus` to stop it)",
     );
+    Ok(())
+}
+
+/// The container runtimes the container tests run real containers with, and
+/// tmux for the live view's terminal test: (program, Debian package).
+const TEST_PACKAGES: [(&str, &str); 5] = [
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("tmux", "tmux"),
+];
+
+/// Installs the Debian packages of TEST_PACKAGES whose program is missing.
+pub fn ensure_test_packages() -> Result<()> {
+    let mut missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(prog, _)| !proc::exists(prog))
+        .map(|&(_, package)| package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        step("test packages", "containerd, podman, runc, tmux present");
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!(
+            "the tests need {list}: run `apt-get install --no-install-recommends {list}` as root"
+        );
+    }
+    step("test packages", format!("missing: installing {list}"));
+    for package in &missing {
+        if apt_install(package).is_err() {
+            // A fresh machine may have no package lists yet.
+            proc::run(Command::new("apt-get").arg("update"))
+                .context("apt-get update failed: check the network")?;
+            apt_install(package)?;
+        }
+    }
+    if let Some((prog, package)) = TEST_PACKAGES.iter().find(|(p, _)| !proc::exists(p)) {
+        bail!("the {package} package was installed but `{prog}` is still not on PATH");
+    }
     Ok(())
 }
 

@@ -118,15 +118,12 @@ pub fn run(tools: &Tools, args: &[String]) -> Result<ExitCode> {
 fn sudo_command(bin: &Path) -> Result<Command> {
     if !proc::exists("sudo") {
         bail!(
-            "fdtrace needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_SYS_ADMIN) and sudo \
+            "fdtrace needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH) and sudo \
              is not installed: run `cargo xtask run` as root, or run {} as root",
             bin.display()
         );
     }
     eprintln!("xtask: fdtrace needs root: running it through sudo");
-    if !setup::tracefs_mounted() {
-        setup::mount_tracefs(Some("sudo"))?;
-    }
     let mut cmd = Command::new("sudo");
     cmd.arg("--").arg(bin);
     Ok(cmd)
@@ -148,7 +145,7 @@ fn shield_sigint() {
 pub fn test(tools: &Tools) -> Result<ExitCode> {
     if !is_root() {
         eprintln!(
-            "xtask: the tests load eBPF programs and need a mounted tracefs: they need root; \
+            "xtask: the tests load eBPF programs and run containers: they need root; \
              run `cargo xtask test` as root"
         );
         return Ok(ExitCode::FAILURE);
@@ -156,6 +153,7 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
     setup::setup(tools)?;
     ensure_lint_components()?;
     setup::ensure_prometheus()?;
+    setup::ensure_test_packages()?;
     let ws = Workspace::locate()?;
     let bin = ws.fdtrace_bin(true);
     // The eBPF crate only builds for bpfel-unknown-none with nightly (through
@@ -173,7 +171,14 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
             "warnings",
         ],
         &["build", "--release", "--package", "fdtrace"],
-        &["test", "--workspace", "--exclude", EBPF_CRATE],
+        // Every test binary runs, so the closing count covers them all.
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            EBPF_CRATE,
+            "--no-fail-fast",
+        ],
     ];
     let mut commands = Vec::new();
     for (i, args) in steps.into_iter().enumerate() {

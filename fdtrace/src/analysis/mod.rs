@@ -3,6 +3,7 @@
 //! the forecast, the status and the findings. Nothing here reads the kernel,
 //! /proc or a file: every input is in [`ProcessSample`], so all of it is
 //! tested without root.
+mod containers;
 mod findings;
 mod process;
 mod rates;
@@ -14,6 +15,7 @@ use std::{collections::HashMap, rc::Rc, time::Duration};
 use fdtrace_common::{FD_KINDS, FdKind};
 use foldhash::HashMap as FastMap;
 
+pub use containers::{Attribution, ContainerReport, Containers};
 pub use findings::{
     Errno, Finding, FindingKind, SiteFigures, close_wait, fd_error, inherited, leak,
 };
@@ -109,6 +111,8 @@ pub struct ProcessSample<'a> {
     pub tcp_states: &'a FastMap<u64, TcpState>,
     /// Symbolized stacks by canonical id.
     pub stacks: &'a HashMap<u64, Stack>,
+    /// Its cgroup, container and pod.
+    pub attribution: Rc<Attribution>,
 }
 
 /// What was asked, for the record that opens a report.

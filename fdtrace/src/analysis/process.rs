@@ -357,10 +357,12 @@ impl ProcessAnalysis {
                 seconds_to_emfile: self.seconds_to_emfile,
                 stacks_not_sampled: c.stacks_not_sampled,
                 shares_fd_table: c.shares_fd_table,
+                attribution: s.attribution.clone(),
             },
             sites: self.top_sites(self.cfg.top, s.stacks),
             findings,
             resync: s.resync,
+            close_wait: self.sites.values().map(|s| s.close_wait).sum(),
         }
     }
 
@@ -568,6 +570,7 @@ mod tests {
                 fds_version: self.version,
                 tcp_states: &self.tcp,
                 stacks: &self.stacks,
+                attribution: Default::default(),
             })
         }
     }
@@ -668,6 +671,7 @@ mod tests {
             fds_version: v,
             tcp_states: &r.tcp,
             stacks: &r.stacks,
+            attribution: Default::default(),
         });
         assert_eq!(rep.sites.len(), 2);
         // A new version regroups.
@@ -711,6 +715,7 @@ mod tests {
             .collect();
         assert_eq!(cw.len(), 1);
         assert_eq!(cw[0].count, Some(2));
+        assert_eq!(rep.close_wait, 2);
         assert!(r.report(2, None).findings.is_empty(), "reported once");
     }
 

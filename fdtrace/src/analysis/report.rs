@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use fdtrace_common::{FD_KINDS, FdKind};
 
-use super::{Errno, Finding, Request, Stack, Status};
+use super::{Attribution, ContainerReport, Errno, Finding, Request, Stack, Status};
 
 /// The record that opens a report: what was asked.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,6 +40,8 @@ pub struct Report {
     pub ts: f64,
     pub losses: Vec<Loss>,
     pub processes: Vec<ProcessReport>,
+    /// Each container (or host cgroup) with a traced process.
+    pub containers: Vec<ContainerReport>,
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +52,8 @@ pub struct ProcessReport {
     /// Findings new at this report.
     pub findings: Vec<Finding>,
     pub resync: Option<Resync>,
+    /// Its sockets in CLOSE_WAIT.
+    pub close_wait: u64,
 }
 
 /// One process at one report.
@@ -80,6 +84,8 @@ pub struct ProcessFigures {
     /// Shares its fd table with another process (clone CLONE_FILES without
     /// CLONE_THREAD): its counts may drift, and are resynced.
     pub shares_fd_table: bool,
+    /// Its cgroup, container and pod.
+    pub attribution: Rc<Attribution>,
 }
 
 /// One call site at one report.

@@ -2,6 +2,8 @@
 //! limits, fd labels and socket states, call-site stacks; its output is
 //! plain data for the analysis ([`crate::analysis::LabelledFd`], TCP states,
 //! symbolized stacks).
+pub mod attribution;
+pub mod container;
 pub mod label;
 pub mod process;
 pub mod symbols;
@@ -50,6 +52,8 @@ impl FdLabels {
 pub struct ProcessEnrichment {
     pub comm: String,
     pub ppid: Option<u32>,
+    /// Its cgroup, container and pod.
+    pub who: attribution::ProcessAttribution,
     labels: FdLabels,
     /// The labelled fds of the last report, with the kernel table version
     /// they were made from and their own version.
@@ -75,6 +79,7 @@ impl ProcessEnrichment {
         ProcessEnrichment {
             comm,
             ppid,
+            who: attribution::ProcessAttribution::default(),
             labels: FdLabels::default(),
             fds: Vec::new(),
             from_table: None,

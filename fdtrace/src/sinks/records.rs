@@ -6,8 +6,8 @@ use fdtrace_common::FdKind;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::{
-    Errno, Finding, FindingKind, Loss, Notice, ProcessReport, ProcessSummary, Report, SiteReport,
-    Start, Status, Summary, display_rate,
+    ContainerReport, Errno, Finding, FindingKind, Loss, Notice, ProcessReport, ProcessSummary,
+    Report, SiteReport, Start, Status, Summary, display_rate,
 };
 
 /// Bumped when a field changes meaning.
@@ -18,6 +18,7 @@ pub const SCHEMA: u32 = 1;
 pub enum Record {
     Start(StartRecord),
     Process(ProcessRecord),
+    Container(ContainerRecord),
     Site(SiteRecord),
     Finding(FindingRecord),
     Fork(ForkRecord),
@@ -83,6 +84,38 @@ pub struct ProcessRecord {
     pub seconds_to_emfile: Option<f64>,
     pub stacks_not_sampled: u64,
     pub shares_fd_table: bool,
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub container: Option<String>,
+    pub pod_uid: Option<String>,
+    pub qos: Option<String>,
+    pub pid_in_container: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerRecord {
+    pub ts: f64,
+    pub container_id: Option<String>,
+    pub cgroup: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub container: Option<String>,
+    pub pod_uid: Option<String>,
+    pub qos: Option<String>,
+    pub processes: u64,
+    pub open_fds: u64,
+    pub fd_usage_ratio: Option<f64>,
+    pub leak_per_s: f64,
+    pub seconds_to_emfile: Option<f64>,
+    pub status: Status,
+    pub opened_total: u64,
+    pub closed_total: u64,
+    pub emfile_errors: u64,
+    pub enfile_errors: u64,
+    pub close_wait: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -310,6 +343,31 @@ fn site_record(ts: f64, pid: u32, s: &SiteReport) -> SiteRecord {
     }
 }
 
+fn container_record(ts: f64, c: &ContainerReport) -> ContainerRecord {
+    ContainerRecord {
+        ts,
+        container_id: c.container_id.clone(),
+        cgroup: c.cgroup.clone(),
+        pod: c.pod.clone(),
+        namespace: c.namespace.clone(),
+        container: c.container.clone(),
+        pod_uid: c.pod_uid.clone(),
+        qos: c.qos.map(str::to_owned),
+        processes: c.processes,
+        open_fds: c.open_fds,
+        // Four digits: 0.01% of a limit.
+        fd_usage_ratio: c.fd_usage_ratio.map(|r| (r * 1e4).round() / 1e4),
+        leak_per_s: display_rate(c.leak_per_s),
+        seconds_to_emfile: c.seconds_to_emfile.map(f64::round),
+        status: c.status,
+        opened_total: c.opened,
+        closed_total: c.closed,
+        emfile_errors: c.emfile,
+        enfile_errors: c.enfile,
+        close_wait: c.close_wait,
+    }
+}
+
 impl Record {
     /// The objects of one report: losses, then each process with its sites
     /// and new findings. A resync is carried by the process's `drift`.
@@ -337,11 +395,17 @@ impl Record {
         for p in &r.processes {
             out.extend(Self::of_process(ts, p));
         }
+        out.extend(
+            r.containers
+                .iter()
+                .map(|c| Record::Container(container_record(ts, c))),
+        );
         out
     }
 
     fn of_process(ts: f64, p: &ProcessReport) -> Vec<Record> {
         let f = &p.figures;
+        let who = &*f.attribution;
         let mut out = vec![Record::Process(ProcessRecord {
             ts,
             pid: f.pid,
@@ -365,6 +429,14 @@ impl Record {
             seconds_to_emfile: f.seconds_to_emfile.map(f64::round),
             stacks_not_sampled: f.stacks_not_sampled,
             shares_fd_table: f.shares_fd_table,
+            cgroup: who.cgroup.clone(),
+            container_id: who.container_id.clone(),
+            pod: who.pod.clone(),
+            namespace: who.namespace.clone(),
+            container: who.container.clone(),
+            pod_uid: who.pod_uid.clone(),
+            qos: who.qos.map(str::to_owned),
+            pid_in_container: who.pid_in_container,
         })];
         out.extend(
             p.sites
@@ -560,8 +632,19 @@ mod tests {
             .map(|v| v["type"].as_str().unwrap_or_default().to_string())
             .collect();
         for ty in [
-            "start", "process", "site", "finding", "fork", "exec", "exit", "emfile", "rlimit",
-            "lost", "map_full", "summary",
+            "start",
+            "process",
+            "container",
+            "site",
+            "finding",
+            "fork",
+            "exec",
+            "exit",
+            "emfile",
+            "rlimit",
+            "lost",
+            "map_full",
+            "summary",
         ] {
             assert!(types.iter().any(|t| t == ty), "no README example of {ty}");
         }
@@ -639,6 +722,7 @@ mod tests {
             seconds_to_emfile: None,
             stacks_not_sampled: 0,
             shares_fd_table: false,
+            attribution: Default::default(),
         }
     }
 
@@ -661,7 +745,9 @@ mod tests {
                 sites: vec![site],
                 findings: vec![crate::analysis::close_wait("abc", "tcp 1.2.3.4:5", 1, 5.0)],
                 resync: Some(crate::analysis::Resync::Drift(-1)),
+                close_wait: 0,
             }],
+            containers: Vec::new(),
         };
         let records = Record::of_report(&report);
         let types: Vec<String> = records
@@ -682,6 +768,41 @@ mod tests {
         );
         let site = serde_json::to_value(&records[2]).unwrap();
         assert_eq!(site["oldest_age_s"], 4.0);
+    }
+
+    #[test]
+    fn a_container_record_follows_the_processes_rounded() {
+        let c = crate::analysis::ContainerReport {
+            container_id: None,
+            cgroup: Some("/system.slice/nginx.service".into()),
+            pod: None,
+            namespace: None,
+            container: None,
+            pod_uid: None,
+            qos: None,
+            processes: 2,
+            open_fds: 30,
+            fd_usage_ratio: Some(2.0 / 3.0),
+            leak_per_s: -0.0001,
+            seconds_to_emfile: Some(321.6),
+            status: Status::Warning,
+            opened: 40,
+            closed: 10,
+            emfile: 1,
+            enfile: 0,
+            close_wait: 4,
+        };
+        let report = Report {
+            ts: 5.0,
+            losses: Vec::new(),
+            processes: Vec::new(),
+            containers: vec![c],
+        };
+        let records = Record::of_report(&report);
+        assert_eq!(
+            serde_json::to_string(&records[0]).unwrap(),
+            r#"{"type":"container","ts":5.0,"container_id":null,"cgroup":"/system.slice/nginx.service","pod":null,"namespace":null,"container":null,"pod_uid":null,"qos":null,"processes":2,"open_fds":30,"fd_usage_ratio":0.6667,"leak_per_s":0.0,"seconds_to_emfile":322.0,"status":"warning","opened_total":40,"closed_total":10,"emfile_errors":1,"enfile_errors":0,"close_wait":4}"#
+        );
     }
 
     #[test]

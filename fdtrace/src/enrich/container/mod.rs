@@ -125,24 +125,37 @@ impl Attributor {
         &self.host_root
     }
 
-    /// Who process `pid` is.
-    pub fn identify(&mut self, pid: u32) -> Result<Identity, IdentifyError> {
+    /// Who process `pid` is. With `prev`, its identity at an earlier look, only
+    /// its cgroup is read again (a process can be moved to another at any
+    /// time), not its pids (a process's pid namespace is fixed when it is
+    /// created), and its container's names come from the cache.
+    pub fn refresh(
+        &mut self,
+        pid: u32,
+        prev: Option<&Identity>,
+    ) -> Result<Identity, IdentifyError> {
         let proc_dir = self.host_root.join("proc").join(pid.to_string());
         let path = proc_dir.join("cgroup");
         let text = read_text(&path)?;
         let cgroup = cgroup::v2_path(&text)
             .and_then(cgroup::parse_path)
             .map_err(|source| IdentifyError::Cgroup { path, source })?;
-        let path = proc_dir.join("status");
-        let pids = parse_nspid(&read_text(&path)?)
-            .map_err(|source| IdentifyError::Status { path, source })?;
+        let (host_pid, pid_in_container) = match prev {
+            Some(p) => (p.pid, p.pid_in_container),
+            None => {
+                let path = proc_dir.join("status");
+                let pids = parse_nspid(&read_text(&path)?)
+                    .map_err(|source| IdentifyError::Status { path, source })?;
+                (pids[0], (pids.len() > 1).then(|| pids[pids.len() - 1]))
+            }
+        };
         let names = match &cgroup.container_id {
             Some(id) => self.names(id, cgroup.runtime),
             None => Ok(None),
         };
         Ok(Identity {
-            pid: pids[0],
-            pid_in_container: (pids.len() > 1).then(|| pids[pids.len() - 1]),
+            pid: host_pid,
+            pid_in_container,
             cgroup,
             names,
         })
@@ -182,6 +195,7 @@ impl Attributor {
     }
 
     /// How many containers have cached names (or a cached failure).
+    #[cfg(test)]
     pub fn cached(&self) -> usize {
         self.cache.len()
     }
@@ -251,7 +265,7 @@ mod tests {
                 r#"{"annotations":{"io.kubernetes.cri.sandbox-name":"web-0","io.kubernetes.cri.container-name":"app"}}"#,
             ),
         );
-        let id = a.identify(1234).unwrap();
+        let id = a.refresh(1234, None).unwrap();
         assert_eq!(id.pid, 1234);
         assert_eq!(id.pid_in_container, Some(1));
         assert_eq!(id.cgroup.container_id.as_deref(), Some(ID));
@@ -268,7 +282,7 @@ mod tests {
     #[test]
     fn identify_a_host_process() {
         let (_root, mut a) = host("0::/system.slice/nginx.service\n", "NSpid:\t1234\n", None);
-        let id = a.identify(1234).unwrap();
+        let id = a.refresh(1234, None).unwrap();
         assert_eq!(id.cgroup.path, "/system.slice/nginx.service");
         assert_eq!((id.pid, id.pid_in_container), (1234, None));
         assert!(matches!(id.names, Ok(None)));
@@ -279,19 +293,19 @@ mod tests {
     #[test]
     fn identify_failures_are_precise() {
         let (_root, mut a) = host("1:cpu:/\n", "NSpid:\t1234\n", None);
-        let e = a.identify(1234).unwrap_err().to_string();
+        let e = a.refresh(1234, None).unwrap_err().to_string();
         assert!(
             e.ends_with("proc/1234/cgroup: no cgroup v2 line (\"0::\") in /proc/PID/cgroup"),
             "{e}"
         );
-        let e = a.identify(99).unwrap_err().to_string();
+        let e = a.refresh(99, None).unwrap_err().to_string();
         assert!(
             e.contains("cannot read") && e.contains("proc/99/cgroup"),
             "{e}"
         );
 
         let (_root, mut a) = host("0::/\n", "Name:\tx\n", None);
-        let e = a.identify(1234).unwrap_err().to_string();
+        let e = a.refresh(1234, None).unwrap_err().to_string();
         assert!(e.ends_with("proc/1234/status: no NSpid line"), "{e}");
 
         // A broken bundle: the process is still identified by its cgroup.
@@ -300,7 +314,7 @@ mod tests {
             "NSpid:\t1234\t7\n",
             Some("{"),
         );
-        let id = a.identify(1234).unwrap();
+        let id = a.refresh(1234, None).unwrap();
         assert_eq!(id.cgroup.container_id.as_deref(), Some(ID));
         assert!(matches!(
             id.names.as_ref().map_err(|e| &**e),
