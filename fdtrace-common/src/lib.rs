@@ -154,6 +154,23 @@ pub const PROC_FOLLOW: u32 = 1 << 0;
 /// (clone with CLONE_FILES and without CLONE_THREAD); counts may drift and
 /// user space resyncs.
 pub const PROC_SHARED_TABLE: u32 = 1 << 1;
+/// `ProcStats::flags`: the kernel side began tracing the process on its own
+/// (node mode: a fork of an untraced parent, an exec or a move into a
+/// selected cgroup) without knowing its fds: user space seeds its table
+/// with the seed walk, as at attach.
+pub const PROC_ADOPTED: u32 = 1 << 2;
+
+/// `NODE_MODE` (a global of the eBPF object): processes are traced only
+/// when user space registers them (or a followed parent forks).
+pub const NODE_OFF: u32 = 0;
+/// `NODE_MODE`: every process of the host but kernel threads and fdtrace.
+pub const NODE_ALL: u32 = 1;
+/// `NODE_MODE`: the processes of the cgroups in the NODE_CGROUPS map and
+/// every cgroup below them.
+pub const NODE_CGROUPS: u32 = 2;
+/// Deepest cgroup level the kernel side looks up from a process's cgroup
+/// to find a selected ancestor (kubelet layouts are 3 to 5 deep).
+pub const CGROUP_MAX_DEPTH: u32 = 32;
 
 /// Per traced process (tgid) state, in a STATS slot.
 #[repr(C)]
@@ -238,6 +255,9 @@ pub const EV_ENFILE: u32 = 5;
 /// A traced process's RLIMIT_NOFILE changed (setrlimit, or prlimit64 from
 /// any process).
 pub const EV_RLIMIT: u32 = 6;
+/// Node mode began tracing the process on its own (see PROC_ADOPTED):
+/// user space seeds its table.
+pub const EV_ADOPT: u32 = 7;
 
 /// A ring-buffer event. Per-fd changes are not streamed: they live in the maps.
 /// Only process lifecycle and failures travel, so the stream cannot be flooded
@@ -300,7 +320,9 @@ pub struct SeedRecord {
     /// [`SEED_CLOEXEC`] | [`SEED_NO_CLOEXEC`] | [`SEED_NO_PATH`].
     pub flags: u32,
     pub path_len: u32,
-    pub _pad: u32,
+    /// The process whose table holds the fd (a walk of every task's table
+    /// interleaves processes).
+    pub tgid: u32,
 }
 
 /// `SeedRecord::flags`: the fd is closed by execve.

@@ -8,7 +8,8 @@
 //! open/read/close per fd (about 20 us each); these `iter/task_file`
 //! programs write them all in one read of an iterator fd. User space creates the
 //! iterator for one process (bpf_iter_link_info.task.pid), so the kernel
-//! visits only that process's table.
+//! visits only that process's table, or, at a node-mode start, for every
+//! task at once (one walk of the host, each record naming its tgid).
 //! https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/task_iter.c (task_file_seq_show)
 use core::ffi::c_void;
 
@@ -96,6 +97,9 @@ fn try_walk(ctx: &TaskFileCtx, seed: bool) -> Option<()> {
         return None;
     }
     let tgid = leader_tgid(task)?;
+    // A walk of every task's table at a node-mode start visits untraced
+    // processes (kernel threads, fdtrace): nothing to seed or name.
+    let traced = if seed { Some(proc_of(tgid)?) } else { None };
     let buf = SEED_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: buf is this CPU's scratch value; file is a BTF pointer the
     // verifier checks f_path against (the offset is a constant of .rodata).
@@ -116,7 +120,7 @@ fn try_walk(ctx: &TaskFileCtx, seed: bool) -> Option<()> {
             flags |= SEED_NO_PATH;
             0
         };
-        if seed && let Some(p) = proc_of(tgid) {
+        if seed && let Some(p) = traced {
             // The whole buffer, a constant length: the text ends at its NUL.
             let kind = if len == 0 {
                 fdtrace_common::FdKind::Unknown
@@ -133,7 +137,7 @@ fn try_walk(ctx: &TaskFileCtx, seed: bool) -> Option<()> {
             fd,
             flags,
             path_len: len as u32,
-            _pad: 0,
+            tgid,
         };
         let seq = (*ctx.meta).seq;
         bpf_seq_write(seq, buf as *const c_void, (HDR + len) as u32);

@@ -12,6 +12,7 @@ use fdtrace_common::{EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_SHARED_TABLE, 
 use crate::{
     global,
     iter::{TASK_FILES_OFF, TASK_PID_OFF, TASK_TGID_OFF},
+    node,
     sys_exit::Call,
     table::{self, Bulk, Extra, bulk, emit, proc_of},
 };
@@ -51,16 +52,23 @@ fn task_field<T>(task: *const u8, off: &u32) -> Option<T> {
 /// https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c (kernel_clone)
 pub fn fork(ctx: &BtfTracePointContext) -> Option<()> {
     let parent = table::tgid();
-    let pp = proc_of(parent)?;
-    // SAFETY: pp is a live STATS element.
-    if unsafe { (*pp).flags } & PROC_FOLLOW == 0 {
-        return None;
-    }
     let (ptask, ctask): (*const u8, *const u8) = (ctx.arg(0), ctx.arg(1));
     // A thread (CLONE_THREAD, io_uring workers) joins the parent's group
     // and shares its table: nothing to copy.
     let child: u32 = task_field(ctask, &TASK_TGID_OFF)?;
-    if child == parent || task_field::<u32>(ctask, &TASK_PID_OFF)? != child {
+    if child == parent {
+        return None;
+    }
+    let Some(pp) = proc_of(parent) else {
+        if node::active() {
+            node::fork(ctask as u64, child);
+        }
+        return None;
+    };
+    // SAFETY: pp is a live STATS element.
+    if unsafe { (*pp).flags } & PROC_FOLLOW == 0
+        || task_field::<u32>(ctask, &TASK_PID_OFF)? != child
+    {
         return None;
     }
     let mut shared = 0;

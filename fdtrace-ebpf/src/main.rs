@@ -8,6 +8,8 @@
 //! - `lifecycle` (`tp_btf/sched_process_fork`, `tp_btf/sched_process_exit`):
 //!   copy the table into a followed child, drop it when the whole thread
 //!   group is gone;
+//! - `node` (with `tp_btf/cgroup_attach_task`): node mode, which starts
+//!   tracing the processes of its selection by itself;
 //! - `iter` (`iter/task_file`): the walks of one process's table user space
 //!   reads (seed at attach, names, entries);
 //! - `table` (the FDS entries and counters kept in step), `maps`, `stack`
@@ -23,6 +25,7 @@ mod fd_create;
 mod iter;
 mod lifecycle;
 mod maps;
+mod node;
 mod regs;
 mod scm_rights;
 mod stack;
@@ -48,6 +51,14 @@ pub fn fdtrace_sys_exit(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn fdtrace_fork(ctx: BtfTracePointContext) -> i32 {
     let _ = lifecycle::fork(&ctx);
+    0
+}
+
+/// Node mode with cgroup filters: a process moved into a selected cgroup
+/// is traced from then on.
+#[btf_tracepoint(function = "cgroup_attach_task")]
+pub fn fdtrace_cgroup_attach(ctx: BtfTracePointContext) -> i32 {
+    node::cgroup_attach(&ctx);
     0
 }
 

@@ -13,7 +13,7 @@ use fdtrace_common::{
 };
 
 use crate::{
-    fd_close, fd_create, lifecycle,
+    fd_close, fd_create, lifecycle, node,
     regs::Regs,
     scm_rights,
     stack::user_site,
@@ -55,6 +55,9 @@ pub fn handle(ctx: &BtfTracePointContext) {
         return;
     }
     let Some(p) = proc_of(tgid) else {
+        if ret == 0 && matches!(effect, Effect::Exec) && node::active() {
+            node::exec(tgid);
+        }
         return;
     };
     let call = Call {

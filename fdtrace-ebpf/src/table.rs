@@ -82,7 +82,7 @@ pub fn proc_of(tgid: u32) -> Option<*mut ProcStats> {
 
 /// Starts tracing `tgid` with `stats`: takes a free STATS slot, registers
 /// it in PROCS, then in TRACED (which the programs read first). False when
-/// no slot or PROCS entry is left.
+/// no slot or PROCS entry is left, or the process is registered already.
 pub fn register(tgid: u32, stats: &ProcStats) -> bool {
     let Ok(Some(slot)) = FREE_SLOTS.pop() else {
         count(CNT_PROCS_MAP_FULL);
@@ -93,11 +93,17 @@ pub fn register(tgid: u32, stats: &ProcStats) -> bool {
     };
     // SAFETY: p is an element of STATS, free until PROCS names it.
     unsafe { *p = *stats };
-    if PROCS.insert(tgid, slot, 0).is_err() {
+    // BPF_NOEXIST: user space may have registered the process meanwhile
+    // (node mode lists /proc while children are being forked, and a child
+    // is there before sched_process_fork runs); its seed walk counts the
+    // table then, and this registration would leak that slot.
+    if let Err(e) = PROCS.insert(tgid, slot, BPF_NOEXIST) {
         // SAFETY: as above.
         unsafe { (*p).tgid = 0 };
         let _ = FREE_SLOTS.push(slot, 0);
-        count(CNT_PROCS_MAP_FULL);
+        if e != EEXIST {
+            count(CNT_PROCS_MAP_FULL);
+        }
         return false;
     }
     if let Some(t) = TRACED.get_ptr_mut(tgid) {

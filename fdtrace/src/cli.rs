@@ -97,15 +97,39 @@ pub struct Cli {
     pub stack_rate: u32,
 
     /// Most fds tracked at once, all processes together (kernel map size, at
-    /// most 134217728)
-    #[arg(long, value_name = "N", default_value_t = 1 << 20, global = true,
+    /// most 134217728; default 1048576, 2097152 in node mode)
+    #[arg(long = "max-fds", value_name = "N", global = true,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_FDS)))]
-    pub max_fds: u32,
+    pub max_fds_arg: Option<u32>,
 
-    /// Most processes traced at once (kernel map size, at most 65535)
-    #[arg(long, value_name = "N", default_value_t = 8192, global = true,
+    /// Most processes traced at once (kernel map size, at most 65535; default
+    /// 8192, 32768 in node mode)
+    #[arg(long = "max-procs", value_name = "N", global = true,
           value_parser = clap::value_parser!(u32).range(1..=65535))]
-    pub max_procs: u32,
+    pub max_procs_arg: Option<u32>,
+
+    /// Node mode: trace every process of the host (kernel threads and
+    /// fdtrace itself left out), those running now and every new one from
+    /// its fork
+    #[arg(long, global = true)]
+    pub all: bool,
+
+    /// Node mode restricted to the processes of this cgroup v2 and every
+    /// cgroup below it, now and later (PATH as in the `0::` line of
+    /// /proc/PID/cgroup, or a directory under the cgroup v2 mount; repeat
+    /// for several)
+    #[arg(long = "cgroup", value_name = "PATH", global = true)]
+    pub cgroups: Vec<String>,
+
+    /// Node mode restricted to the processes of this container (its full id
+    /// or a unique prefix; repeat for several)
+    #[arg(long = "container", value_name = "ID", global = true)]
+    pub containers: Vec<String>,
+
+    /// Node mode restricted to the processes of this Kubernetes pod, named
+    /// by its runtime's bundle annotations (repeat for several)
+    #[arg(long = "pod", value_name = "NAMESPACE/NAME", global = true)]
+    pub pods: Vec<String>,
 
     /// Where the host's /run, /var/lib and /sys/fs/cgroup are found, when
     /// fdtrace runs in a container with them mounted elsewhere: each
@@ -158,7 +182,39 @@ pub const MAX_FDS: u32 = 1 << 27;
 /// reports is 0 (one report) or flips with every report (two).
 const MIN_WINDOW_INTERVALS: u32 = 3;
 
+/// `--max-fds` and `--max-procs` defaults: one process or a few, and a
+/// node (see [`Cli::node`]). Their kernel memory is allocated at start:
+/// the fd map's buckets (16 bytes each, 32 MiB for 2097152; the entries
+/// themselves follow the fds held) and one counters slot per process
+/// (248 bytes, 8 MiB for 32768).
+const MAX_FDS_DEFAULT: u32 = 1 << 20;
+const MAX_FDS_NODE: u32 = 1 << 21;
+const MAX_PROCS_DEFAULT: u32 = 8192;
+const MAX_PROCS_NODE: u32 = 32768;
+
 impl Cli {
+    /// Whether node mode is on: `--all`, or a cgroup, container or pod
+    /// filter (which implies the node machinery restricted to it).
+    pub fn node(&self) -> bool {
+        self.all || !self.cgroups.is_empty() || !self.containers.is_empty() || !self.pods.is_empty()
+    }
+
+    pub fn max_fds(&self) -> u32 {
+        self.max_fds_arg.unwrap_or(if self.node() {
+            MAX_FDS_NODE
+        } else {
+            MAX_FDS_DEFAULT
+        })
+    }
+
+    pub fn max_procs(&self) -> u32 {
+        self.max_procs_arg.unwrap_or(if self.node() {
+            MAX_PROCS_NODE
+        } else {
+            MAX_PROCS_DEFAULT
+        })
+    }
+
     /// The command line, checked: a bad option ends fdtrace here with exit
     /// code 2 and clap's usage message, which says the valid range.
     pub fn parse_checked() -> Cli {
@@ -208,6 +264,16 @@ impl Cli {
                 "--crit-pct {} is below --warn-pct {}: give --crit-pct between {} and 100",
                 self.crit_pct, self.warn_pct, self.warn_pct
             ));
+        }
+        for pod in &self.pods {
+            if !pod
+                .split_once('/')
+                .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+            {
+                return Err(format!(
+                    "--pod {pod:?}: give the pod as NAMESPACE/NAME, e.g. --pod default/web-0"
+                ));
+            }
         }
         if self.crit_within > self.warn_within {
             return Err(format!(
@@ -365,17 +431,47 @@ mod tests {
 
     #[test]
     fn max_fds_within_kernel_map() {
-        assert_eq!(accepted(&["--max-fds", "1"]).max_fds, 1);
-        assert_eq!(accepted(&["--max-fds", "134217728"]).max_fds, MAX_FDS);
+        assert_eq!(accepted(&["--max-fds", "1"]).max_fds(), 1);
+        assert_eq!(accepted(&["--max-fds", "134217728"]).max_fds(), MAX_FDS);
         for bad in ["0", "134217729", "4294967295"] {
             rejected(&["--max-fds", bad], "is not in 1..=134217728");
         }
     }
 
     #[test]
+    fn node_mode_defaults_fit_a_node() {
+        let one = accepted(&[]);
+        assert!(!one.node());
+        assert_eq!((one.max_fds(), one.max_procs()), (1 << 20, 8192));
+        for flag in [
+            &["--all"][..],
+            &["--cgroup", "/kubepods"],
+            &["--container", "abc"],
+            &["--pod", "default/web-0"],
+        ] {
+            let node = accepted(flag);
+            assert!(node.node(), "{flag:?}");
+            assert_eq!((node.max_fds(), node.max_procs()), (1 << 21, 32768));
+        }
+        let given = accepted(&["--all", "--max-fds", "100", "--max-procs", "10"]);
+        assert_eq!((given.max_fds(), given.max_procs()), (100, 10));
+    }
+
+    #[test]
+    fn pod_is_namespace_slash_name() {
+        for bad in ["web", "/web", "default/", "a/b/c", ""] {
+            rejected(&["--pod", bad], "NAMESPACE/NAME");
+        }
+        assert_eq!(
+            accepted(&["--pod", "kube-system/dns"]).pods,
+            ["kube-system/dns"]
+        );
+    }
+
+    #[test]
     fn max_procs_within_kernel_map() {
-        assert_eq!(accepted(&["--max-procs", "1"]).max_procs, 1);
-        assert_eq!(accepted(&["--max-procs", "65535"]).max_procs, 65535);
+        assert_eq!(accepted(&["--max-procs", "1"]).max_procs(), 1);
+        assert_eq!(accepted(&["--max-procs", "65535"]).max_procs(), 65535);
         for bad in ["0", "65536"] {
             rejected(&["--max-procs", bad], "is not in 1..=65535");
         }

@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     os::fd::AsFd as _,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -55,15 +55,46 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::Proc
 /// run ahead for a few microseconds.
 const CONFIRM_AFTER: Duration = Duration::from_millis(5);
 
+/// How long a process whose table did not change since its last exact
+/// check goes without another: on a node most processes are idle, and
+/// comparing each with /proc every report costs a dozen syscalls apiece;
+/// this bounds how long a change fdtrace did not see (a blind spot) can
+/// go unnoticed in an idle process.
+const RECHECK_IDLE: Duration = Duration::from_secs(30);
+
 /// None when the process is no longer traced (it exited). A drift is reported
-/// only when a second look confirms it.
-pub fn check(k: &Kernel, pid: u32) -> Option<Snapshot> {
-    let first = check_once(k, pid)?;
-    if first.drift.is_none_or(|d| d == 0) {
-        return Some(first);
+/// only when a second look confirms it. In node mode (`skip_idle`), a
+/// process whose table generation did not move since a check found it
+/// exact is not compared again (drift 0, the last check's) until
+/// [`RECHECK_IDLE`] has passed; one that shares its table with another
+/// process always is (the other's changes do not move its generation).
+/// Outside node mode a process the user named may share its table with an
+/// untraced one: it is compared every report.
+pub fn check(
+    k: &Kernel,
+    pid: u32,
+    state: &mut ReconcileState,
+    skip_idle: bool,
+) -> Option<Snapshot> {
+    let stats = k.stats_of(pid)?;
+    if skip_idle
+        && stats.flags & PROC_SHARED_TABLE == 0
+        && let Some((generation, at)) = state.exact
+        && generation == stats.generation
+        && at.elapsed() < RECHECK_IDLE
+    {
+        return Some(Snapshot {
+            stats,
+            drift: Some(0),
+        });
     }
-    std::thread::sleep(CONFIRM_AFTER);
-    check_once(k, pid)
+    let mut snap = check_once(k, pid)?;
+    if snap.drift.is_some_and(|d| d != 0) {
+        std::thread::sleep(CONFIRM_AFTER);
+        snap = check_once(k, pid)?;
+    }
+    state.exact = (snap.drift == Some(0)).then(|| (snap.stats.generation, Instant::now()));
+    Some(snap)
 }
 
 fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
@@ -246,6 +277,9 @@ pub struct ReconcileState {
     kind_fix: KindFix,
     /// The kernel's `inexact` count at the last report.
     seen_inexact: u64,
+    /// The table generation and time of the last check that found the
+    /// kernel's count equal to /proc's.
+    exact: Option<(u64, Instant)>,
 }
 
 /// The reconciled view of one process at a report.

@@ -30,7 +30,7 @@ use crate::{
     },
     procfd,
     reconcile::{self, ReconcileState},
-    sinks::{self, Ndjson, Sinks, Terminal},
+    sinks::{self, Console, Ndjson, Sinks, Top},
     spawn,
 };
 
@@ -73,6 +73,8 @@ struct Session {
     started: Instant,
     /// The `run` command's reaper, kept for the session.
     child: Option<spawn::Spawned>,
+    /// Node mode is on.
+    node: bool,
 }
 
 fn request(cli: &Cli) -> Request {
@@ -121,18 +123,30 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         ))
         .into());
     }
+    // Node mode: what --all / --cgroup / --container / --pod select (an
+    // ambiguous or unknown one is a usage error, before anything loads).
+    let node = kernel::node::selection(&kernel::node::Filters {
+        all: cli.all,
+        cgroups: &cli.cgroups,
+        containers: &cli.containers,
+        pods: &cli.pods,
+        host_root: &cli.host_root,
+    })?;
     let limits = Limits {
-        max_fds: cli.max_fds,
-        max_procs: cli.max_procs,
+        max_fds: cli.max_fds(),
+        max_procs: cli.max_procs(),
         stack_rate: if cli.no_stacks { 0 } else { cli.stack_rate },
+        node: node.as_ref().map_or(fdtrace_common::NODE_OFF, |n| n.mode()),
     };
     if let Some(Command::NoopHooks) = cli.command {
         noop_hooks(&limits).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    if cli.pids.is_empty() && cli.command.is_none() {
+    if cli.pids.is_empty() && cli.command.is_none() && node.is_none() {
         return Err(Fatal::Usage(
-            "nothing to trace: give --pid PID, or run -- CMD [ARGS...] (see fdtrace --help)".into(),
+            "nothing to trace: give --pid PID, --all, --cgroup PATH, or run -- CMD [ARGS...] \
+             (see fdtrace --help)"
+                .into(),
         )
         .into());
     }
@@ -154,21 +168,23 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let sink: Box<dyn sinks::Sink> = if cli.json {
         Box::new(Ndjson::new(io::stdout()))
     } else {
-        Box::new(Terminal::new(io::stdout()))
+        let shares_terminal = matches!(cli.command, Some(Command::Run { .. }));
+        Box::new(Top::new(io::stdout(), Console::detect(shares_terminal)))
     };
     let mut s = Session {
         k,
         sinks: Sinks(vec![sink]),
         procs: BTreeMap::new(),
         losses: LossCounters::default(),
-        max_fds: cli.max_fds,
-        max_procs: cli.max_procs,
+        max_fds: limits.max_fds,
+        max_procs: limits.max_procs,
         cfg,
         symbols: Symbols::new(),
         attributions: Attributions::new(&cli.host_root, "/proc"),
         containers: Containers::default(),
         started: Instant::now(),
         child: None,
+        node: node.is_some(),
     };
     for &pid in &cli.pids {
         let found = reconcile::attach(&mut s.k, pid, cli.follow)
@@ -176,6 +192,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         let mut enrich = ProcessEnrichment::read(pid);
         enrich.seed_labels(pid, found);
         s.procs.insert(pid, Traced::new(enrich, cfg));
+    }
+    if let Some(sel) = &node {
+        for (pid, found) in kernel::node::start(&mut s.k, sel, &cli.host_root)? {
+            if s.procs.contains_key(&pid) {
+                continue; // also given with --pid
+            }
+            let mut enrich = ProcessEnrichment::read(pid);
+            enrich.seed_labels(pid, found);
+            s.procs.insert(pid, Traced::new(enrich, cfg));
+        }
     }
     if let Some(Command::Run { no_follow, argv }) = &cli.command {
         let spawned = spawn::start(&mut s.k, argv, !no_follow)?;
@@ -217,7 +243,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 _ = sigterm.recv() => break,
                 _ = &mut deadline => break,
             }
-            if s.procs.values().all(|p| p.analysis.exited()) {
+            // Node mode goes on while its selection is empty.
+            if node.is_none() && s.procs.values().all(|p| p.analysis.exited()) {
                 break;
             }
         }
@@ -339,6 +366,7 @@ impl Session {
                 let key = analysis::fd_error_key(canon, syscall);
                 self.finding(ts, pid, key, finding)
             }
+            KernelEvent::Adopt { pid } => self.adopt(pid),
             KernelEvent::Rlimit { pid } => {
                 let info = process::info(pid).unwrap_or_default();
                 self.sinks.notice(&Notice::Rlimit {
@@ -349,6 +377,21 @@ impl Session {
                 })
             }
         }
+    }
+
+    /// Node mode began tracing `pid` on its own: its table is seeded now.
+    fn adopt(&mut self, pid: u32) -> io::Result<()> {
+        if self.procs.get(&pid).is_some_and(|p| !p.analysis.exited()) {
+            return Ok(());
+        }
+        let mut enrich = ProcessEnrichment::read(pid);
+        match reconcile::attach(&mut self.k, pid, true) {
+            Ok(found) => enrich.seed_labels(pid, found),
+            // Gone already: its exit event follows.
+            Err(e) => eprintln!("fdtrace: seeding pid {pid}: {e:#}"),
+        }
+        self.procs.insert(pid, Traced::new(enrich, self.cfg));
+        Ok(())
     }
 
     /// An event finding, once per key and process.
@@ -407,6 +450,15 @@ impl Session {
         let traced: Vec<u32> = self.k.procs.keys().filter_map(|k| k.ok()).collect();
         for pid in traced {
             if !self.procs.contains_key(&pid) {
+                // An adoption whose event was lost is seeded here.
+                let adopted = self
+                    .k
+                    .stats_of(pid)
+                    .is_some_and(|st| st.flags & fdtrace_common::PROC_ADOPTED != 0);
+                if adopted {
+                    self.adopt(pid)?;
+                    continue;
+                }
                 let enrich = ProcessEnrichment::read(pid);
                 self.procs.insert(pid, Traced::new(enrich, self.cfg));
             }
@@ -420,7 +472,8 @@ impl Session {
         let now_ns = kernel::monotonic_ns();
         for pid in live {
             // Kernel, checked against /proc.
-            let Some(snap) = reconcile::check(&self.k, pid) else {
+            let p = self.procs.get_mut(&pid).expect("traced");
+            let Some(snap) = reconcile::check(&self.k, pid, &mut p.reconcile, self.node) else {
                 // The kernel side sends the exit event before it lets the
                 // process go, so the event (with the final figures) is in
                 // the ring buffer, drained before the next report; only if

@@ -1,6 +1,8 @@
 //! The ring buffer, drained into typed events.
 use aya::maps::{MapData, RingBuf};
-use fdtrace_common::{EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, Event, syscalls};
+use fdtrace_common::{
+    EV_ADOPT, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, Event, syscalls,
+};
 
 use crate::analysis::{Errno, Totals};
 
@@ -37,6 +39,9 @@ pub enum KernelEvent {
     },
     /// setrlimit/prlimit changed RLIMIT_NOFILE of `pid`.
     Rlimit { pid: u32 },
+    /// Node mode began tracing `pid` on its own (fork of an untraced
+    /// parent, exec, move into a selected cgroup): its table is to be seeded.
+    Adopt { pid: u32 },
 }
 
 /// The events in the ring buffer now.
@@ -95,6 +100,7 @@ pub fn decode(ev: &Event) -> Option<KernelEvent> {
             }
         }
         EV_RLIMIT => KernelEvent::Rlimit { pid: ev.tgid },
+        EV_ADOPT => KernelEvent::Adopt { pid: ev.tgid },
         _ => return None,
     })
 }
@@ -193,6 +199,10 @@ mod tests {
         assert_eq!(
             decode(&event(EV_RLIMIT)),
             Some(KernelEvent::Rlimit { pid: 100 })
+        );
+        assert_eq!(
+            decode(&event(EV_ADOPT)),
+            Some(KernelEvent::Adopt { pid: 100 })
         );
         assert_eq!(decode(&event(999)), None);
     }

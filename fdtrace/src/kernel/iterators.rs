@@ -6,6 +6,7 @@
 //! of the open fds (`fdtrace_entries`).
 //! https://docs.kernel.org/bpf/bpf_iterators.html
 use std::{
+    collections::BTreeMap,
     fs::File,
     io::{self, Read as _},
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
@@ -58,15 +59,26 @@ struct IterCreateAttr {
 /// could not read is looked up in /proc instead (and kept, unnamed and not
 /// close-on-exec, when /proc cannot say either).
 pub fn list(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<ProcFd>> {
-    parse(&walk(prog, pid)?, pid)
+    Ok(parse(&walk(prog, pid)?)?.remove(&pid).unwrap_or_default())
 }
+
+/// [`list`] for every process at once, in one walk of every task's table
+/// (node mode's start): each traced process's open fds, by tgid. The seed
+/// program writes records for traced processes only.
+pub fn list_all(prog: BorrowedFd<'_>) -> io::Result<BTreeMap<u32, Vec<ProcFd>>> {
+    parse(&walk(prog, ALL_TASKS)?)
+}
+
+/// `bpf_iter_link_info.task.pid` 0: every task.
+const ALL_TASKS: u32 = 0;
 
 /// The kernel map's entries of the open fds of `pid`.
 pub fn entries(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<LiveFd>> {
     parse_entries(&walk(prog, pid)?)
 }
 
-/// What iterator program `prog` writes for the fd table of `pid`.
+/// What iterator program `prog` writes for the fd table of `pid` (of every
+/// task: [`ALL_TASKS`]).
 fn walk(prog: BorrowedFd<'_>, pid: u32) -> io::Result<Vec<u8>> {
     let mut info = IterLinkInfo {
         pid,
@@ -116,16 +128,16 @@ fn parse_entries(data: &[u8]) -> io::Result<Vec<LiveFd>> {
         .collect())
 }
 
-fn parse(data: &[u8], pid: u32) -> io::Result<Vec<ProcFd>> {
+fn parse(data: &[u8]) -> io::Result<BTreeMap<u32, Vec<ProcFd>>> {
     const HDR: usize = size_of::<SeedRecord>();
     let truncated = || io::Error::other("seed iterator: truncated record");
-    let mut out = Vec::new();
+    let mut out: BTreeMap<u32, Vec<ProcFd>> = BTreeMap::new();
     let mut dir = None;
     let mut rest = data;
     while !rest.is_empty() {
         let hdr = rest.get(..HDR).ok_or_else(truncated)?;
         let word = |i: usize| u32::from_ne_bytes(hdr[4 * i..4 * i + 4].try_into().unwrap());
-        let (fd, flags, len) = (word(0), word(1), word(2) as usize);
+        let (fd, flags, len, pid) = (word(0), word(1), word(2) as usize, word(3));
         let text = rest.get(HDR..HDR + len).ok_or_else(truncated)?;
         rest = &rest[HDR + len..];
         // /proc is read only for what the kernel walk could not.
@@ -152,7 +164,7 @@ fn parse(data: &[u8], pid: u32) -> io::Result<Vec<ProcFd>> {
         let kind = target
             .as_ref()
             .map_or(fdtrace_common::FdKind::Unknown, procfd::kind_of);
-        out.push(ProcFd {
+        out.entry(pid).or_default().push(ProcFd {
             fd,
             kind,
             cloexec,
@@ -162,11 +174,12 @@ fn parse(data: &[u8], pid: u32) -> io::Result<Vec<ProcFd>> {
     Ok(out)
 }
 
-fn proc_dir(dir: &mut Option<ProcDir>, pid: u32) -> io::Result<&ProcDir> {
-    match dir {
-        Some(d) => Ok(d),
-        None => Ok(dir.insert(ProcDir::open(pid)?)),
+/// `/proc/PID/fd` of `pid`, opened once for a run of its records.
+fn proc_dir(dir: &mut Option<(u32, ProcDir)>, pid: u32) -> io::Result<&ProcDir> {
+    if dir.as_ref().is_none_or(|(p, _)| *p != pid) {
+        *dir = Some((pid, ProcDir::open(pid)?));
     }
+    Ok(&dir.as_ref().expect("opened above").1)
 }
 
 /// bpf(cmd, attr) for the commands that return a new fd.
@@ -186,10 +199,14 @@ mod tests {
     use fdtrace_common::FdKind;
 
     fn record(fd: u32, flags: u32, text: &str) -> Vec<u8> {
+        record_of(0, fd, flags, text)
+    }
+
+    fn record_of(pid: u32, fd: u32, flags: u32, text: &str) -> Vec<u8> {
         let mut text = text.as_bytes().to_vec();
         text.push(0);
         let mut out = Vec::new();
-        for w in [fd, flags, text.len() as u32, 0] {
+        for w in [fd, flags, text.len() as u32, pid] {
             out.extend(w.to_ne_bytes());
         }
         out.extend(text);
@@ -202,7 +219,7 @@ mod tests {
         data.extend(record(5, SEED_CLOEXEC, "socket:[4242]"));
         data.extend(record(9, SEED_CLOEXEC, "anon_inode:[eventfd]"));
         data.extend(record(12, 0, "pipe:[77]"));
-        let fds = parse(&data, 0).expect("parses");
+        let fds = &parse(&data).expect("parses")[&0];
         let got: Vec<(u32, FdKind, bool)> = fds.iter().map(|f| (f.fd, f.kind, f.cloexec)).collect();
         assert_eq!(
             got,
@@ -254,8 +271,8 @@ mod tests {
     /// and /proc has no such process: the fd is still listed.
     #[test]
     fn an_fd_nothing_can_name_is_kept() {
-        let data = record(7, SEED_NO_PATH | SEED_NO_CLOEXEC, "");
-        let fds = parse(&data, u32::MAX).expect("parses");
+        let data = record_of(u32::MAX, 7, SEED_NO_PATH | SEED_NO_CLOEXEC, "");
+        let fds = &parse(&data).expect("parses")[&u32::MAX];
         let got: Vec<(u32, FdKind, bool, bool)> = fds
             .iter()
             .map(|f| (f.fd, f.kind, f.cloexec, f.target.is_none()))
@@ -266,7 +283,21 @@ mod tests {
     #[test]
     fn a_cut_record_is_an_error() {
         let data = record(3, 0, "/tmp/x");
-        assert!(parse(&data[..data.len() - 2], 0).is_err());
-        assert!(parse(&data[..10], 0).is_err());
+        assert!(parse(&data[..data.len() - 2]).is_err());
+        assert!(parse(&data[..10]).is_err());
+    }
+
+    /// A walk of every task interleaves processes: each record says whose.
+    #[test]
+    fn records_of_several_processes_by_tgid() {
+        let mut data = record_of(10, 0, 0, "/dev/null");
+        data.extend(record_of(10, 4, 0, "pipe:[1]"));
+        data.extend(record_of(20, 3, SEED_CLOEXEC, "socket:[2]"));
+        let by_pid = parse(&data).expect("parses");
+        let got: Vec<(u32, Vec<u32>)> = by_pid
+            .iter()
+            .map(|(pid, fds)| (*pid, fds.iter().map(|f| f.fd).collect()))
+            .collect();
+        assert_eq!(got, [(10, vec![0, 4]), (20, vec![3])]);
     }
 }

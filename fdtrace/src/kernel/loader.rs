@@ -27,6 +27,8 @@ pub struct Kernel {
     pub stacks: StackTraceMap<MapData>,
     pub traced: Array<MapData, u16>,
     pub windows: HashMap<MapData, u32, StackWindow>,
+    /// Node mode's selected cgroup ids (see fdtrace-ebpf node.rs).
+    pub node_cgroups: HashMap<MapData, u64, u8>,
     pub events: Option<RingBuf<MapData>>,
     /// The seed iterator (iter/task_file): seeds the map at attach and
     /// names the fds it finds (seed::list).
@@ -45,15 +47,22 @@ pub struct Limits {
     pub max_procs: u32,
     /// User stacks taken per process per second (call sites); 0 for none.
     pub stack_rate: u32,
+    /// `NODE_*`: what the kernel side traces on its own.
+    pub node: u32,
 }
 
 impl Kernel {
     pub fn load(limits: &Limits) -> Result<Self> {
         let (mut ebpf, btf) = open(limits)?;
+        // Before the hooks: a fork in node mode (or of a followed parent)
+        // takes a slot as soon as the programs run, and an empty queue is
+        // a process lost to a "full" map.
+        let free_slots = free_slots(take_map(&mut ebpf, "FREE_SLOTS")?, limits.max_procs)?;
         for (prog, hook) in [
             ("fdtrace_sys_exit", "sys_exit"),
             ("fdtrace_fork", "sched_process_fork"),
             ("fdtrace_exit", "sched_process_exit"),
+            ("fdtrace_cgroup_attach", "cgroup_attach_task"),
         ] {
             attach_btf(&mut ebpf, &btf, prog, hook)?;
         }
@@ -63,12 +72,13 @@ impl Kernel {
             entries: task_file_iter(&mut ebpf, &btf, "fdtrace_entries")?,
             procs: HashMap::try_from(take_map(&mut ebpf, "PROCS")?)?,
             stats: Array::try_from(take_map(&mut ebpf, "STATS")?)?,
-            free_slots: free_slots(take_map(&mut ebpf, "FREE_SLOTS")?, limits.max_procs)?,
+            free_slots,
             fds: HashMap::try_from(take_map(&mut ebpf, "FDS")?)?,
             counters: Array::try_from(take_map(&mut ebpf, "COUNTERS")?)?,
             stacks: StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?)?,
             traced: Array::try_from(take_map(&mut ebpf, "TRACED")?)?,
             windows: HashMap::try_from(take_map(&mut ebpf, "WINDOWS")?)?,
+            node_cgroups: HashMap::try_from(take_map(&mut ebpf, "NODE_CGROUP_IDS")?)?,
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
             _ebpf: ebpf,
         })
@@ -125,11 +135,33 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// Stops tracing `pid` (registered, then found gone before the kernel
+    /// could see it exit): the reverse of [`Kernel::register`].
+    pub fn unregister(&mut self, pid: u32) {
+        let Ok(slot) = self.procs.get(&pid, 0) else {
+            return;
+        };
+        let _ = self.traced.set(pid, 0, 0);
+        if self.procs.remove(&pid).is_ok() {
+            let _ = self.stats.set(slot, ProcStats::new(0, 0), 0);
+            let _ = self.free_slots.push(slot, 0);
+        }
+    }
+}
+
 /// PF_KTHREAD, in the flags of /proc/PID/stat (include/linux/sched.h).
 const PF_KTHREAD: u32 = 0x0020_0000;
 
-fn is_kernel_thread(stat_flags: u32) -> bool {
+fn has_kthread_flag(stat_flags: u32) -> bool {
     stat_flags & PF_KTHREAD != 0
+}
+
+/// Whether `pid` is a kernel thread (false when it cannot be read).
+pub fn is_kernel_thread(pid: u32) -> bool {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .is_ok_and(|s| has_kthread_flag(s.flags))
 }
 
 /// A kernel thread has no fd table of its own (it runs on init's or none):
@@ -139,7 +171,7 @@ fn refuse_kernel_thread(pid: u32) -> Result<()> {
         .and_then(|p| p.stat())
         .map(|s| s.flags);
     match flags {
-        Ok(f) if is_kernel_thread(f) => Err(Fatal::Usage(format!(
+        Ok(f) if has_kthread_flag(f) => Err(Fatal::Usage(format!(
             "pid {pid} is a kernel thread: it has no file descriptors of its own to trace"
         ))
         .into()),
@@ -192,6 +224,8 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
     let ebpf = loader
         .override_global("STACKS_PER_SLOT", &per_slot, true)
         .override_global("EXIT_HAS_GROUP_DEAD", &exit_has_group_dead, true)
+        .override_global("NODE_MODE", &limits.node, true)
+        .override_global("SELF_TGID", &std::process::id(), true)
         .map_max_entries("FDS", limits.max_fds)
         .map_max_entries("PROCS", limits.max_procs)
         .map_max_entries("STATS", limits.max_procs)
@@ -209,11 +243,11 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
 /// From this kernel's BTF: the struct offsets the kernel side reads at (see
 /// fdtrace-ebpf iter.rs), and 1 when sched_process_exit passes
 /// `group_dead` (Linux 6.16+; before, the leader's exit ends the process).
-fn kernel_layout() -> Result<([(&'static str, u32); 7], u32)> {
+fn kernel_layout() -> Result<(Vec<(&'static str, u32)>, u32)> {
     let data = fs::read(BTF_VMLINUX).with_context(|| format!("reading {BTF_VMLINUX}"))?;
     let btf = super::btf::Btf::parse(&data)?;
     let off = |s, m| btf.member_offset(s, m);
-    let offsets = [
+    let offsets = vec![
         ("FILE_F_PATH_OFF", off("file", "f_path")?),
         ("TASK_FILES_OFF", off("task_struct", "files")?),
         ("FILES_FDT_OFF", off("files_struct", "fdt")?),
@@ -221,6 +255,17 @@ fn kernel_layout() -> Result<([(&'static str, u32); 7], u32)> {
         ("FDT_FD_OFF", off("fdtable", "fd")?),
         ("TASK_PID_OFF", off("task_struct", "pid")?),
         ("TASK_TGID_OFF", off("task_struct", "tgid")?),
+        // Node mode (fdtrace-ebpf node.rs).
+        ("TASK_FLAGS_OFF", off("task_struct", "flags")?),
+        ("TASK_CGROUPS_OFF", off("task_struct", "cgroups")?),
+        ("CSS_SET_DFL_CGRP_OFF", off("css_set", "dfl_cgrp")?),
+        ("CGROUP_KN_OFF", off("cgroup", "kn")?),
+        ("KERNFS_NODE_ID_OFF", off("kernfs_node", "id")?),
+        (
+            "CGROUP_PARENT_OFF",
+            off("cgroup", "self")? + off("cgroup_subsys_state", "parent")?,
+        ),
+        ("CSS_CGROUP_OFF", off("cgroup_subsys_state", "cgroup")?),
     ];
     let exit_args = btf
         .tracepoint_args("sched_process_exit")
@@ -349,9 +394,9 @@ mod tests {
     fn kernel_threads_by_their_stat_flags() {
         // kthreadd and a user process (PF_RANDOMIZE), as
         // /proc/PID/stat shows them here.
-        assert!(is_kernel_thread(2_129_984));
-        assert!(!is_kernel_thread(4_194_304));
-        assert!(!is_kernel_thread(0));
+        assert!(has_kthread_flag(2_129_984));
+        assert!(!has_kthread_flag(4_194_304));
+        assert!(!has_kthread_flag(0));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod events;
 pub mod iterators;
 mod loader;
 pub mod map_batch;
+pub mod node;
 
 use std::{io, os::fd::AsFd as _};
 

@@ -4,11 +4,13 @@
 mod ndjson;
 pub mod records;
 mod terminal;
+mod top;
 
 use std::io;
 
 pub use ndjson::Ndjson;
 pub use terminal::Terminal;
+pub use top::{Console, Top};
 
 use crate::analysis::{Notice, Report, Start, Summary};
 

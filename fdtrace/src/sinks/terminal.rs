@@ -295,7 +295,7 @@ impl<W: Write> Sink for Terminal<W> {
 }
 
 /// "3h12m", "45s": how long until EMFILE.
-fn eta(secs: Option<f64>) -> String {
+pub(super) fn eta(secs: Option<f64>) -> String {
     match secs {
         None => "-".into(),
         Some(s) if s >= 86_400.0 * 99.0 => ">99d".into(),
@@ -312,7 +312,7 @@ fn eta(secs: Option<f64>) -> String {
 }
 
 /// HH:MM:SS (UTC) of a unix time.
-fn clock(ts: f64) -> String {
+pub(super) fn clock(ts: f64) -> String {
     let s = ts as u64 % 86_400;
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
