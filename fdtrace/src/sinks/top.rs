@@ -906,6 +906,7 @@ impl<W: Write> Top<W> {
             ts: r.ts,
             losses: r.losses.clone(),
             processes: shown,
+            containers: r.containers.clone(),
         })
     }
 }
