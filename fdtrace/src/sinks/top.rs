@@ -1022,10 +1022,12 @@ mod tests {
                 seconds_to_emfile: secs,
                 stacks_not_sampled: 0,
                 shares_fd_table: false,
+                attribution: Default::default(),
             },
             sites: Vec::new(),
             findings: Vec::new(),
             resync: None,
+            close_wait: 0,
         }
     }
 
@@ -1234,6 +1236,7 @@ mod tests {
                 leaker,
                 proc(300, "nginx", Status::Warning, 850, 0.0, None),
             ],
+            containers: Vec::new(),
         });
         v.forks = 4;
         v.exits = 3;
@@ -1340,6 +1343,7 @@ mod tests {
             ts,
             losses: Vec::new(),
             processes,
+            containers: Vec::new(),
         }
     }
 
