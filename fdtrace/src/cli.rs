@@ -153,9 +153,10 @@ pub struct Cli {
     #[arg(long = "pod", value_name = "NAMESPACE/NAME", global = true)]
     pub pods: Vec<String>,
 
-    /// Where the host's /proc, /run and /var/lib are found, when fdtrace runs
-    /// in a container with them mounted elsewhere: each process's cgroup,
-    /// container and pod are read there
+    /// Where the host's /run, /var/lib and /sys/fs/cgroup are found, when
+    /// fdtrace runs in a container with them mounted elsewhere: each
+    /// container's pod and names are read there (/proc is fdtrace's own,
+    /// the host's when it shares the host's pid namespace)
     #[arg(long, value_name = "DIR", default_value = "/", global = true)]
     pub host_root: PathBuf,
 

@@ -132,13 +132,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             return Err(Fatal::NoSuchPid(pid).into());
         }
     }
-    // Each process's cgroup is read under --host-root.
-    let host_proc = cli.host_root.join("proc");
-    if !host_proc.is_dir() {
+    // The runtimes' files and the host's cgroups are read under
+    // --host-root; /proc is fdtrace's own (the host's, under hostPID).
+    if !cli.host_root.is_dir() {
         return Err(Fatal::Usage(format!(
-            "--host-root {}: {} is not a directory (the host's /proc must be there)",
-            cli.host_root.display(),
-            host_proc.display()
+            "--host-root {}: not a directory",
+            cli.host_root.display()
         ))
         .into());
     }
@@ -217,7 +216,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         max_procs: limits.max_procs,
         cfg,
         symbols: Symbols::new(),
-        attributions: Attributions::new(&cli.host_root),
+        attributions: Attributions::new(&cli.host_root, "/proc"),
         containers: Containers::default(),
         python: PySites::default(),
         started: Instant::now(),

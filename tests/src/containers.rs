@@ -26,13 +26,12 @@ use std::fs;
 use std::io::{self, BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The image archive writer.
-pub mod oci;
+use xtask::oci;
 
 /// fdtrace's container attribution, compiled in from the fdtrace crate (a
 /// binary crate, so it cannot be a dependency).
@@ -142,6 +141,8 @@ pub fn static_binaries() -> Result<PathBuf> {
         // With --target, RUSTFLAGS reach only the target's crates, not build
         // scripts or proc macros.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // File and line of each frame: what fdtrace names a call site by.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cargo build of the static helpers: {e}"))?;
@@ -176,6 +177,38 @@ pub fn write_image(bin_dir: &Path, out: &Path) -> Result<()> {
     oci::write_archive(&image, out).map_err(|e| format!("writing {}: {e}", out.display()))
 }
 
+/// fdtrace's own image, as `cargo xtask image` builds it (a static fdtrace,
+/// alone, entrypoint `/fdtrace`): the archive and the image's name. Built in
+/// `target/static` like the helpers, so a second run only checks it.
+pub fn fdtrace_image() -> Result<(PathBuf, String)> {
+    let target_dir = workspace().join("target/static");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["run", "--package", "xtask", "--", "image"])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cargo xtask image: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo xtask image failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    let archive = target_dir
+        .join("image")
+        .join(format!("fdtrace-{version}.oci.tar"));
+    if !archive.is_file() {
+        return Err(format!(
+            "cargo xtask image succeeded but wrote no {}",
+            archive.display()
+        ));
+    }
+    Ok((archive, format!("docker.io/library/fdtrace:{version}")))
+}
+
 /// A container to start.
 pub struct RunSpec<'a> {
     pub id: &'a str,
@@ -206,12 +239,106 @@ pub struct Started {
     pub first_line: String,
 }
 
+/// The capabilities containerd gives a container by default
+/// (containerd's `oci.WithDefaultSpec`): `ctr run --cap-drop ALL` is
+/// refused, so "drop ALL" drops these by name.
+pub const CONTAINERD_DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The `ctr run` options that run a container as the DaemonSet runs fdtrace
+/// (read from deploy/kubernetes by [`xtask::kubernetes::Fdtrace`],
+/// so the test and the manifest cannot drift apart): its capabilities,
+/// seccomp profile (`localhost`: the file of a Localhost one), read-only
+/// root, no_new_privs, the host's pid namespace (`pid_ns`, e.g.
+/// `/proc/self/ns/pid`: ctr cannot join `/proc/1/ns/pid` here) and its
+/// read-only host mounts. A setting ctr cannot reproduce is an error.
+pub fn daemonset_ctr_options(
+    ds: &xtask::kubernetes::Fdtrace,
+    pid_ns: &Path,
+    localhost: Option<&Path>,
+) -> Result<Vec<String>> {
+    let mut opts = Vec::new();
+    if ds.privileged {
+        return Err("the DaemonSet runs fdtrace privileged".into());
+    }
+    // The image names no user: ctr runs it as root, and has no option for
+    // another uid.
+    if ds.run_as_user != Some(0) {
+        return Err(format!(
+            "runAsUser {:?}: ctr runs the image as 0",
+            ds.run_as_user
+        ));
+    }
+    if ds.allow_privilege_escalation {
+        opts.push("--allow-new-privs".to_owned());
+    }
+    if ds.read_only_root_filesystem {
+        opts.push("--read-only".to_owned());
+    }
+    if ds.cap_drop != ["ALL"] {
+        return Err(format!("drops {:?}: only [ALL] is reproduced", ds.cap_drop));
+    }
+    let add: Vec<String> = ds.cap_add.iter().map(|c| format!("CAP_{c}")).collect();
+    for cap in CONTAINERD_DEFAULT_CAPS {
+        if !add.iter().any(|a| a == cap) {
+            opts.extend(["--cap-drop".to_owned(), cap.to_owned()]);
+        }
+    }
+    for cap in add {
+        opts.extend(["--cap-add".to_owned(), cap]);
+    }
+    match (ds.seccomp.as_str(), localhost) {
+        // containerd's default profile is the one its CRI applies for
+        // RuntimeDefault.
+        ("RuntimeDefault", None) => opts.push("--seccomp".to_owned()),
+        ("Localhost", Some(profile)) => {
+            opts.push("--seccomp".to_owned());
+            opts.push("--seccomp-profile".to_owned());
+            opts.push(profile.display().to_string());
+        }
+        (kind, file) => return Err(format!("seccomp {kind} with profile file {file:?}")),
+    }
+    if ds.host_pid {
+        opts.push("--with-ns".to_owned());
+        opts.push(format!("pid:{}", pid_ns.display()));
+    }
+    if ds.host_network {
+        opts.push("--net-host".to_owned());
+    }
+    for m in &ds.mounts {
+        let ro = if m.read_only { ":ro" } else { "" };
+        opts.push("--mount".to_owned());
+        opts.push(format!(
+            "type=bind,src={},dst={},options=rbind{ro}",
+            m.host_path, m.mount_path
+        ));
+    }
+    Ok(opts)
+}
+
 /// A running container's task.
 struct Task {
+    id: String,
     /// `ctr run`, attached to the task's stdio.
     ctr: Child,
     /// Its stdin, kept open: its end ends `fdloop hold`.
     stdin: Option<ChildStdin>,
+    /// Its stdout's lines after the first.
+    lines: Option<mpsc::Receiver<String>>,
 }
 
 /// A containerd of the test's own.
@@ -223,6 +350,8 @@ pub struct Containerd {
     tasks: Vec<Task>,
     /// The containers' cgroups, whose parents are removed on drop.
     cgroups: Vec<String>,
+    /// Images imported, removed on drop.
+    images: Vec<String>,
 }
 
 impl Containerd {
@@ -261,6 +390,7 @@ impl Containerd {
             containers: Vec::new(),
             tasks: Vec::new(),
             cgroups: Vec::new(),
+            images: Vec::new(),
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -290,48 +420,174 @@ impl Containerd {
         run_tool(Command::new("ctr").args(["-n", NAMESPACE]).args(args))
     }
 
-    /// Imports an image archive and checks it is listed.
-    pub fn import(&self, archive: &Path) -> Result<()> {
+    /// Imports the test image's archive and checks it is listed.
+    pub fn import(&mut self, archive: &Path) -> Result<()> {
+        self.import_image(archive, IMAGE)
+    }
+
+    /// Imports an image archive and checks `name` is listed.
+    pub fn import_image(&mut self, archive: &Path, name: &str) -> Result<()> {
         let path = archive.to_str().ok_or("archive path is not UTF-8")?;
         self.ctr(&["images", "import", path])?;
         let images = self.ctr(&["images", "ls", "-q"])?;
-        if !images.lines().any(|l| l == IMAGE) {
-            return Err(format!("{IMAGE} not listed after the import: {images:?}"));
+        if !images.lines().any(|l| l == name) {
+            return Err(format!("{name} not listed after the import: {images:?}"));
         }
+        self.images.push(name.to_owned());
         Ok(())
     }
 
     /// Starts a container of the test image and waits for its first line.
     pub fn run(&mut self, spec: &RunSpec) -> Result<Started> {
-        let mut cmd = Command::new("ctr");
-        cmd.args(["-n", NAMESPACE, "run", "--cgroup", &spec.cgroup]);
-        for (k, v) in spec.annotations {
-            cmd.arg("--annotation").arg(format!("{k}={v}"));
-        }
-        cmd.args([IMAGE, spec.id]).args(spec.args);
-        let stderr = fs::File::create(self.dir.path().join(format!("ctr-{}.log", spec.id)))
-            .map_err(|e| e.to_string())?;
-        // Recorded before it exists: a failed start is cleaned up too.
-        self.containers.push(spec.id.to_owned());
-        self.cgroups.push(spec.cgroup.clone());
-        let mut ctr = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("ctr run: {e}"))?;
+        let log = self.log_path(spec.id);
+        let stderr = fs::File::create(&log).map_err(|e| e.to_string())?;
+        let mut ctr = self.spawn(spec, IMAGE, &[], Stdio::piped(), stderr.into())?;
         let stdin = ctr.stdin.take();
-        let first_line = first_line(&mut ctr, START_TIMEOUT).map_err(|e| {
-            let log = fs::read_to_string(self.dir.path().join(format!("ctr-{}.log", spec.id)))
-                .unwrap_or_default();
-            format!("container {}: {e}; ctr said:\n{log}", spec.id)
+        let (first_line, lines) = first_line(&mut ctr, START_TIMEOUT).map_err(|e| {
+            let said = fs::read_to_string(&log).unwrap_or_default();
+            format!("container {}: {e}; ctr said:\n{said}", spec.id)
         })?;
-        self.tasks.push(Task { ctr, stdin });
+        self.tasks.push(Task {
+            id: spec.id.to_owned(),
+            ctr,
+            stdin,
+            lines: Some(lines),
+        });
         Ok(Started {
             id: spec.id.to_owned(),
             host_pid: self.host_pid(spec.id)?,
             first_line,
         })
+    }
+
+    /// Starts a container of `image` with more `ctr run` options, its
+    /// stdout and stderr (with ctr's own) to [`Containerd::output`], and
+    /// returns at once: [`Containerd::wait_running`] and
+    /// [`Containerd::wait_exit`] follow it.
+    pub fn run_logged(&mut self, spec: &RunSpec, image: &str, options: &[String]) -> Result<()> {
+        let log = fs::File::create(self.log_path(spec.id)).map_err(|e| e.to_string())?;
+        let out = log.try_clone().map_err(|e| e.to_string())?;
+        let ctr = self.spawn(spec, image, options, out.into(), log.into())?;
+        self.tasks.push(Task {
+            id: spec.id.to_owned(),
+            ctr,
+            stdin: None,
+            lines: None,
+        });
+        Ok(())
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.dir.path().join(format!("ctr-{id}.log"))
+    }
+
+    /// What container `id` (and ctr) wrote so far, of one started by
+    /// [`Containerd::run_logged`].
+    pub fn output(&self, id: &str) -> String {
+        fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
+    fn spawn(
+        &mut self,
+        spec: &RunSpec,
+        image: &str,
+        options: &[String],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<Child> {
+        let mut cmd = Command::new("ctr");
+        cmd.args(["-n", NAMESPACE, "run", "--cgroup", &spec.cgroup]);
+        for (k, v) in spec.annotations {
+            cmd.arg("--annotation").arg(format!("{k}={v}"));
+        }
+        cmd.args(options).args([image, spec.id]).args(spec.args);
+        // Recorded before it exists: a failed start is cleaned up too.
+        self.containers.push(spec.id.to_owned());
+        self.cgroups.push(spec.cgroup.clone());
+        cmd.stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("ctr run: {e}"))
+    }
+
+    /// Writes `bytes` to the stdin of container `id`'s process.
+    pub fn send(&mut self, id: &str, bytes: &[u8]) -> Result<()> {
+        let task = self
+            .tasks
+            .iter_mut()
+            .find(|t| t.id == id)
+            .ok_or_else(|| format!("no task {id} started"))?;
+        let stdin = task.stdin.as_mut().ok_or("its stdin is not kept")?;
+        stdin
+            .write_all(bytes)
+            .and_then(|()| stdin.flush())
+            .map_err(|e| format!("writing to {id}: {e}"))
+    }
+
+    /// The next line container `id` writes on its stdout, within `timeout`.
+    pub fn next_line(&mut self, id: &str, timeout: Duration) -> Result<String> {
+        let task = self
+            .tasks
+            .iter_mut()
+            .find(|t| t.id == id)
+            .ok_or_else(|| format!("no task {id} started"))?;
+        let lines = task.lines.as_ref().ok_or("its stdout is not read")?;
+        lines
+            .recv_timeout(timeout)
+            .map_err(|e| format!("no line from {id} within {timeout:?} ({e})"))
+    }
+
+    /// The host pid of container `id`'s process once its task runs, within
+    /// [`START_TIMEOUT`]; an error with its output if it ended first.
+    pub fn wait_running(&mut self, id: &str) -> Result<u32> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(pid) = self.host_pid(id)
+                && pid != 0
+            {
+                return Ok(pid);
+            }
+            if let Some(status) = self.exited(id)? {
+                return Err(format!(
+                    "container {id} ended ({status}) before running:\n{}",
+                    self.output(id)
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "container {id} not running within {START_TIMEOUT:?}:\n{}",
+                    self.output(id)
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// How `ctr run` of container `id` ended (it exits with its task's
+    /// status), if it has within `timeout`.
+    pub fn wait_exit(&mut self, id: &str, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited(id)? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn exited(&mut self, id: &str) -> Result<Option<ExitStatus>> {
+        let task = self
+            .tasks
+            .iter_mut()
+            .find(|t| t.id == id)
+            .ok_or_else(|| format!("no task {id} started"))?;
+        task.ctr
+            .try_wait()
+            .map_err(|e| format!("ctr run {id}: {e}"))
     }
 
     /// The host pid of a task's init, from `ctr task ls`.
@@ -369,7 +625,9 @@ impl Drop for Containerd {
             let _ = task.ctr.kill();
             let _ = task.ctr.wait();
         }
-        let _ = self.ctr(&["images", "rm", IMAGE]);
+        for image in &self.images {
+            let _ = self.ctr(&["images", "rm", image]);
+        }
         stop(&mut self.daemon);
         for cgroup in &self.cgroups {
             remove_cgroup_parents(cgroup);
@@ -636,13 +894,18 @@ impl Podman {
             .spawn()
             .map_err(|e| format!("podman run: {e}"))?;
         let stdin = child.stdin.take();
-        let first_line = first_line(&mut child, START_TIMEOUT).map_err(|e| {
+        let (first_line, lines) = first_line(&mut child, START_TIMEOUT).map_err(|e| {
             format!(
                 "container {name}: {e}; podman said:\n{}",
                 fs::read_to_string(&log).unwrap_or_default()
             )
         })?;
-        self.runs.push(Task { ctr: child, stdin });
+        self.runs.push(Task {
+            id: name.to_owned(),
+            ctr: child,
+            stdin,
+            lines: Some(lines),
+        });
         let inspect = self.podman(&["inspect", "-f", "{{.Id}} {{.State.Pid}}", name])?;
         let (id, pid) = inspect
             .trim()
@@ -672,21 +935,149 @@ impl Drop for Podman {
     }
 }
 
-/// The first line a child writes on its stdout (piped), within `timeout`;
-/// the child is killed if it writes none.
-fn first_line(child: &mut Child, timeout: Duration) -> Result<String> {
+/// `GET http://127.0.0.1:PORT/PATH` from inside the network namespace of
+/// process `pid` (a container's: ctr gives each one of its own, with only
+/// loopback): the status and the body. The request is made by a thread that
+/// joins that namespace (setns affects the calling thread only) and ends.
+pub fn http_get_in_netns(pid: u32, port: u16, path: &str) -> Result<(u16, String)> {
+    let ns = format!("/proc/{pid}/ns/net");
+    let url = format!("http://127.0.0.1:{port}{path}");
+    thread::spawn(move || -> Result<(u16, String)> {
+        let file = fs::File::open(&ns).map_err(|e| format!("{ns}: {e}"))?;
+        // SAFETY: setns on an fd of a network namespace, for this thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {ns}: {}", io::Error::last_os_error()));
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut resp = agent
+            .get(&url)
+            .call()
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("GET {url}: body: {e}"))?;
+        Ok((status, body))
+    })
+    .join()
+    .map_err(|_| "the scraping thread panicked".to_owned())?
+}
+
+/// The lines a child writes on its stdout (piped), read by a thread until
+/// its end: the pipe stays drained, so the child never blocks on it nor
+/// fails to write.
+fn stdout_lines(child: &mut Child) -> Result<mpsc::Receiver<String>> {
     let stdout = child.stdout.take().ok_or("stdout not piped")?;
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
-        let mut line = String::new();
-        let _ = tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
     });
-    match rx.recv_timeout(timeout) {
-        Ok(Ok(line)) if !line.is_empty() => Ok(line.trim_end().to_owned()),
-        other => {
+    Ok(rx)
+}
+
+/// The first line a child writes on its stdout (piped), within `timeout`,
+/// and the following ones; the child is killed if it writes none.
+fn first_line(child: &mut Child, timeout: Duration) -> Result<(String, mpsc::Receiver<String>)> {
+    let lines = stdout_lines(child)?;
+    match lines.recv_timeout(timeout) {
+        Ok(line) => Ok((line, lines)),
+        Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            Err(format!("no line on stdout ({other:?})"))
+            Err(format!("no line on stdout ({e})"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xtask::kubernetes::{DAEMONSET, Fdtrace, deploy_dir};
+
+    fn shipped() -> Fdtrace {
+        Fdtrace::load(&deploy_dir().join(DAEMONSET)).unwrap()
+    }
+
+    /// The option following `name` each time it appears.
+    fn values<'a>(opts: &'a [String], name: &str) -> Vec<&'a str> {
+        opts.windows(2)
+            .filter(|w| w[0] == name)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn ctr_options_of_the_shipped_daemonset() {
+        let opts = daemonset_ctr_options(&shipped(), Path::new("/proc/7/ns/pid"), None).unwrap();
+        assert_eq!(
+            values(&opts, "--cap-add"),
+            [
+                "CAP_BPF",
+                "CAP_PERFMON",
+                "CAP_SYS_PTRACE",
+                "CAP_DAC_READ_SEARCH"
+            ]
+        );
+        // Every default capability dropped: with the four added, the
+        // container's set is exactly those four.
+        assert_eq!(values(&opts, "--cap-drop"), CONTAINERD_DEFAULT_CAPS);
+        assert_eq!(values(&opts, "--with-ns"), ["pid:/proc/7/ns/pid"]);
+        assert_eq!(
+            values(&opts, "--mount"),
+            [
+                "type=bind,src=/sys/fs/cgroup,dst=/host/sys/fs/cgroup,options=rbind:ro",
+                "type=bind,src=/run/containerd/io.containerd.runtime.v2.task,\
+                 dst=/host/run/containerd/io.containerd.runtime.v2.task,options=rbind:ro",
+            ]
+        );
+        for flag in ["--read-only", "--seccomp"] {
+            assert!(opts.iter().any(|o| o == flag), "{flag} not in {opts:?}");
+        }
+        for flag in [
+            "--allow-new-privs",
+            "--net-host",
+            "--privileged",
+            "--seccomp-profile",
+        ] {
+            assert!(!opts.iter().any(|o| o == flag), "{flag} in {opts:?}");
+        }
+    }
+
+    #[test]
+    fn settings_ctr_cannot_reproduce_are_errors() {
+        let ns = Path::new("/proc/self/ns/pid");
+        let mut ds = shipped();
+        ds.run_as_user = Some(1000);
+        assert!(daemonset_ctr_options(&ds, ns, None).is_err());
+        let mut ds = shipped();
+        ds.cap_drop = vec!["NET_RAW".into()];
+        assert!(daemonset_ctr_options(&ds, ns, None).is_err());
+        let mut ds = shipped();
+        ds.seccomp = "Localhost".into();
+        assert!(
+            daemonset_ctr_options(&ds, ns, None).is_err(),
+            "no profile file"
+        );
+        let opts = daemonset_ctr_options(&ds, ns, Some(Path::new("/p.json"))).unwrap();
+        assert_eq!(values(&opts, "--seccomp-profile"), ["/p.json"]);
+        let mut ds = shipped();
+        ds.privileged = true;
+        assert!(daemonset_ctr_options(&ds, ns, None).is_err());
+        let mut ds = shipped();
+        ds.read_only_root_filesystem = false;
+        ds.allow_privilege_escalation = true;
+        let opts = daemonset_ctr_options(&ds, ns, None).unwrap();
+        assert!(!opts.iter().any(|o| o == "--read-only"));
+        assert!(opts.iter().any(|o| o == "--allow-new-privs"));
     }
 }

@@ -136,7 +136,7 @@ fn check_counts(records: &[Value], pid: u32, group_key: &str, group: &str) {
 }
 
 fn identify(pid: u32) -> Identity {
-    Attributor::new("/")
+    Attributor::new("/", "/proc")
         .refresh(pid, None)
         .unwrap_or_else(|e| panic!("identify {pid}: {e}"))
 }

@@ -1,6 +1,8 @@
 //! Build and provisioning tasks for fdtrace: `cargo xtask <command>`.
 
 mod bench;
+mod image;
+mod manifests;
 mod proc;
 mod setup;
 mod soak;
@@ -48,6 +50,12 @@ enum Command {
     /// open/close churn and a slow leaker for minutes: fdtrace's own fds and
     /// memory must stay flat and its figures match /proc (as root).
     Soak(soak::Args),
+    /// Run setup, build a static fdtrace and write its OCI image (no base
+    /// image, no registry) to target/image/fdtrace-VERSION.oci.tar.
+    Image(image::Args),
+    /// Generate deploy/kubernetes/prometheusrule.yaml from the alert rules;
+    /// with --check, validate the manifests offline instead.
+    Manifests(manifests::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,5 +101,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Test => tasks::test(&tools),
         Command::Bench(args) => bench::bench(&tools, &args),
         Command::Soak(args) => soak::soak(&tools, &args),
+        Command::Image(args) => image::image(&tools, &args),
+        Command::Manifests(args) => manifests::manifests(&args),
     }
 }

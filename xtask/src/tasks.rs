@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode, ExitStatus};
 
 use anyhow::{Context, Result, bail};
 
+use crate::manifests;
 use crate::proc::{self, Tally, capture, exit_code, is_root};
 use crate::setup::{self, Tools};
 
@@ -140,7 +141,7 @@ fn shield_sigint() {
 }
 
 /// `cargo xtask test`: setup, fmt, clippy, release build, the alert rules'
-/// promtool tests, cargo test.
+/// promtool tests, the manifests' offline check, cargo test.
 pub fn test(tools: &Tools) -> Result<ExitCode> {
     if !is_root() {
         eprintln!(
@@ -223,9 +224,16 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
             );
             return Ok(ExitCode::FAILURE);
         }
+        // The manifests, offline: one test of the tally. Also before cargo
+        // test, and failing fast for the same reason.
+        if let Err(e) = manifests::check(&ws) {
+            println!("tests: {} passed, 1 failed", rules.passed);
+            eprintln!("xtask: `cargo xtask manifests --check` failed: {e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
         let (status, mut tally) = proc::status_tally(&mut cmd)?;
         let cargo_ran = tally.passed + tally.failed;
-        tally.passed += rules.passed;
+        tally.passed += rules.passed + 1;
         tally.failed += rules.failed;
         // One closing line for all test binaries and the rule tests: cargo's
         // own last lines are the doc-test runs, which have nothing to run.

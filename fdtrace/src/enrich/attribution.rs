@@ -44,9 +44,9 @@ impl ProcessAttribution {
 }
 
 impl Attributions {
-    pub fn new(host_root: impl Into<PathBuf>) -> Self {
+    pub fn new(host_root: impl Into<PathBuf>, proc_root: impl Into<PathBuf>) -> Self {
         Attributions {
-            attributor: Attributor::new(host_root),
+            attributor: Attributor::new(host_root, proc_root),
             warned: HashSet::new(),
         }
     }
@@ -58,11 +58,7 @@ impl Attributions {
             Err(e) => {
                 // A process that just exited has no /proc files: its exit
                 // is on its way.
-                let proc_dir = self
-                    .attributor
-                    .host_root()
-                    .join("proc")
-                    .join(pid.to_string());
+                let proc_dir = self.attributor.proc_root().join(pid.to_string());
                 if proc_dir.exists() {
                     self.warn(warning_key(&e), &format!("pid {pid}: {e}"));
                 }
@@ -107,6 +103,7 @@ fn warning_key(e: &IdentifyError) -> String {
         IdentifyError::Cgroup { source, .. } => format!("cgroup {source}"),
         IdentifyError::Status { source, .. } => format!("status {source}"),
         IdentifyError::Read(e) => format!("read {e}"),
+        IdentifyError::Namespace { reason, .. } => format!("namespace {reason}"),
     }
 }
 
@@ -167,7 +164,7 @@ mod tests {
     #[test]
     fn a_container_process_and_its_move() {
         let root = host(&format!("0::/kubepods/besteffort/pod{UID}/{ID}\n"));
-        let mut a = Attributions::new(root.path());
+        let mut a = Attributions::new(root.path(), root.path().join("proc"));
         let mut p = ProcessAttribution::default();
         assert_eq!(*p.current, Attribution::default());
         a.refresh(1234, &mut p);
@@ -228,7 +225,7 @@ mod tests {
     #[test]
     fn a_bad_cgroup_is_warned_about_once_and_attributes_nothing() {
         let root = host("1:cpu:/\n");
-        let mut a = Attributions::new(root.path());
+        let mut a = Attributions::new(root.path(), root.path().join("proc"));
         let mut p = ProcessAttribution::default();
         a.refresh(1234, &mut p);
         a.refresh(1234, &mut p);

@@ -179,7 +179,7 @@ pub fn selection(f: &Filters<'_>) -> Result<Option<Selection>> {
             paths.insert(containers[id].clone());
         }
         if !f.pods.is_empty() {
-            let mut attr = Attributor::new(f.host_root);
+            let mut attr = Attributor::new(f.host_root, "/proc");
             for pod in f.pods {
                 let (ns, name) = pod.split_once('/').expect("checked by the command line");
                 let mut found = false;

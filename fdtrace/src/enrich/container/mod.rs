@@ -8,13 +8,21 @@
 //!   ([`bundle`]), read once per container and cached;
 //! - the pid inside the container: the last `NSpid` of `/proc/PID/status`.
 //!
-//! Every path is under a host root (`--host-root`, default `/`): in a
-//! container, the host's `/proc`, `/run`, `/var/lib` are mounted elsewhere.
+//! The runtimes' files and the host's cgroup hierarchy are read under a
+//! host root (`--host-root`, default `/`): in a container they are mounted
+//! elsewhere. `/proc` is fdtrace's own: traced node-wide, fdtrace shares the
+//! host's pid namespace (hostPID), so its `/proc` is the host's, and a
+//! `/proc` mounted from the host would name processes in a pid namespace
+//! fdtrace's pids are not in. Cgroup paths read inside a private cgroup
+//! namespace are made the host's again ([`cgroupns`]).
 
 pub mod bundle;
 pub mod cgroup;
+pub mod cgroupns;
 
 use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +48,14 @@ pub enum IdentifyError {
     Cgroup { path: PathBuf, source: CgroupError },
     #[error("{path}: {source}")]
     Status { path: PathBuf, source: StatusError },
+    /// The path is relative to fdtrace's cgroup namespace, whose place in
+    /// the host's hierarchy is not known.
+    #[error("{path}: cgroup {cgroup:?} is relative to fdtrace's cgroup namespace: {reason}")]
+    Namespace {
+        path: PathBuf,
+        cgroup: String,
+        reason: String,
+    },
 }
 
 /// Why a `/proc/PID/status` text gave no pids.
@@ -110,19 +126,34 @@ struct Cached {
 /// Identifies processes, caching each container's names.
 pub struct Attributor {
     host_root: PathBuf,
+    proc_root: PathBuf,
+    /// Where fdtrace's cgroup namespace is rooted in the host's hierarchy
+    /// (`/`: the host's own namespace), or why that is not known; found at
+    /// the first look.
+    ns_root: Option<Result<String, String>>,
     cache: HashMap<String, Cached>,
 }
 
 impl Attributor {
-    pub fn new(host_root: impl Into<PathBuf>) -> Self {
+    /// Reads the runtimes' files and the host's cgroup hierarchy under
+    /// `host_root`, the processes' files under `proc_root` (`/proc`).
+    pub fn new(host_root: impl Into<PathBuf>, proc_root: impl Into<PathBuf>) -> Self {
         Attributor {
             host_root: host_root.into(),
+            proc_root: proc_root.into(),
+            ns_root: None,
             cache: HashMap::new(),
         }
     }
 
-    pub fn host_root(&self) -> &Path {
-        &self.host_root
+    pub fn proc_root(&self) -> &Path {
+        &self.proc_root
+    }
+
+    fn ns_root(&mut self) -> &Result<String, String> {
+        let (host_root, proc_root) = (&self.host_root, &self.proc_root);
+        self.ns_root
+            .get_or_insert_with(|| find_ns_root(host_root, proc_root))
     }
 
     /// Who process `pid` is. With `prev`, its identity at an earlier look, only
@@ -134,11 +165,30 @@ impl Attributor {
         pid: u32,
         prev: Option<&Identity>,
     ) -> Result<Identity, IdentifyError> {
-        let proc_dir = self.host_root.join("proc").join(pid.to_string());
+        let proc_dir = self.proc_root.join(pid.to_string());
         let path = proc_dir.join("cgroup");
         let text = read_text(&path)?;
-        let cgroup = cgroup::v2_path(&text)
-            .and_then(cgroup::parse_path)
+        let raw = cgroup::v2_path(&text).map_err(|source| IdentifyError::Cgroup {
+            path: path.clone(),
+            source,
+        })?;
+        let namespace_error = |reason: &str| IdentifyError::Namespace {
+            path: path.clone(),
+            cgroup: raw.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let host_path = match self.ns_root() {
+            Ok(root) if root == "/" && raw.starts_with("/..") => {
+                return Err(namespace_error(
+                    "fdtrace's namespace is the host's, yet the path climbs out of it",
+                ));
+            }
+            Ok(root) if root == "/" => raw.to_owned(),
+            Ok(root) => cgroupns::absolute(root, raw)
+                .ok_or_else(|| namespace_error("it climbs above the host's root"))?,
+            Err(reason) => return Err(namespace_error(reason)),
+        };
+        let cgroup = cgroup::parse_path(&host_path)
             .map_err(|source| IdentifyError::Cgroup { path, source })?;
         let (host_pid, pid_in_container) = match prev {
             Some(p) => (p.pid, p.pid_in_container),
@@ -201,6 +251,35 @@ impl Attributor {
     }
 }
 
+/// Where fdtrace's cgroup namespace is rooted in the host's hierarchy
+/// under `host_root`: `/` when it is the host's (or when pid 1's cannot be
+/// compared with it, as outside a container without hostPID: then a path
+/// that climbs out of it is an error at its turn).
+fn find_ns_root(host_root: &Path, proc_root: &Path) -> Result<String, String> {
+    if !cgroupns::private(proc_root).unwrap_or(false) {
+        return Ok("/".to_owned());
+    }
+    // The runtime mounts the container's cgroup v2 at the namespace's root.
+    let own = cgroupns::v2_mount(Path::new("/"))
+        .ok_or("fdtrace's container has no cgroup v2 mount at /sys/fs/cgroup")?;
+    let ino = fs::metadata(&own)
+        .map_err(|e| format!("{}: {e}", own.display()))?
+        .ino();
+    let host = cgroupns::v2_mount(host_root).ok_or_else(|| {
+        format!(
+            "no cgroup v2 hierarchy at {}/sys/fs/cgroup (mount the host's there)",
+            host_root.display()
+        )
+    })?;
+    cgroupns::find_by_inode(&host, ino).ok_or_else(|| {
+        format!(
+            "no cgroup under {} has the inode {ino} of fdtrace's own ({})",
+            host.display(),
+            own.display()
+        )
+    })
+}
+
 /// A `/proc` file's text, bounded.
 fn read_text(path: &Path) -> Result<String, BundleError> {
     let bytes = bundle::read_bounded(path, MAX_PROC_FILE_BYTES)?;
@@ -249,7 +328,7 @@ mod tests {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("config.json"), config).unwrap();
         }
-        let a = Attributor::new(root.path());
+        let a = Attributor::new(root.path(), root.path().join("proc"));
         (root, a)
     }
 
