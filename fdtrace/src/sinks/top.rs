@@ -1036,12 +1036,10 @@ mod tests {
                 seconds_to_emfile: secs,
                 stacks_not_sampled: 0,
                 shares_fd_table: false,
-                attribution: Default::default(),
             },
             sites: Vec::new(),
             findings: Vec::new(),
             resync: None,
-            close_wait: 0,
         }
     }
 
