@@ -293,6 +293,11 @@ fn python_stacks(script: &str, file: &str) -> Vec<Vec<String>> {
             "100ms",
             "-d",
             "2s",
+            // Every fd gets its stack: the interpreter's start opens a burst
+            // of files that can use up the default budget's 100 ms slot just
+            // before the leaker's first open.
+            "--stack-rate",
+            "1000000",
             "run",
             "--",
             py.to_str().unwrap(),
