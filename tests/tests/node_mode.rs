@@ -139,6 +139,7 @@ fn all_traces_every_process_exactly() {
     let moved = Holder::start(7);
     let cg = HandMadeCgroup::new(&format!("/fdtrace-node-{}", &random_id()[..12]))
         .expect("hand-made cgroup");
+    let host_before = host_pids();
     let ft = fdtrace(&["--all", "--duration", "5s"]);
     let me = ft.id();
     thread::sleep(Duration::from_millis(1500));
@@ -147,6 +148,7 @@ fn all_traces_every_process_exactly() {
     let short = Command::new("/bin/true").status().expect("run /bin/true");
     assert!(short.success());
     thread::sleep(Duration::from_millis(1500));
+    let host_after = host_pids();
     let expected: Vec<(u32, usize)> = [&before, &moved, &after]
         .iter()
         .map(|h| (h.pid(), proc_count(h.pid())))
@@ -179,11 +181,23 @@ fn all_traces_every_process_exactly() {
     }
     // Every live non-kernel process of the host is in the last report.
     let last = reps.values().next_back().expect("a report");
+    let missing: Vec<&u32> = host_before
+        .intersection(&host_after)
+        .filter(|&&pid| pid != me && !last.contains_key(&u64::from(pid)))
+        .collect();
     assert!(
-        last.len() > 20,
-        "only {} processes in the last report",
-        last.len()
+        missing.is_empty(),
+        "processes alive all along but not in the last report: {missing:?}"
     );
+}
+
+/// The host's processes now, kernel threads left out.
+fn host_pids() -> BTreeSet<u32> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| !is_kernel_thread(u64::from(pid)))
+        .collect()
 }
 
 #[test]
