@@ -166,6 +166,14 @@ pub const PROC_SHARED_TABLE: u32 = 1 << 1;
 /// selected cgroup) without knowing its fds: user space seeds its table
 /// with the seed walk, as at attach.
 pub const PROC_ADOPTED: u32 = 1 << 2;
+/// `ProcStats::flags`: the process was forked by a followed parent and
+/// its close-on-exec fds from then are still its parent's entries: the
+/// LAZY map holds which of them it holds (one bit per fd, from the kernel's
+/// fd table at fork), and a lookup of such an fd resolves to the parent's
+/// entry. Most forks exec at once, and exec closes those fds: copying them
+/// at fork was most of the cost of forking a process holding many fds.
+/// The flag goes at exec.
+pub const PROC_LAZY: u32 = 1 << 3;
 
 /// `NODE_MODE` (a global of the eBPF object): processes are traced only
 /// when user space registers them (or a followed parent forks).
@@ -221,6 +229,12 @@ pub struct ProcStats {
     /// Whose counters these are: a STATS slot is reused after its process
     /// exits, and a reader checks this against the tgid it looked up.
     pub tgid: u32,
+    /// With [`PROC_LAZY`]: the parent whose entries the inherited fds
+    /// resolve to, when the fork was (bpf_ktime_get_ns), and one past the
+    /// highest fd number the LAZY bits cover.
+    pub lazy_parent: u32,
+    pub fork_ns: u64,
+    pub lazy_end: u32,
     pub _pad: u32,
 }
 
@@ -232,9 +246,21 @@ impl ProcStats {
         self.by_kind.iter().fold(0u64, |a, &k| a.wrapping_add(k))
     }
 
+    /// Moves on every change to the fd table: `generation` is bumped by
+    /// changes that move neither `opened` nor `closed` (each only grows),
+    /// so that an open or a close costs no third atomic add.
+    pub fn changes(&self) -> u64 {
+        self.generation
+            .wrapping_add(self.opened)
+            .wrapping_add(self.closed)
+    }
+
     pub const fn new(tgid: u32, flags: u32) -> Self {
         ProcStats {
             tgid,
+            lazy_parent: 0,
+            fork_ns: 0,
+            lazy_end: 0,
             _pad: 0,
             opened: 0,
             closed: 0,
@@ -358,6 +384,21 @@ pub const CNT_FDS_MAP_FULL: u32 = 1;
 pub const CNT_PROCS_MAP_FULL: u32 = 2;
 pub const CNT_LEN: u32 = 3;
 
+/// Key of the LAZY map: a lazily forked process and a chunk of
+/// [`LAZY_CHUNK_FDS`] fd numbers, whose value is one bit per fd
+/// (`[u64; LAZY_WORDS]`): set while the process holds that inherited
+/// close-on-exec fd without an entry of its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LazyKey {
+    pub tgid: u32,
+    pub chunk: u32,
+}
+
+/// Words of a LAZY value, and the fd numbers one covers.
+pub const LAZY_WORDS: usize = 16;
+pub const LAZY_CHUNK_FDS: u32 = 64 * LAZY_WORDS as u32;
+
 /// A kernel struct member offset user space has not set (it reads them
 /// from the kernel's BTF and sets them as globals before load).
 pub const NO_FIELD: u32 = u32::MAX;
@@ -368,6 +409,7 @@ mod pod {
     unsafe impl aya::Pod for super::FdKey {}
     unsafe impl aya::Pod for super::FdInfo {}
     unsafe impl aya::Pod for super::ProcStats {}
+    unsafe impl aya::Pod for super::LazyKey {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::StackWindow {}
 }
@@ -377,5 +419,6 @@ const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<EntryRecord>() == 48);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS + 8);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS + 8 + 16);
+const _: () = assert!(core::mem::size_of::<LazyKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -32,7 +32,7 @@ pub fn pair(c: &Call, ptr: u64, kind: FdKind, cloexec: bool, origin: Origin) {
 pub fn dup(c: &Call, src: u32, fd: u32, cloexec: bool, replaces: bool, origin: Origin) {
     // dup2(fd, fd) returns fd and changes nothing.
     if !(replaces && src == fd) {
-        let kind = kind_of(c.tgid, src);
+        let kind = kind_of(c.p, c.tgid, src);
         install(c.p, c.tgid, fd, kind, cloexec, origin, replaces);
     }
 }

@@ -46,6 +46,11 @@ static FILES_FDT_OFF: u32 = NO_FIELD;
 static FDT_CLOEXEC_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
 static FDT_FD_OFF: u32 = NO_FIELD;
+/// `fdtable.open_fds` and `fdtable.max_fds`: the bitmaps a lazy fork reads.
+#[unsafe(no_mangle)]
+static FDT_OPEN_FDS_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static FDT_MAX_FDS_OFF: u32 = NO_FIELD;
 /// `task_struct.pid` and `task_struct.tgid`.
 #[unsafe(no_mangle)]
 pub static TASK_PID_OFF: u32 = NO_FIELD;
@@ -160,7 +165,7 @@ fn leader_tgid(task: *const u8) -> Option<u32> {
 }
 
 #[inline(always)]
-fn read_u64(addr: u64) -> Option<u64> {
+pub fn read_u64(addr: u64) -> Option<u64> {
     // SAFETY: the helper checks the address.
     unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
 }
@@ -171,6 +176,20 @@ fn fdtable(task: u64) -> Option<u64> {
     let off = |g: &u32| u64::from(global(g));
     let files = read_u64(task + off(&TASK_FILES_OFF))?;
     read_u64(files + off(&FILES_FDT_OFF))
+}
+
+/// `task`'s fd table bitmaps, `open_fds` and `close_on_exec` (addresses of
+/// u64 words, one bit per fd), and its size `max_fds`.
+/// https://github.com/torvalds/linux/blob/v6.18/include/linux/fdtable.h (struct fdtable)
+pub fn fd_bitmaps(task: u64) -> Option<(u64, u64, u32)> {
+    let fdt = fdtable(task)?;
+    let open = read_u64(fdt + u64::from(global(&FDT_OPEN_FDS_OFF)))?;
+    let cloexec = read_u64(fdt + u64::from(global(&FDT_CLOEXEC_OFF)))?;
+    // SAFETY: the helper checks the address.
+    let max =
+        unsafe { bpf_probe_read_kernel((fdt + u64::from(global(&FDT_MAX_FDS_OFF))) as *const u32) }
+            .ok()?;
+    Some((open, cloexec, max))
 }
 
 /// The fd's bit in its table's close_on_exec bitmap; None when a read
@@ -204,8 +223,7 @@ fn try_entries(ctx: &TaskFileCtx) -> Option<()> {
         return None;
     }
     let tgid = leader_tgid(task)?;
-    // SAFETY: a live FDS value, copied.
-    let info = unsafe { *table::open_entry(tgid, fd)? };
+    let info = table::entry_for_report(tgid, fd)?;
     let rec = EntryRecord { fd, _pad: 0, info };
     // SAFETY: seq is the iterator's seq_file; rec lives on the stack.
     unsafe {

@@ -1,20 +1,28 @@
 //! Process life cycle: exec (every close-on-exec fd goes), fork (a followed
-//! process's child gets a copy of its table) and exit (the table goes).
+//! process's child starts with its parent's counts, the entries of the fds
+//! that stay open across exec, and the rest lazily: see PROC_LAZY) and exit
+//! (the table goes).
 //!
 //! fork and exit are BTF tracepoints (tp_btf): typed task pointers, no
 //! tracefs and no format files to read offsets from.
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_loop,
+    },
     programs::BtfTracePointContext,
 };
-use fdtrace_common::{EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats};
+use fdtrace_common::{
+    EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_LAZY, PROC_SHARED_TABLE, ProcStats,
+};
 
 use crate::{
     global,
-    iter::{TASK_FILES_OFF, TASK_PID_OFF, TASK_TGID_OFF},
+    iter::{TASK_FILES_OFF, TASK_PID_OFF, TASK_TGID_OFF, fd_bitmaps, read_u64},
     node, python,
     sys_exit::Call,
-    table::{self, Bulk, Extra, bulk, emit, proc_of},
+    table::{self, Bulk, Extra, bulk, emit, inexact, proc_of},
 };
 
 /// 1 when sched_process_exit has its `group_dead` argument (Linux 6.16+,
@@ -26,7 +34,12 @@ static EXIT_HAS_GROUP_DEAD: u32 = 0;
 /// A successful execve/execveat of a traced process.
 pub fn exec(c: &Call) {
     python::forget(c.tgid);
-    let inherited = bulk(c.p, c.tgid, 0, u32::MAX, Bulk::Exec, None);
+    // SAFETY: c.p is a live STATS element.
+    let inherited = if unsafe { (*c.p).flags } & PROC_LAZY != 0 {
+        table::exec_lazy(c.p, c.tgid)
+    } else {
+        bulk(c.p, c.tgid, 0, u32::MAX, Bulk::Exec, None)
+    };
     let extra = Extra {
         syscall: c.nr,
         inherited,
@@ -80,14 +93,33 @@ pub fn fork(ctx: &BtfTracePointContext) -> Option<()> {
         unsafe { (*pp).flags |= PROC_SHARED_TABLE };
     }
     let mut st = ProcStats::new(child, PROC_FOLLOW | shared);
-    // SAFETY: pp is a live STATS element.
-    st.fd_hwm = unsafe { (*pp).fd_hwm };
+    // A table of its own: copied lazily (see PROC_LAZY). The child's table
+    // is a copy of the parent's, so it starts with the parent's counts;
+    // entries are copied now only for the fds that stay open across exec.
+    // One table (CLONE_FILES) is the same table: its entries are copied.
+    let lazy = shared == 0;
+    // SAFETY: pp is a live STATS element; a helper without arguments.
+    unsafe {
+        if lazy {
+            st.by_kind = (*pp).by_kind;
+            st.seeded = (*pp).live();
+            st.flags |= PROC_LAZY;
+            st.lazy_parent = parent;
+            st.fork_ns = bpf_ktime_get_ns();
+        } else {
+            st.fd_hwm = (*pp).fd_hwm;
+        }
+    }
     if !table::register(child, &st) {
         return None;
     }
     let cp = proc_of(child)?;
     python::fork(parent, child);
-    bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
+    if lazy {
+        lazy_fork(pp, parent, cp, child, ctask as u64);
+    } else {
+        bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
+    }
     // The copy changed the child's table: a report that read it meanwhile
     // (PROCS named the child before the copy) must read it again.
     // SAFETY: cp is a live STATS element.
@@ -117,5 +149,76 @@ pub fn exit(ctx: &BtfTracePointContext) {
     emit(EV_EXIT, tgid, pid, p, Extra::NONE);
     python::forget(tgid);
     bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
+    table::drop_lazy(p, tgid);
     table::unregister(tgid, p);
+}
+
+/// The walk of a lazy fork over the child's fd table bitmaps.
+#[repr(C)]
+struct ForkCtx {
+    pp: *mut ProcStats,
+    cp: *mut ProcStats,
+    parent: u32,
+    child: u32,
+    open_fds: u64,
+    cloexec: u64,
+    /// The current word's fds to copy (open, not close-on-exec).
+    eager: u64,
+    failed: u32,
+    _pad: u32,
+}
+
+/// Reads the child's `open_fds` and `close_on_exec` bitmaps up to the
+/// parent's high-water mark: the close-on-exec fds are LAZY bits (one
+/// store per 64 fds), the others are copied from the parent's entries.
+/// Runs before the child first runs (sched_process_fork precedes
+/// wake_up_new_task), so no syscall of the child sees a half-made table.
+fn lazy_fork(pp: *mut ProcStats, parent: u32, cp: *mut ProcStats, child: u32, ctask: u64) {
+    let Some((open_fds, cloexec, max_fds)) = fd_bitmaps(ctask) else {
+        inexact(cp);
+        return;
+    };
+    // SAFETY: pp is a live STATS element.
+    let hwm = unsafe { (*pp).fd_hwm };
+    let words = hwm.div_ceil(64).min(max_fds / 64);
+    let n = words * 64;
+    let mut ctx = ForkCtx {
+        pp,
+        cp,
+        parent,
+        child,
+        open_fds,
+        cloexec,
+        eager: 0,
+        failed: 0,
+        _pad: 0,
+    };
+    // SAFETY: the callback is a static function and ctx outlives the call.
+    let done = unsafe { bpf_loop(n, fork_step as *mut c_void, (&raw mut ctx).cast(), 0) };
+    // SAFETY: cp is a live STATS element.
+    unsafe { (*cp).lazy_end = n };
+    if done < n as i64 || ctx.failed != 0 {
+        inexact(cp);
+    }
+}
+
+extern "C" fn fork_step(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the ForkCtx on lazy_fork()'s stack, alive for the loop.
+    let c = unsafe { &mut *(ctx as *mut ForkCtx) };
+    if i % 64 == 0 {
+        let at = u64::from(i / 64) * 8;
+        let (Some(open), Some(cx)) = (read_u64(c.open_fds + at), read_u64(c.cloexec + at)) else {
+            c.failed = 1;
+            return 1;
+        };
+        c.eager = open & !cx;
+        let lazy = open & cx;
+        if lazy != 0 && !table::set_lazy_word(c.child, i / 64, lazy) {
+            c.failed = 1;
+        }
+    }
+    if c.eager & (1u64 << (i % 64)) != 0 {
+        table::copy_to_child(c.pp, c.parent, c.cp, c.child, i);
+    }
+    0
 }

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf, StackTrace},
 };
-use fdtrace_common::{CNT_LEN, FdInfo, FdKey, ProcStats, StackWindow};
+use fdtrace_common::{
+    CNT_LEN, FD_KINDS, FdInfo, FdKey, LAZY_WORDS, LazyKey, ProcStats, StackWindow,
+};
 
 /// Live fds of every traced process. Not preallocated: memory follows the
 /// number of live fds, not the configured maximum.
@@ -61,3 +63,14 @@ pub static WINDOW_SCRATCH: PerCpuArray<StackWindow> = PerCpuArray::with_max_entr
 /// LRU of a fixed size keeps the last walk's fds.
 #[map]
 pub static SEED_FILES: LruHashMap<FdKey, [u64; 2]> = LruHashMap::with_max_entries(16384, 0);
+
+/// Lazily inherited fds: which close-on-exec fds a process forked by a
+/// followed parent still holds from its fork, one bit per fd (see
+/// PROC_LAZY). Not preallocated: a chunk lives from a fork to its exec.
+#[map]
+pub static LAZY: HashMap<LazyKey, [u64; LAZY_WORDS]> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Per-CPU room for exec's count by kind of the fds left open.
+#[map]
+pub static EXEC_TALLY: PerCpuArray<[u64; FD_KINDS]> = PerCpuArray::with_max_entries(1, 0);

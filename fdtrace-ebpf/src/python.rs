@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf, generated::bpf_loop,
     },
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use fdtrace_common::{
@@ -35,12 +35,18 @@ use crate::{
     global,
     regs::{Regs, read_user},
     stack::{STACKS_PER_SLOT, stack_budget},
-    table::{add64, open_entry, proc_of},
+    table::{add64, open_entry, proc_at, slot_of},
 };
 
 /// Traced Python processes: tgid -> layout and `_PyRuntime` address.
 #[map]
 pub static PY_LAYOUTS: HashMap<u32, PyLayout> = HashMap::with_max_entries(8192, 0);
+
+/// The tgid of the Python process (one with a PY_LAYOUTS entry) in each
+/// STATS slot, 0 for none: user space writes it with the layout. A slot
+/// given back and reused holds another tgid, which the check sees.
+#[map]
+pub static PY_SLOTS: Array<u32> = Array::with_max_entries(8192, 0);
 
 /// tid -> its PyThreadState, found once by the list walk.
 #[map]
@@ -313,7 +319,15 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
     };
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
-    let Some(p) = proc_of(tgid) else {
+    // Under --all every process is traced: the slot's mark, two array
+    // reads, keeps the hash lookup below to Python processes.
+    let Some(slot) = slot_of(tgid) else {
+        return;
+    };
+    if PY_SLOTS.get(slot) != Some(&tgid) {
+        return;
+    }
+    let Some(p) = proc_at(slot, tgid) else {
         return;
     };
     // SAFETY: presence check only.
@@ -406,7 +420,20 @@ pub fn fork(parent: u32, child: u32) {
     // SAFETY: copied out at once.
     if let Some(l) = unsafe { PY_LAYOUTS.get(parent) } {
         let l = *l;
-        let _ = PY_LAYOUTS.insert(child, l, 0);
+        if PY_LAYOUTS.insert(child, l, 0).is_ok() {
+            mark(child, child);
+        }
+    }
+}
+
+/// Writes `value` in `tgid`'s PY_SLOTS mark.
+#[inline(always)]
+fn mark(tgid: u32, value: u32) {
+    if let Some(slot) = slot_of(tgid)
+        && let Some(m) = PY_SLOTS.get_ptr_mut(slot)
+    {
+        // SAFETY: m is an element of PY_SLOTS.
+        unsafe { *m = value };
     }
 }
 
@@ -415,4 +442,5 @@ pub fn fork(parent: u32, child: u32) {
 #[inline(always)]
 pub fn forget(tgid: u32) {
     let _ = PY_LAYOUTS.remove(tgid);
+    mark(tgid, 0);
 }

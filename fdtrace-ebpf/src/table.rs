@@ -5,7 +5,7 @@
 //! table and run these handlers concurrently on different CPUs.
 use core::{
     ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_and, atomic_xadd},
 };
 
 use aya_ebpf::helpers::{
@@ -15,13 +15,13 @@ use aya_ebpf::helpers::{
 };
 use fdtrace_common::{
     CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC,
-    FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, NO_SITE, ProcStats,
-    python::NO_PY_STACK,
+    FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, LAZY_CHUNK_FDS, LAZY_WORDS,
+    LazyKey, NO_SITE, PROC_LAZY, ProcStats, python::NO_PY_STACK,
 };
 
 use crate::{
     iter::file_at,
-    maps::{COUNTERS, EVENTS, FDS, FREE_SLOTS, PROCS, SEED_FILES, STATS, TRACED},
+    maps::{COUNTERS, EVENTS, EXEC_TALLY, FDS, FREE_SLOTS, LAZY, PROCS, SEED_FILES, STATS, TRACED},
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -67,14 +67,26 @@ pub fn tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
+/// The STATS slot `tgid` was registered in (the caller checks the slot's
+/// tgid: it may be given back and reused).
+#[inline(always)]
+pub fn slot_of(tgid: u32) -> Option<u32> {
+    match TRACED.get(tgid) {
+        Some(&0) => None,
+        Some(&s) => Some(u32::from(s) - 1),
+        // SAFETY: plain read of a map value.
+        None => unsafe { PROCS.get(tgid) }.copied(),
+    }
+}
+
 #[inline(always)]
 pub fn proc_of(tgid: u32) -> Option<*mut ProcStats> {
-    let slot = match TRACED.get(tgid) {
-        Some(&0) => return None,
-        Some(&s) => u32::from(s) - 1,
-        // SAFETY: plain read of a map value.
-        None => *unsafe { PROCS.get(tgid) }?,
-    };
+    proc_at(slot_of(tgid)?, tgid)
+}
+
+/// The counters in STATS slot `slot` if they are `tgid`'s.
+#[inline(always)]
+pub fn proc_at(slot: u32, tgid: u32) -> Option<*mut ProcStats> {
     let p = STATS.get_ptr_mut(slot)?;
     // SAFETY: p is an element of STATS; a slot given back and reused
     // carries another tgid.
@@ -138,10 +150,178 @@ pub fn open_entry(tgid: u32, fd: u32) -> Option<*mut FdInfo> {
     (unsafe { (*info).flags } & FD_OPEN != 0).then_some(info)
 }
 
-pub fn kind_of(tgid: u32, fd: u32) -> u8 {
-    // SAFETY: read of a plain value; a concurrent close at worst yields a
-    // stale kind, which the drift check catches.
-    open_entry(tgid, fd).map_or(0, |info| unsafe { (*info).kind })
+pub fn kind_of(p: *mut ProcStats, tgid: u32, fd: u32) -> u8 {
+    if let Some(info) = open_entry(tgid, fd) {
+        // SAFETY: read of a plain value; a concurrent close at worst yields
+        // a stale kind, which the drift check catches.
+        return unsafe { (*info).kind };
+    }
+    if lazy_bit(p, tgid, fd).is_some() {
+        return inherited(p, fd).kind;
+    }
+    0
+}
+
+/// Ancestors a lazy fd's entry is looked for through (a lazily forked
+/// process that forks again before its exec).
+const LAZY_DEPTH: u32 = 4;
+
+/// The LAZY word that holds fd `fd`'s bit for process `p` (`tgid`), and
+/// the bit, when the bit is set: `p` holds that fd since its fork, with
+/// no entry of its own.
+#[inline(always)]
+fn lazy_bit(p: *mut ProcStats, tgid: u32, fd: u32) -> Option<(*mut u64, u64)> {
+    // SAFETY: p is a live STATS element.
+    let (flags, end) = unsafe { ((*p).flags, (*p).lazy_end) };
+    if flags & PROC_LAZY == 0 || fd >= end {
+        return None;
+    }
+    let chunk = LAZY.get_ptr_mut(LazyKey {
+        tgid,
+        chunk: fd / LAZY_CHUNK_FDS,
+    })?;
+    let w = ((fd % LAZY_CHUNK_FDS) / 64) as usize;
+    let bit = 1u64 << (fd % 64);
+    // SAFETY: w < LAZY_WORDS: a word of the chunk.
+    let word = unsafe { chunk.cast::<u64>().add(w) };
+    // SAFETY: as above.
+    (unsafe { core::ptr::read_volatile(word) } & bit != 0).then_some((word, bit))
+}
+
+/// Lazy fd `fd` of `p` is closed or replaced: its bit is cleared, and its
+/// entry (see [`inherited`]) returned, if `p` held it. A fetch-and of the
+/// bit, so that two threads do not both count it.
+#[inline(always)]
+fn take_lazy(p: *mut ProcStats, tgid: u32, fd: u32) -> Option<FdInfo> {
+    let (word, bit) = lazy_bit(p, tgid, fd)?;
+    // SAFETY: word is in a live LAZY value.
+    let old = unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(word, !bit) };
+    (old & bit != 0).then(|| inherited(p, fd))
+}
+
+/// The entry lazy fd `fd` of `p` had at `p`'s fork: its parent's, if the
+/// parent's entry for the number is older than the fork, open or closed
+/// since (a close keeps the entry's fields but its flags: see
+/// close_entry); through a lazy parent's own parent the same way. Else
+/// (the parent replaced it since, or exited) an entry of kind unknown: the
+/// count stays exact, and user space names unknown fds from /proc.
+fn inherited(p: *mut ProcStats, fd: u32) -> FdInfo {
+    // SAFETY: p is a live STATS element.
+    let (mut tgid, mut fork_ns) = unsafe { ((*p).lazy_parent, (*p).fork_ns) };
+    for _ in 0..LAZY_DEPTH {
+        if let Some(e) = FDS.get_ptr_mut(FdKey { tgid, fd }) {
+            // SAFETY: a live FDS value, copied.
+            let mut e = unsafe { *e };
+            if e.created_ns < fork_ns {
+                // Open and close-on-exec in the child (the LAZY bits are
+                // its close-on-exec fds at fork).
+                e.flags = FD_OPEN | FD_CLOEXEC | (e.flags & FD_PREEXISTING);
+                return e;
+            }
+            break;
+        }
+        let Some(pp) = proc_of(tgid) else {
+            break;
+        };
+        if lazy_bit(pp, tgid, fd).is_none() {
+            break;
+        }
+        // SAFETY: pp is a live STATS element.
+        unsafe { (tgid, fork_ns) = ((*pp).lazy_parent, (*pp).fork_ns) };
+    }
+    FdInfo {
+        created_ns: 0,
+        site: NO_SITE,
+        py_site: NO_PY_STACK,
+        py_use: NO_PY_STACK,
+        syscall: u16::MAX,
+        kind: 0,
+        flags: FD_OPEN | FD_PREEXISTING | FD_CLOEXEC,
+        detail: 0,
+    }
+}
+
+/// The entry of open fd `fd` of `tgid` for a report: its own, or for a
+/// lazy fd the inherited one.
+pub fn entry_for_report(tgid: u32, fd: u32) -> Option<FdInfo> {
+    if let Some(info) = open_entry(tgid, fd) {
+        // SAFETY: a live FDS value, copied.
+        return Some(unsafe { *info });
+    }
+    let p = proc_of(tgid)?;
+    lazy_bit(p, tgid, fd)?;
+    Some(inherited(p, fd))
+}
+
+/// Drops the LAZY bits of `p` (at exec, which closed those fds, or at
+/// exit) and its PROC_LAZY flag. Its own entries are the bulk loops'.
+pub fn drop_lazy(p: *mut ProcStats, tgid: u32) {
+    // SAFETY: p is a live STATS element.
+    unsafe {
+        if (*p).flags & PROC_LAZY == 0 {
+            return;
+        }
+        let chunks = (*p).lazy_end.div_ceil(LAZY_CHUNK_FDS);
+        let mut ctx = (tgid, 0u32);
+        bpf_loop(chunks, drop_chunk as *mut c_void, (&raw mut ctx).cast(), 0);
+        (*p).flags &= !PROC_LAZY;
+        (*p).lazy_end = 0;
+    }
+}
+
+extern "C" fn drop_chunk(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is drop_lazy's (tgid, _) on its stack.
+    let tgid = unsafe { (*(ctx as *const (u32, u32))).0 };
+    let _ = LAZY.remove(LazyKey { tgid, chunk: i });
+    0
+}
+
+/// Writes the lazy bits of word `w` (fds `64 w ..`) of `tgid`.
+pub fn set_lazy_word(tgid: u32, w: u32, bits: u64) -> bool {
+    let key = LazyKey {
+        tgid,
+        chunk: w / LAZY_WORDS as u32,
+    };
+    let chunk = match LAZY.get_ptr_mut(key) {
+        Some(c) => c,
+        None => {
+            if LAZY.insert(key, [0u64; LAZY_WORDS], 0).is_err() {
+                count(CNT_FDS_MAP_FULL);
+                return false;
+            }
+            match LAZY.get_ptr_mut(key) {
+                Some(c) => c,
+                None => return false,
+            }
+        }
+    };
+    let i = (w % LAZY_WORDS as u32) as usize;
+    // SAFETY: i < LAZY_WORDS: a word of the chunk.
+    unsafe { *chunk.cast::<u64>().add(i) = bits };
+    true
+}
+
+/// Copies fd `fd` of `parent` (counters at `pp`) to `child`'s entries at
+/// its fork, not counted: the child's counters start as the parent's.
+pub fn copy_to_child(pp: *mut ProcStats, parent: u32, cp: *mut ProcStats, child: u32, fd: u32) {
+    let info = match open_entry(parent, fd) {
+        // SAFETY: a live FDS value, copied.
+        Some(e) => unsafe { *e },
+        None => {
+            if lazy_bit(pp, parent, fd).is_none() {
+                // An fd the parent's count does not know either: the
+                // drift check sees both.
+                return;
+            }
+            inherited(pp, fd)
+        }
+    };
+    if FDS.insert(FdKey { tgid: child, fd }, info, 0).is_err() {
+        count(CNT_FDS_MAP_FULL);
+        inexact(cp);
+        return;
+    }
+    raise_hwm(cp, fd);
 }
 
 /// Where new fds come from: the syscall, and the user stack that called it
@@ -191,28 +371,40 @@ pub fn install(
         // rewritten in place (no element allocation, no bucket lock).
         let entry = match FDS.get_ptr_mut(key) {
             Some(e) => e,
-            None => match FDS.insert(key, info, BPF_NOEXIST) {
-                Ok(()) => {
-                    counted_new(p, fd, kind);
-                    return;
+            None => {
+                // A number first used since a lazy fork held the inherited
+                // fd (replaced by dup2, or closed by another thread whose
+                // close has not reached sys_exit yet).
+                if let Some(old) = take_lazy(p, tgid, fd) {
+                    add64(kind_slot(p, old.kind), u64::MAX);
+                    add64(&raw mut (*p).closed, 1);
+                    if !replaces {
+                        info.flags |= FD_CLOSE_PENDING;
+                    }
                 }
-                // Made meanwhile (by the seed walk, or a resync): rewrite
-                // it below.
-                Err(EEXIST) => match FDS.get_ptr_mut(key) {
-                    Some(e) => e,
-                    None => {
+                match FDS.insert(key, info, BPF_NOEXIST) {
+                    Ok(()) => {
+                        counted_new(p, fd, kind);
+                        return;
+                    }
+                    // Made meanwhile (by the seed walk, or a resync): rewrite
+                    // it below.
+                    Err(EEXIST) => match FDS.get_ptr_mut(key) {
+                        Some(e) => e,
+                        None => {
+                            inexact(p);
+                            return;
+                        }
+                    },
+                    Err(_) => {
+                        // Map full: the fd is real but untracked. Count it, and
+                        // let the drift check report the difference.
+                        count(CNT_FDS_MAP_FULL);
                         inexact(p);
                         return;
                     }
-                },
-                Err(_) => {
-                    // Map full: the fd is real but untracked. Count it, and
-                    // let the drift check report the difference.
-                    count(CNT_FDS_MAP_FULL);
-                    inexact(p);
-                    return;
                 }
-            },
+            }
         };
         let flags = (*entry).flags;
         if flags & FD_OPEN != 0 {
@@ -291,7 +483,11 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool, file
     match FDS.insert(key, info, BPF_NOEXIST) {
         Ok(()) => {
             // SAFETY: p is a live STATS element.
-            add64(unsafe { &raw mut (*p).seeded }, 1);
+            unsafe {
+                add64(&raw mut (*p).seeded, 1);
+                // Neither opened nor closed moves (see ProcStats::changes).
+                add64(&raw mut (*p).generation, 1);
+            }
             counted(p, fd, kind);
         }
         Err(EEXIST) => {}
@@ -314,8 +510,6 @@ fn counted_new(p: *mut ProcStats, fd: u32, kind: u8) {
 #[inline(always)]
 fn counted(p: *mut ProcStats, fd: u32, kind: u8) {
     add64(kind_slot(p, kind), 1);
-    // SAFETY: p is a live STATS element.
-    add64(unsafe { &raw mut (*p).generation }, 1);
     raise_hwm(p, fd);
 }
 
@@ -341,8 +535,17 @@ fn raise_hwm(p: *mut ProcStats, fd: u32) {
 
 /// `fd` of `tgid` was closed (nothing to do when fdtrace did not know it).
 pub fn remove(p: *mut ProcStats, tgid: u32, fd: u32) {
-    if let Some(info) = open_entry(tgid, fd) {
-        close_entry(p, info);
+    match FDS.get_ptr_mut(FdKey { tgid, fd }) {
+        // SAFETY: info is a live FDS value.
+        Some(info) if unsafe { (*info).flags } & FD_OPEN != 0 => close_entry(p, info),
+        Some(_) => {}
+        None => {
+            if let Some(old) = take_lazy(p, tgid, fd) {
+                add64(kind_slot(p, old.kind), u64::MAX);
+                // SAFETY: p is a live STATS element.
+                add64(unsafe { &raw mut (*p).closed }, 1);
+            }
+        }
     }
 }
 
@@ -361,12 +564,29 @@ fn close_entry(p: *mut ProcStats, info: *mut FdInfo) {
         // Closed: the entry stays for the number's next fd (see FD_OPEN).
         (*info).flags = 0;
         add64(kind_slot(p, kind), u64::MAX);
+        // Moves ProcStats::changes: no generation bump.
         add64(&raw mut (*p).closed, 1);
-        add64(&raw mut (*p).generation, 1);
     }
 }
 
 pub fn set_cloexec(p: *mut ProcStats, tgid: u32, fd: u32, on: bool) {
+    if !on
+        && open_entry(tgid, fd).is_none()
+        && let Some(mut info) = take_lazy(p, tgid, fd)
+    {
+        // A lazy fd that is to stay open across exec gets its own entry:
+        // every fd that survives exec has one (see exec_lazy).
+        info.flags &= !FD_CLOEXEC;
+        if FDS.insert(FdKey { tgid, fd }, info, 0).is_err() {
+            count(CNT_FDS_MAP_FULL);
+            inexact(p);
+            return;
+        }
+        raise_hwm(p, fd);
+        // SAFETY: p is a live STATS element.
+        add64(unsafe { &raw mut (*p).generation }, 1);
+        return;
+    }
     if let Some(info) = open_entry(tgid, fd) {
         // SAFETY: info is a live FDS value.
         unsafe {
@@ -407,6 +627,9 @@ struct BulkCtx {
     dst: *mut ProcStats,
     /// Bulk::Exec: fds numbered 3 and up that stay open across exec.
     inherited: u32,
+    /// Bulk::Exec of a lazy process: the fds that stay open, by kind
+    /// (FD_KINDS counters of EXEC_TALLY), or null.
+    tally: *mut u64,
 }
 
 extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
@@ -421,8 +644,19 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
                 // SAFETY: info is a live FDS value.
                 if unsafe { (*info).flags } & FD_CLOEXEC != 0 {
                     close_entry(c.p, info);
-                } else if fd > 2 {
-                    c.inherited += 1;
+                } else {
+                    if fd > 2 {
+                        c.inherited += 1;
+                    }
+                    if !c.tally.is_null() {
+                        // SAFETY: info is a live FDS value; the index is
+                        // below FD_KINDS, in the EXEC_TALLY value.
+                        unsafe {
+                            let k = (*info).kind as usize;
+                            let k = if k < FD_KINDS { k } else { 0 };
+                            *c.tally.add(k) += 1;
+                        }
+                    }
                 }
             }
         }
@@ -469,8 +703,30 @@ pub fn bulk(
     op: Bulk,
     dst: Option<(u32, *mut ProcStats)>,
 ) -> u32 {
+    bulk_tally(p, tgid, first, end, op, dst, core::ptr::null_mut())
+}
+
+/// [`bulk`], with Bulk::Exec's tally of the fds left open (see BulkCtx).
+#[inline(always)]
+fn bulk_tally(
+    p: *mut ProcStats,
+    tgid: u32,
+    first: u32,
+    end: u32,
+    op: Bulk,
+    dst: Option<(u32, *mut ProcStats)>,
+    tally: *mut u64,
+) -> u32 {
     // SAFETY: p is a live STATS element.
-    let hwm = unsafe { (*p).fd_hwm };
+    let mut hwm = unsafe { (*p).fd_hwm };
+    // A close_range also closes the lazy fds (the other loops leave them:
+    // exec and exit drop them at once, and they are close-on-exec already).
+    // SAFETY: as above.
+    unsafe {
+        if op == Bulk::Close && (*p).flags & PROC_LAZY != 0 && (*p).lazy_end > hwm {
+            hwm = (*p).lazy_end;
+        }
+    }
     let end = if end > hwm { hwm } else { end };
     if first >= end {
         return 0;
@@ -492,6 +748,7 @@ pub fn bulk(
         op,
         dst,
         inherited: 0,
+        tally,
     };
     // SAFETY: the callback is a static function and ctx outlives the call.
     let done = unsafe { bpf_loop(n, bulk_step as *mut c_void, (&raw mut ctx).cast(), 0) };
@@ -499,6 +756,46 @@ pub fn bulk(
         inexact(p);
     }
     ctx.inherited
+}
+
+/// A successful exec of lazy process `p`: the close-on-exec fds with
+/// entries of their own are closed as in any exec; every fd left open has
+/// an entry of its own (the others were copied at fork, or given one when
+/// their close-on-exec bit was cleared), so the rest of the count are the
+/// lazy fds exec closed, and the counts by kind are those of the entries
+/// left. Stored, not added: exec leaves one thread
+/// (https://github.com/torvalds/linux/blob/v6.18/fs/exec.c, de_thread).
+/// Returns the fds >= 3 left open.
+pub fn exec_lazy(p: *mut ProcStats, tgid: u32) -> u32 {
+    let Some(t) = EXEC_TALLY.get_ptr_mut(0) else {
+        inexact(p);
+        return 0;
+    };
+    let t = t.cast::<u64>();
+    // SAFETY: t is this CPU's EXEC_TALLY value of FD_KINDS counters; p is
+    // a live STATS element.
+    unsafe {
+        for k in 0..FD_KINDS {
+            *t.add(k) = 0;
+        }
+        let inherited = bulk_tally(p, tgid, 0, u32::MAX, Bulk::Exec, None, t);
+        let mut left = 0u64;
+        for k in 0..FD_KINDS {
+            left += *t.add(k);
+        }
+        let live = (*p).live();
+        if live >= left {
+            add64(&raw mut (*p).closed, live - left);
+        } else {
+            inexact(p);
+        }
+        for k in 0..FD_KINDS {
+            (*p).by_kind[k] = *t.add(k);
+        }
+        drop_lazy(p, tgid);
+        add64(&raw mut (*p).generation, 1);
+        inherited
+    }
 }
 
 /// What an event carries beyond the process's counters.

@@ -80,7 +80,7 @@ pub fn check(
     if skip_idle
         && stats.flags & PROC_SHARED_TABLE == 0
         && let Some((generation, at)) = state.exact
-        && generation == stats.generation
+        && generation == stats.changes()
         && at.elapsed() < RECHECK_IDLE
     {
         return Some(Snapshot {
@@ -93,7 +93,7 @@ pub fn check(
         std::thread::sleep(CONFIRM_AFTER);
         snap = check_once(k, pid)?;
     }
-    state.exact = (snap.drift == Some(0)).then(|| (snap.stats.generation, Instant::now()));
+    state.exact = (snap.drift == Some(0)).then(|| (snap.stats.changes(), Instant::now()));
     Some(snap)
 }
 
@@ -105,7 +105,7 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
             return Some(Snapshot { stats, drift: None });
         };
         let after = k.stats_of(pid)?;
-        if after.generation == stats.generation {
+        if after.changes() == stats.changes() {
             return Some(Snapshot {
                 drift: Some(after.live() as i64 - count as i64),
                 stats: after,
@@ -127,7 +127,8 @@ fn resync(k: &mut Kernel, pid: u32) -> Result<usize> {
         .into_iter()
         .map(|f| (f.fd, f))
         .collect();
-    let hwm = k.stats_of(pid).map_or(0, |s| s.fd_hwm);
+    let before = k.stats_of(pid);
+    let hwm = before.map_or(0, |s| s.fd_hwm);
 
     let mut by_kind = [0u64; FD_KINDS];
     let mut dropped = 0u64;
@@ -148,6 +149,16 @@ fn resync(k: &mut Kernel, pid: u32) -> Result<usize> {
             // Gone since: a close fdtrace missed.
             if k.fds.remove(&FdKey { tgid: pid, fd }).is_ok() {
                 dropped += 1;
+            }
+        }
+    }
+    // A lazily forked process holds its inherited close-on-exec fds
+    // without entries (PROC_LAZY): they are known, of the kind /proc says.
+    if let Some(st) = before {
+        for f in listed.values() {
+            if !known.contains(&f.fd) && k.holds_lazily(&st, f.fd) {
+                by_kind[(f.kind as usize).min(FD_KINDS - 1)] += 1;
+                known.insert(f.fd);
             }
         }
     }

@@ -721,7 +721,7 @@ impl Session {
             }
             let p = self.procs.get_mut(&pid).expect("traced");
             p.gone = false;
-            if let Err(e) = p.table.refresh(&self.k, pid, snap.stats.generation) {
+            if let Err(e) = p.table.refresh(&self.k, pid, snap.stats.changes()) {
                 // The next report tries again.
                 eprintln!("fdtrace: reading the fd entries of pid {pid} failed: {e}");
             }

@@ -89,6 +89,112 @@ fn fork(mode: Mode) {
 }
 both_modes!(fork, Mode::RUN, Mode::PID_FOLLOW);
 
+/// A child of a parent holding many close-on-exec fds gets them lazily (no
+/// entry copied at fork: see PROC_LAZY in fdtrace-common). One child that
+/// does not exec closes, replaces, duplicates, un-marks and close_ranges
+/// them, some after the parent closed its own copy; another execs. Every
+/// step is checked against /proc (counts and kinds), as is the parent.
+fn lazy_children(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let many = s
+        .ostep(p, "openmany 40 cloexec", 40, 0, &[("file", 40)])
+        .0
+        .fds("fds");
+    let sp = s
+        .ostep(p, "socketpair cloexec", 2, 0, &[("socket", 2)])
+        .0
+        .fds("fds");
+    let plain = s.ostep(p, "open", 1, 0, &[("file", 1)]).0.fd();
+
+    let c = traced_fork(&mut s, p);
+    // The parent drops its copies of fds the child still holds.
+    s.ostep(
+        p,
+        &format!("close {} {}", sp[0], many[0]),
+        0,
+        2,
+        &[("socket", -1), ("file", -1)],
+    );
+    let child = |cmd: String| format!("child {c} {cmd}");
+    s.ostep(
+        c,
+        &child(format!("close {} {}", sp[0], many[0])),
+        0,
+        2,
+        &[("socket", -1), ("file", -1)],
+    );
+    s.ostep(c, &child(format!("dup {}", many[1])), 1, 0, &[("file", 1)]);
+    s.ostep(
+        c,
+        &child(format!("dup2 {} {}", sp[1], many[2])),
+        1,
+        1,
+        &[("socket", 1), ("file", -1)],
+    );
+    s.ostep(c, &child(format!("fionclex {}", many[3])), 0, 0, &[]);
+    s.ostep(
+        c,
+        &child(format!("close_range {} {}", many[10], many[19])),
+        0,
+        10,
+        &[("file", -10)],
+    );
+    s.ostep(
+        c,
+        &child(format!("close {}", many[3])),
+        0,
+        1,
+        &[("file", -1)],
+    );
+    s.ostep(c, &child(format!("close {plain}")), 0, 1, &[("file", -1)]);
+    s.check(p, fdtrace_tests::now_ts(), s.mark(), Expect::totals(0, 0));
+    s.exit_child("", p, c);
+
+    // A child that execs: the close-on-exec fds it inherited go with the
+    // ones it made.
+    let c = traced_fork(&mut s, p);
+    s.ostep(
+        c,
+        &format!("child {c} close {}", many[5]),
+        0,
+        1,
+        &[("file", -1)],
+    );
+    let (r, after) = s.step_expect(0, &format!("child {c} exec"), |r| Expect {
+        exec: true,
+        ..Expect::from_reply(r)
+    });
+    assert_eq!(
+        r.pid(),
+        c,
+        "the exec reply comes from the child: {}",
+        r.line
+    );
+    assert_eq!(r.num("exec"), 1);
+    assert_eq!(after.comm, fdtrace_tests::proc_comm(c).unwrap());
+    // Every close-on-exec fd the child inherited and still held went with
+    // the exec (the parent had closed many[0] before this fork, the child
+    // many[5]: their numbers were free for the child's own fds).
+    let now = fdtrace_tests::proc_fds(c).unwrap();
+    for fd in many[1..]
+        .iter()
+        .chain(&sp[1..])
+        .filter(|&&fd| fd != many[5])
+    {
+        assert!(
+            !now.contains_key(fd),
+            "inherited close-on-exec fd {fd} survived exec: {now:?}"
+        );
+    }
+    s.ostep(c, &format!("child {c} open"), 1, 0, &[("file", 1)]);
+    s.exit_child("", p, c);
+    s.check(p, fdtrace_tests::now_ts(), s.mark(), Expect::totals(0, 0));
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its last traced process exited");
+}
+both_modes!(lazy_children, Mode::RUN, Mode::PID_FOLLOW);
+
 /// Without following, children are not traced.
 fn nofollow(mode: Mode) {
     let mut s = Session::start(FDOPS, mode);

@@ -10,7 +10,7 @@ use aya::{
     programs::{BtfTracePoint, Iter, ProgramFd},
 };
 use fdtrace_common::{
-    FdInfo, FdKey, ProcStats, StackWindow,
+    FdInfo, FdKey, LAZY_CHUNK_FDS, LAZY_WORDS, LazyKey, PROC_LAZY, ProcStats, StackWindow,
     python::{PyLayout, PyStack},
 };
 
@@ -39,6 +39,11 @@ pub struct Kernel {
     pub py_layouts: HashMap<MapData, u32, PyLayout>,
     /// Python stacks by id (FdInfo::py_site, py_use).
     pub py_stacks: HashMap<MapData, u64, PyStack>,
+    /// The Python process of each STATS slot (fdtrace-ebpf python.rs).
+    py_slots: Array<MapData, u32>,
+    /// Lazily inherited fds of processes forked by followed parents
+    /// (PROC_LAZY): a bit per fd, by chunk.
+    pub lazy: HashMap<MapData, LazyKey, [u64; LAZY_WORDS]>,
     /// fdtrace_py_sys_exit is attached (at the first Python process).
     python_attached: bool,
     /// The seed iterator (iter/task_file): seeds the map at attach and
@@ -100,6 +105,8 @@ impl Kernel {
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
             py_layouts: HashMap::try_from(take_map(&mut ebpf, "PY_LAYOUTS")?)?,
             py_stacks: HashMap::try_from(take_map(&mut ebpf, "PY_STACKS")?)?,
+            py_slots: Array::try_from(take_map(&mut ebpf, "PY_SLOTS")?)?,
+            lazy: HashMap::try_from(take_map(&mut ebpf, "LAZY")?)?,
             python_attached: false,
             ebpf,
         })
@@ -111,6 +118,13 @@ impl Kernel {
         self.py_layouts
             .insert(pid, layout, 0)
             .with_context(|| format!("writing the Python layout of pid {pid}"))?;
+        // The mark the Python program checks first (after the layout, which
+        // it then reads).
+        if let Ok(slot) = self.procs.get(&pid, 0) {
+            self.py_slots
+                .set(slot, pid, 0)
+                .with_context(|| format!("marking pid {pid} as a Python process"))?;
+        }
         if !self.python_attached {
             let p: &mut BtfTracePoint = program(&mut self.ebpf, PY_PROG)?.try_into()?;
             p.attach()
@@ -118,6 +132,22 @@ impl Kernel {
             self.python_attached = true;
         }
         Ok(())
+    }
+
+    /// Whether lazily forked process `st` holds inherited fd `fd` without
+    /// an entry of its own (its LAZY bit).
+    pub fn holds_lazily(&self, st: &ProcStats, fd: u32) -> bool {
+        if st.flags & PROC_LAZY == 0 || fd >= st.lazy_end {
+            return false;
+        }
+        let key = LazyKey {
+            tgid: st.tgid,
+            chunk: fd / LAZY_CHUNK_FDS,
+        };
+        let word = (fd % LAZY_CHUNK_FDS / 64) as usize;
+        self.lazy
+            .get(&key, 0)
+            .is_ok_and(|bits| bits[word] & (1 << (fd % 64)) != 0)
     }
 
     pub fn counter(&self, idx: u32) -> u64 {
@@ -186,6 +216,15 @@ impl Kernel {
             let _ = self.stats.set(slot, st, 0);
         }
         let _ = self.free_slots.push(slot, 0);
+        let chunks: Vec<LazyKey> = self
+            .lazy
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for key in chunks {
+            let _ = self.lazy.remove(&key);
+        }
         let mine: Vec<FdKey> = self
             .fds
             .keys()
@@ -279,6 +318,10 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         .map_max_entries("STATS", limits.max_procs)
         .map_max_entries("FREE_SLOTS", limits.max_procs)
         .map_max_entries("TRACED", pid_max())
+        .map_max_entries("PY_SLOTS", limits.max_procs)
+        // Chunks of lazily forked processes, from fork to exec: one each
+        // up to 1024 fds (not preallocated).
+        .map_max_entries("LAZY", limits.max_procs.saturating_mul(2))
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/fdtrace"
@@ -301,6 +344,8 @@ fn kernel_layout() -> Result<(Vec<(&'static str, u32)>, u32)> {
         ("FILES_FDT_OFF", off("files_struct", "fdt")?),
         ("FDT_CLOEXEC_OFF", off("fdtable", "close_on_exec")?),
         ("FDT_FD_OFF", off("fdtable", "fd")?),
+        ("FDT_OPEN_FDS_OFF", off("fdtable", "open_fds")?),
+        ("FDT_MAX_FDS_OFF", off("fdtable", "max_fds")?),
         ("TASK_PID_OFF", off("task_struct", "pid")?),
         ("TASK_TGID_OFF", off("task_struct", "tgid")?),
         // Node mode (fdtrace-ebpf node.rs).

@@ -74,7 +74,7 @@
 //! | `emfile_mixed K`         | the same, but after the first failing openat try once each of many other fd-creating syscalls, all must fail with EMFILE | limit failed syscalls tid |
 //! | `exit [CODE]`            | reply, then _exit(CODE)                                             | |
 //!
-//! A forked child serves the same commands (except `exec`) from a pipe and
+//! A forked child serves the same commands from a pipe and
 //! replies through another; the parent forwards the reply. The parent's ends
 //! of those pipes are close-on-exec, so children exit (end of file) when the
 //! parent exits or execs.
@@ -86,6 +86,8 @@ use libc::{c_int, c_long, c_uint, c_void};
 
 /// Internal argument telling a re-exec'd fdops to resume in command mode.
 const RESUME_ARG: &str = "--resume";
+/// After `exec` in a forked child: the command pipes it serves, `IN,OUT`.
+const CHILD_IO_ARG: &str = "child_io";
 
 /// A command failure: the message that goes into `msg=`.
 type Res<T> = Result<T, String>;
@@ -1193,12 +1195,7 @@ impl Ctx {
                 Ok(vec![kv("fds", list(&r?))])
             }
             "fork" => self.cmd_fork(c),
-            "exec" => {
-                if self.is_child {
-                    return Err("exec is not supported in a forked child".to_string());
-                }
-                self.cmd_exec(c)
-            }
+            "exec" => self.cmd_exec(c),
             "emfile" | "emfile_mixed" => {
                 let k = arg_int(args, 0, "K")?;
                 let f = if cmd == "emfile" {
@@ -1382,6 +1379,12 @@ impl Ctx {
                 return Err(format!("fd {fd} should be open and inherited"));
             }
         }
+        // A forked child keeps its command pipes across the exec: the new
+        // image serves them again (their numbers travel in argv).
+        if self.is_child {
+            sys_setfd(self.input, false)?;
+            sys_setfd(self.out, false)?;
+        }
         // Every close-on-exec fd now open is closed by the exec, the ones made
         // by earlier commands included.
         let closing = open_fds().into_iter().filter(|&fd| is_cloexec(fd)).count() as u64;
@@ -1395,6 +1398,10 @@ impl Ctx {
             format!("cloexec={}", list(&cloexec)),
             format!("kept={}", list(&kept)),
         ];
+        let mut argv_s = argv_s.to_vec();
+        if self.is_child {
+            argv_s.push(format!("{CHILD_IO_ARG}={},{}", self.input, self.out));
+        }
         let argv_c: Vec<CString> = argv_s
             .iter()
             .map(|s| CString::new(s.as_str()).unwrap())
@@ -1619,6 +1626,14 @@ fn main() {
             match k {
                 "opened" => counts.opened = v.parse().unwrap_or(0),
                 "closed" => counts.closed = v.parse().unwrap_or(0),
+                CHILD_IO_ARG => {
+                    let io = parse_list(v);
+                    if let [input, out] = io[..] {
+                        ctx.input = input;
+                        ctx.out = out;
+                        ctx.is_child = true;
+                    }
+                }
                 _ => fields.push(kv(k, v)),
             }
         }
