@@ -88,6 +88,20 @@ pub struct Args {
     /// program time
     #[arg(long)]
     node: bool,
+    /// With --node: only these parts of it (repeatable) [default: all]
+    #[arg(long, value_enum, value_name = "PART", requires = "node")]
+    node_part: Vec<NodePart>,
+}
+
+/// The parts of the node section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodePart {
+    /// The synthetic node watched by process-exporter and fdtrace --all.
+    Watch,
+    /// nginx and fork+exec, untraced and under each tracer.
+    Tax,
+    /// Time inside the programs per traced openat+close.
+    Progtime,
 }
 
 /// The conditions each mode is measured under.
@@ -246,15 +260,28 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
 fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
     let target = if args.quick { 0.04 } else { 0.4 } * args.scale;
+    let part = |p| args.node_part.is_empty() || args.node_part.contains(&p);
     let (figures, tax, progs) = {
         // The accounting taxes every program run: off for the wall clock.
         let _stats = progtime::StatsSwitch::set(false)?;
-        let mut node = node::start_node(bins)?;
-        let figures = node::watch_node(bins, &mut node, args.quick)?;
-        drop(node);
-        let tax = tax::measure(bins, rounds, args.quick)?;
-        let open = calibrate_mode(bins, "open", target)?;
-        (figures, tax, progtime::node_measure(bins, open, rounds)?)
+        let figures = if part(NodePart::Watch) {
+            let mut node = node::start_node(bins)?;
+            Some(node::watch_node(bins, &mut node, args.quick)?)
+        } else {
+            None
+        };
+        let tax = if part(NodePart::Tax) {
+            Some(tax::measure(bins, rounds, args.quick)?)
+        } else {
+            None
+        };
+        let progs = if part(NodePart::Progtime) {
+            let open = calibrate_mode(bins, "open", target)?;
+            Some(progtime::node_measure(bins, open, rounds)?)
+        } else {
+            None
+        };
+        (figures, tax, progs)
     };
     println!();
     println!("=== fdtrace bench: node section ===");
@@ -269,9 +296,15 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
             ""
         }
     );
-    node::print(&figures);
-    tax::print(&tax);
-    report::node_program_time(&progs);
+    if let Some(f) = &figures {
+        node::print(f);
+    }
+    if let Some(t) = &tax {
+        tax::print(t);
+    }
+    if let Some(p) = &progs {
+        report::node_program_time(p);
+    }
     Ok(())
 }
 

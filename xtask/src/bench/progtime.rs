@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -187,31 +188,113 @@ pub(super) fn prog_totals(pid: u32) -> Result<BTreeMap<u64, (u64, u64)>> {
 pub struct NodeProgTime {
     pub iters: u64,
     pub fdtrace_no_stacks: (f64, f64),
+    /// `fdtrace --all --no-stacks`: (program ns per iteration with the
+    /// host's own runs taken out, runs per iteration, share of the runs
+    /// that were the host's), medians.
+    pub fdtrace_all: Option<(f64, f64, f64)>,
+    /// Why the `--all` figure is missing.
+    pub fdtrace_all_error: Option<String>,
     pub bpftrace_light: (f64, f64),
     pub bpftrace_node: (f64, f64),
 }
 
-/// fdtrace `--no-stacks`, today's bpftrace script (filtered to the loop's
+/// fdtrace `--no-stacks` (`--pid` the loop, and `--all`), today's bpftrace script (filtered to the loop's
 /// pid) and the node-wide tracker, `rounds` interleaved runs each.
 pub fn node_measure(bins: &Bins, n: u64, rounds: u32) -> Result<NodeProgTime> {
     let _stats = StatsSwitch::set(true)?;
     let (mut ft, mut light, mut heavy) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut all, mut all_error) = (Vec::new(), None);
     for round in 0..rounds {
         super::check_interrupted()?;
         eprintln!(
-            "bench: node program time {}/{rounds}: open under fdtrace --no-stacks, bpftrace, bpftrace node-wide",
+            "bench: node program time {}/{rounds}: open under fdtrace --no-stacks, fdtrace --all \
+             --no-stacks, bpftrace, bpftrace node-wide",
             round + 1
         );
         ft.push(checked(bins, "open", n, Tracer::FdtraceNoStacks)?);
+        if all_error.is_none() {
+            match fdtrace_all(bins, n)? {
+                Ok(x) => all.push(x),
+                Err(why) => all_error = Some(why),
+            }
+        }
         light.push(checked(bins, "open", n, Tracer::Bpftrace)?);
         heavy.push(node_wide(bins, n)?);
     }
+    let fdtrace_all = (!all.is_empty()).then(|| {
+        let col = |f: fn(&(f64, f64, f64)) -> f64| {
+            median(&all.iter().map(f).collect::<Vec<_>>()).unwrap_or(0.0)
+        };
+        (col(|x| x.0), col(|x| x.1), col(|x| x.2))
+    });
     Ok(NodeProgTime {
         iters: n,
         fdtrace_no_stacks: med(&ft),
+        fdtrace_all,
+        fdtrace_all_error: all_error,
         bpftrace_light: med(&light),
         bpftrace_node: med(&heavy),
     })
+}
+
+/// How long the host's own runs of fdtrace's programs are sampled, before
+/// and after the loop.
+const BACKGROUND_WINDOW: Duration = Duration::from_secs(1);
+
+/// One open loop under `fdtrace --all --no-stacks`, whose programs also run
+/// for every syscall of every other process: (ns per iteration, runs per
+/// iteration, the host's share of the runs). The host's runs over the loop
+/// (all runs but the loop's two per iteration) are taken out at their mean
+/// time per run in a window before and after the loop
+/// ([`background_correction`]). Err(why) when this fdtrace cannot run --all.
+fn fdtrace_all(bins: &Bins, n: u64) -> Result<std::result::Result<(f64, f64, f64), String>> {
+    let mut lp = Proc::spawn("fdloop", &mut fdloop_cmd(bins, "open", n, true))?;
+    let args = ["--all", "--no-stacks", "--json", "--interval", "1s"].map(String::from);
+    let mut ft = match super::node::start_fdtrace_all(bins, &args)? {
+        Ok(ft) => ft,
+        Err(why) => return Ok(Err(why)),
+    };
+    // The start's walk of every table and the first reports.
+    std::thread::sleep(Duration::from_secs(2));
+    let window = |ft: &Proc| -> Result<(u64, u64)> {
+        let a = totals(ft.pid())?;
+        std::thread::sleep(BACKGROUND_WINDOW);
+        let b = totals(ft.pid())?;
+        Ok((b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)))
+    };
+    let before = window(&ft)?;
+    let a = totals(ft.pid())?;
+    lp.poke()?;
+    let line = lp.stdout()?.wait_for(LOOP_TIMEOUT, is_loop_line);
+    line.map_err(|e| lp.fail(format!("no result line: {e:#}")))?;
+    let b = totals(ft.pid())?;
+    lp.wait_ok(LOOP_TIMEOUT)?;
+    let after = window(&ft)?;
+    ft.stop(STOP_GRACE)?;
+    let (dt, dc) = (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1));
+    if dc < 2 * n {
+        bail!(
+            "fdtrace --all's programs ran {dc} times over {n} iterations, expected at least {}",
+            2 * n
+        );
+    }
+    let bg = (before.0 + after.0, before.1 + after.1);
+    let (ns, share) = background_correction(dt, dc, 2 * n, bg);
+    Ok(Ok((ns / n as f64, dc as f64 / n as f64, share)))
+}
+
+/// Program time `dt` over `dc` runs of which `own` were the loop's: the
+/// rest, the host's, cost the mean time per run of the background sample
+/// `bg` (time, runs). Returns (the loop's time, the host's share of runs).
+pub fn background_correction(dt: u64, dc: u64, own: u64, bg: (u64, u64)) -> (f64, f64) {
+    let others = dc.saturating_sub(own) as f64;
+    let per_run = if bg.1 == 0 {
+        0.0
+    } else {
+        bg.0 as f64 / bg.1 as f64
+    };
+    let ns = (dt as f64 - others * per_run).max(0.0);
+    (ns, others / dc.max(1) as f64)
 }
 
 fn med(v: &[(f64, f64)]) -> (f64, f64) {
@@ -254,4 +337,21 @@ fn node_wide(bins: &Bins, n: u64) -> Result<(f64, f64)> {
         bail!("the node-wide tracker ran {progs} programs per event, expected 2 (openat, close)");
     }
     Ok((ns, runs as f64 / n as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_the_host_runs_out() {
+        // 1000 loop runs and 500 of the host's at 100 ns each (the sample's
+        // mean): 150000 ns in all leave 100000 for the loop.
+        let (ns, share) = background_correction(150_000, 1500, 1000, (2_000, 20));
+        assert!((ns - 100_000.0).abs() < 1e-6);
+        assert!((share - 1.0 / 3.0).abs() < 1e-9);
+        // No host runs: nothing taken out; never below zero.
+        assert_eq!(background_correction(5_000, 10, 10, (0, 0)).0, 5_000.0);
+        assert_eq!(background_correction(10, 20, 10, (1_000, 1)).0, 0.0);
+    }
 }
