@@ -25,7 +25,7 @@ use crate::{
     enrich::{
         self, ProcessEnrichment,
         attribution::{Attributions, ProcessAttribution},
-        label,
+        label::{self, NetTables},
         process::{self, Identity},
         python::{Found, PySites},
         symbols::Symbols,
@@ -692,6 +692,7 @@ impl Session {
             .map(|(pid, _)| *pid)
             .collect();
         let now_ns = kernel::monotonic_ns();
+        let mut net = NetTables::default();
         for pid in live {
             // Kernel, checked against /proc.
             let p = self.procs.get_mut(&pid).expect("traced");
@@ -739,6 +740,7 @@ impl Session {
                 &self.k,
                 &mut self.symbols,
                 &mut self.python,
+                &mut net,
                 pid,
                 &p.table,
                 now_ns,

@@ -1,7 +1,10 @@
 //! Resource labels: what an fd points at, named so that the fds of one leak
 //! group together (paths differing only by digits or random suffixes are one
 //! label; a socket is its protocol and peer).
-use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd};
+use std::{
+    collections::HashMap, net::SocketAddr, os::fd::BorrowedFd, os::unix::fs::MetadataExt as _,
+    rc::Rc,
+};
 
 use fdtrace_common::FdKind;
 
@@ -90,27 +93,7 @@ impl Sockets {
         let Ok(proc) = Process::new(pid as i32) else {
             return Sockets { by_inode };
         };
-        for e in proc.tcp().into_iter().chain(proc.tcp6()).flatten() {
-            let listen = e.state == ProcTcpState::Listen;
-            let label = if listen {
-                format!("tcp listen {}", e.local_address)
-            } else {
-                format!("tcp {}", e.remote_address)
-            };
-            let provisional = !listen && e.remote_address.port() == 0;
-            by_inode.insert(
-                e.inode,
-                SockInfo {
-                    label,
-                    state: Some(match e.state {
-                        ProcTcpState::CloseWait => TcpState::CloseWait,
-                        ProcTcpState::Listen => TcpState::Listen,
-                        _ => TcpState::Other,
-                    }),
-                    provisional,
-                },
-            );
-        }
+        read_tcp(&proc, &mut by_inode);
         for e in proc.udp().into_iter().chain(proc.udp6()).flatten() {
             let connected = e.remote_address.port() != 0;
             let label = if connected {
@@ -152,7 +135,7 @@ impl Sockets {
     }
 
     /// The TCP states of the sockets, by inode, for the analysis.
-    pub fn tcp_states(&self) -> FastMap<u64, TcpState> {
+    fn tcp_states(&self) -> FastMap<u64, TcpState> {
         let mut out = FastMap::with_capacity(self.by_inode.len());
         for (&inode, s) in &self.by_inode {
             if let Some(state) = s.state {
@@ -160,6 +143,95 @@ impl Sockets {
             }
         }
         out
+    }
+}
+
+/// The TCP sockets of the network namespace of `proc` (/proc/PID/net/tcp
+/// and tcp6), labelled, into `by_inode`.
+fn read_tcp(proc: &Process, by_inode: &mut HashMap<u64, SockInfo>) {
+    for e in proc.tcp().into_iter().chain(proc.tcp6()).flatten() {
+        let listen = e.state == ProcTcpState::Listen;
+        let label = if listen {
+            format!("tcp listen {}", e.local_address)
+        } else {
+            format!("tcp {}", e.remote_address)
+        };
+        let provisional = !listen && e.remote_address.port() == 0;
+        by_inode.insert(
+            e.inode,
+            SockInfo {
+                label,
+                state: Some(match e.state {
+                    ProcTcpState::CloseWait => TcpState::CloseWait,
+                    ProcTcpState::Listen => TcpState::Listen,
+                    _ => TcpState::Other,
+                }),
+                provisional,
+            },
+        );
+    }
+}
+
+/// A network namespace, by the device and inode of its nsfs file.
+type Netns = (u64, u64);
+
+/// The namespace `pid` is in now; None when it is gone (or /proc hides it).
+fn netns_of(pid: u32) -> Option<Netns> {
+    let m = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// The socket tables of each network namespace, read at most once for all
+/// the processes in it: every process of a node may hold sockets, and the
+/// kernel walks the whole of its namespace's TCP hash for each read of
+/// /proc/PID/net/tcp (most of fdtrace's CPU on a node when read per
+/// process). Made afresh for each report, so states are of that report.
+/// https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_ipv4.c (established_get_first)
+#[derive(Default)]
+pub struct NetTables {
+    states: HashMap<Netns, Rc<FastMap<u64, TcpState>>>,
+    sockets: HashMap<Netns, Rc<Sockets>>,
+}
+
+impl NetTables {
+    /// The TCP states of the sockets of `pid`'s namespace, by inode.
+    pub fn tcp_states(&mut self, pid: u32) -> Rc<FastMap<u64, TcpState>> {
+        let read = || {
+            let mut by_inode = HashMap::new();
+            if let Ok(proc) = Process::new(pid as i32) {
+                read_tcp(&proc, &mut by_inode);
+            }
+            Rc::new(Sockets { by_inode }.tcp_states())
+        };
+        match netns_of(pid) {
+            Some(ns) => self.states.entry(ns).or_insert_with(read).clone(),
+            None => read(),
+        }
+    }
+
+    /// Every socket of `pid`'s namespace, by inode.
+    fn sockets(&mut self, pid: u32) -> Rc<Sockets> {
+        let read = || Rc::new(Sockets::read(pid));
+        match netns_of(pid) {
+            Some(ns) => self.sockets.entry(ns).or_insert_with(read).clone(),
+            None => read(),
+        }
+    }
+}
+
+/// The socket tables of one process, read on first need.
+pub struct ProcSockets<'a> {
+    tables: &'a mut NetTables,
+    read: Option<Rc<Sockets>>,
+}
+
+impl<'a> ProcSockets<'a> {
+    pub fn new(tables: &'a mut NetTables) -> Self {
+        ProcSockets { tables, read: None }
+    }
+
+    fn get(&mut self, pid: u32) -> &Sockets {
+        self.read.get_or_insert_with(|| self.tables.sockets(pid))
     }
 }
 
@@ -199,7 +271,7 @@ pub fn label(
     fd: u32,
     kind: FdKind,
     detail: u32,
-    sockets: &mut Option<Sockets>,
+    sockets: &mut ProcSockets<'_>,
 ) -> Option<Label> {
     let pid = links.pid();
     let target = links.target(fd)?;
@@ -210,25 +282,22 @@ pub fn label(
     };
     Some(match target {
         FDTarget::Path(p) => plain(normalize_path(&p.to_string_lossy())),
-        FDTarget::Socket(inode) => {
-            let table = sockets.get_or_insert_with(|| Sockets::read(pid));
-            match table.get(inode) {
-                Some(s) => Label {
-                    text: s.label.as_str().into(),
-                    socket_inode: Some(inode),
-                    provisional: s.provisional,
+        FDTarget::Socket(inode) => match sockets.get(pid).get(inode) {
+            Some(s) => Label {
+                text: s.label.as_str().into(),
+                socket_inode: Some(inode),
+                provisional: s.provisional,
+            },
+            None => Label {
+                text: match protocol(detail) {
+                    "tcp" => "tcp unconnected".into(),
+                    "udp" => "udp unbound".into(),
+                    p => p.into(),
                 },
-                None => Label {
-                    text: match protocol(detail) {
-                        "tcp" => "tcp unconnected".into(),
-                        "udp" => "udp unbound".into(),
-                        p => p.into(),
-                    },
-                    socket_inode: Some(inode),
-                    provisional: true,
-                },
-            }
-        }
+                socket_inode: Some(inode),
+                provisional: true,
+            },
+        },
         FDTarget::Net(_) => plain("socket".into()),
         FDTarget::Pipe(_) => plain("pipe".into()),
         FDTarget::MemFD(name) => plain(format!("memfd:{}", normalize_path(&name))),
