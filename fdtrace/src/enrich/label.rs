@@ -285,7 +285,8 @@ pub fn label(
         FDTarget::Socket(inode) => match sockets.get(pid).get(inode) {
             Some(s) => Label {
                 text: s.label.as_str().into(),
-                socket_inode: Some(inode),
+                // Only TCP sockets have a state the analysis looks at.
+                socket_inode: s.state.is_some().then_some(inode),
                 provisional: s.provisional,
             },
             None => Label {
@@ -294,7 +295,7 @@ pub fn label(
                     "udp" => "udp unbound".into(),
                     p => p.into(),
                 },
-                socket_inode: Some(inode),
+                socket_inode: (protocol(detail) == "tcp").then_some(inode),
                 provisional: true,
             },
         },

@@ -65,7 +65,7 @@ pub struct ProcessEnrichment {
     /// Every fd of `fds` is a candidate with a final label: they hold until
     /// the table changes.
     settled: bool,
-    has_sockets: bool,
+    has_tcp: bool,
     tcp_states: Rc<FastMap<u64, TcpState>>,
 }
 
@@ -87,7 +87,7 @@ impl ProcessEnrichment {
             from_table: None,
             version: 0,
             settled: false,
-            has_sockets: false,
+            has_tcp: false,
             tcp_states: Rc::default(),
         }
     }
@@ -153,7 +153,7 @@ impl ProcessEnrichment {
             self.from_table = Some(table.version);
             self.version += 1;
         }
-        self.tcp_states = if self.has_sockets {
+        self.tcp_states = if self.has_tcp {
             net.tcp_states(pid)
         } else {
             Rc::default()
@@ -199,7 +199,7 @@ impl ProcessEnrichment {
             None
         };
         let mut out = Vec::with_capacity(table.len());
-        let (mut settled, mut has_sockets) = (true, false);
+        let (mut settled, mut has_tcp) = (true, false);
         for f in table {
             let preexisting = f.info.flags & FD_PREEXISTING != 0;
             let kind = FdKind::from_u8(f.info.kind);
@@ -225,7 +225,7 @@ impl ProcessEnrichment {
                 None => settled = false,
                 Some(l) => {
                     settled &= !l.provisional;
-                    has_sockets |= l.socket_inode.is_some();
+                    has_tcp |= l.socket_inode.is_some();
                 }
             }
             // A Python process's fd is keyed by its Python stack, and
@@ -251,7 +251,7 @@ impl ProcessEnrichment {
         }
         self.fds = out;
         self.settled = settled;
-        self.has_sockets = has_sockets;
+        self.has_tcp = has_tcp;
     }
 }
 
