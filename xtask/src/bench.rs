@@ -69,7 +69,7 @@ END { clear(@fds); clear(@pipefd); }
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Rounds per (mode, condition); the report takes medians across them
-    /// [default: 5, or 1 with --quick]
+    /// [default: 5, or 1 with --quick; the node watch: 3, or 1]
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
     /// Smoke check: 1 round of short loops (the numbers mean little)
@@ -250,7 +250,12 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         // The accounting taxes every program run: off for the wall clock.
         let _stats = progtime::StatsSwitch::set(false)?;
         let mut node = node::start_node(bins)?;
-        let figures = node::watch_node(bins, &mut node, args.quick)?;
+        let watch_rounds = args.rounds.unwrap_or(if args.quick {
+            node::QUICK_ROUNDS
+        } else {
+            node::ROUNDS
+        });
+        let figures = node::watch_node(bins, &mut node, args.quick, watch_rounds)?;
         drop(node);
         let tax = tax::measure(bins, rounds, args.quick)?;
         let open = calibrate_mode(bins, "open", target)?;
