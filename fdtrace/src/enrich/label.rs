@@ -80,75 +80,53 @@ impl Links {
     }
 }
 
-/// The socket tables of a process's network namespace, by inode; read at most
-/// once per report.
-#[derive(Default)]
-pub struct Sockets {
-    by_inode: HashMap<u64, SockInfo>,
+/// A socket table of a network namespace, the sockets by inode.
+type ByInode = HashMap<u64, SockInfo>;
+
+/// The socket tables labels come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Table {
+    /// /proc/PID/net/tcp and tcp6.
+    Tcp = 0,
+    /// udp and udp6.
+    Udp = 1,
+    /// unix.
+    Unix = 2,
 }
 
-impl Sockets {
-    pub fn read(pid: u32) -> Sockets {
+impl Table {
+    /// The tables that may list a socket made by socket(2) with `detail`
+    /// (FdInfo::detail): only its own, so that labelling a unix or netlink
+    /// socket does not walk the TCP hash; every one when the call is not
+    /// known (accept, a pre-existing fd).
+    fn for_socket(detail: u32) -> &'static [Table] {
+        match protocol(detail) {
+            "tcp" => &[Table::Tcp],
+            "udp" => &[Table::Udp],
+            "unix" => &[Table::Unix],
+            "socket" => &[Table::Tcp, Table::Udp, Table::Unix],
+            // raw, netlink, packet: in none of them.
+            _ => &[],
+        }
+    }
+
+    fn read(self, pid: u32) -> ByInode {
         let mut by_inode = HashMap::new();
         let Ok(proc) = Process::new(pid as i32) else {
-            return Sockets { by_inode };
+            return by_inode;
         };
-        read_tcp(&proc, &mut by_inode);
-        for e in proc.udp().into_iter().chain(proc.udp6()).flatten() {
-            let connected = e.remote_address.port() != 0;
-            let label = if connected {
-                format!("udp {}", e.remote_address)
-            } else {
-                format!("udp {}", unspecified_port(e.local_address))
-            };
-            by_inode.insert(
-                e.inode,
-                SockInfo {
-                    label,
-                    state: None,
-                    provisional: !connected,
-                },
-            );
+        match self {
+            Table::Tcp => read_tcp(&proc, &mut by_inode),
+            Table::Udp => read_udp(&proc, &mut by_inode),
+            Table::Unix => read_unix(&proc, &mut by_inode),
         }
-        for e in proc.unix().into_iter().flatten() {
-            let label = match &e.path {
-                Some(p) => format!(
-                    "unix {}",
-                    normalize_path(&crate::escape::lossless(p.as_os_str().as_encoded_bytes()))
-                ),
-                None => "unix".to_string(),
-            };
-            by_inode.insert(
-                e.inode,
-                SockInfo {
-                    label,
-                    state: None,
-                    provisional: false,
-                },
-            );
-        }
-        Sockets { by_inode }
-    }
-
-    pub fn get(&self, inode: u64) -> Option<&SockInfo> {
-        self.by_inode.get(&inode)
-    }
-
-    /// The TCP states of the sockets, by inode, for the analysis.
-    fn tcp_states(&self) -> FastMap<u64, TcpState> {
-        let mut out = FastMap::with_capacity(self.by_inode.len());
-        for (&inode, s) in &self.by_inode {
-            if let Some(state) = s.state {
-                out.insert(inode, state);
-            }
-        }
-        out
+        by_inode
     }
 }
 
 /// The TCP sockets of the network namespace of `proc` (/proc/PID/net/tcp
 /// and tcp6), labelled, into `by_inode`.
-fn read_tcp(proc: &Process, by_inode: &mut HashMap<u64, SockInfo>) {
+fn read_tcp(proc: &Process, by_inode: &mut ByInode) {
     for e in proc.tcp().into_iter().chain(proc.tcp6()).flatten() {
         let listen = e.state == ProcTcpState::Listen;
         let label = if listen {
@@ -172,6 +150,56 @@ fn read_tcp(proc: &Process, by_inode: &mut HashMap<u64, SockInfo>) {
     }
 }
 
+fn read_udp(proc: &Process, by_inode: &mut ByInode) {
+    for e in proc.udp().into_iter().chain(proc.udp6()).flatten() {
+        let connected = e.remote_address.port() != 0;
+        let label = if connected {
+            format!("udp {}", e.remote_address)
+        } else {
+            format!("udp {}", unspecified_port(e.local_address))
+        };
+        by_inode.insert(
+            e.inode,
+            SockInfo {
+                label,
+                state: None,
+                provisional: !connected,
+            },
+        );
+    }
+}
+
+fn read_unix(proc: &Process, by_inode: &mut ByInode) {
+    for e in proc.unix().into_iter().flatten() {
+        let label = match &e.path {
+            Some(p) => format!(
+                "unix {}",
+                normalize_path(&crate::escape::lossless(p.as_os_str().as_encoded_bytes()))
+            ),
+            None => "unix".to_string(),
+        };
+        by_inode.insert(
+            e.inode,
+            SockInfo {
+                label,
+                state: None,
+                provisional: false,
+            },
+        );
+    }
+}
+
+/// The states of the sockets of a TCP table, by inode, for the analysis.
+fn tcp_states(tcp: &ByInode) -> FastMap<u64, TcpState> {
+    let mut out = FastMap::with_capacity(tcp.len());
+    for (&inode, s) in tcp {
+        if let Some(state) = s.state {
+            out.insert(inode, state);
+        }
+    }
+    out
+}
+
 /// A network namespace, by the device and inode of its nsfs file.
 type Netns = (u64, u64);
 
@@ -181,57 +209,69 @@ fn netns_of(pid: u32) -> Option<Netns> {
     Some((m.dev(), m.ino()))
 }
 
-/// The socket tables of each network namespace, read at most once for all
-/// the processes in it: every process of a node may hold sockets, and the
-/// kernel walks the whole of its namespace's TCP hash for each read of
-/// /proc/PID/net/tcp (most of fdtrace's CPU on a node when read per
+/// The socket tables of each network namespace, each read at most once
+/// for all the processes in it: every process of a node may hold sockets,
+/// and the kernel walks the whole of its namespace's TCP hash for each read
+/// of /proc/PID/net/tcp (most of fdtrace's CPU on a node when read per
 /// process). Made afresh for each report, so states are of that report.
 /// https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_ipv4.c (established_get_first)
 #[derive(Default)]
 pub struct NetTables {
+    tables: HashMap<(Netns, Table), Rc<ByInode>>,
     states: HashMap<Netns, Rc<FastMap<u64, TcpState>>>,
-    sockets: HashMap<Netns, Rc<Sockets>>,
 }
 
 impl NetTables {
     /// The TCP states of the sockets of `pid`'s namespace, by inode.
     pub fn tcp_states(&mut self, pid: u32) -> Rc<FastMap<u64, TcpState>> {
-        let read = || {
-            let mut by_inode = HashMap::new();
-            if let Ok(proc) = Process::new(pid as i32) {
-                read_tcp(&proc, &mut by_inode);
-            }
-            Rc::new(Sockets { by_inode }.tcp_states())
+        let Some(ns) = netns_of(pid) else {
+            return Rc::new(tcp_states(&Table::Tcp.read(pid)));
         };
-        match netns_of(pid) {
-            Some(ns) => self.states.entry(ns).or_insert_with(read).clone(),
-            None => read(),
+        if let Some(s) = self.states.get(&ns) {
+            return s.clone();
         }
+        let s = Rc::new(tcp_states(&self.table(pid, Table::Tcp)));
+        self.states.insert(ns, s.clone());
+        s
     }
 
-    /// Every socket of `pid`'s namespace, by inode.
-    fn sockets(&mut self, pid: u32) -> Rc<Sockets> {
-        let read = || Rc::new(Sockets::read(pid));
+    /// Table `t` of `pid`'s namespace.
+    fn table(&mut self, pid: u32, t: Table) -> Rc<ByInode> {
         match netns_of(pid) {
-            Some(ns) => self.sockets.entry(ns).or_insert_with(read).clone(),
-            None => read(),
+            Some(ns) => self
+                .tables
+                .entry((ns, t))
+                .or_insert_with(|| Rc::new(t.read(pid)))
+                .clone(),
+            None => Rc::new(t.read(pid)),
         }
     }
 }
 
-/// The socket tables of one process, read on first need.
+/// The socket tables of one process, each read on first need.
 pub struct ProcSockets<'a> {
     tables: &'a mut NetTables,
-    read: Option<Rc<Sockets>>,
+    read: [Option<Rc<ByInode>>; 3],
 }
 
 impl<'a> ProcSockets<'a> {
     pub fn new(tables: &'a mut NetTables) -> Self {
-        ProcSockets { tables, read: None }
+        ProcSockets {
+            tables,
+            read: [None, None, None],
+        }
     }
 
-    fn get(&mut self, pid: u32) -> &Sockets {
-        self.read.get_or_insert_with(|| self.tables.sockets(pid))
+    /// The socket `inode` of `pid`, made by socket(2) with `detail`, as
+    /// the tables that may list it show it.
+    fn find(&mut self, pid: u32, inode: u64, detail: u32) -> Option<SockInfo> {
+        for &t in Table::for_socket(detail) {
+            let table = self.read[t as usize].get_or_insert_with(|| self.tables.table(pid, t));
+            if let Some(s) = table.get(&inode) {
+                return Some(s.clone());
+            }
+        }
+        None
     }
 }
 
@@ -282,7 +322,7 @@ pub fn label(
     };
     Some(match target {
         FDTarget::Path(p) => plain(normalize_path(&p.to_string_lossy())),
-        FDTarget::Socket(inode) => match sockets.get(pid).get(inode) {
+        FDTarget::Socket(inode) => match sockets.find(pid, inode, detail) {
             Some(s) => Label {
                 text: s.label.as_str().into(),
                 // Only TCP sockets have a state the analysis looks at.
@@ -351,7 +391,21 @@ pub fn normalize_path(path: &str) -> String {
 mod tests {
     use proptest::prelude::*;
 
-    use super::{normalize_path, protocol, unspecified_port};
+    use super::{Table, normalize_path, protocol, unspecified_port};
+
+    #[test]
+    fn a_socket_is_looked_up_in_its_own_table_only() {
+        let detail = |family: u32, ty: u32| (family << 16) | ty;
+        assert_eq!(Table::for_socket(detail(1, 1)), [Table::Unix]);
+        assert_eq!(Table::for_socket(detail(2, 1)), [Table::Tcp]);
+        assert_eq!(Table::for_socket(detail(10, 2)), [Table::Udp]);
+        assert_eq!(Table::for_socket(detail(16, 3)), [], "netlink is in none");
+        assert_eq!(
+            Table::for_socket(0),
+            [Table::Tcp, Table::Udp, Table::Unix],
+            "accept, or a pre-existing fd: any"
+        );
+    }
 
     #[test]
     fn numbers_and_random_parts_group() {
