@@ -182,14 +182,19 @@ const RECHECK_IDLE: Duration = Duration::from_secs(30);
 /// [`RECHECK_IDLE`] has passed; one that shares its table with another
 /// process always is (the other's changes do not move its generation).
 /// Outside node mode a process the user named may share its table with an
-/// untraced one: it is compared every report.
+/// untraced one: it is compared every report. `known`: its counters as the
+/// report's batch read them, if it was in it.
 pub fn check(
     k: &Kernel,
     pid: u32,
+    known: Option<ProcStats>,
     state: &mut ReconcileState,
     skip_idle: bool,
 ) -> Option<Snapshot> {
-    let stats = k.stats_of(pid)?;
+    let stats = match known {
+        Some(st) => st,
+        None => k.stats_of(pid)?,
+    };
     if skip_idle
         && stats.flags & PROC_SHARED_TABLE == 0
         && let Some((generation, at)) = state.exact

@@ -69,7 +69,7 @@ END { clear(@fds); clear(@pipefd); }
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Rounds per (mode, condition); the report takes medians across them
-    /// [default: 5, or 1 with --quick]
+    /// [default: 5, or 1 with --quick; the node watch: 3, or 1]
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
     /// Smoke check: 1 round of short loops (the numbers mean little)
@@ -242,20 +242,21 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
-/// The node section.
+/// The node section. The node watch is printed as soon as it is done:
+/// the tax and program-time parts that follow take minutes of their own.
 fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
     let target = if args.quick { 0.04 } else { 0.4 } * args.scale;
-    let (figures, tax, progs) = {
-        // The accounting taxes every program run: off for the wall clock.
-        let _stats = progtime::StatsSwitch::set(false)?;
-        let mut node = node::start_node(bins)?;
-        let figures = node::watch_node(bins, &mut node, args.quick)?;
-        drop(node);
-        let tax = tax::measure(bins, rounds, args.quick)?;
-        let open = calibrate_mode(bins, "open", target)?;
-        (figures, tax, progtime::node_measure(bins, open, rounds)?)
-    };
+    // The accounting taxes every program run: off for the wall clock.
+    let stats = progtime::StatsSwitch::set(false)?;
+    let mut node = node::start_node(bins)?;
+    let watch_rounds = args.rounds.unwrap_or(if args.quick {
+        node::QUICK_ROUNDS
+    } else {
+        node::ROUNDS
+    });
+    let figures = node::watch_node(bins, &mut node, args.quick, watch_rounds)?;
+    drop(node);
     println!();
     println!("=== fdtrace bench: node section ===");
     println!(
@@ -270,6 +271,10 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         }
     );
     node::print(&figures);
+    let tax = tax::measure(bins, rounds, args.quick)?;
+    let open = calibrate_mode(bins, "open", target)?;
+    let progs = progtime::node_measure(bins, open, rounds)?;
+    drop(stats);
     tax::print(&tax);
     report::node_program_time(&progs);
     Ok(())
