@@ -36,6 +36,19 @@ pub fn fd_count(pid: u32) -> io::Result<u64> {
     Ok(n as u64)
 }
 
+/// The fd numbers /proc/PID/fd lists. Listing needs no access to the links:
+/// a process whose links deny even root (here the sandbox's init) still
+/// shows which fds it holds.
+pub fn fd_numbers(pid: u32) -> io::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        if let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            out.push(fd);
+        }
+    }
+    Ok(out)
+}
+
 /// /proc/PID/fd, opened once: links are read relative to it, since a path
 /// lookup per fd would dominate when a report labels many fds.
 pub struct ProcDir {

@@ -3,7 +3,7 @@
 //! kernel -> reconcile -> enrich -> analysis -> sinks; each event from the
 //! ring buffer goes kernel -> enrich -> analysis -> sinks.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     io,
     process::ExitCode,
     time::{Duration, Instant},
@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
+use fdtrace_common::ProcStats;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -25,7 +26,7 @@ use crate::{
     enrich::{
         self, ProcessEnrichment,
         attribution::{Attributions, ProcessAttribution},
-        label,
+        label::{self, NetTables},
         process::{self, Identity},
         python::{Found, PySites},
         symbols::Symbols,
@@ -669,15 +670,11 @@ impl Session {
         let t = self.started.elapsed().as_secs_f64();
         // The kernel map says who is traced: a fork or exit event lost to a
         // full ring buffer still shows up here.
-        let traced: Vec<u32> = self.k.procs.keys().filter_map(|k| k.ok()).collect();
-        for pid in traced {
+        let traced: HashMap<u32, ProcStats> = self.k.traced_stats()?.into_iter().collect();
+        for (&pid, st) in &traced {
             if !self.procs.contains_key(&pid) {
                 // An adoption whose event was lost is seeded here.
-                let adopted = self
-                    .k
-                    .stats_of(pid)
-                    .is_some_and(|st| st.flags & fdtrace_common::PROC_ADOPTED != 0);
-                if adopted {
+                if st.flags & fdtrace_common::PROC_ADOPTED != 0 {
                     self.adopt(pid)?;
                     continue;
                 }
@@ -692,10 +689,13 @@ impl Session {
             .map(|(pid, _)| *pid)
             .collect();
         let now_ns = kernel::monotonic_ns();
+        let mut net = NetTables::default();
         for pid in live {
             // Kernel, checked against /proc.
             let p = self.procs.get_mut(&pid).expect("traced");
-            let Some(snap) = reconcile::check(&self.k, pid, &mut p.reconcile, self.node) else {
+            let known = traced.get(&pid).copied();
+            let Some(snap) = reconcile::check(&self.k, pid, known, &mut p.reconcile, self.node)
+            else {
                 // The kernel side sends the exit event before it lets the
                 // process go, so the event (with the final figures) is in
                 // the ring buffer, drained before the next report; only if
@@ -739,6 +739,7 @@ impl Session {
                 &self.k,
                 &mut self.symbols,
                 &mut self.python,
+                &mut net,
                 pid,
                 &p.table,
                 now_ns,

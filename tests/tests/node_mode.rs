@@ -148,12 +148,14 @@ fn all_traces_every_process_exactly() {
     let short = Command::new("/bin/true").status().expect("run /bin/true");
     assert!(short.success());
     thread::sleep(Duration::from_millis(1500));
-    let host_after = host_pids();
     let expected: Vec<(u32, usize)> = [&before, &moved, &after]
         .iter()
         .map(|h| (h.pid(), proc_count(h.pid())))
         .collect();
     let objs = objects(ft);
+    // After fdtrace's end: a process alive before it started and after it
+    // ended was alive at its last report.
+    let host_after = host_pids();
     let reps = reports(&objs);
     assert!(reps.len() >= 5, "{} reports", reps.len());
     for (pid, want) in expected {
@@ -181,9 +183,14 @@ fn all_traces_every_process_exactly() {
     }
     // Every live non-kernel process of the host is in the last report.
     let last = reps.values().next_back().expect("a report");
-    let missing: Vec<&u32> = host_before
+    let missing: Vec<String> = host_before
         .intersection(&host_after)
-        .filter(|&&pid| pid != me && !last.contains_key(&u64::from(pid)))
+        .filter(|&&(pid, _)| pid != me && !last.contains_key(&u64::from(pid)))
+        .map(|&(pid, start)| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let seen = objs.iter().filter(|o| o["pid"] == pid).count();
+            format!("{pid} ({}) started {start}, {seen} objects", comm.trim())
+        })
         .collect();
     assert!(
         missing.is_empty(),
@@ -191,13 +198,24 @@ fn all_traces_every_process_exactly() {
     );
 }
 
-/// The host's processes now, kernel threads left out.
-fn host_pids() -> BTreeSet<u32> {
+/// The host's processes now, kernel threads left out, each as (pid, start
+/// time): pids wrap within seconds on a busy host, and a pid seen before
+/// and after may be two processes.
+fn host_pids() -> BTreeSet<(u32, u64)> {
     std::fs::read_dir("/proc")
         .expect("read /proc")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| !is_kernel_thread(u64::from(pid)))
+        .filter_map(|pid| Some((pid, start_time(pid)?)))
         .collect()
+}
+
+/// Field 22 of /proc/PID/stat (after the parenthesised comm, which may
+/// hold spaces): clock ticks since boot; None once the process is gone.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[test]

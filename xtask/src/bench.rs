@@ -69,7 +69,7 @@ END { clear(@fds); clear(@pipefd); }
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Rounds per (mode, condition); the report takes medians across them
-    /// [default: 5, or 1 with --quick]
+    /// [default: 5, or 1 with --quick; the node watch: 3, or 1]
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
     /// Smoke check: 1 round of short loops (the numbers mean little)
@@ -256,7 +256,8 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
-/// The node section.
+/// The node section. The node watch is printed as soon as it is done:
+/// the tax and program-time parts that follow take minutes of their own.
 fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
     let target = if args.quick { 0.04 } else { 0.4 } * args.scale;
@@ -266,7 +267,12 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         let _stats = progtime::StatsSwitch::set(false)?;
         let figures = if part(NodePart::Watch) {
             let mut node = node::start_node(bins)?;
-            Some(node::watch_node(bins, &mut node, args.quick)?)
+            let watch_rounds = args.rounds.unwrap_or(if args.quick {
+                node::QUICK_ROUNDS
+            } else {
+                node::ROUNDS
+            });
+            Some(node::watch_node(bins, &mut node, args.quick, watch_rounds)?)
         } else {
             None
         };

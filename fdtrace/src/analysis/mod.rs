@@ -58,7 +58,9 @@ pub enum TcpState {
 pub struct Label {
     /// Shared: a report groups every fd by it, and many fds share one text.
     pub text: Rc<str>,
-    /// The socket's inode, to look its state up again at later reports.
+    /// A TCP socket's inode, to look its state up again at later reports
+    /// (reading the states walks the kernel's whole TCP hash: only
+    /// processes holding TCP sockets pay it).
     pub socket_inode: Option<u64>,
     /// May change later (an unconnected socket): not final.
     pub provisional: bool,

@@ -259,7 +259,13 @@ pub fn start(
             k.unregister(pid);
             continue;
         }
-        out.insert(pid, found.remove(&pid).unwrap_or_default());
+        let mut fds = found.remove(&pid).unwrap_or_default();
+        // A full map is counted and reported by the kernel's counters; the
+        // process stays traced, its drift says by how much it is off.
+        if let Err(e) = crate::reconcile::seed_missed(k, pid, &mut fds) {
+            eprintln!("fdtrace: {e:#}");
+        }
+        out.insert(pid, fds);
     }
     Ok(out)
 }
