@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader},
     process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
     thread,
     time::Duration,
 };
@@ -91,6 +92,55 @@ fn objects(ft: Child) -> Vec<Value> {
         .collect()
 }
 
+/// fdtrace's output as a reader thread reads it (so that fdtrace never
+/// blocks on a full pipe), with the lines received so far.
+struct Started {
+    lines: Vec<String>,
+    rest: mpsc::Receiver<String>,
+}
+
+/// Reads fdtrace's output until its `start` object. fdtrace writes it once
+/// its programs are attached and every selected process is registered and
+/// seeded: a process forked from then on is traced from its fork. Loading
+/// the programs (the verifier) takes a second or more on a loaded machine,
+/// and a process that starts and ends before the attach is never seen.
+fn wait_started(ft: &mut Child) -> Started {
+    let out = BufReader::new(ft.stdout.take().expect("fdtrace stdout"));
+    let (tx, rest) = mpsc::channel();
+    thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line.expect("read fdtrace output")).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rest
+            .recv()
+            .unwrap_or_else(|_| panic!("fdtrace ended before its start object: {lines:?}"));
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        lines.push(line);
+        if v["type"] == "start" {
+            return Started { lines, rest };
+        }
+    }
+}
+
+/// Waits for fdtrace to end; its NDJSON objects, those read before too.
+fn objects_after(ft: Child, started: Started) -> Vec<Value> {
+    let Started { mut lines, rest } = started;
+    // Until the reader thread reaches the end of fdtrace's output.
+    lines.extend(rest);
+    let out = ft.wait_with_output().expect("fdtrace output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fdtrace failed: {stderr}");
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 /// The `process` objects of each report, by report time, by pid.
 fn reports(objs: &[Value]) -> BTreeMap<u64, BTreeMap<u64, Value>> {
     let mut out: BTreeMap<u64, BTreeMap<u64, Value>> = BTreeMap::new();
@@ -140,9 +190,9 @@ fn all_traces_every_process_exactly() {
     let cg = HandMadeCgroup::new(&format!("/fdtrace-node-{}", &random_id()[..12]))
         .expect("hand-made cgroup");
     let host_before = host_pids();
-    let ft = fdtrace(&["--all", "--duration", "5s"]);
+    let mut ft = fdtrace(&["--all", "--duration", "5s"]);
     let me = ft.id();
-    thread::sleep(Duration::from_millis(1500));
+    let started = wait_started(&mut ft);
     let after = Holder::start(30);
     cg.add(moved.pid()).expect("move into the hand-made cgroup");
     let short = Command::new("/bin/true").status().expect("run /bin/true");
@@ -152,7 +202,7 @@ fn all_traces_every_process_exactly() {
         .iter()
         .map(|h| (h.pid(), proc_count(h.pid())))
         .collect();
-    let objs = objects(ft);
+    let objs = objects_after(ft, started);
     // After fdtrace's end: a process alive before it started and after it
     // ended was alive at its last report.
     let host_after = host_pids();
