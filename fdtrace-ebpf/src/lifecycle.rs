@@ -165,7 +165,8 @@ struct ForkCtx {
     /// The current word's fds to copy (open, not close-on-exec).
     eager: u64,
     failed: u32,
-    _pad: u32,
+    /// The parent's high-water mark: only fds below it are lazy.
+    hwm: u32,
 }
 
 /// Reads the child's `open_fds` and `close_on_exec` bitmaps up to the
@@ -191,7 +192,7 @@ fn lazy_fork(pp: *mut ProcStats, parent: u32, cp: *mut ProcStats, child: u32, ct
         cloexec,
         eager: 0,
         failed: 0,
-        _pad: 0,
+        hwm,
     };
     // SAFETY: the callback is a static function and ctx outlives the call.
     let done = unsafe { bpf_loop(n, fork_step as *mut c_void, (&raw mut ctx).cast(), 0) };
@@ -212,7 +213,14 @@ extern "C" fn fork_step(i: u32, ctx: *mut c_void) -> i64 {
             return 1;
         };
         c.eager = open & !cx;
-        let lazy = open & cx;
+        // Only the fds below the parent's high-water mark are counted in
+        // the parent's counts the child starts with (all of them once the
+        // parent is seeded; the seed walk counts the child's others).
+        let below = match c.hwm.saturating_sub(i) {
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        };
+        let lazy = open & cx & below;
         if lazy != 0 && !table::set_lazy_word(c.child, i / 64, lazy) {
             c.failed = 1;
         }

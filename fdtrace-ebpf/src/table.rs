@@ -461,6 +461,12 @@ fn seeded_is_this_fd(key: FdKey, now: u64) -> bool {
 /// since the registration: the walk then saw an fd whose own syscall has
 /// counted it, or is about to, and it is left alone. Not counted as opened.
 pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool, file: u64) {
+    // A lazy fd of a child forked (by a traced parent) since the walk
+    // began is counted already: in the parent's counts, which the child
+    // started with.
+    if lazy_bit(p, tgid, fd).is_some() {
+        return;
+    }
     let key = FdKey { tgid, fd };
     let info = FdInfo {
         created_ns: 0,

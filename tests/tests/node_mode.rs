@@ -3,7 +3,7 @@
 //! this hybrid host, at /sys/fs/cgroup/unified) and a built fdtrace.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     thread,
@@ -338,4 +338,87 @@ fn ambiguous_container_prefix_exits_2() {
         .flat_map(|r| r.keys().copied())
         .collect();
     assert_eq!(reported, BTreeSet::from([u64::from(holders[1].pid())]));
+}
+
+/// A parent holding 300 close-on-exec fds forks a child every 10 ms
+/// (each sleeps holding its copy of the table) until told to stop; it
+/// prints each child's pid. `stop` stops the forks, and dropping it ends
+/// the children and the parent.
+const FORKER: &str = r#"
+import os, select, signal, sys
+fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(300)]
+kids = []
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], 0.01)[0]:
+    pid = os.fork()
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    kids.append(pid)
+    print(pid, flush=True)
+sys.stdin.readline()
+print("stopped", flush=True)
+sys.stdin.read()
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+"#;
+
+#[test]
+fn children_forked_while_the_node_starts_count_exactly() {
+    fdtrace_tests::require_root();
+    let mut forker = Command::new(fdtrace_tests::debian_python())
+        .args(["-c", FORKER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the forking parent");
+    let mut stdin = forker.stdin.take().expect("stdin");
+    let mut out = BufReader::new(forker.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line)
+        .expect("the forker says it is ready");
+    assert_eq!(line.trim(), "ready", "forker: {line:?}");
+    // Forks go on through fdtrace's start: its registration of every
+    // process and its seed walk of every table.
+    let mut ft = fdtrace(&["--all", "--duration", "3s"]);
+    let started = wait_started(&mut ft);
+    thread::sleep(Duration::from_millis(500));
+    writeln!(stdin, "stop").expect("stop the forks");
+    let mut kids = Vec::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).expect("the forker's children") > 0,
+            "the forker ended"
+        );
+        match line.trim() {
+            "stopped" => break,
+            pid => kids.push(pid.parse::<u32>().expect("a child's pid")),
+        }
+    }
+    let objs = objects_after(ft, started);
+    let reps = reports(&objs);
+    let mut checked = 0;
+    for pid in std::iter::once(forker.id()).chain(kids.iter().copied()) {
+        // Sleeping since its fork: its count then is its count now.
+        let want = proc_count(pid) as u64;
+        let Some(o) = reps
+            .values()
+            .find_map(|r| r.get(&u64::from(pid)).filter(|o| !o["drift"].is_null()))
+        else {
+            // Forked after the last report that compared.
+            continue;
+        };
+        assert_eq!(o["open_fds"].as_u64(), Some(want), "pid {pid}: {o}");
+        assert_eq!(o["drift"].as_i64(), Some(0), "pid {pid}: {o}");
+        checked += 1;
+    }
+    drop(stdin);
+    forker.wait().expect("the forker ends");
+    assert!(
+        checked > kids.len() / 2,
+        "{checked} of {} compared",
+        kids.len() + 1
+    );
 }
