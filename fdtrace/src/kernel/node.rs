@@ -71,19 +71,19 @@ impl Watch {
         for (prefix, bound) in &mut self.containers {
             match bound {
                 Some(b) if b == id => named = true,
-                Some(b) => {
-                    if id.starts_with(prefix.as_str()) && self.warned.insert(prefix.clone()) {
-                        eprintln!(
-                            "fdtrace: --container {prefix} names container {b}; \
-                             container {id}, which started since, is not selected"
-                        );
-                    }
+                Some(b)
+                    if id.starts_with(prefix.as_str()) && self.warned.insert(prefix.clone()) =>
+                {
+                    eprintln!(
+                        "fdtrace: --container {prefix} names container {b}; \
+                         container {id}, which started since, is not selected"
+                    );
                 }
                 None if id.starts_with(prefix.as_str()) => {
                     *bound = Some(id.to_owned());
                     named = true;
                 }
-                None => {}
+                Some(_) | None => {}
             }
         }
         if !named {

@@ -304,6 +304,7 @@ mod tests {
     const UID: &str = "1b2c3d4e-5f60-4718-9abc-def012345678";
 
     /// Who a process is, as attribution reads it.
+    #[derive(Debug)]
     struct Id {
         pid: u32,
         pid_in_container: Option<u32>,
