@@ -38,6 +38,50 @@ use xtask::oci;
 #[path = "../../fdtrace/src/enrich/container/mod.rs"]
 pub mod attribution;
 
+/// Who one process is, read with fdtrace's attribution.
+#[derive(Debug)]
+pub struct Identity {
+    /// Its pid in the host's pid namespace.
+    pub pid: u32,
+    /// Its pid in its own pid namespace, when that is not the host's.
+    pub pid_in_container: Option<u32>,
+    pub cgroup: attribution::cgroup::CgroupInfo,
+    pub names: std::result::Result<
+        Option<std::sync::Arc<attribution::bundle::Names>>,
+        std::sync::Arc<attribution::bundle::BundleError>,
+    >,
+}
+
+impl Identity {
+    /// The pod uid: the cgroup's, else the bundle's.
+    pub fn pod_uid(&self) -> Option<&str> {
+        self.cgroup.pod_uid.as_deref().or_else(|| {
+            self.names
+                .as_ref()
+                .ok()
+                .and_then(|n| n.as_deref())
+                .and_then(|n| n.pod_uid.as_deref())
+        })
+    }
+}
+
+/// Who process `pid` is, read under the host root `/`.
+pub fn identify(pid: u32) -> std::result::Result<Identity, attribution::IdentifyError> {
+    let mut a = attribution::Attributor::new("/", "/proc");
+    let cgroup = a.cgroup_of(pid)?;
+    let (host_pid, pid_in_container) = a.pids_of(pid)?;
+    let names = match &cgroup.container_id {
+        Some(id) => a.names(id, cgroup.runtime),
+        None => Ok(None),
+    };
+    Ok(Identity {
+        pid: host_pid,
+        pid_in_container,
+        cgroup,
+        names,
+    })
+}
+
 /// The containerd namespace the containers run in: Kubernetes's.
 pub const NAMESPACE: &str = "k8s.io";
 /// The image the containers run.

@@ -124,6 +124,9 @@ pub enum Ending {
     /// A zombie when checked: it has exited and its fds are gone, its
     /// parent has not reaped it yet.
     Zombie,
+    /// Still running, no longer traced: node mode's cgroup selection named
+    /// it, and it was moved out of the selected cgroups.
+    LeftSelection,
 }
 
 impl Ending {
@@ -132,7 +135,7 @@ impl Ending {
         match self {
             Ending::Code(c) => Some(c),
             Ending::Signal(s) => Some(128 + s),
-            Ending::Exited | Ending::Zombie => None,
+            Ending::Exited | Ending::Zombie | Ending::LeftSelection => None,
         }
     }
 }

@@ -427,6 +427,7 @@ fn ending_text(e: Option<Ending>) -> String {
         Some(Ending::Code(c)) => format!("exited with code {c}"),
         Some(Ending::Signal(s)) => format!("killed by signal {s}"),
         Some(Ending::Zombie) => "zombie (exited, not reaped)".into(),
+        Some(Ending::LeftSelection) => "left the selected cgroups (no longer traced)".into(),
         Some(Ending::Exited) | None => "exited".into(),
     }
 }
