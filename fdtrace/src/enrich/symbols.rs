@@ -188,7 +188,10 @@ impl Symbols {
         let mut in_files: Vec<(PathBuf, Vec<(usize, u64)>)> = Vec::new();
         let mut anonymous: Vec<usize> = Vec::new();
         for (i, &addr) in at.iter().enumerate() {
-            let m = maps.and_then(|m| m.iter().find(|m| (m.address.0..m.address.1).contains(&addr)));
+            let m = maps.and_then(|m| {
+                m.iter()
+                    .find(|m| (m.address.0..m.address.1).contains(&addr))
+            });
             match m {
                 Some(m) if matches!(m.pathname, MMapPath::Path(_)) && m.inode != 0 => {
                     let Some(path) = self.files.open(pid, m).map(|f| f.fd_path()) else {
@@ -795,11 +798,7 @@ mod tests {
         let proc = Path::new("/proc");
         for bad in ["/bin/../../etc/shadow", "relative/lib.so", "/", ""] {
             let c = candidates(proc, 9, (0x1000, 0x2000), Path::new(bad));
-            assert_eq!(
-                c,
-                [PathBuf::from("/proc/9/map_files/1000-2000")],
-                "{bad:?}"
-            );
+            assert_eq!(c, [PathBuf::from("/proc/9/map_files/1000-2000")], "{bad:?}");
         }
     }
 
@@ -830,7 +829,9 @@ mod tests {
     fn a_mapped_file_opens_as_itself_and_reads() {
         let m = own_mapping();
         let mut files = MappedFiles::default();
-        let f = files.open(std::process::id(), &m).expect("own binary opens");
+        let f = files
+            .open(std::process::id(), &m)
+            .expect("own binary opens");
         let mut head = [0u8; 4];
         f.reopen().unwrap().read_exact_at(&mut head, 0).unwrap();
         assert_eq!(&head, b"\x7fELF");
