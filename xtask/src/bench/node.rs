@@ -252,38 +252,7 @@ pub fn watch_node(bins: &Bins, node: &mut [NodeProc], quick: bool) -> Result<Nod
         eprintln!("bench: node: `{cmd}` watches for {window:?}");
         (cmd, watch_fdtrace(bins, node, window, &args)?)
     };
-    let mut fdtrace = fdtrace;
-    // With --metrics, the same window again without it: the difference is
-    // what serving and scraping cost (goal: under 0.5% of a core).
-    if let Some(i) = args_metrics(&fdtrace_cmd)
-        && let Ok(with) = &mut fdtrace
-    {
-        let plain: Vec<String> = fdtrace_cmd
-            .split_whitespace()
-            .skip(1)
-            .enumerate()
-            .filter(|&(j, _)| j != i && j != i + 1)
-            .map(|(_, a)| a.to_owned())
-            .collect();
-        eprintln!(
-            "bench: node: `fdtrace {}` (no --metrics) watches for {window:?}",
-            plain.join(" ")
-        );
-        match watch_fdtrace(bins, node, window, &plain)? {
-            Ok(without) => {
-                let (a, b) = (pct(with.cpu, with.wall), pct(without.cpu, without.wall));
-                with.notes.push(format!(
-                    "--metrics scraped every second: {a:.2}% of a core against {b:.2}% without, \
-                     {:+.2}% ({}: goal under 0.5%)",
-                    a - b,
-                    verdict(a - b < 0.5)
-                ));
-            }
-            Err(why) => with
-                .notes
-                .push(format!("the run without --metrics failed: {why}")),
-        }
-    }
+    // What --metrics adds is measured apart, in rounds ([`super::metrics`]).
     Ok(NodeFigures {
         window,
         procs: node.len() + LEAKERS,
@@ -323,13 +292,6 @@ fn fdtrace_all_args(bins: &Bins) -> Vec<String> {
         args.push(format!("127.0.0.1:{port}"));
     }
     args
-}
-
-/// The index of `--metrics` among the arguments of `fdtrace ARGS...`.
-fn args_metrics(cmd: &str) -> Option<usize> {
-    cmd.split_whitespace()
-        .skip(1)
-        .position(|a| a == "--metrics")
 }
 
 /// A loopback port free right now.
