@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     analysis::{
         self, Config, Containers, Ending, FindingKind, Notice, ProcessAnalysis, ProcessSample,
-        Report, Request, SessionEnd, Start, Summary, Thresholds, Totals,
+        Report, Request, SessionCounts, SessionEnd, Start, Summary, Thresholds, Totals,
     },
     cli::{Cli, Command},
     enrich::{
@@ -75,6 +75,8 @@ struct Session {
     sinks: Sinks,
     procs: BTreeMap<u32, Traced>,
     losses: LossCounters,
+    /// What was lost and resynced since tracing began.
+    counts: SessionCounts,
     max_fds: u32,
     max_procs: u32,
     cfg: Config,
@@ -206,7 +208,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         top: cli.top,
     };
     let sink: Option<Box<dyn sinks::Sink>> = if cli.quiet {
-        None
+        Some(Box::new(sinks::Warnings::new(io::stderr())))
     } else if cli.json {
         Some(Box::new(Ndjson::new(io::stdout())))
     } else {
@@ -219,6 +221,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         sinks: Sinks(sink.into_iter().chain(metrics).collect()),
         procs: BTreeMap::new(),
         losses: LossCounters::default(),
+        counts: SessionCounts::default(),
         max_fds: limits.max_fds,
         max_procs: limits.max_procs,
         cfg,
@@ -526,6 +529,9 @@ impl Session {
                     resource,
                     stack,
                 })?;
+                if let Some(p) = self.procs.get(&pid) {
+                    self.containers.fd_error(pid, p.enrich.who.current(), errno);
+                }
                 let key = analysis::fd_error_key(canon, syscall);
                 self.finding(ts, pid, key, finding)
             }
@@ -700,6 +706,7 @@ impl Session {
         let mut report = Report {
             ts: sinks::now(),
             losses: self.losses.read(&self.k, self.max_fds, self.max_procs),
+            counts: SessionCounts::default(),
             processes: Vec::new(),
             containers: Vec::new(),
         };
@@ -805,6 +812,8 @@ impl Session {
             report.processes.push(p.analysis.update(&sample));
         }
         report.containers = self.containers.report(report.ts, &report.processes);
+        self.counts.add(&report.losses, &report.processes);
+        report.counts = self.counts;
         self.attributions.retain(
             self.procs
                 .values()

@@ -9,6 +9,7 @@
 
 pub mod child;
 mod extras;
+mod metrics;
 mod node;
 mod progtime;
 mod python;
@@ -88,6 +89,11 @@ pub struct Args {
     /// program time
     #[arg(long)]
     node: bool,
+    /// Only the cost of `--metrics` on the synthetic node (part of --node):
+    /// `fdtrace --all` with and without it, scraped once a second, then
+    /// ten times a second
+    #[arg(long)]
+    metrics_cost: bool,
 }
 
 /// The conditions each mode is measured under.
@@ -208,7 +214,9 @@ pub fn bench(tools: &Tools, args: &Args) -> Result<ExitCode> {
     ensure_packages(args.node)?;
     child::install_signal_flag();
     child::become_subreaper();
-    let result = if args.node {
+    let result = if args.metrics_cost {
+        measure_metrics_cost(&bins, args, &ws)
+    } else if args.node {
         measure_node(&bins, args, &ws)
     } else {
         measure_and_report(&bins, args, &ws)
@@ -256,21 +264,11 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         node::ROUNDS
     });
     let figures = node::watch_node(bins, &mut node, args.quick, watch_rounds)?;
+    let metrics = metrics::measure(bins, &node, rounds, args.quick)?;
     drop(node);
-    println!();
-    println!("=== fdtrace bench: node section ===");
-    println!(
-        "revision {}, kernel {}, {} CPUs{}",
-        revision(&ws.root),
-        kernel_release(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if args.quick {
-            " (--quick: a smoke check, short runs, not a measurement)"
-        } else {
-            ""
-        }
-    );
+    section_header("node section", ws, args.quick);
     node::print(&figures);
+    metrics::print(&metrics);
     let tax = tax::measure(bins, rounds, args.quick)?;
     let open = calibrate_mode(bins, "open", target)?;
     let progs = progtime::node_measure(bins, open, rounds)?;
@@ -278,6 +276,35 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     tax::print(&tax);
     report::node_program_time(&progs);
     Ok(())
+}
+
+/// The `--metrics` cost alone, on the synthetic node.
+fn measure_metrics_cost(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
+    let figures = {
+        let _stats = progtime::StatsSwitch::set(false)?;
+        let node = node::start_node(bins)?;
+        metrics::measure(bins, &node, rounds, args.quick)?
+    };
+    section_header("--metrics cost", ws, args.quick);
+    metrics::print(&figures);
+    Ok(())
+}
+
+fn section_header(name: &str, ws: &Workspace, quick: bool) {
+    println!();
+    println!("=== fdtrace bench: {name} ===");
+    println!(
+        "revision {}, kernel {}, {} CPUs{}",
+        revision(&ws.root),
+        kernel_release(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if quick {
+            " (--quick: a smoke check, short runs, not a measurement)"
+        } else {
+            ""
+        }
+    );
 }
 
 /// Release builds of fdtrace (unless `given`) and fdloop.

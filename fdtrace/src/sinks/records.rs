@@ -855,10 +855,12 @@ mod tests {
         let report = Report {
             ts: 5.0,
             losses: vec![Loss::RingBuffer { count: 3 }],
+            counts: Default::default(),
             processes: vec![ProcessReport {
                 figures: figures(),
                 sites: vec![site],
                 findings: vec![crate::analysis::close_wait("abc", "tcp 1.2.3.4:5", 1, 5.0)],
+                leak_found: false,
                 resync: Some(crate::analysis::Resync::Drift(-1)),
                 close_wait: 0,
             }],
@@ -896,6 +898,7 @@ mod tests {
             pod_uid: None,
             qos: None,
             processes: 2,
+            pids: vec![7, 9],
             open_fds: 30,
             fd_usage_ratio: Some(2.0 / 3.0),
             leak_per_s: -0.0001,
@@ -910,6 +913,7 @@ mod tests {
         let report = Report {
             ts: 5.0,
             losses: Vec::new(),
+            counts: Default::default(),
             processes: Vec::new(),
             containers: vec![c],
         };

@@ -1017,6 +1017,7 @@ impl<W: Write> Top<W> {
         self.lines.report(&Report {
             ts: r.ts,
             losses: r.losses.clone(),
+            counts: r.counts,
             processes: shown,
             containers: r.containers.clone(),
         })
@@ -1125,6 +1126,7 @@ mod tests {
         let limit = 1024;
         ProcessReport {
             close_wait: 0,
+            leak_found: false,
             figures: ProcessFigures {
                 attribution: Default::default(),
                 pid,
@@ -1356,6 +1358,7 @@ mod tests {
         v.report(&Report {
             ts: 1_767_225_600.0 + 3723.0,
             losses: Vec::new(),
+            counts: Default::default(),
             processes: vec![
                 proc(1, "init", Status::Ok, 12, 0.0, None),
                 leaker,
@@ -1467,6 +1470,7 @@ mod tests {
         Report {
             ts,
             losses: Vec::new(),
+            counts: Default::default(),
             processes,
             containers: Vec::new(),
         }
