@@ -431,14 +431,19 @@ pub fn ensure_prometheus() -> Result<()> {
     Ok(())
 }
 
-/// The container runtimes the container tests run real containers with, and
-/// tmux for the live view's terminal test: (program, Debian package).
-const TEST_PACKAGES: [(&str, &str); 5] = [
+/// The container runtimes the container tests run real containers with,
+/// tmux for the live view's terminal test, strace for the test that counts
+/// fdtrace's reads of /proc, binutils' strip and util-linux's setpriv for the
+/// container-stack and privilege tests: (program, Debian package).
+const TEST_PACKAGES: [(&str, &str); 8] = [
     ("containerd", "containerd"),
     ("ctr", "containerd"),
     ("podman", "podman"),
     ("runc", "runc"),
     ("tmux", "tmux"),
+    ("strace", "strace"),
+    ("strip", "binutils"),
+    ("setpriv", "util-linux"),
 ];
 
 /// Installs the Debian packages of TEST_PACKAGES whose program is missing.
