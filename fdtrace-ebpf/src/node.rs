@@ -191,7 +191,7 @@ fn watch(task: u64, tgid: u32) {
     // BPF_NOEXIST: of two tasks entering it at once, one tells.
     if id == 0
         || NODE_SEEN_CGROUPS
-            .insert(&id, &1, BPF_NOEXIST.into())
+            .insert(id, 1, BPF_NOEXIST.into())
             .is_err()
     {
         return;
@@ -199,7 +199,7 @@ fn watch(task: u64, tgid: u32) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(CNT_RINGBUF_FULL);
         // Told next time a task enters it.
-        let _ = NODE_SEEN_CGROUPS.remove(&id);
+        let _ = NODE_SEEN_CGROUPS.remove(id);
         return;
     };
     let ev = entry.as_mut_ptr();
