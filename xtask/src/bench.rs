@@ -88,6 +88,10 @@ pub struct Args {
     /// program time
     #[arg(long)]
     node: bool,
+    /// Only the Python section: the added cost of a Python stack and of the
+    /// first-use check, under each CPython fdtrace reads
+    #[arg(long, conflicts_with = "node")]
+    python: bool,
 }
 
 /// The conditions each mode is measured under.
@@ -210,6 +214,8 @@ pub fn bench(tools: &Tools, args: &Args) -> Result<ExitCode> {
     child::become_subreaper();
     let result = if args.node {
         measure_node(&bins, args, &ws)
+    } else if args.python {
+        measure_python(&bins, args, &ws)
     } else {
         measure_and_report(&bins, args, &ws)
     };
@@ -238,6 +244,21 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         kernel: kernel_release(),
     };
     report::print(&setting, &samples, &progs, &attach);
+    python::print(&py);
+    Ok(())
+}
+
+/// The Python section alone.
+fn measure_python(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
+    let py = python::measure(bins, &ws.root, rounds, args.quick)?;
+    println!();
+    println!("=== fdtrace bench: Python section ===");
+    println!(
+        "revision {}, kernel {}",
+        revision(&ws.root),
+        kernel_release()
+    );
     python::print(&py);
     Ok(())
 }
