@@ -7,7 +7,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     programs::BtfTracePointContext,
 };
-use fdtrace_common::{EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats};
+use fdtrace_common::{
+    EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_NODE, PROC_SHARED_TABLE, ProcStats,
+};
 
 use crate::{
     global,
@@ -79,9 +81,14 @@ pub fn fork(ctx: &BtfTracePointContext) -> Option<()> {
         // SAFETY: pp is a live STATS element.
         unsafe { (*pp).flags |= PROC_SHARED_TABLE };
     }
-    let mut st = ProcStats::new(child, PROC_FOLLOW | shared);
+    // A child of a process the node selection named is the selection's
+    // too: it leaves it when moved out.
+    // SAFETY: pp is a live STATS element.
+    let selected = unsafe { (*pp).flags } & PROC_NODE;
+    let mut st = ProcStats::new(child, PROC_FOLLOW | shared | selected);
     // SAFETY: pp is a live STATS element.
     st.fd_hwm = unsafe { (*pp).fd_hwm };
+    st.cgroup = node::cgroup_id(ctask as u64);
     if !table::register(child, &st) {
         return None;
     }

@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use fdtrace_common::{
-    FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE, PROC_FOLLOW,
-    PROC_SHARED_TABLE, ProcStats, python::NO_PY_STACK,
+    FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_PREEXISTING, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE,
+    PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats, python::NO_PY_STACK,
 };
 
 use crate::{
@@ -25,6 +25,9 @@ use crate::{
 
 /// BPF_EXIST: update only if present, so an fd closed meanwhile stays gone.
 const BPF_EXIST: u64 = 2;
+/// BPF_NOEXIST: insert only if absent, so an entry the kernel side wrote
+/// meanwhile (a syscall of the process since its registration) wins.
+const BPF_NOEXIST: u64 = 1;
 
 /// Tries to read the kernel count and /proc's at one moment when the table did
 /// not change; a busy process may not give one within this many tries.
@@ -41,13 +44,123 @@ pub struct Snapshot {
 /// Starts tracing `pid`: registers it in the kernel filter, then has the
 /// seed walk of its fd table write and count an entry for each fd (origin
 /// "pre-existing"; see fdtrace-ebpf seed.rs). Returns the fds found, as the
-/// walk named them.
+/// walk named them, and those only /proc listed ([`seed_missed`]).
 pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::ProcFd>> {
     let flags = if follow { PROC_FOLLOW } else { 0 };
     // Already traced: a followed child of another traced process.
     k.register(pid, &ProcStats::new(pid, flags))?;
-    iterators::list(k.seed.as_fd(), pid)
-        .with_context(|| format!("reading the fd table of pid {pid}"))
+    let mut fds = iterators::list(k.seed.as_fd(), pid)
+        .with_context(|| format!("reading the fd table of pid {pid}"))?;
+    seed_missed(k, pid, &mut fds)?;
+    Ok(fds)
+}
+
+/// Seeds the fds /proc lists for `pid` that the kernel walk (`walked`) did
+/// not: fdtrace's count must be /proc's. The sandbox init of some hosts is
+/// such a process: root may list /proc/1/fd but not read its links, and
+/// the task_file iterator visits none of its fds. Each is written as a
+/// pre-existing entry, named from /proc where it can be and `unknown`
+/// where not, and appended to `walked`. One stat when nothing is missing.
+pub fn seed_missed(k: &mut Kernel, pid: u32, walked: &mut Vec<procfd::ProcFd>) -> Result<()> {
+    let extra = proc_only(pid, walked);
+    if extra.is_empty() {
+        return Ok(());
+    }
+    let mut by_kind = [0u64; FD_KINDS];
+    let (mut seeded, mut top) = (0u64, 0u32);
+    for f in &extra {
+        let info = found_entry(f, 0, FD_PREEXISTING);
+        let key = FdKey {
+            tgid: pid,
+            fd: f.fd,
+        };
+        match k.fds.insert(key, info, BPF_NOEXIST) {
+            Ok(()) => {
+                seeded += 1;
+                by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
+                top = top.max(f.fd + 1);
+            }
+            // Written by a syscall of the process since its registration.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("seeding the fds of pid {pid}: the fd map is full, raise --max-fds")
+                });
+            }
+        }
+    }
+    // Read-modify-write of the counters, as the resync does: the kernel may
+    // bump them in between, and the drift check repairs any difference.
+    if let Some(mut stats) = k.stats_of(pid) {
+        stats.seeded += seeded;
+        for (c, n) in stats.by_kind.iter_mut().zip(by_kind) {
+            *c += n;
+        }
+        stats.fd_hwm = stats.fd_hwm.max(top);
+        stats.generation += 1;
+        k.set_stats(pid, &stats)
+            .with_context(|| format!("updating counters of pid {pid}"))?;
+    }
+    walked.extend(extra);
+    Ok(())
+}
+
+/// The kernel entry user space writes for an open fd it found (`origin`:
+/// [`FD_PREEXISTING`] at attach, [`FD_RESYNCED`] in a resync): no site and
+/// no creating syscall, as the kernel's own seed writes it.
+fn found_entry(f: &procfd::ProcFd, created_ns: u64, origin: u8) -> FdInfo {
+    FdInfo {
+        created_ns,
+        site: NO_SITE,
+        py_site: NO_PY_STACK,
+        py_use: NO_PY_STACK,
+        syscall: u16::MAX,
+        kind: f.kind as u8,
+        flags: FD_OPEN | origin | if f.cloexec { FD_CLOEXEC } else { 0 },
+        detail: 0,
+    }
+}
+
+/// The fds /proc/PID/fd lists that `walked` lacks, named from /proc where
+/// their links can be read. Empty (after one stat) when the walk saw as
+/// many fds as /proc counts, or when /proc cannot be read.
+fn proc_only(pid: u32, walked: &[procfd::ProcFd]) -> Vec<procfd::ProcFd> {
+    if procfd::fd_count(pid).is_ok_and(|n| n <= walked.len() as u64) {
+        return Vec::new();
+    }
+    let Ok(listed) = procfd::fd_numbers(pid) else {
+        return Vec::new();
+    };
+    let missed = missing(walked.iter().map(|f| f.fd), listed);
+    if missed.is_empty() {
+        return Vec::new();
+    }
+    let dir = procfd::ProcDir::open(pid).ok();
+    missed
+        .into_iter()
+        .map(|fd| {
+            let target = dir.as_ref().and_then(|d| d.target(fd));
+            procfd::ProcFd {
+                fd,
+                kind: target.as_ref().map_or(FdKind::Unknown, procfd::kind_of),
+                cloexec: dir.as_ref().and_then(|d| d.cloexec(fd)).unwrap_or(false),
+                target,
+            }
+        })
+        .collect()
+}
+
+/// The numbers of `listed` that `walked` lacks, in order.
+fn missing(walked: impl IntoIterator<Item = u32>, listed: Vec<u32>) -> Vec<u32> {
+    let walked: HashSet<u32> = walked.into_iter().collect();
+    let mut out: Vec<u32> = listed
+        .into_iter()
+        .filter(|fd| !walked.contains(fd))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// How long to wait before re-checking a non-zero drift: a syscall that has
@@ -69,14 +182,19 @@ const RECHECK_IDLE: Duration = Duration::from_secs(30);
 /// [`RECHECK_IDLE`] has passed; one that shares its table with another
 /// process always is (the other's changes do not move its generation).
 /// Outside node mode a process the user named may share its table with an
-/// untraced one: it is compared every report.
+/// untraced one: it is compared every report. `known`: its counters as the
+/// report's batch read them, if it was in it.
 pub fn check(
     k: &Kernel,
     pid: u32,
+    known: Option<ProcStats>,
     state: &mut ReconcileState,
     skip_idle: bool,
 ) -> Option<Snapshot> {
-    let stats = k.stats_of(pid)?;
+    let stats = match known {
+        Some(st) => st,
+        None => k.stats_of(pid)?,
+    };
     if skip_idle
         && stats.flags & PROC_SHARED_TABLE == 0
         && let Some((generation, at)) = state.exact
@@ -123,10 +241,10 @@ fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
 /// closed, while fdtrace was not looking: they count in the totals.
 /// Returns how many fds the walk listed.
 fn resync(k: &mut Kernel, pid: u32) -> Result<usize> {
-    let listed: HashMap<u32, procfd::ProcFd> = iterators::list(k.names.as_fd(), pid)?
-        .into_iter()
-        .map(|f| (f.fd, f))
-        .collect();
+    let mut walked = iterators::list(k.names.as_fd(), pid)?;
+    let extra = proc_only(pid, &walked);
+    walked.extend(extra);
+    let listed: HashMap<u32, procfd::ProcFd> = walked.into_iter().map(|f| (f.fd, f)).collect();
     let hwm = k.stats_of(pid).map_or(0, |s| s.fd_hwm);
 
     let mut by_kind = [0u64; FD_KINDS];
@@ -158,16 +276,7 @@ fn resync(k: &mut Kernel, pid: u32) -> Result<usize> {
         .filter(|f| !known.contains(&f.fd))
         .map(|f| {
             top = top.max(f.fd + 1);
-            let info = FdInfo {
-                created_ns,
-                site: NO_SITE,
-                py_site: NO_PY_STACK,
-                py_use: NO_PY_STACK,
-                syscall: u16::MAX,
-                kind: f.kind as u8,
-                flags: FD_OPEN | FD_RESYNCED | if f.cloexec { FD_CLOEXEC } else { 0 },
-                detail: 0,
-            };
+            let info = found_entry(f, created_ns, FD_RESYNCED);
             (
                 FdKey {
                     tgid: pid,
@@ -500,6 +609,18 @@ mod tests {
         assert_eq!(t.step(None, true), ResyncStep::None);
         assert_eq!(t.step(None, false), ResyncStep::None);
         assert_eq!(t.step(None, true), ResyncStep::Resync);
+    }
+
+    #[test]
+    fn what_proc_lists_and_the_walk_missed() {
+        assert_eq!(missing([0, 1, 2], vec![2, 0, 1]), Vec::<u32>::new());
+        assert_eq!(missing([], vec![7, 3, 3, 0]), vec![0, 3, 7]);
+        assert_eq!(missing([3, 9], vec![9, 4, 3, 5]), vec![4, 5]);
+        assert_eq!(
+            missing([1, 2, 3], vec![]),
+            Vec::<u32>::new(),
+            "fds the walk saw and /proc no longer lists are the drift check's"
+        );
     }
 
     #[test]

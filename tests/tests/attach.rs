@@ -222,3 +222,66 @@ sys.stdin.read()
          holds 50 more): {report}"
     );
 }
+
+/// Pid 1, which on some hosts (this CI's sandbox init) lets root list
+/// /proc/1/fd but not read its links, and whose fds the kernel's task_file
+/// walk does not visit: fdtrace counts what /proc lists, as `unknown` where
+/// a link cannot be read, with no drift in any report and no resync
+/// warning. Elsewhere (systemd, tini) it is a plain exact attach.
+#[test]
+fn init_is_counted_as_proc_lists_it() {
+    let listed = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count() as u64
+    };
+    let before = listed(1);
+    let unreadable = std::fs::read_dir("/proc/1/fd")
+        .unwrap()
+        .filter(|e| std::fs::read_link(e.as_ref().unwrap().path()).is_err())
+        .count() as u64;
+    let f = fdtrace_tests::run_fdtrace(
+        &[
+            "--pid",
+            "1",
+            "--json",
+            "--interval",
+            "1s",
+            "--duration",
+            "3s",
+        ],
+        Duration::from_secs(30),
+    );
+    let after = listed(1);
+    assert!(f.status.success(), "fdtrace failed: {}", f.stderr);
+    assert!(
+        !f.stderr.contains("resync"),
+        "no resync is needed or reported: {}",
+        f.stderr
+    );
+    let reports: Vec<Value> = f
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("NDJSON"))
+        .filter(|v| v["type"] == "process")
+        .collect();
+    assert!(reports.len() >= 2, "a report a second: {}", f.stdout);
+    let (lo, hi) = (before.min(after), before.max(after));
+    for r in &reports {
+        let open = r["open_fds"].as_u64().expect("open_fds");
+        assert!(
+            (lo..=hi).contains(&open),
+            "/proc/1/fd listed {before} then {after}, fdtrace counts {open}: {r}"
+        );
+        assert!(
+            r["drift"].is_null() || r["drift"] == 0,
+            "no drift against /proc: {r}"
+        );
+        if before == after && unreadable > 0 {
+            assert!(
+                r["by_kind"]["unknown"].as_u64().unwrap_or(0) >= unreadable,
+                "{unreadable} links root cannot read are `unknown`: {r}"
+            );
+        }
+    }
+}

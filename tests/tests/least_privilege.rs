@@ -140,6 +140,29 @@ fn traces_another_users_process_with_three_capabilities_and_no_tracefs() {
             "{v}"
         );
     }
+    // Root's process, traced by uid 65534 without CAP_DAC_READ_SEARCH: the
+    // fds it opens from now on cannot be named; said once, naming the
+    // capability and the process.
+    let warned = stderr
+        .lines()
+        .filter(|l| l.contains("without CAP_DAC_READ_SEARCH"))
+        .collect::<Vec<_>>();
+    assert_eq!(warned.len(), 1, "one warning: {stderr}");
+    assert!(
+        warned[0].contains(&format!("{pid} (fdloop)")),
+        "names the process: {stderr}"
+    );
+    let out = run_as_nobody(
+        &bin,
+        "+bpf,+perfmon,+sys_ptrace,+dac_read_search",
+        &["--json", "--duration", "1s", "--pid", &pid.to_string()],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(
+        !stderr.contains("CAP_DAC_READ_SEARCH"),
+        "nothing to warn about with it: {stderr}"
+    );
 }
 
 #[test]

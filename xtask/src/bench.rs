@@ -9,6 +9,7 @@
 
 pub mod child;
 mod extras;
+mod metrics;
 mod node;
 mod progtime;
 mod python;
@@ -69,7 +70,7 @@ END { clear(@fds); clear(@pipefd); }
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Rounds per (mode, condition); the report takes medians across them
-    /// [default: 5, or 1 with --quick]
+    /// [default: 5, or 1 with --quick; the node watch: 3, or 1]
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
     /// Smoke check: 1 round of short loops (the numbers mean little)
@@ -92,6 +93,11 @@ pub struct Args {
     /// first-use check, under each CPython fdtrace reads
     #[arg(long, conflicts_with = "node")]
     python: bool,
+    /// Only the cost of `--metrics` on the synthetic node (part of --node):
+    /// `fdtrace --all` with and without it, scraped once a second, then
+    /// ten times a second
+    #[arg(long)]
+    metrics_cost: bool,
 }
 
 /// The conditions each mode is measured under.
@@ -212,7 +218,9 @@ pub fn bench(tools: &Tools, args: &Args) -> Result<ExitCode> {
     ensure_packages(args.node)?;
     child::install_signal_flag();
     child::become_subreaper();
-    let result = if args.node {
+    let result = if args.metrics_cost {
+        measure_metrics_cost(&bins, args, &ws)
+    } else if args.node {
         measure_node(&bins, args, &ws)
     } else if args.python {
         measure_python(&bins, args, &ws)
@@ -252,48 +260,66 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
 fn measure_python(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
     let py = python::measure(bins, &ws.root, rounds, args.quick)?;
-    println!();
-    println!("=== fdtrace bench: Python section ===");
-    println!(
-        "revision {}, kernel {}",
-        revision(&ws.root),
-        kernel_release()
-    );
+    section_header("Python section", ws, args.quick);
     python::print(&py);
     Ok(())
 }
 
-/// The node section.
+/// The node section. The node watch is printed as soon as it is done:
+/// the tax and program-time parts that follow take minutes of their own.
 fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
     let target = if args.quick { 0.04 } else { 0.4 } * args.scale;
-    let (figures, tax, progs) = {
-        // The accounting taxes every program run: off for the wall clock.
+    // The accounting taxes every program run: off for the wall clock.
+    let stats = progtime::StatsSwitch::set(false)?;
+    let mut node = node::start_node(bins)?;
+    let watch_rounds = args.rounds.unwrap_or(if args.quick {
+        node::QUICK_ROUNDS
+    } else {
+        node::ROUNDS
+    });
+    let figures = node::watch_node(bins, &mut node, args.quick, watch_rounds)?;
+    let metrics = metrics::measure(bins, &node, rounds, args.quick)?;
+    drop(node);
+    section_header("node section", ws, args.quick);
+    node::print(&figures);
+    metrics::print(&metrics);
+    let tax = tax::measure(bins, rounds, args.quick)?;
+    let open = calibrate_mode(bins, "open", target)?;
+    let progs = progtime::node_measure(bins, open, rounds)?;
+    drop(stats);
+    tax::print(&tax);
+    report::node_program_time(&progs);
+    Ok(())
+}
+
+/// The `--metrics` cost alone, on the synthetic node.
+fn measure_metrics_cost(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
+    let figures = {
         let _stats = progtime::StatsSwitch::set(false)?;
-        let mut node = node::start_node(bins)?;
-        let figures = node::watch_node(bins, &mut node, args.quick)?;
-        drop(node);
-        let tax = tax::measure(bins, rounds, args.quick)?;
-        let open = calibrate_mode(bins, "open", target)?;
-        (figures, tax, progtime::node_measure(bins, open, rounds)?)
+        let node = node::start_node(bins)?;
+        metrics::measure(bins, &node, rounds, args.quick)?
     };
+    section_header("--metrics cost", ws, args.quick);
+    metrics::print(&figures);
+    Ok(())
+}
+
+fn section_header(name: &str, ws: &Workspace, quick: bool) {
     println!();
-    println!("=== fdtrace bench: node section ===");
+    println!("=== fdtrace bench: {name} ===");
     println!(
         "revision {}, kernel {}, {} CPUs{}",
         revision(&ws.root),
         kernel_release(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if args.quick {
+        if quick {
             " (--quick: a smoke check, short runs, not a measurement)"
         } else {
             ""
         }
     );
-    node::print(&figures);
-    tax::print(&tax);
-    report::node_program_time(&progs);
-    Ok(())
 }
 
 /// Release builds of fdtrace (unless `given`) and fdloop.

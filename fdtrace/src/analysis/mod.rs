@@ -24,7 +24,7 @@ pub use process::{Config, GROWING_RATE, ProcessAnalysis, fd_error_key};
 pub use rates::{Series, display_rate, seconds_to_emfile};
 pub use report::{
     Ending, Loss, Notice, ProcessFigures, ProcessReport, ProcessSummary, Report, Resync,
-    SessionEnd, SiteReport, Start, Summary, Totals,
+    SessionCounts, SessionEnd, SiteReport, Start, Summary, Totals,
 };
 pub use status::{Status, Thresholds, pct_used, status};
 
@@ -58,7 +58,9 @@ pub enum TcpState {
 pub struct Label {
     /// Shared: a report groups every fd by it, and many fds share one text.
     pub text: Rc<str>,
-    /// The socket's inode, to look its state up again at later reports.
+    /// A TCP socket's inode, to look its state up again at later reports
+    /// (reading the states walks the kernel's whole TCP hash: only
+    /// processes holding TCP sockets pay it).
     pub socket_inode: Option<u64>,
     /// May change later (an unconnected socket): not final.
     pub provisional: bool,

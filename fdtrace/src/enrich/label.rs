@@ -1,7 +1,10 @@
 //! Resource labels: what an fd points at, named so that the fds of one leak
 //! group together (paths differing only by digits or random suffixes are one
 //! label; a socket is its protocol and peer).
-use std::{collections::HashMap, net::SocketAddr, os::fd::BorrowedFd};
+use std::{
+    collections::HashMap, net::SocketAddr, os::fd::BorrowedFd, os::unix::fs::MetadataExt as _,
+    rc::Rc,
+};
 
 use fdtrace_common::FdKind;
 
@@ -77,89 +80,198 @@ impl Links {
     }
 }
 
-/// The socket tables of a process's network namespace, by inode; read at most
-/// once per report.
-#[derive(Default)]
-pub struct Sockets {
-    by_inode: HashMap<u64, SockInfo>,
+/// A socket table of a network namespace, the sockets by inode.
+type ByInode = HashMap<u64, SockInfo>;
+
+/// The socket tables labels come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Table {
+    /// /proc/PID/net/tcp and tcp6.
+    Tcp = 0,
+    /// udp and udp6.
+    Udp = 1,
+    /// unix.
+    Unix = 2,
 }
 
-impl Sockets {
-    pub fn read(pid: u32) -> Sockets {
+impl Table {
+    /// The tables that may list a socket made by socket(2) with `detail`
+    /// (FdInfo::detail): only its own, so that labelling a unix or netlink
+    /// socket does not walk the TCP hash; every one when the call is not
+    /// known (accept, a pre-existing fd).
+    fn for_socket(detail: u32) -> &'static [Table] {
+        match protocol(detail) {
+            "tcp" => &[Table::Tcp],
+            "udp" => &[Table::Udp],
+            "unix" => &[Table::Unix],
+            "socket" => &[Table::Tcp, Table::Udp, Table::Unix],
+            // raw, netlink, packet: in none of them.
+            _ => &[],
+        }
+    }
+
+    fn read(self, pid: u32) -> ByInode {
         let mut by_inode = HashMap::new();
         let Ok(proc) = Process::new(pid as i32) else {
-            return Sockets { by_inode };
+            return by_inode;
         };
-        for e in proc.tcp().into_iter().chain(proc.tcp6()).flatten() {
-            let listen = e.state == ProcTcpState::Listen;
-            let label = if listen {
-                format!("tcp listen {}", e.local_address)
-            } else {
-                format!("tcp {}", e.remote_address)
-            };
-            let provisional = !listen && e.remote_address.port() == 0;
-            by_inode.insert(
-                e.inode,
-                SockInfo {
-                    label,
-                    state: Some(match e.state {
-                        ProcTcpState::CloseWait => TcpState::CloseWait,
-                        ProcTcpState::Listen => TcpState::Listen,
-                        _ => TcpState::Other,
-                    }),
-                    provisional,
-                },
-            );
+        match self {
+            Table::Tcp => read_tcp(&proc, &mut by_inode),
+            Table::Udp => read_udp(&proc, &mut by_inode),
+            Table::Unix => read_unix(&proc, &mut by_inode),
         }
-        for e in proc.udp().into_iter().chain(proc.udp6()).flatten() {
-            let connected = e.remote_address.port() != 0;
-            let label = if connected {
-                format!("udp {}", e.remote_address)
-            } else {
-                format!("udp {}", unspecified_port(e.local_address))
-            };
-            by_inode.insert(
-                e.inode,
-                SockInfo {
-                    label,
-                    state: None,
-                    provisional: !connected,
-                },
-            );
+        by_inode
+    }
+}
+
+/// The TCP sockets of the network namespace of `proc` (/proc/PID/net/tcp
+/// and tcp6), labelled, into `by_inode`.
+fn read_tcp(proc: &Process, by_inode: &mut ByInode) {
+    for e in proc.tcp().into_iter().chain(proc.tcp6()).flatten() {
+        let listen = e.state == ProcTcpState::Listen;
+        let label = if listen {
+            format!("tcp listen {}", e.local_address)
+        } else {
+            format!("tcp {}", e.remote_address)
+        };
+        let provisional = !listen && e.remote_address.port() == 0;
+        by_inode.insert(
+            e.inode,
+            SockInfo {
+                label,
+                state: Some(match e.state {
+                    ProcTcpState::CloseWait => TcpState::CloseWait,
+                    ProcTcpState::Listen => TcpState::Listen,
+                    _ => TcpState::Other,
+                }),
+                provisional,
+            },
+        );
+    }
+}
+
+fn read_udp(proc: &Process, by_inode: &mut ByInode) {
+    for e in proc.udp().into_iter().chain(proc.udp6()).flatten() {
+        let connected = e.remote_address.port() != 0;
+        let label = if connected {
+            format!("udp {}", e.remote_address)
+        } else {
+            format!("udp {}", unspecified_port(e.local_address))
+        };
+        by_inode.insert(
+            e.inode,
+            SockInfo {
+                label,
+                state: None,
+                provisional: !connected,
+            },
+        );
+    }
+}
+
+fn read_unix(proc: &Process, by_inode: &mut ByInode) {
+    for e in proc.unix().into_iter().flatten() {
+        let label = match &e.path {
+            Some(p) => format!(
+                "unix {}",
+                normalize_path(&crate::escape::lossless(p.as_os_str().as_encoded_bytes()))
+            ),
+            None => "unix".to_string(),
+        };
+        by_inode.insert(
+            e.inode,
+            SockInfo {
+                label,
+                state: None,
+                provisional: false,
+            },
+        );
+    }
+}
+
+/// The states of the sockets of a TCP table, by inode, for the analysis.
+fn tcp_states(tcp: &ByInode) -> FastMap<u64, TcpState> {
+    let mut out = FastMap::with_capacity(tcp.len());
+    for (&inode, s) in tcp {
+        if let Some(state) = s.state {
+            out.insert(inode, state);
         }
-        for e in proc.unix().into_iter().flatten() {
-            let label = match &e.path {
-                Some(p) => format!(
-                    "unix {}",
-                    normalize_path(&crate::escape::lossless(p.as_os_str().as_encoded_bytes()))
-                ),
-                None => "unix".to_string(),
-            };
-            by_inode.insert(
-                e.inode,
-                SockInfo {
-                    label,
-                    state: None,
-                    provisional: false,
-                },
-            );
+    }
+    out
+}
+
+/// A network namespace, by the device and inode of its nsfs file.
+type Netns = (u64, u64);
+
+/// The namespace `pid` is in now; None when it is gone (or /proc hides it).
+fn netns_of(pid: u32) -> Option<Netns> {
+    let m = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// The socket tables of each network namespace, each read at most once
+/// for all the processes in it: every process of a node may hold sockets,
+/// and the kernel walks the whole of its namespace's TCP hash for each read
+/// of /proc/PID/net/tcp (most of fdtrace's CPU on a node when read per
+/// process). Made afresh for each report, so states are of that report.
+/// https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_ipv4.c (established_get_first)
+#[derive(Default)]
+pub struct NetTables {
+    tables: HashMap<(Netns, Table), Rc<ByInode>>,
+    states: HashMap<Netns, Rc<FastMap<u64, TcpState>>>,
+}
+
+impl NetTables {
+    /// The TCP states of the sockets of `pid`'s namespace, by inode.
+    pub fn tcp_states(&mut self, pid: u32) -> Rc<FastMap<u64, TcpState>> {
+        let Some(ns) = netns_of(pid) else {
+            return Rc::new(tcp_states(&Table::Tcp.read(pid)));
+        };
+        if let Some(s) = self.states.get(&ns) {
+            return s.clone();
         }
-        Sockets { by_inode }
+        let s = Rc::new(tcp_states(&self.table(pid, Table::Tcp)));
+        self.states.insert(ns, s.clone());
+        s
     }
 
-    pub fn get(&self, inode: u64) -> Option<&SockInfo> {
-        self.by_inode.get(&inode)
+    /// Table `t` of `pid`'s namespace.
+    fn table(&mut self, pid: u32, t: Table) -> Rc<ByInode> {
+        match netns_of(pid) {
+            Some(ns) => self
+                .tables
+                .entry((ns, t))
+                .or_insert_with(|| Rc::new(t.read(pid)))
+                .clone(),
+            None => Rc::new(t.read(pid)),
+        }
+    }
+}
+
+/// The socket tables of one process, each read on first need.
+pub struct ProcSockets<'a> {
+    tables: &'a mut NetTables,
+    read: [Option<Rc<ByInode>>; 3],
+}
+
+impl<'a> ProcSockets<'a> {
+    pub fn new(tables: &'a mut NetTables) -> Self {
+        ProcSockets {
+            tables,
+            read: [None, None, None],
+        }
     }
 
-    /// The TCP states of the sockets, by inode, for the analysis.
-    pub fn tcp_states(&self) -> FastMap<u64, TcpState> {
-        let mut out = FastMap::with_capacity(self.by_inode.len());
-        for (&inode, s) in &self.by_inode {
-            if let Some(state) = s.state {
-                out.insert(inode, state);
+    /// The socket `inode` of `pid`, made by socket(2) with `detail`, as
+    /// the tables that may list it show it.
+    fn find(&mut self, pid: u32, inode: u64, detail: u32) -> Option<SockInfo> {
+        for &t in Table::for_socket(detail) {
+            let table = self.read[t as usize].get_or_insert_with(|| self.tables.table(pid, t));
+            if let Some(s) = table.get(&inode) {
+                return Some(s.clone());
             }
         }
-        out
+        None
     }
 }
 
@@ -199,7 +311,7 @@ pub fn label(
     fd: u32,
     kind: FdKind,
     detail: u32,
-    sockets: &mut Option<Sockets>,
+    sockets: &mut ProcSockets<'_>,
 ) -> Option<Label> {
     let pid = links.pid();
     let target = links.target(fd)?;
@@ -210,25 +322,23 @@ pub fn label(
     };
     Some(match target {
         FDTarget::Path(p) => plain(normalize_path(&p.to_string_lossy())),
-        FDTarget::Socket(inode) => {
-            let table = sockets.get_or_insert_with(|| Sockets::read(pid));
-            match table.get(inode) {
-                Some(s) => Label {
-                    text: s.label.as_str().into(),
-                    socket_inode: Some(inode),
-                    provisional: s.provisional,
+        FDTarget::Socket(inode) => match sockets.find(pid, inode, detail) {
+            Some(s) => Label {
+                text: s.label.as_str().into(),
+                // Only TCP sockets have a state the analysis looks at.
+                socket_inode: s.state.is_some().then_some(inode),
+                provisional: s.provisional,
+            },
+            None => Label {
+                text: match protocol(detail) {
+                    "tcp" => "tcp unconnected".into(),
+                    "udp" => "udp unbound".into(),
+                    p => p.into(),
                 },
-                None => Label {
-                    text: match protocol(detail) {
-                        "tcp" => "tcp unconnected".into(),
-                        "udp" => "udp unbound".into(),
-                        p => p.into(),
-                    },
-                    socket_inode: Some(inode),
-                    provisional: true,
-                },
-            }
-        }
+                socket_inode: (protocol(detail) == "tcp").then_some(inode),
+                provisional: true,
+            },
+        },
         FDTarget::Net(_) => plain("socket".into()),
         FDTarget::Pipe(_) => plain("pipe".into()),
         FDTarget::MemFD(name) => plain(format!("memfd:{}", normalize_path(&name))),
@@ -281,7 +391,21 @@ pub fn normalize_path(path: &str) -> String {
 mod tests {
     use proptest::prelude::*;
 
-    use super::{normalize_path, protocol, unspecified_port};
+    use super::{Table, normalize_path, protocol, unspecified_port};
+
+    #[test]
+    fn a_socket_is_looked_up_in_its_own_table_only() {
+        let detail = |family: u32, ty: u32| (family << 16) | ty;
+        assert_eq!(Table::for_socket(detail(1, 1)), [Table::Unix]);
+        assert_eq!(Table::for_socket(detail(2, 1)), [Table::Tcp]);
+        assert_eq!(Table::for_socket(detail(10, 2)), [Table::Udp]);
+        assert_eq!(Table::for_socket(detail(16, 3)), [], "netlink is in none");
+        assert_eq!(
+            Table::for_socket(0),
+            [Table::Tcp, Table::Udp, Table::Unix],
+            "accept, or a pre-existing fd: any"
+        );
+    }
 
     #[test]
     fn numbers_and_random_parts_group() {

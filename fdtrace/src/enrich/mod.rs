@@ -12,14 +12,14 @@ pub mod symbols;
 use std::{os::fd::AsFd as _, rc::Rc, time::Duration};
 
 use fdtrace_common::{FD_PREEXISTING, FdKind};
-use foldhash::{HashMap as FastMap, HashMapExt as _, HashSet as FastSet};
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use crate::{
     analysis::{Label, LabelledFd, TcpState, is_candidate},
     kernel::{FdTable, Kernel, iterators, map_batch::LiveFd},
     procfd::{self, ProcFd},
 };
-use label::{Links, Sockets};
+use label::{Links, NetTables, ProcSockets};
 use python::PySites;
 use symbols::Symbols;
 
@@ -65,8 +65,8 @@ pub struct ProcessEnrichment {
     /// Every fd of `fds` is a candidate with a final label: they hold until
     /// the table changes.
     settled: bool,
-    has_sockets: bool,
-    tcp_states: FastMap<u64, TcpState>,
+    has_tcp: bool,
+    tcp_states: Rc<FastMap<u64, TcpState>>,
 }
 
 /// The enrichment of one process at one report.
@@ -87,8 +87,8 @@ impl ProcessEnrichment {
             from_table: None,
             version: 0,
             settled: false,
-            has_sockets: false,
-            tcp_states: FastMap::new(),
+            has_tcp: false,
+            tcp_states: Rc::default(),
         }
     }
 
@@ -104,7 +104,8 @@ impl ProcessEnrichment {
     pub fn seed_labels(&mut self, pid: u32, found: Vec<ProcFd>) {
         let kinds: Vec<(u32, FdKind)> = found.iter().map(|f| (f.fd, f.kind)).collect();
         let links = Links::walked(pid, found);
-        let mut sockets = None;
+        let mut tables = NetTables::default();
+        let mut sockets = ProcSockets::new(&mut tables);
         for (fd, kind) in kinds {
             if let Some(l) = label::label(&links, fd, kind, 0, &mut sockets)
                 && !l.provisional
@@ -119,43 +120,43 @@ impl ProcessEnrichment {
         self.labels = FdLabels::default();
         self.fds = Vec::new();
         self.from_table = None;
-        self.tcp_states = FastMap::new();
+        self.tcp_states = Rc::default();
     }
 
     /// Labels the kernel's live fds of `pid` (`table`) and reads the TCP
     /// states of its sockets. Labelled fds that hold are not looked at
     /// again until the table changes; only fds at least `min_age` old at
-    /// `now_ns` are labelled.
+    /// `now_ns` are labelled. `net`: the socket tables read so far in this
+    /// report.
     #[allow(clippy::too_many_arguments)]
     pub fn enrich(
         &mut self,
         k: &Kernel,
         symbols: &mut Symbols,
         python: &mut PySites,
+        net: &mut NetTables,
         pid: u32,
         table: &FdTable,
         now_ns: u64,
         min_age: Duration,
     ) -> Enriched<'_> {
         // Sockets change state without a syscall of the process's: their
-        // table is read at every report, once.
-        let mut sockets: Option<Sockets> = None;
+        // states are read at every report, once per network namespace.
         if !(self.settled && self.from_table == Some(table.version)) {
             let min_age_ns = min_age.as_nanos() as u64;
             let young = |f: &LiveFd| {
                 let preexisting = f.info.flags & FD_PREEXISTING != 0;
                 !is_candidate(preexisting, f.info.created_ns, now_ns, min_age_ns)
             };
+            let mut sockets = ProcSockets::new(net);
             self.label(k, symbols, python, pid, &table.fds, &young, &mut sockets);
             self.from_table = Some(table.version);
             self.version += 1;
         }
-        self.tcp_states = if self.has_sockets {
-            sockets
-                .get_or_insert_with(|| Sockets::read(pid))
-                .tcp_states()
+        self.tcp_states = if self.has_tcp {
+            net.tcp_states(pid)
         } else {
-            FastMap::new()
+            Rc::default()
         };
         Enriched {
             fds: &self.fds,
@@ -175,7 +176,7 @@ impl ProcessEnrichment {
         pid: u32,
         table: &[LiveFd],
         young: &dyn Fn(&LiveFd) -> bool,
-        sockets: &mut Option<Sockets>,
+        sockets: &mut ProcSockets<'_>,
     ) {
         let labels = &mut self.labels;
         labels.stamp += 1;
@@ -198,7 +199,7 @@ impl ProcessEnrichment {
             None
         };
         let mut out = Vec::with_capacity(table.len());
-        let (mut settled, mut has_sockets) = (true, false);
+        let (mut settled, mut has_tcp) = (true, false);
         for f in table {
             let preexisting = f.info.flags & FD_PREEXISTING != 0;
             let kind = FdKind::from_u8(f.info.kind);
@@ -224,7 +225,7 @@ impl ProcessEnrichment {
                 None => settled = false,
                 Some(l) => {
                     settled &= !l.provisional;
-                    has_sockets |= l.socket_inode.is_some();
+                    has_tcp |= l.socket_inode.is_some();
                 }
             }
             // A Python process's fd is keyed by its Python stack, and
@@ -250,7 +251,7 @@ impl ProcessEnrichment {
         }
         self.fds = out;
         self.settled = settled;
-        self.has_sockets = has_sockets;
+        self.has_tcp = has_tcp;
     }
 }
 
@@ -274,7 +275,8 @@ pub fn inherited_fds(k: &Kernel, pid: u32, exec_ns: u64) -> Vec<String> {
         .filter(|f| f.fd > 2 && f.info.created_ns < exec_ns)
         .collect();
     held.sort_unstable_by_key(|f| f.fd);
-    let mut sockets = None;
+    let mut tables = NetTables::default();
+    let mut sockets = ProcSockets::new(&mut tables);
     let links = Links::open(k.names.as_fd(), pid, held.len());
     held.iter()
         .map(|&LiveFd { fd, info }| {

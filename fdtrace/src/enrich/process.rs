@@ -1,4 +1,6 @@
 //! Who a process is and its fd limits, from /proc/PID/stat and limits.
+use std::io::Read as _;
+
 use procfs::process::Process;
 
 /// Identity and limits of a process, read once per report.
@@ -54,24 +56,68 @@ pub fn parse_stat(text: &[u8]) -> Option<Stat> {
 
 /// The stat of `pid`; None when it is gone.
 pub fn stat(pid: u32) -> Option<Stat> {
-    parse_stat(&std::fs::read(format!("/proc/{pid}/stat")).ok()?)
+    let mut buf = [0u8; STAT_BUF];
+    parse_stat(read_small(&format!("/proc/{pid}/stat"), &mut buf)?)
 }
 
-/// None when the process is gone.
-pub fn info(pid: u32) -> Option<ProcInfo> {
+/// Room for /proc/PID/stat: 52 fields of at most 20 digits and a comm of
+/// at most 64 bytes.
+const STAT_BUF: usize = 2048;
+
+/// The whole of a small /proc file in `buf`, in an open, a read or two
+/// and a close (std::fs::read adds a statx and an lseek for its size
+/// hint: a report reads this for every process). None when it cannot be
+/// read or does not fit.
+fn read_small<'a>(path: &str, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = 0;
+    loop {
+        match f.read(&mut buf[len..]) {
+            Ok(0) => return Some(&buf[..len]),
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+        if len == buf.len() {
+            return None;
+        }
+    }
+}
+
+/// RLIMIT_NOFILE of `pid` (soft, hard; None: unlimited), by prlimit(2):
+/// one syscall where /proc/PID/limits is an open, reads and a parse of 17
+/// lines. prlimit needs CAP_SYS_RESOURCE for other users' processes; the
+/// file, readable by all, answers then.
+/// https://github.com/torvalds/linux/blob/v6.18/kernel/sys.c (check_prlimit_permission)
+fn nofile_limits(pid: u32) -> (Option<u64>, Option<u64>) {
+    let limit = |v: libc::rlim_t| (v != libc::RLIM_INFINITY).then_some(v);
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let pid_t = libc::pid_t::try_from(pid).unwrap_or(libc::pid_t::MAX);
+    // SAFETY: reads the limit only (no new one) into `old`.
+    if unsafe { libc::prlimit(pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } == 0 {
+        return (limit(old.rlim_cur), limit(old.rlim_max));
+    }
     use procfs::process::LimitValue;
-    let stat = stat(pid)?;
     let limit = |v: LimitValue| match v {
         LimitValue::Value(n) => Some(n),
         LimitValue::Unlimited => None,
     };
-    let (soft_limit, hard_limit) = match Process::new(pid as i32).and_then(|p| p.limits()) {
+    match Process::new(pid as i32).and_then(|p| p.limits()) {
         Ok(l) => (
             limit(l.max_open_files.soft_limit),
             limit(l.max_open_files.hard_limit),
         ),
         Err(_) => (None, None),
-    };
+    }
+}
+
+/// None when the process is gone.
+pub fn info(pid: u32) -> Option<ProcInfo> {
+    let stat = stat(pid)?;
+    let (soft_limit, hard_limit) = nofile_limits(pid);
     Some(ProcInfo {
         comm: stat.comm,
         ppid: Some(stat.ppid),
@@ -113,6 +159,38 @@ mod tests {
         let text = b"7 (\x1b[31mEVIL\xff\n) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
         let s = parse_stat(text).expect("parses");
         assert_eq!(s.comm, "\x1b[31mEVIL\\xff\n");
+    }
+
+    #[test]
+    fn limits_of_this_process_match_getrlimit() {
+        let mut own = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: writes `own`.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+        let (soft, hard) = nofile_limits(std::process::id());
+        assert_eq!(
+            soft,
+            Some(own.rlim_cur).filter(|&v| v != libc::RLIM_INFINITY)
+        );
+        assert_eq!(
+            hard,
+            Some(own.rlim_max).filter(|&v| v != libc::RLIM_INFINITY)
+        );
+    }
+
+    #[test]
+    fn stat_of_this_process_reads_whole() {
+        let s = stat(std::process::id()).expect("own stat");
+        assert!(s.identity.start_time > 0);
+        assert!(!s.identity.zombie);
+        let mut small = [0u8; 8];
+        assert_eq!(
+            read_small("/proc/self/stat", &mut small),
+            None,
+            "does not fit"
+        );
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct Limits {
     pub stack_rate: u32,
     /// `NODE_*`: what the kernel side traces on its own.
     pub node: u32,
+    /// Node mode tells user space of each cgroup a process enters for the
+    /// first time (EV_CGROUP): `--container` and `--pod`.
+    pub watch_cgroups: bool,
 }
 
 impl Kernel {
@@ -129,6 +132,20 @@ impl Kernel {
         let slot = self.procs.get(&pid, 0).ok()?;
         let st = self.stats.get(&slot, 0).ok()?;
         (st.tgid == pid).then_some(st)
+    }
+
+    /// Every traced process with its counters: one batch lookup and a
+    /// syscall per process, where a key at a time costs three.
+    pub fn traced_stats(&self) -> std::io::Result<Vec<(u32, ProcStats)>> {
+        let slots = super::map_batch::traced(&self.procs)?;
+        Ok(slots
+            .into_iter()
+            .filter_map(|(pid, slot)| {
+                let st = self.stats.get(&slot, 0).ok()?;
+                // A slot freed and taken again since the lookup.
+                (st.tgid == pid).then_some((pid, st))
+            })
+            .collect())
     }
 
     /// Overwrites the counters of traced process `pid`.
@@ -274,6 +291,7 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         .override_global("EXIT_HAS_GROUP_DEAD", &exit_has_group_dead, true)
         .override_global("NODE_MODE", &limits.node, true)
         .override_global("SELF_TGID", &std::process::id(), true)
+        .override_global("NODE_WATCH", &u32::from(limits.watch_cgroups), true)
         .map_max_entries("FDS", limits.max_fds)
         .map_max_entries("PROCS", limits.max_procs)
         .map_max_entries("STATS", limits.max_procs)

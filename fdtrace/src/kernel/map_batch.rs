@@ -49,17 +49,46 @@ pub fn live_fds(
     fds: &HashMap<MapData, FdKey, FdInfo>,
     want: impl Fn(u32) -> bool,
 ) -> io::Result<StdHashMap<u32, Vec<LiveFd>>> {
-    let map_fd = fds.map().fd().as_fd().as_raw_fd() as u32;
     let mut out: StdHashMap<u32, Vec<LiveFd>> = StdHashMap::new();
+    let map_fd = fds.map().fd().as_fd().as_raw_fd() as u32;
+    lookup_all(map_fd, FdKey { tgid: 0, fd: 0 }, empty_info(), |k, v| {
+        if v.flags & FD_OPEN != 0 && want(k.tgid) {
+            out.entry(k.tgid)
+                .or_default()
+                .push(LiveFd { fd: k.fd, info: *v });
+        }
+    })?;
+    Ok(out)
+}
+
+/// Every (tgid, slot) of the traced processes' map, in one or two
+/// syscalls: a report lists them all, where iterating its keys costs a
+/// syscall per process.
+pub fn traced(procs: &HashMap<MapData, u32, u32>) -> io::Result<Vec<(u32, u32)>> {
+    let mut out = Vec::new();
+    let map_fd = procs.map().fd().as_fd().as_raw_fd() as u32;
+    lookup_all(map_fd, 0u32, 0u32, |&tgid, &slot| out.push((tgid, slot)))?;
+    Ok(out)
+}
+
+/// Every entry of the hash map `map_fd` (keys of type K, values of type
+/// V, both `#[repr(C)]` plain data as the kernel side defines them),
+/// given to `each`; `zero_*` fill the buffers.
+fn lookup_all<K: Copy, V: Copy>(
+    map_fd: u32,
+    zero_key: K,
+    zero_value: V,
+    mut each: impl FnMut(&K, &V),
+) -> io::Result<()> {
     let mut chunk = CHUNK;
-    let mut keys: Vec<FdKey> = Vec::new();
-    let mut values: Vec<FdInfo> = Vec::new();
+    let mut keys: Vec<K> = Vec::new();
+    let mut values: Vec<V> = Vec::new();
     // The batch token of a hash map is a bucket index (u32).
     let (mut token_in, mut token_out) = (0u32, 0u32);
     let mut first = true;
     loop {
-        keys.resize(chunk as usize, FdKey { tgid: 0, fd: 0 });
-        values.resize(chunk as usize, empty_info());
+        keys.resize(chunk as usize, zero_key);
+        values.resize(chunk as usize, zero_value);
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { &raw const token_in as u64 },
             out_batch: &raw mut token_out as u64,
@@ -70,7 +99,8 @@ pub fn live_fds(
             ..Default::default()
         };
         // SAFETY: attr points at buffers of `count` keys and values that
-        // outlive the call; the kernel writes at most that many.
+        // outlive the call; the kernel writes at most that many, each of
+        // the map's key and value size (K and V are the map's types).
         let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match err.as_ref().and_then(io::Error::raw_os_error) {
             Some(libc::ENOSPC) => {
@@ -81,15 +111,11 @@ pub fn live_fds(
             Some(_) => return Err(err.unwrap_or_else(|| io::Error::other("bpf batch lookup"))),
         }
         for (k, v) in keys.iter().zip(&values).take(attr.count as usize) {
-            if v.flags & FD_OPEN != 0 && want(k.tgid) {
-                out.entry(k.tgid)
-                    .or_default()
-                    .push(LiveFd { fd: k.fd, info: *v });
-            }
+            each(k, v);
         }
         if err.is_some() {
             // ENOENT: that was the last bucket.
-            return Ok(out);
+            return Ok(());
         }
         token_in = token_out;
         first = false;

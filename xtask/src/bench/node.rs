@@ -221,74 +221,139 @@ pub struct Watched {
     /// Processes whose count was compared with /proc at the end.
     pub compared: usize,
     pub mismatches: Vec<String>,
-    /// Other facts worth a line (scrapes that failed, drift runs, ...).
+    /// fdtrace's drift checks over the window (None for process-exporter).
+    pub drift: Option<Drift>,
+    /// Other facts worth a line (scrapes that failed, losses, ...).
     pub notes: Vec<String>,
+}
+
+/// What the `drift` field of fdtrace's process objects said.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Drift {
+    pub processes: usize,
+    pub reports: u64,
+    /// Reports whose drift was measured (0 or not).
+    pub measured: u64,
+    pub nonzero: u64,
+    /// Processes with a non-zero drift in two reports running or more, as
+    /// "PID (N running)".
+    pub runs: Vec<String>,
+}
+
+impl Drift {
+    fn of(mon: &Monitor) -> Drift {
+        let t = mon.procs.values();
+        Drift {
+            processes: mon.procs.len(),
+            reports: t.clone().map(|t| t.reports).sum(),
+            measured: t.clone().map(|t| t.drift_measured).sum(),
+            nonzero: t.map(|t| t.drift_nonzero).sum(),
+            runs: mon
+                .procs
+                .iter()
+                .filter(|(_, t)| t.longest_nonzero_run >= 2)
+                .map(|(p, t)| format!("{p} ({} running)", t.longest_nonzero_run))
+                .collect(),
+        }
+    }
 }
 
 /// One watcher: either measured, or why it could not run.
 pub type WatchResult = std::result::Result<Watched, String>;
 
-/// Both watchers over the same node.
+/// Both watchers over the same node, in one round.
+pub struct Round {
+    pub process_exporter: WatchResult,
+    /// `fdtrace --all` as production runs it (with `--metrics` scraped
+    /// when the binary has it).
+    pub fdtrace: WatchResult,
+    /// The same without `--metrics` (None when the binary has no such
+    /// option): the difference is what serving and scraping cost.
+    pub fdtrace_plain: Option<WatchResult>,
+}
+
+/// Every round over the same node.
 pub struct NodeFigures {
     pub window: Duration,
     pub procs: usize,
-    pub process_exporter: WatchResult,
-    pub fdtrace: WatchResult,
+    pub rounds: Vec<Round>,
     /// The exact fdtrace command line.
     pub fdtrace_cmd: String,
     /// Processes on the host when the watching began (both watch them all).
     pub host_procs: usize,
 }
 
-/// Watches the node with process-exporter, then with fdtrace.
-pub fn watch_node(bins: &Bins, node: &mut [NodeProc], quick: bool) -> Result<NodeFigures> {
+/// Rounds of the node watch by default, and with --quick: each is three
+/// windows (process-exporter, fdtrace, fdtrace without --metrics).
+pub const ROUNDS: u32 = 3;
+pub const QUICK_ROUNDS: u32 = 1;
+
+/// Watches the node `rounds` times with process-exporter and with
+/// fdtrace, side by side: the order alternates from round to round, so
+/// that a load that drifts over the run weighs on both alike.
+pub fn watch_node(
+    bins: &Bins,
+    node: &mut [NodeProc],
+    quick: bool,
+    rounds: u32,
+) -> Result<NodeFigures> {
     let window = if quick { QUICK_WINDOW } else { WINDOW };
     let host_procs = host_procs()? + LEAKERS;
-    eprintln!("bench: node: process-exporter watches for {window:?}");
-    let process_exporter = watch_process_exporter(bins, node, window)?;
-    let (fdtrace_cmd, fdtrace) = {
-        let args = fdtrace_all_args(bins);
-        let cmd = format!("fdtrace {}", args.join(" "));
-        eprintln!("bench: node: `{cmd}` watches for {window:?}");
-        (cmd, watch_fdtrace(bins, node, window, &args)?)
-    };
-    let mut fdtrace = fdtrace;
-    // With --metrics, the same window again without it: the difference is
-    // what serving and scraping cost (goal: under 0.5% of a core).
-    if let Some(i) = args_metrics(&fdtrace_cmd)
-        && let Ok(with) = &mut fdtrace
-    {
-        let plain: Vec<String> = fdtrace_cmd
-            .split_whitespace()
-            .skip(1)
+    let args = fdtrace_all_args(bins);
+    let fdtrace_cmd = format!("fdtrace {}", args.join(" "));
+    let plain_args: Option<Vec<String>> = args_metrics(&fdtrace_cmd).map(|i| {
+        args.iter()
             .enumerate()
             .filter(|&(j, _)| j != i && j != i + 1)
-            .map(|(_, a)| a.to_owned())
-            .collect();
-        eprintln!(
-            "bench: node: `fdtrace {}` (no --metrics) watches for {window:?}",
-            plain.join(" ")
-        );
-        match watch_fdtrace(bins, node, window, &plain)? {
-            Ok(without) => {
-                let (a, b) = (pct(with.cpu, with.wall), pct(without.cpu, without.wall));
-                with.notes.push(format!(
-                    "--metrics scraped every second: {a:.2}% of a core against {b:.2}% without, \
-                     {:+.2}% ({}: goal under 0.5%)",
-                    a - b,
-                    verdict(a - b < 0.5)
-                ));
-            }
-            Err(why) => with
-                .notes
-                .push(format!("the run without --metrics failed: {why}")),
-        }
+            .map(|(_, a)| a.clone())
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in 0..rounds {
+        let watch_pe = |node: &mut [NodeProc]| -> Result<WatchResult> {
+            eprintln!(
+                "bench: node: round {}/{rounds}: process-exporter watches for {window:?}",
+                r + 1
+            );
+            watch_process_exporter(bins, node, window)
+        };
+        let watch_ft = |node: &mut [NodeProc]| -> Result<(WatchResult, Option<WatchResult>)> {
+            eprintln!(
+                "bench: node: round {}/{rounds}: `{fdtrace_cmd}` watches for {window:?}",
+                r + 1
+            );
+            let with = watch_fdtrace(bins, node, window, &args)?;
+            let plain = match &plain_args {
+                Some(plain) if with.is_ok() => {
+                    eprintln!(
+                        "bench: node: round {}/{rounds}: `fdtrace {}` (no --metrics) watches \
+                         for {window:?}",
+                        r + 1,
+                        plain.join(" ")
+                    );
+                    Some(watch_fdtrace(bins, node, window, plain)?)
+                }
+                _ => None,
+            };
+            Ok((with, plain))
+        };
+        let (process_exporter, (fdtrace, fdtrace_plain)) = if r % 2 == 0 {
+            let pe = watch_pe(node)?;
+            (pe, watch_ft(node)?)
+        } else {
+            let ft = watch_ft(node)?;
+            (watch_pe(node)?, ft)
+        };
+        out.push(Round {
+            process_exporter,
+            fdtrace,
+            fdtrace_plain,
+        });
     }
     Ok(NodeFigures {
         window,
         procs: node.len() + LEAKERS,
-        process_exporter,
-        fdtrace,
+        rounds: out,
         fdtrace_cmd,
         host_procs,
     })
@@ -553,6 +618,7 @@ fn watch_process_exporter(
         leaks: leak_times(&leaks, &samples),
         compared,
         mismatches,
+        drift: None,
         notes,
     }))
 }
@@ -732,21 +798,6 @@ fn watch_fdtrace(
     }
     ft.stop(STOP_GRACE)?;
     let mut notes = Vec::new();
-    let drifting: Vec<String> = mon
-        .procs
-        .iter()
-        .filter(|(_, t)| t.longest_nonzero_run >= 2)
-        .map(|(p, t)| format!("{p} ({} running)", t.longest_nonzero_run))
-        .collect();
-    notes.push(format!(
-        "{} processes reported; non-zero drift in two reports running: {}",
-        mon.procs.len(),
-        if drifting.is_empty() {
-            "none".to_string()
-        } else {
-            drifting.join(", ")
-        }
-    ));
     if mon.lost > 0 || mon.map_full > 0 {
         notes.push(format!("lost={} map_full={}", mon.lost, mon.map_full));
     }
@@ -785,6 +836,7 @@ fn watch_fdtrace(
         leaks: leaks_found,
         compared,
         mismatches,
+        drift: Some(Drift::of(&mon)),
         notes,
     }))
 }
@@ -803,97 +855,254 @@ fn pct(cpu: Duration, wall: Duration) -> f64 {
     100.0 * cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9)
 }
 
+/// The figures of one watcher over the rounds it ran in.
+#[derive(Debug, Default, PartialEq)]
+pub struct Summary {
+    /// % of a core, per round that ran, and their median.
+    pub core_pct: Vec<f64>,
+    pub median_pct: Option<f64>,
+    pub median_start_s: Option<f64>,
+    pub max_rss_kib: u64,
+    /// Every leaker's time to show, over all rounds (None: never).
+    pub leaks: Vec<Option<Duration>>,
+    pub compared: usize,
+    pub mismatches: usize,
+    /// Rounds that could not run, with why.
+    pub failed: Vec<String>,
+}
+
+impl Summary {
+    pub fn of<'a>(results: impl IntoIterator<Item = &'a WatchResult>) -> Summary {
+        let mut s = Summary::default();
+        let mut starts = Vec::new();
+        for r in results {
+            match r {
+                Ok(w) => {
+                    s.core_pct.push(pct(w.cpu, w.wall));
+                    starts.push(w.start_cpu.as_secs_f64());
+                    s.max_rss_kib = s.max_rss_kib.max(w.rss_kib);
+                    s.leaks.extend(w.leaks.iter().map(|(_, t)| *t));
+                    s.compared += w.compared;
+                    s.mismatches += w.mismatches.len();
+                }
+                Err(why) => s.failed.push(why.clone()),
+            }
+        }
+        s.median_pct = crate::bench::median(&s.core_pct);
+        s.median_start_s = crate::bench::median(&starts);
+        s
+    }
+
+    /// The slowest leak shown, if every one was.
+    pub fn slowest_leak(&self) -> Option<Duration> {
+        if self.leaks.iter().any(Option::is_none) {
+            return None;
+        }
+        self.leaks.iter().flatten().max().copied()
+    }
+
+    fn median_leak(&self) -> Option<f64> {
+        let shown: Vec<f64> = self
+            .leaks
+            .iter()
+            .flatten()
+            .map(Duration::as_secs_f64)
+            .collect();
+        crate::bench::median(&shown)
+    }
+
+    fn line(&self, name: &str) -> String {
+        let Some(med) = self.median_pct else {
+            return format!("  {name:<24} ERROR: {}", self.failed.join("; "));
+        };
+        let rounds: Vec<String> = self.core_pct.iter().map(|p| format!("{p:.2}")).collect();
+        let never = self.leaks.iter().filter(|t| t.is_none()).count();
+        format!(
+            "  {name:<24} CPU {med:>5.2}% of a core (median; rounds {}), start {:.2} s; \
+             RSS {} MiB; leak shown after {}{}; exact at the end: {}{}",
+            rounds.join(" "),
+            self.median_start_s.unwrap_or(0.0),
+            self.max_rss_kib / 1024,
+            self.median_leak()
+                .map_or("-".into(), |m| format!("{m:.1} s median")),
+            match (self.leaks.iter().flatten().max(), never) {
+                (_, n) if n > 0 => format!(", {n} NEVER"),
+                (Some(t), _) => format!(", {:.1} s at most", t.as_secs_f64()),
+                (None, _) => String::new(),
+            },
+            if self.mismatches == 0 {
+                format!("all {} counts OK", self.compared)
+            } else {
+                format!("{} MISMATCH(ES) of {}", self.mismatches, self.compared)
+            },
+            if self.failed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} round(s) failed: {})",
+                    self.failed.len(),
+                    self.failed.join("; ")
+                )
+            }
+        )
+    }
+}
+
+/// The drift checks of every fdtrace window, summed.
+fn drift_total<'a>(results: impl IntoIterator<Item = &'a WatchResult>) -> Drift {
+    let mut d = Drift::default();
+    for w in results.into_iter().flatten() {
+        if let Some(x) = &w.drift {
+            d.processes = d.processes.max(x.processes);
+            d.reports += x.reports;
+            d.measured += x.measured;
+            d.nonzero += x.nonzero;
+            d.runs.extend(x.runs.iter().cloned());
+        }
+    }
+    d
+}
+
+/// Whether fdtrace met the goals, from its summary and process-exporter's.
+#[derive(Debug, PartialEq)]
+pub struct Goals {
+    pub core_pct: Option<f64>,
+    pub share_of_pe: Option<f64>,
+    pub slowest_leak: Option<Duration>,
+    pub exact: bool,
+    pub drift_bounded: bool,
+}
+
+impl Goals {
+    pub fn judge(ft: &Summary, pe: &Summary, drift: &Drift) -> Goals {
+        Goals {
+            core_pct: ft.median_pct,
+            share_of_pe: match (ft.median_pct, pe.median_pct) {
+                (Some(f), Some(p)) if p > 0.0 => Some(f / p),
+                _ => None,
+            },
+            slowest_leak: ft.slowest_leak(),
+            exact: ft.mismatches == 0 && ft.compared > 0 && ft.failed.is_empty(),
+            drift_bounded: drift.runs.is_empty() && drift.measured > 0,
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "  goals: fdtrace <= {GOAL_CORE_PCT}% of a core: {} {}; <= {GOAL_SHARE_OF_PE} of \
+             process-exporter's CPU: {} {}; every leak found within {} s: {} {}; every count \
+             exact: {}; drift never non-zero in two reports running: {}",
+            self.core_pct.map_or("-".into(), |c| format!("{c:.2}%")),
+            verdict(self.core_pct.is_some_and(|c| c <= GOAL_CORE_PCT)),
+            self.share_of_pe.map_or("-".into(), |r| format!("{r:.2}")),
+            verdict(self.share_of_pe.is_some_and(|r| r <= GOAL_SHARE_OF_PE)),
+            GOAL_LEAK_FOUND.as_secs(),
+            self.slowest_leak
+                .map_or("some never or none ran".into(), |t| format!(
+                    "slowest {:.1} s",
+                    t.as_secs_f64()
+                )),
+            verdict(self.slowest_leak.is_some_and(|t| t <= GOAL_LEAK_FOUND)),
+            verdict(self.exact),
+            verdict(self.drift_bounded),
+        )
+    }
+}
+
 /// The node section of the report.
 pub fn print(f: &NodeFigures) {
     println!();
     println!(
         "=== node: {} processes ({} idle holding {}-{} fds, {CHURNERS} churning {CHURN_OPS} fd \
-         ops/s, {LEAKERS} leaking {LEAK_RATE} fds/s from staggered starts), each watcher for \
-         {:.0} s ===",
+         ops/s, {LEAKERS} leaking {LEAK_RATE} fds/s from staggered starts), {} round(s), each \
+         watcher for {:.0} s a round ===",
         f.procs,
         f.procs - CHURNERS - LEAKERS,
         IDLE_FDS.0,
         IDLE_FDS.1,
+        f.rounds.len(),
         f.window.as_secs_f64()
     );
     println!(
         "CPU is utime+stime of the watcher's process over the window (after its start and {} s \
-         of warm-up, given apart); memory the highest VmRSS sampled. fdtrace's in-kernel work is \
-         charged to the traced tasks: see the program time below.",
+         of warm-up, given apart), as % of one core; the median across rounds (the order of the \
+         watchers alternates from round to round); memory the highest VmRSS sampled. fdtrace's \
+         in-kernel work is charged to the traced tasks: see the program time below.",
         WARMUP.as_secs()
     );
     println!(
         "Both watch the whole host: {} processes with the node's (kernel threads included).",
         f.host_procs
     );
-    let row = |name: &str, w: &WatchResult| match w {
-        Ok(w) => {
-            let leaks: Vec<String> = w
-                .leaks
-                .iter()
-                .map(|(n, t)| match t {
-                    Some(t) => format!("{n} {:.1}s", t.as_secs_f64()),
-                    None => format!("{n} never"),
-                })
-                .collect();
-            println!(
-                "  {name:<18} CPU {:>6.2} s = {:>5.2}% of a core (start {:.2} s); RSS {:>4} MiB; \
-                 exact at the end: {}",
-                w.cpu.as_secs_f64(),
-                pct(w.cpu, w.wall),
-                w.start_cpu.as_secs_f64(),
-                w.rss_kib / 1024,
-                if w.mismatches.is_empty() {
-                    format!("all {} processes OK", w.compared)
-                } else {
-                    format!("{} MISMATCH(ES)", w.mismatches.len())
-                }
-            );
-            println!(
-                "  {:<18} leak shown after its start: {}",
-                "",
-                leaks.join(", ")
-            );
-            for m in w.mismatches.iter().take(10) {
-                println!("  {:<18}   mismatch: {m}", "");
-            }
-            for n in &w.notes {
-                println!("  {:<18} {n}", "");
-            }
-        }
-        Err(why) => println!("  {name:<18} ERROR: {why}"),
-    };
-    row("process-exporter", &f.process_exporter);
+    let pe = Summary::of(f.rounds.iter().map(|r| &r.process_exporter));
+    let ft = Summary::of(f.rounds.iter().map(|r| &r.fdtrace));
+    println!("{}", pe.line("process-exporter"));
     println!(
-        "  {:<18} (grouping by comm, scraped once a second; a leaker's time is the first scrape \
+        "  {:<24} (grouping by comm, scraped once a second; a leaker's time is the first scrape \
          whose count grew: it has no leak notion)",
         ""
     );
-    row("fdtrace", &f.fdtrace);
+    println!("{}", ft.line("fdtrace"));
     println!(
-        "  {:<18} (`{}`; a leaker's time is its first `leak` finding)",
+        "  {:<24} (`{}`; a leaker's time is its first `leak` finding)",
         "", f.fdtrace_cmd
     );
-    match (&f.fdtrace, &f.process_exporter) {
-        (Ok(ft), Ok(pe)) => {
-            let share = ft.cpu.as_secs_f64() / pe.cpu.as_secs_f64().max(1e-9);
-            let core = pct(ft.cpu, ft.wall);
-            let slowest = ft.leaks.iter().map(|(_, t)| *t).max().flatten();
-            let all_found = ft.leaks.iter().all(|(_, t)| t.is_some());
+    let plain: Vec<&WatchResult> = f
+        .rounds
+        .iter()
+        .filter_map(|r| r.fdtrace_plain.as_ref())
+        .collect();
+    if !plain.is_empty() {
+        let without = Summary::of(plain.iter().copied());
+        println!("{}", without.line("fdtrace, no --metrics"));
+        if let (Some(a), Some(b)) = (ft.median_pct, without.median_pct) {
             println!(
-                "  goals: fdtrace <= {GOAL_CORE_PCT}% of a core: {core:.2}% {}; <= {GOAL_SHARE_OF_PE} \
-                 of process-exporter's CPU: {share:.2} {}; every leak found within {} s: {} {}; \
-                 every count exact: {}",
-                verdict(core <= GOAL_CORE_PCT),
-                verdict(share <= GOAL_SHARE_OF_PE),
-                GOAL_LEAK_FOUND.as_secs(),
-                slowest.map_or("-".into(), |t| format!("slowest {:.1} s", t.as_secs_f64())),
-                verdict(all_found && slowest.is_some_and(|t| t <= GOAL_LEAK_FOUND)),
-                verdict(ft.mismatches.is_empty())
+                "  {:<24} --metrics scraped every second: {a:.2}% of a core against {b:.2}% \
+                 without, {:+.2}% ({}: goal under 0.5%)",
+                "",
+                a - b,
+                verdict(a - b < 0.5)
             );
         }
-        _ => println!("  goals: not judged (a watcher did not run)"),
     }
+    let drift = drift_total(
+        f.rounds
+            .iter()
+            .flat_map(|r| std::iter::once(&r.fdtrace).chain(r.fdtrace_plain.as_ref())),
+    );
+    println!(
+        "  {:<24} drift checks: {} processes, {} process reports: {} measured ({} non-zero), \
+         {} null (too busy to compare); non-zero in two \
+         reports running: {}",
+        "",
+        drift.processes,
+        drift.reports,
+        drift.measured,
+        drift.nonzero,
+        drift.reports - drift.measured,
+        if drift.runs.is_empty() {
+            "none".to_string()
+        } else {
+            drift.runs.join(", ")
+        }
+    );
+    for (i, r) in f.rounds.iter().enumerate() {
+        let all = [
+            ("process-exporter", Some(&r.process_exporter)),
+            ("fdtrace", Some(&r.fdtrace)),
+            ("fdtrace, no --metrics", r.fdtrace_plain.as_ref()),
+        ];
+        for (name, w) in all {
+            let Some(Ok(w)) = w else { continue };
+            for m in w.mismatches.iter().take(10) {
+                println!("  round {} {name}: mismatch: {m}", i + 1);
+            }
+            for n in &w.notes {
+                println!("  round {} {name}: {n}", i + 1);
+            }
+        }
+    }
+    println!("{}", Goals::judge(&ft, &pe, &drift).line());
 }
 
 pub fn verdict(ok: bool) -> &'static str {
@@ -956,6 +1165,72 @@ mod tests {
         let s = [(-0.5, 30.0), (0.4, 23.0), (1.4, 27.0), (2.4, 33.0)];
         assert_eq!(first_growth(&s, 23.0), Some(1.4));
         assert_eq!(first_growth(&s, 40.0), None);
+    }
+
+    fn watched(cpu_s: u64, leaks: &[Option<u64>], mismatches: usize) -> WatchResult {
+        Ok(Watched {
+            start_cpu: Duration::from_secs(1),
+            cpu: Duration::from_secs(cpu_s),
+            wall: Duration::from_secs(100),
+            rss_kib: 20 * 1024,
+            leaks: leaks
+                .iter()
+                .map(|t| ("l".to_string(), t.map(Duration::from_secs)))
+                .collect(),
+            compared: 300,
+            mismatches: vec!["m".into(); mismatches],
+            drift: None,
+            notes: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn summaries_take_medians_across_rounds() {
+        let rounds = [
+            watched(1, &[Some(2), Some(3)], 0),
+            watched(5, &[Some(4), Some(1)], 0),
+            watched(2, &[Some(9), Some(2)], 0),
+        ];
+        let s = Summary::of(&rounds);
+        assert_eq!(s.core_pct, [1.0, 5.0, 2.0]);
+        assert_eq!(s.median_pct, Some(2.0));
+        assert_eq!(s.slowest_leak(), Some(Duration::from_secs(9)));
+        assert_eq!(s.compared, 900);
+        assert_eq!(s.mismatches, 0);
+        let failed = [watched(1, &[None, Some(1)], 1), Err("no binary".into())];
+        let f = Summary::of(&failed);
+        assert_eq!(f.slowest_leak(), None, "a leak never found");
+        assert_eq!(f.failed, ["no binary"]);
+        assert_eq!(f.mismatches, 1);
+    }
+
+    #[test]
+    fn goals_are_judged_on_the_medians() {
+        let ft = Summary::of(&[watched(1, &[Some(3)], 0), watched(3, &[Some(5)], 0)]);
+        let pe = Summary::of(&[watched(10, &[Some(1)], 0)]);
+        let drift = Drift {
+            processes: 300,
+            reports: 600,
+            measured: 590,
+            nonzero: 1,
+            runs: Vec::new(),
+        };
+        let g = Goals::judge(&ft, &pe, &drift);
+        assert_eq!(g.core_pct, Some(2.0));
+        assert_eq!(g.share_of_pe, Some(0.2));
+        assert_eq!(g.slowest_leak, Some(Duration::from_secs(5)));
+        assert!(g.exact && g.drift_bounded);
+        let running = Drift {
+            runs: vec!["42 (2 running)".into()],
+            ..drift
+        };
+        assert!(!Goals::judge(&ft, &pe, &running).drift_bounded);
+        let bad = Summary::of(&[watched(1, &[Some(3)], 2)]);
+        assert!(!Goals::judge(&bad, &pe, &drift).exact);
+        assert_eq!(
+            Goals::judge(&ft, &Summary::default(), &drift).share_of_pe,
+            None
+        );
     }
 
     #[test]

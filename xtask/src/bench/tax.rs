@@ -288,7 +288,11 @@ fn run_forkexec(
     let line = lp.stdout()?.wait_for(LOOP_TIMEOUT, is_loop_line);
     let line = line.map_err(|e| lp.fail(format!("no result line: {e:#}")))?;
     lp.wait_ok(LOOP_TIMEOUT)?;
-    stop(tracer)?;
+    if let Some(mut t) = tracer {
+        // `fdtrace --pid` ends on its own once every process it traces has
+        // (the loop, then its last child): it must have ended well.
+        t.wait_ok(STOP_GRACE)?;
+    }
     Ok(1e9 / parse_loop_line(&line)?.ns)
 }
 

@@ -45,6 +45,10 @@ impl PyProc {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) || !crate::procfd::exists(pid) => {
                 return Ok(None);
             }
+            // Without its memory fdtrace cannot tell what the process runs
+            // (its maps are closed too); say so only for one whose command
+            // names Python, not for every process it may not read.
+            Err(_) if !named_python(pid) => return Ok(None),
             Err(e) => return Err(why(&format!("cannot open /proc/{pid}/mem: {e}"))),
         };
         let interp = match locate::locate(pid, &mem) {
@@ -160,4 +164,32 @@ pub fn py_stack(pid: u32, tid: Option<u32>, as_json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `pid`'s command line starts with a program named `python*`
+/// (/proc/PID/cmdline is readable where its memory is not).
+fn named_python(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| argv0_is_python(&c))
+}
+
+/// `python3`, `/usr/bin/python3.12`, `python3.13t`: the file name of the
+/// first NUL-terminated argument.
+fn argv0_is_python(cmdline: &[u8]) -> bool {
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let name = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    name.starts_with(b"python")
+}
+
+#[cfg(test)]
+mod named_tests {
+    use super::argv0_is_python;
+
+    #[test]
+    fn python_by_the_name_of_its_program() {
+        assert!(argv0_is_python(b"/usr/bin/python3.12\0-m\0http.server\0"));
+        assert!(argv0_is_python(b"python3\0"));
+        assert!(!argv0_is_python(b"/usr/bin/process_api\0--python\0"));
+        assert!(!argv0_is_python(b"/opt/python/bin/node\0"));
+        assert!(!argv0_is_python(b""));
+    }
 }
