@@ -89,6 +89,10 @@ pub struct Args {
     /// program time
     #[arg(long)]
     node: bool,
+    /// Only the Python section: the added cost of a Python stack and of the
+    /// first-use check, under each CPython fdtrace reads
+    #[arg(long, conflicts_with = "node")]
+    python: bool,
     /// Only the cost of `--metrics` on the synthetic node (part of --node):
     /// `fdtrace --all` with and without it, scraped once a second, then
     /// ten times a second
@@ -218,6 +222,8 @@ pub fn bench(tools: &Tools, args: &Args) -> Result<ExitCode> {
         measure_metrics_cost(&bins, args, &ws)
     } else if args.node {
         measure_node(&bins, args, &ws)
+    } else if args.python {
+        measure_python(&bins, args, &ws)
     } else {
         measure_and_report(&bins, args, &ws)
     };
@@ -246,6 +252,15 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         kernel: kernel_release(),
     };
     report::print(&setting, &samples, &progs, &attach);
+    python::print(&py);
+    Ok(())
+}
+
+/// The Python section alone.
+fn measure_python(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
+    let py = python::measure(bins, &ws.root, rounds, args.quick)?;
+    section_header("Python section", ws, args.quick);
     python::print(&py);
     Ok(())
 }

@@ -434,8 +434,9 @@ pub fn ensure_prometheus() -> Result<()> {
 /// The container runtimes the container tests run real containers with,
 /// tmux for the live view's terminal test, strace for the test that counts
 /// fdtrace's reads of /proc, binutils' strip and util-linux's setpriv for the
-/// container-stack and privilege tests: (program, Debian package).
-const TEST_PACKAGES: [(&str, &str); 8] = [
+/// container-stack and privilege tests, bpftool for the Python sites test
+/// (it reads fdtrace's interpreter map): (program, Debian package).
+const TEST_PACKAGES: [(&str, &str); 9] = [
     ("containerd", "containerd"),
     ("ctr", "containerd"),
     ("podman", "podman"),
@@ -444,6 +445,7 @@ const TEST_PACKAGES: [(&str, &str); 8] = [
     ("strace", "strace"),
     ("strip", "binutils"),
     ("setpriv", "util-linux"),
+    ("bpftool", "bpftool"),
 ];
 
 /// Installs the Debian packages of TEST_PACKAGES whose program is missing.

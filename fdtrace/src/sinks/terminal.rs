@@ -435,7 +435,7 @@ fn ending_text(e: Option<Ending>) -> String {
 /// Where a Python site is in the user's code: "fetch_data_wrong
 /// (/srv/agent.py:12) via httpx AsyncClient.get"; its innermost frame when
 /// no frame is the user's.
-fn python_at(py: &PythonFrames) -> Option<String> {
+pub(super) fn python_at(py: &PythonFrames) -> Option<String> {
     match (&py.user_frame, &py.via) {
         (Some(f), Some(via)) => Some(format!("{f} via {via}")),
         (Some(f), None) => Some(f.clone()),

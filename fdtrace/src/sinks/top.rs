@@ -42,7 +42,7 @@ use ratatui::{
 
 use super::{
     Sink, Terminal,
-    terminal::{clock, eta},
+    terminal::{clock, eta, python_at},
 };
 use crate::analysis::{
     GROWING_RATE, Notice, ProcessReport, Report, Start, Status, Summary, display_rate,
@@ -128,9 +128,13 @@ fn owner(a: &crate::analysis::Attribution) -> Option<String> {
 pub fn row(p: &ProcessReport) -> ProcRow {
     let f = &p.figures;
     // Sites come fastest-growing first (analysis::process); one that does
-    // not grow still says what the process holds most.
+    // not grow still says what the process holds most. A Python site also
+    // says where in the user's code (the text is the process's own).
     let site = p.sites.first().map(|s| {
-        let what = format!("{} {}", s.kind.name(), printable(&s.resource));
+        let mut what = format!("{} {}", s.kind.name(), printable(&s.resource));
+        if let Some(at) = s.python.as_deref().and_then(python_at) {
+            what = format!("{what} at {}", printable(&at));
+        }
         if s.leak_per_s >= GROWING_RATE {
             format!("{:+.1}/s {what}", display_rate(s.leak_per_s))
         } else {
@@ -1207,6 +1211,25 @@ mod tests {
         );
         p.sites.clear();
         assert_eq!(row(&p).site, None);
+    }
+
+    #[test]
+    fn a_python_row_names_the_user_frame_and_the_library_call() {
+        let mut p = proc(7, "python3", Status::Critical, 174, 8.0, Some(106.0));
+        let mut s = site("tcp 127.0.0.1:8080", 160, 8.0);
+        s.python = Some(std::rc::Rc::new(crate::analysis::PythonFrames {
+            stack: vec!["AsyncClient.get (/v/httpx/_client.py:1)".into()],
+            user_frame: Some("fetch_data_wrong (/srv/agent\x1b.py:12)".into()),
+            via: Some("httpx AsyncClient.get".into()),
+        }));
+        p.sites = vec![s];
+        assert_eq!(
+            row(&p).site.as_deref(),
+            Some(
+                "+8.0/s socket tcp 127.0.0.1:8080 at fetch_data_wrong (/srv/agent\\u{1b}.py:12) \
+                 via httpx AsyncClient.get"
+            )
+        );
     }
 
     #[test]
