@@ -189,11 +189,7 @@ fn watch(task: u64, tgid: u32) {
     }
     let id = cgroup_id(task);
     // BPF_NOEXIST: of two tasks entering it at once, one tells.
-    if id == 0
-        || NODE_SEEN_CGROUPS
-            .insert(id, 1, BPF_NOEXIST.into())
-            .is_err()
-    {
+    if id == 0 || NODE_SEEN_CGROUPS.insert(id, 1, BPF_NOEXIST.into()).is_err() {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
