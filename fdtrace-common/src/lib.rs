@@ -173,7 +173,11 @@ pub const PROC_ADOPTED: u32 = 1 << 2;
 /// entry. Most forks exec at once, and exec closes those fds: copying them
 /// at fork was most of the cost of forking a process holding many fds.
 /// The flag goes at exec.
-pub const PROC_LAZY: u32 = 1 << 3;
+pub const PROC_LAZY: u32 = 1 << 4;
+/// `ProcStats::flags`: traced because node mode's cgroup selection names
+/// it (not because it was given with `--pid` or forked by such a process):
+/// it stops being traced when it is moved out of the selection.
+pub const PROC_NODE: u32 = 1 << 3;
 
 /// `NODE_MODE` (a global of the eBPF object): processes are traced only
 /// when user space registers them (or a followed parent forks).
@@ -226,6 +230,13 @@ pub struct ProcStats {
     pub stacks_in_slot: u64,
     /// Fds created without a stack (over budget).
     pub not_sampled: u64,
+    /// The process's cgroup v2 id (`kernfs_node.id`, the inode of the
+    /// cgroup's directory) as the kernel side last saw it: written when it
+    /// registers the process (fork, node mode's adoption) and at every
+    /// move of the process (`cgroup_attach_task`). 0 for a process user
+    /// space registered and that has not moved since: user space reads
+    /// its cgroup from /proc then.
+    pub cgroup: u64,
     /// Whose counters these are: a STATS slot is reused after its process
     /// exits, and a reader checks this against the tgid it looked up.
     pub tgid: u32,
@@ -275,6 +286,7 @@ impl ProcStats {
             stack_slot: 0,
             stacks_in_slot: 0,
             not_sampled: 0,
+            cgroup: 0,
         }
     }
 }
@@ -291,6 +303,14 @@ pub const EV_RLIMIT: u32 = 6;
 /// Node mode began tracing the process on its own (see PROC_ADOPTED):
 /// user space seeds its table.
 pub const EV_ADOPT: u32 = 7;
+/// Node mode stopped tracing the process (a PROC_NODE one): it was moved
+/// out of the selected cgroups. The counters are its last ones; its kernel
+/// state is freed, as at exit.
+pub const EV_LEAVE: u32 = 8;
+/// Node mode with `--container` / `--pod`: a process is in a cgroup v2
+/// (id in `site`) user space was not told of yet, which it resolves to a
+/// container and pod and selects if a filter names it.
+pub const EV_CGROUP: u32 = 9;
 
 /// A ring-buffer event. Per-fd changes are not streamed: they live in the maps.
 /// Only process lifecycle and failures travel, so the stream cannot be flooded
@@ -311,6 +331,7 @@ pub struct Event {
     pub opened: u64,
     pub closed: u64,
     /// EV_EMFILE/EV_ENFILE: the failing call's user stack id, or NO_SITE.
+    /// EV_CGROUP: the cgroup v2 id.
     pub site: u64,
     /// EV_EXEC: fds numbered 3 and up that survived exec (inherited without
     /// close-on-exec).
@@ -419,6 +440,6 @@ const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<EntryRecord>() == 48);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 10 * 8 + 8 + 8 * FD_KINDS + 8 + 16);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 11 * 8 + 8 + 8 * FD_KINDS + 8 + 16);
 const _: () = assert!(core::mem::size_of::<LazyKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

@@ -28,6 +28,12 @@ pub const PY_MAX_THREADS: u32 = 256;
 /// 3.11-3.13, and one read of a frame costs the same as one field.
 pub const PY_FRAME_READ: u32 = 72;
 
+/// Bytes of a `PyThreadState` read in one go from the lower of
+/// `native_thread_id` and the frame pointer (`cframe` or `current_frame`):
+/// both lie within it on 3.11-3.13 (the farthest apart, 3.11's 56 and 160,
+/// span 112 bytes); a layout whose fields do not is read field by field.
+pub const PY_TSTATE_READ: u32 = 120;
+
 /// The CPython layout of one process and the address of its `_PyRuntime`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

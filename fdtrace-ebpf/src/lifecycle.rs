@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use fdtrace_common::{
-    EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_LAZY, PROC_SHARED_TABLE, ProcStats,
+    EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_LAZY, PROC_NODE, PROC_SHARED_TABLE, ProcStats,
 };
 
 use crate::{
@@ -92,7 +92,12 @@ pub fn fork(ctx: &BtfTracePointContext) -> Option<()> {
         // SAFETY: pp is a live STATS element.
         unsafe { (*pp).flags |= PROC_SHARED_TABLE };
     }
-    let mut st = ProcStats::new(child, PROC_FOLLOW | shared);
+    // A child of a process the node selection named is the selection's
+    // too: it leaves it when moved out.
+    // SAFETY: pp is a live STATS element.
+    let selected = unsafe { (*pp).flags } & PROC_NODE;
+    let mut st = ProcStats::new(child, PROC_FOLLOW | shared | selected);
+    st.cgroup = node::cgroup_id(ctask as u64);
     // A table of its own: copied lazily (see PROC_LAZY). The child's table
     // is a copy of the parent's, so it starts with the parent's counts;
     // entries are copied now only for the fds that stay open across exec.

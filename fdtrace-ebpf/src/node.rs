@@ -8,21 +8,34 @@
 //! count from then on, and flagged PROC_ADOPTED with an EV_ADOPT event:
 //! user space seeds its table with the seed walk, which keeps the count
 //! exact across the gap (see table::seed).
+//!
+//! With cgroup filters the selection follows moves both ways: a process
+//! the selection named (PROC_NODE) that is moved out of it stops being
+//! traced (EV_LEAVE, its state freed as at exit). With `--container` or
+//! `--pod`, whose containers may start after fdtrace, user space is told
+//! of each cgroup a process enters for the first time (EV_CGROUP) and
+//! selects it if it is a container a filter names.
+//!
+//! Every traced process's ProcStats::cgroup follows its moves, in any mode:
+//! user space re-reads who a process is only when that changes.
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task},
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_task},
     macros::map,
-    maps::HashMap,
+    maps::{HashMap, LruHashMap},
     programs::BtfTracePointContext,
 };
 use fdtrace_common::{
-    CGROUP_MAX_DEPTH, EV_ADOPT, NODE_ALL, NODE_CGROUPS, NODE_OFF, PROC_ADOPTED, PROC_FOLLOW,
-    ProcStats,
+    CGROUP_MAX_DEPTH, CNT_RINGBUF_FULL, EV_ADOPT, EV_CGROUP, EV_LEAVE, EVENT_PATH_LEN, Event,
+    NODE_ALL, NODE_CGROUPS, NODE_OFF, PROC_ADOPTED, PROC_FOLLOW, PROC_NODE, ProcStats,
 };
 
 use crate::{
     global,
     iter::{TASK_PID_OFF, TASK_TGID_OFF},
-    table::{self, Extra, emit, proc_of},
+    maps::EVENTS,
+    python,
+    table::{self, Bulk, Extra, bulk, count, emit, proc_of},
 };
 
 /// `NODE_*`: what node mode selects (set by user space before load).
@@ -31,6 +44,9 @@ static NODE_MODE: u32 = NODE_OFF;
 /// fdtrace's own tgid: never traced by node mode.
 #[unsafe(no_mangle)]
 static SELF_TGID: u32 = 0;
+/// 1 when user space wants EV_CGROUP (`--container`, `--pod`).
+#[unsafe(no_mangle)]
+static NODE_WATCH: u32 = 0;
 /// Offsets from BTF: `task_struct.flags`, `task_struct.cgroups`,
 /// `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`, `cgroup.self.parent`
 /// (the parent's `cgroup_subsys_state`) and `cgroup_subsys_state.cgroup`.
@@ -53,6 +69,12 @@ static CSS_CGROUP_OFF: u32 = 0;
 /// which is `kernfs_node.id`); a process in one of them or below is traced.
 #[map]
 pub static NODE_CGROUP_IDS: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+/// The cgroup ids user space was told of (EV_CGROUP) or found at start.
+/// An LRU: a node makes and removes cgroups all along, and one evicted is
+/// only told of again.
+#[map]
+pub static NODE_SEEN_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(8192, 0);
 
 /// PF_KTHREAD (include/linux/sched.h): a kernel thread, with no fd table
 /// of its own.
@@ -85,22 +107,33 @@ fn selected(task: u64, tgid: u32) -> bool {
     }
 }
 
-/// Whether the task's v2 cgroup (`task->cgroups->dfl_cgrp`, what
-/// bpf_get_current_cgroup_id reads) or one of its ancestors is selected:
-/// a cgroup made below a selected one after fdtrace started is selected
-/// too. https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/helpers.c (bpf_get_current_cgroup_id)
+/// The task's v2 cgroup (`task->cgroups->dfl_cgrp`, what
+/// bpf_get_current_cgroup_id reads).
+/// https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/helpers.c (bpf_get_current_cgroup_id)
+fn dfl_cgroup(task: u64) -> Option<u64> {
+    let cset = read::<u64>(task, &TASK_CGROUPS_OFF)?;
+    read::<u64>(cset, &CSS_SET_DFL_CGRP_OFF)
+}
+
+/// A cgroup's id: its kernfs node's, the inode of its directory.
+fn id_of(cgrp: u64) -> Option<u64> {
+    let kn = read::<u64>(cgrp, &CGROUP_KN_OFF)?;
+    read::<u64>(kn, &KERNFS_NODE_ID_OFF)
+}
+
+/// The task's v2 cgroup id, 0 when it cannot be read.
+pub fn cgroup_id(task: u64) -> u64 {
+    dfl_cgroup(task).and_then(id_of).unwrap_or(0)
+}
+
+/// Whether the task's v2 cgroup or one of its ancestors is selected: a
+/// cgroup made below a selected one after fdtrace started is selected too.
 fn in_selected_cgroup(task: u64) -> bool {
-    let Some(cset) = read::<u64>(task, &TASK_CGROUPS_OFF) else {
-        return false;
-    };
-    let Some(mut cgrp) = read::<u64>(cset, &CSS_SET_DFL_CGRP_OFF) else {
+    let Some(mut cgrp) = dfl_cgroup(task) else {
         return false;
     };
     for _ in 0..CGROUP_MAX_DEPTH {
-        let Some(kn) = read::<u64>(cgrp, &CGROUP_KN_OFF) else {
-            return false;
-        };
-        let Some(id) = read::<u64>(kn, &KERNFS_NODE_ID_OFF) else {
+        let Some(id) = id_of(cgrp) else {
             return false;
         };
         // SAFETY: plain read of a map value.
@@ -125,7 +158,9 @@ fn adopt(task: u64, tgid: u32) -> Option<()> {
     if !active() || proc_of(tgid).is_some() || !selected(task, tgid) {
         return None;
     }
-    if !table::register(tgid, &ProcStats::new(tgid, PROC_FOLLOW | PROC_ADOPTED)) {
+    let mut st = ProcStats::new(tgid, PROC_FOLLOW | PROC_ADOPTED | PROC_NODE);
+    st.cgroup = cgroup_id(task);
+    if !table::register(tgid, &st) {
         return None;
     }
     let p = proc_of(tgid)?;
@@ -140,7 +175,47 @@ pub fn fork(child_task: u64, child: u32) {
     if read::<u32>(child_task, &TASK_PID_OFF) != Some(child) {
         return;
     }
+    watch(child_task, child);
     let _ = adopt(child_task, child);
+}
+
+/// Tells user space of the task's cgroup if it has not been told of it
+/// (`--container`, `--pod`): a container started after fdtrace is seen
+/// when runc moves its init into its cgroup, or when a process is forked
+/// straight into it (clone3 with CLONE_INTO_CGROUP).
+fn watch(task: u64, tgid: u32) {
+    if global(&NODE_WATCH) == 0 || tgid == global(&SELF_TGID) {
+        return;
+    }
+    let id = cgroup_id(task);
+    // BPF_NOEXIST: of two tasks entering it at once, one tells.
+    if id == 0 || NODE_SEEN_CGROUPS.insert(id, 1, BPF_NOEXIST.into()).is_err() {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(CNT_RINGBUF_FULL);
+        // Told next time a task enters it.
+        let _ = NODE_SEEN_CGROUPS.remove(id);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: ev is the reserved, writable entry, filled field by field.
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).kind = EV_CGROUP;
+        (*ev).tgid = tgid;
+        (*ev).aux = 0;
+        (*ev).syscall = 0;
+        (*ev).live = 0;
+        (*ev).opened = 0;
+        (*ev).closed = 0;
+        (*ev).site = id;
+        (*ev).inherited = 0;
+        (*ev)._pad = 0;
+        (*ev).comm = [0; 16];
+        (*ev).path = [0; EVENT_PATH_LEN];
+    }
+    entry.submit(0);
 }
 
 /// A successful exec of an untraced process.
@@ -152,12 +227,11 @@ pub fn exec(tgid: u32) {
 
 /// cgroup_attach_task(dst_cgrp, path, task, threadgroup): `task` moved;
 /// fired after the move (cgroup_migrate), so its css_set is the new one.
-/// A move of a single thread (cgroup.threads) is left to its leader's.
+/// It fires for v1 hierarchies too: the v2 cgroup is read from the task,
+/// not from `dst_cgrp`. A move of a single thread (cgroup.threads) is left
+/// to its leader's.
 /// https://github.com/torvalds/linux/blob/v6.18/kernel/cgroup/cgroup.c (cgroup_attach_task)
 pub fn cgroup_attach(ctx: &BtfTracePointContext) {
-    if global(&NODE_MODE) != NODE_CGROUPS {
-        return;
-    }
     let task: u64 = ctx.arg(2);
     let (Some(tgid), Some(pid)) = (
         read::<u32>(task, &TASK_TGID_OFF),
@@ -165,7 +239,35 @@ pub fn cgroup_attach(ctx: &BtfTracePointContext) {
     ) else {
         return;
     };
-    if pid == tgid {
-        let _ = adopt(task, tgid);
+    if pid != tgid {
+        return;
     }
+    let traced = proc_of(tgid);
+    if let Some(p) = traced {
+        // SAFETY: p is a live STATS element.
+        unsafe { (*p).cgroup = cgroup_id(task) };
+    }
+    if global(&NODE_MODE) != NODE_CGROUPS {
+        return;
+    }
+    watch(task, tgid);
+    match traced {
+        // SAFETY: p is a live STATS element.
+        Some(p) if unsafe { (*p).flags } & PROC_NODE != 0 && !in_selected_cgroup(task) => {
+            leave(tgid, p)
+        }
+        Some(_) => {}
+        None => {
+            let _ = adopt(task, tgid);
+        }
+    }
+}
+
+/// `tgid`, traced because the selection named it, was moved out of it:
+/// reported with its last counters and forgotten, as at exit.
+fn leave(tgid: u32, p: *mut ProcStats) {
+    emit(EV_LEAVE, tgid, 0, p, Extra::NONE);
+    python::forget(tgid);
+    bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
+    table::unregister(tgid, p);
 }

@@ -5,11 +5,14 @@
 //! id it returns in the fd's entry.
 //!
 //! Cost (measured in the design note, python-frames.md): a
-//! bpf_probe_read_user costs about the same whatever its size (8-64 bytes),
-//! so a frame is read in one call of PY_FRAME_READ bytes, not field by
-//! field: about 1 us for 7 frames. The thread state is looked up by native
-//! thread id (the GIL is released in the syscall, so the "current" thread
-//! state is NULL) and cached per tid, checked again on every use.
+//! bpf_probe_read_user costs about the same whatever its size (8-64
+//! bytes, ~74 ns), so a frame is read in one call of PY_FRAME_READ bytes,
+//! not field by field, and the thread state's native id and frame pointer
+//! in one call of PY_TSTATE_READ bytes. The thread state is looked up by
+//! native thread id (the GIL is released in the syscall, so the "current"
+//! thread state is NULL) and cached per tid, checked again on every use
+//! (the same read). A stack seen before is not written again. `cargo
+//! xtask bench --python` gives the cost per CPython.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -26,7 +29,7 @@ use fdtrace_common::{
     decode::{Effect, SyscallArgs as _, decode},
     python::{
         NO_PY_STACK, PY_FRAME_READ, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS,
-        PY_USE_UNSAMPLED, PyFrame, PyLayout, PyStack,
+        PY_TSTATE_READ, PY_USE_UNSAMPLED, PyFrame, PyLayout, PyStack,
     },
     syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
 };
@@ -65,12 +68,13 @@ pub static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(16384, B
 const EEXIST: i32 = -17;
 
 const FRAME_READ: usize = PY_FRAME_READ as usize;
+const TSTATE_READ: usize = PY_TSTATE_READ as usize;
 
-/// An offset into a frame read as a u64's start, clamped so the verifier
+/// An offset into a read buffer as a u64's start, clamped so the verifier
 /// sees the access inside the buffer (the layout comes from a map).
 #[inline(always)]
-fn word(buf: &[u8; FRAME_READ], off: u32) -> u64 {
-    let o = (off as usize).min(FRAME_READ - 8);
+fn word<const N: usize>(buf: &[u8; N], off: u32) -> u64 {
+    let o = (off as usize).min(N - 8);
     u64::from_le_bytes([
         buf[o],
         buf[o + 1],
@@ -136,17 +140,46 @@ extern "C" fn tstate_step(_i: u32, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Thread `tid`'s PyThreadState: the cached one if it still names `tid`,
-/// else found by the walk of every interpreter's threads.
+/// Thread `tid`'s PyThreadState and its frame pointer (`cframe` on 3.11
+/// and 3.12, `current_frame` from 3.13): the cached state if it still
+/// names `tid`, else the one found by the walk of every interpreter's
+/// threads.
 #[inline(always)]
-fn thread_state(l: &PyLayout, tid: u32) -> Option<u64> {
-    let ntid = u64::from(l.tstate_native_thread_id);
+fn thread_state(l: &PyLayout, tid: u32) -> Option<(u64, u64)> {
     // SAFETY: a u64 value, copied out at once.
     if let Some(&ts) = unsafe { PY_TSTATES.get(tid) }
-        && read_user::<u64>(ts + ntid) == Some(u64::from(tid))
+        && let Some((t, frame)) = tstate_fields(l, ts)
+        && t == u64::from(tid)
     {
-        return Some(ts);
+        return Some((ts, frame));
     }
+    let ts = find_thread_state(l, tid)?;
+    let (_, frame) = tstate_fields(l, ts)?;
+    Some((ts, frame))
+}
+
+/// The native thread id and the frame pointer of thread state `ts`: one
+/// read when both lie within PY_TSTATE_READ bytes (3.11-3.13), else two.
+#[inline(always)]
+fn tstate_fields(l: &PyLayout, ts: u64) -> Option<(u64, u64)> {
+    let (ntid, frame) = (l.tstate_native_thread_id, l.tstate_frame);
+    let from = ntid.min(frame);
+    if ntid.max(frame) - from <= (TSTATE_READ - 8) as u32 {
+        let mut buf = [0u8; TSTATE_READ];
+        // SAFETY: the helper checks the address.
+        unsafe { bpf_probe_read_user_buf((ts + u64::from(from)) as *const u8, &mut buf) }.ok()?;
+        return Some((word(&buf, ntid - from), word(&buf, frame - from)));
+    }
+    Some((
+        read_user::<u64>(ts + u64::from(ntid))?,
+        read_user::<u64>(ts + u64::from(frame))?,
+    ))
+}
+
+/// Thread `tid`'s PyThreadState found by the walk of every interpreter's
+/// threads, cached.
+#[inline(always)]
+fn find_thread_state(l: &PyLayout, tid: u32) -> Option<u64> {
     let mut w = TstateWalk {
         l,
         interp: read_user::<u64>(l.runtime + u64::from(l.runtime_interpreters_head))?,
@@ -220,22 +253,18 @@ extern "C" fn frame_step(_i: u32, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// The Python stack of thread `tid` of process `tgid`, kept in PY_STACKS:
-/// its id, or NO_PY_STACK when the process is not a supported Python, the
-/// thread has no thread state or no frame, or the stack could not be kept.
+/// The Python stack of thread `tid` of the process whose layout is `l`,
+/// kept in PY_STACKS: its id, or NO_PY_STACK when the thread has no thread
+/// state or no frame, or the stack could not be kept.
 #[inline(always)]
-pub fn capture(tgid: u32, tid: u32) -> u64 {
-    capture_into(tgid, tid).unwrap_or(NO_PY_STACK)
+pub fn capture(l: &PyLayout, tid: u32) -> u64 {
+    capture_into(l, tid).unwrap_or(NO_PY_STACK)
 }
 
 #[inline(never)]
-fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
-    // SAFETY: PY_LAYOUTS values are written by user space before it reads
-    // any stack of the process, and not changed while it runs that image.
-    let l = unsafe { PY_LAYOUTS.get(tgid) }?;
+fn capture_into(l: &PyLayout, tid: u32) -> Option<u64> {
     let out = PY_SCRATCH.get_ptr_mut(0)?;
-    let ts = thread_state(l, tid)?;
-    let mut frame = read_user::<u64>(ts + u64::from(l.tstate_frame))?;
+    let (_, mut frame) = thread_state(l, tid)?;
     if l.cframe_current_frame != NO_FIELD && frame != 0 {
         frame = read_user::<u64>(frame + u64::from(l.cframe_current_frame))?;
     }
@@ -261,6 +290,16 @@ fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
     if n == 0 {
         return None;
     }
+    let id = match mix(w.hash, n as u64) {
+        NO_PY_STACK | PY_USE_UNSAMPLED => 1,
+        id => id,
+    };
+    // Most stacks were seen before (a loop, a request handler): a lookup
+    // costs less than the locked update that would find it there.
+    // SAFETY: presence check only.
+    if unsafe { PY_STACKS.get(&id) }.is_some() {
+        return Some(id);
+    }
     // SAFETY: as above.
     unsafe {
         for i in 0..PY_MAX_FRAMES {
@@ -270,10 +309,6 @@ fn capture_into(tgid: u32, tid: u32) -> Option<u64> {
         }
         (*out).len = n as u32;
     }
-    let id = match mix(w.hash, n as u64) {
-        NO_PY_STACK | PY_USE_UNSAMPLED => 1,
-        id => id,
-    };
     // SAFETY: out is this CPU's scratch value, copied by the helper. By
     // reference: a PyStack is larger than the BPF stack.
     #[allow(clippy::needless_borrows_for_generic_args)]
@@ -300,6 +335,23 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
     if ret < 0 {
         return;
     }
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    // First: most calls the hook sees are not a traced Python's (the
+    // program runs for every syscall of the machine once attached, and
+    // under --all every process is traced): the slot's mark, two array
+    // reads, keeps the hash lookup below to Python processes.
+    let Some(slot) = slot_of(tgid) else {
+        return;
+    };
+    if PY_SLOTS.get(slot) != Some(&tgid) {
+        return;
+    }
+    // SAFETY: PY_LAYOUTS values are written by user space before it reads
+    // any stack of the process, and not changed while it runs that image.
+    let Some(l) = (unsafe { PY_LAYOUTS.get(tgid) }) else {
+        return;
+    };
     let send = matches!(nr, WRITE | WRITEV | SENDTO | SENDMSG | SENDMMSG);
     // Calls that make fds with a stack of their own (not SCM_RIGHTS, whose
     // fds the sender made, nor a pidfd).
@@ -317,25 +369,10 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
             _ => return,
         }
     };
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((id >> 32) as u32, id as u32);
-    // Under --all every process is traced: the slot's mark, two array
-    // reads, keeps the hash lookup below to Python processes.
-    let Some(slot) = slot_of(tgid) else {
-        return;
-    };
-    if PY_SLOTS.get(slot) != Some(&tgid) {
-        return;
-    }
-    let Some(p) = proc_at(slot, tgid) else {
-        return;
-    };
-    // SAFETY: presence check only.
-    if unsafe { PY_LAYOUTS.get(tgid) }.is_none() {
-        return;
-    }
     if send {
-        first_use(p, tgid, tid, r.arg(0) as u32);
+        if let Some(p) = proc_at(slot, tgid) {
+            first_use(l, p, tgid, tid, r.arg(0) as u32);
+        }
         return;
     }
     let fd = ret as u32;
@@ -351,7 +388,7 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
     let Some(ea) = made_by(tgid, a, nr) else {
         return;
     };
-    let py = capture(tgid, tid);
+    let py = capture(l, tid);
     // SAFETY: ea (and eb) are live FDS values.
     unsafe { (*ea).py_site = py };
     if let Some(b) = b
@@ -377,14 +414,14 @@ fn made_by(tgid: u32, fd: u32, nr: u64) -> Option<*mut FdInfo> {
     (u64::from(syscall) == nr && site != SITE_NOT_SAMPLED && py == NO_PY_STACK).then_some(e)
 }
 
-/// A send on fd `fd` by thread `tid` of Python process `tgid` (counters at
-/// `p`). The first one on a socket takes its Python stack, within the
+/// A send on fd `fd` by thread `tid` of Python process `tgid` (layout `l`,
+/// counters at `p`). The first one on a socket takes its Python stack, within the
 /// process's stack budget, into the entry's `py_use`: async clients
 /// create their sockets in a helper task, where none of the user's frames
 /// are on the stack, and send from the user's own. Every later send costs
 /// one more lookup (the entry).
 #[inline(always)]
-fn first_use(p: *mut ProcStats, tgid: u32, tid: u32, fd: u32) {
+fn first_use(l: &PyLayout, p: *mut ProcStats, tgid: u32, tid: u32, fd: u32) {
     let Some(info) = open_entry(tgid, fd) else {
         return;
     };
@@ -402,7 +439,7 @@ fn first_use(p: *mut ProcStats, tgid: u32, tid: u32, fd: u32) {
     if global(&STACKS_PER_SLOT) == 0 || !stack_budget(p, now) {
         return;
     }
-    let id = capture(tgid, tid);
+    let id = capture(l, tid);
     if id != NO_PY_STACK {
         // SAFETY: as above; p is a live STATS element. The entry changed:
         // a report that read it before must read it again.

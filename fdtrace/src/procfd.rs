@@ -148,9 +148,20 @@ pub fn readable_by_owner(pid: u32) -> bool {
 
 pub fn exists(pid: u32) -> bool {
     // A thread id also has a /proc entry; fdtrace traces thread groups.
-    Process::new(pid as i32)
-        .and_then(|p| p.status())
-        .is_ok_and(|s| s.tgid == pid as i32)
+    // Read as bytes: the Name line is the process's own comm, which need
+    // not be UTF-8 (a parser that wants text calls such a process absent).
+    std::fs::read(format!("/proc/{pid}/status")).is_ok_and(|s| tgid(&s) == Some(pid))
+}
+
+/// The `Tgid:` of a /proc/PID/status text. The kernel escapes `\n` and `\\`
+/// in the Name line (`proc_task_name` in
+/// <https://github.com/torvalds/linux/blob/v6.12/fs/proc/array.c>), so a comm
+/// cannot make a line of its own.
+fn tgid(status: &[u8]) -> Option<u32> {
+    status
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"Tgid:"))
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -158,6 +169,15 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn tgid_of_a_status_whose_name_is_not_utf8() {
+        let status = b"Name:\tlk\"} 1\\n\\\\\xff\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\nPid:\t4243\n";
+        assert_eq!(tgid(status), Some(4242));
+        assert_eq!(tgid(b"Name:\tx\nPid:\t1\n"), None);
+        assert_eq!(tgid(b"Tgid:\tnope\n"), None);
+        assert!(exists(std::process::id()));
+    }
 
     #[test]
     fn cloexec_from_the_flags_line() {

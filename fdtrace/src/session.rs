@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     analysis::{
         self, Config, Containers, Ending, FindingKind, Notice, ProcessAnalysis, ProcessSample,
-        Report, Request, SessionEnd, Start, Summary, Thresholds, Totals,
+        Report, Request, SessionCounts, SessionEnd, Start, Summary, Thresholds, Totals,
     },
     cli::{Cli, Command},
     enrich::{
@@ -75,6 +75,8 @@ struct Session {
     sinks: Sinks,
     procs: BTreeMap<u32, Traced>,
     losses: LossCounters,
+    /// What was lost and resynced since tracing began.
+    counts: SessionCounts,
     max_fds: u32,
     max_procs: u32,
     cfg: Config,
@@ -87,6 +89,9 @@ struct Session {
     child: Option<spawn::Spawned>,
     /// Node mode is on.
     node: bool,
+    /// `--container` / `--pod`: the containers that start later.
+    watch: kernel::node::Watch,
+    host_root: std::path::PathBuf,
     /// Whether fdtrace lacks CAP_DAC_READ_SEARCH and has yet to say which
     /// processes it cannot name fds of.
     warn_unreadable: bool,
@@ -151,11 +156,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         pods: &cli.pods,
         host_root: &cli.host_root,
     })?;
+    let (node, watch) = match node {
+        Some((sel, watch)) => (Some(sel), watch),
+        None => (None, kernel::node::Watch::default()),
+    };
     let limits = Limits {
         max_fds: cli.max_fds(),
         max_procs: cli.max_procs(),
         stack_rate: if cli.no_stacks { 0 } else { cli.stack_rate },
         node: node.as_ref().map_or(fdtrace_common::NODE_OFF, |n| n.mode()),
+        watch_cgroups: watch.active(),
     };
     if let Some(Command::NoopHooks) = cli.command {
         noop_hooks(&limits).await?;
@@ -198,21 +208,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         top: cli.top,
     };
     let sink: Option<Box<dyn sinks::Sink>> = if cli.quiet {
-        None
+        Some(Box::new(sinks::Warnings::new(io::stderr())))
     } else if cli.json {
         Some(Box::new(Ndjson::new(io::stdout())))
     } else {
         let shares_terminal = matches!(cli.command, Some(Command::Run { .. }));
-        Some(Box::new(Top::new(
-            io::stdout(),
-            Console::detect(shares_terminal),
-        )))
+        let top = Top::new(io::stdout(), Console::detect(shares_terminal));
+        Some(Box::new(if cli.all { top.whole_node() } else { top }))
     };
     let mut s = Session {
         k,
         sinks: Sinks(sink.into_iter().chain(metrics).collect()),
         procs: BTreeMap::new(),
         losses: LossCounters::default(),
+        counts: SessionCounts::default(),
         max_fds: limits.max_fds,
         max_procs: limits.max_procs,
         cfg,
@@ -223,6 +232,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         started: Instant::now(),
         child: None,
         node: node.is_some(),
+        watch,
+        host_root: cli.host_root.clone(),
         warn_unreadable: !kernel::can_read_other_users_fds(),
         shown_findings: HashSet::new(),
     };
@@ -464,9 +475,6 @@ impl Session {
             } => {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.enrich.comm.clone_from(&comm);
-                    // A runtime moves a container's first process into its
-                    // cgroup between fork and exec.
-                    p.enrich.who.stale();
                 }
                 self.sinks.notice(&Notice::Exec {
                     ts,
@@ -521,10 +529,18 @@ impl Session {
                     resource,
                     stack,
                 })?;
+                if let Some(p) = self.procs.get(&pid) {
+                    self.containers.fd_error(pid, p.enrich.who.current(), errno);
+                }
                 let key = analysis::fd_error_key(canon, syscall);
                 self.finding(ts, pid, key, finding)
             }
             KernelEvent::Adopt { pid } => self.adopt(pid),
+            KernelEvent::Leave { pid, totals } => {
+                self.python.exit(pid);
+                self.exited(pid, Some(totals), Ending::LeftSelection)
+            }
+            KernelEvent::Cgroup { pid, id } => self.new_cgroup(pid, id),
             KernelEvent::Rlimit { pid } => {
                 let info = process::info(pid).unwrap_or_default();
                 self.sinks.notice(&Notice::Rlimit {
@@ -551,6 +567,32 @@ impl Session {
         self.procs.insert(pid, Traced::new(enrich, self.cfg));
         let py = self.python.attach(pid);
         self.found_python(pid, py)
+    }
+
+    /// `pid` entered cgroup `id`, new to node mode: when a `--container`
+    /// or `--pod` names the container it is, that container's cgroup is
+    /// selected and its processes traced.
+    fn new_cgroup(&mut self, pid: u32, id: u64) -> io::Result<()> {
+        if !self.watch.active() {
+            return Ok(());
+        }
+        let Some(cg) = self.attributions.cgroup(pid, id) else {
+            return Ok(());
+        };
+        let Some(path) = self.watch.wants(&cg) else {
+            return Ok(());
+        };
+        let registered = match kernel::node::select(&mut self.k, &self.host_root, &path) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("fdtrace: selecting cgroup {path}: {e:#}");
+                return Ok(());
+            }
+        };
+        for pid in registered {
+            self.adopt(pid)?;
+        }
+        Ok(())
     }
 
     /// What looking at `pid` for a Python found: its layout goes to the
@@ -664,6 +706,7 @@ impl Session {
         let mut report = Report {
             ts: sinks::now(),
             losses: self.losses.read(&self.k, self.max_fds, self.max_procs),
+            counts: SessionCounts::default(),
             processes: Vec::new(),
             containers: Vec::new(),
         };
@@ -733,7 +776,8 @@ impl Session {
                 p.enrich.ppid = p.enrich.ppid.or(i.ppid);
             }
             let (comm, ppid) = (p.enrich.comm.clone(), p.enrich.ppid);
-            self.attributions.refresh(pid, &mut p.enrich.who);
+            self.attributions
+                .refresh(pid, snap.stats.cgroup, &mut p.enrich.who);
             let attribution = p.enrich.who.current().clone();
             let enriched = p.enrich.enrich(
                 &self.k,
@@ -768,6 +812,8 @@ impl Session {
             report.processes.push(p.analysis.update(&sample));
         }
         report.containers = self.containers.report(report.ts, &report.processes);
+        self.counts.add(&report.losses, &report.processes);
+        report.counts = self.counts;
         self.attributions.retain(
             self.procs
                 .values()

@@ -12,7 +12,11 @@ parent is gone.
   py=$(tests/python/venv.sh python3)      # a venv with httpx
   sudo fdtrace run -- "$py" tests/python/agent.py
 
-Prints `ready <pid>` before the first request.
+Prints `ready <pid>` before the first request. With --start-file, the
+requests begin once that file exists: a test that runs the agent under
+fdtrace creates it once fdtrace has found the agent's interpreter, so that
+every request is made with Python stacks on (the fds a process makes right
+after exec, before that, have native stacks only).
 """
 
 import argparse
@@ -44,6 +48,18 @@ async def fetch_data_right(client, url):
     return response.json()
 
 
+# How long --start-file may take to appear.
+START_TIMEOUT = 60.0
+
+
+async def wait_for_file(path, timeout):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            sys.exit(f"agent: {path} did not appear within {timeout:.0f} s")
+        await asyncio.sleep(0.02)
+
+
 def start_server():
     here = os.path.dirname(os.path.abspath(__file__))
     server = subprocess.Popen(
@@ -63,12 +79,15 @@ async def main():
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second")
     ap.add_argument("--hold", type=float, help="seconds to keep the fds after the requests")
+    ap.add_argument("--start-file", help="wait until this file exists before the first request")
     args = ap.parse_args()
     server = None
     url = args.url
     if url is None:
         server, url = start_server()
     print(f"ready {os.getpid()}", flush=True)
+    if args.start_file is not None:
+        await wait_for_file(args.start_file, START_TIMEOUT)
     async with httpx.AsyncClient() as shared:
         start = time.monotonic()
         for k in range(args.requests):

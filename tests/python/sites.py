@@ -25,7 +25,9 @@ waits, and fdtrace's stack of that fd must be the same.
 With --agent, agent.py runs as a child against --url (its
 fetch_data_wrong leaks a socket per request through httpx):
 --agent-requests requests over --seconds, then it holds its fds for --hold
-seconds; its output goes to DIR/agent.out.
+seconds; its output goes to DIR/agent.out. Its requests begin once
+DIR/agent.go exists (the test creates it once fdtrace has found the
+agent's interpreter).
 
 Each line the tests expect in a stack carries a marker comment `# @name`.
 Writes JSON lines to DIR/events (not to stdout, which a tracer running it
@@ -153,6 +155,8 @@ async def main():
                     str(args.agent_requests / args.seconds),
                     "--hold",
                     str(args.hold),
+                    "--start-file",
+                    os.path.join(args.dir, "agent.go"),
                 ],
                 stdout=out,
             )

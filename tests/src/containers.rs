@@ -2,9 +2,10 @@
 //! packages), an image built here with no registry, and hand-made cgroups.
 //!
 //! - [`static_binaries`] builds the helpers (`fdloop`, `fdops`) as static
-//!   executables (`-C target-feature=+crt-static`), in their own target
-//!   directory (`target/static`: the outer `cargo test` holds the lock of
-//!   the usual one);
+//!   executables (`-C target-feature=+crt-static`) with line tables, in
+//!   their own target directory (`target/static`: with other flags for every
+//!   crate, they would otherwise rebuild the release build's dependencies);
+//! - [`fdtrace_image`] is `cargo xtask image`: fdtrace's own image;
 //! - [`oci::write_archive`] puts them in an image with nothing else, written
 //!   as an OCI archive;
 //! - [`Containerd::start`] starts a containerd of its own from `containerd
@@ -37,6 +38,50 @@ use xtask::oci;
 /// binary crate, so it cannot be a dependency).
 #[path = "../../fdtrace/src/enrich/container/mod.rs"]
 pub mod attribution;
+
+/// Who one process is, read with fdtrace's attribution.
+#[derive(Debug)]
+pub struct Identity {
+    /// Its pid in the host's pid namespace.
+    pub pid: u32,
+    /// Its pid in its own pid namespace, when that is not the host's.
+    pub pid_in_container: Option<u32>,
+    pub cgroup: attribution::cgroup::CgroupInfo,
+    pub names: std::result::Result<
+        Option<std::sync::Arc<attribution::bundle::Names>>,
+        std::sync::Arc<attribution::bundle::BundleError>,
+    >,
+}
+
+impl Identity {
+    /// The pod uid: the cgroup's, else the bundle's.
+    pub fn pod_uid(&self) -> Option<&str> {
+        self.cgroup.pod_uid.as_deref().or_else(|| {
+            self.names
+                .as_ref()
+                .ok()
+                .and_then(|n| n.as_deref())
+                .and_then(|n| n.pod_uid.as_deref())
+        })
+    }
+}
+
+/// Who process `pid` is, read under the host root `/`.
+pub fn identify(pid: u32) -> std::result::Result<Identity, attribution::IdentifyError> {
+    let mut a = attribution::Attributor::new("/", "/proc");
+    let cgroup = a.cgroup_of(pid)?;
+    let (host_pid, pid_in_container) = a.pids_of(pid)?;
+    let names = match &cgroup.container_id {
+        Some(id) => a.names(id, cgroup.runtime),
+        None => Ok(None),
+    };
+    Ok(Identity {
+        pid: host_pid,
+        pid_in_container,
+        cgroup,
+        names,
+    })
+}
 
 /// The containerd namespace the containers run in: Kubernetes's.
 pub const NAMESPACE: &str = "k8s.io";
@@ -177,16 +222,17 @@ pub fn write_image(bin_dir: &Path, out: &Path) -> Result<()> {
     oci::write_archive(&image, out).map_err(|e| format!("writing {}: {e}", out.display()))
 }
 
-/// fdtrace's own image, as `cargo xtask image` builds it (a static fdtrace,
-/// alone, entrypoint `/fdtrace`): the archive and the image's name. Built in
-/// `target/static` like the helpers, so a second run only checks it.
+/// fdtrace's own image, as `cargo xtask image` builds it (the static
+/// release fdtrace, alone, entrypoint `/fdtrace`): the archive and the
+/// image's name. In the workspace's own target directory: after `cargo
+/// xtask test`'s release build, which is that static binary, it only checks
+/// the binary and writes the archive. (`cargo test` holds no lock on the
+/// target directory while its tests run.)
 pub fn fdtrace_image() -> Result<(PathBuf, String)> {
-    let target_dir = workspace().join("target/static");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(workspace())
         .args(["run", "--package", "xtask", "--", "image"])
-        .env("CARGO_TARGET_DIR", &target_dir)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cargo xtask image: {e}"))?;
@@ -197,7 +243,7 @@ pub fn fdtrace_image() -> Result<(PathBuf, String)> {
         ));
     }
     let version = env!("CARGO_PKG_VERSION");
-    let archive = target_dir
+    let archive = target_dir()
         .join("image")
         .join(format!("fdtrace-{version}.oci.tar"));
     if !archive.is_file() {
@@ -207,6 +253,15 @@ pub fn fdtrace_image() -> Result<(PathBuf, String)> {
         ));
     }
     Ok((archive, format!("docker.io/library/fdtrace:{version}")))
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` if set, as cargo
+/// and xtask take it).
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => workspace().join(d),
+        None => workspace().join("target"),
+    }
 }
 
 /// A container to start.
@@ -439,9 +494,15 @@ impl Containerd {
 
     /// Starts a container of the test image and waits for its first line.
     pub fn run(&mut self, spec: &RunSpec) -> Result<Started> {
+        self.run_image(spec, IMAGE)
+    }
+
+    /// Starts a container of `image` (imported) and waits for its first
+    /// line.
+    pub fn run_image(&mut self, spec: &RunSpec, image: &str) -> Result<Started> {
         let log = self.log_path(spec.id);
         let stderr = fs::File::create(&log).map_err(|e| e.to_string())?;
-        let mut ctr = self.spawn(spec, IMAGE, &[], Stdio::piped(), stderr.into())?;
+        let mut ctr = self.spawn(spec, image, &[], Stdio::piped(), stderr.into())?;
         let stdin = ctr.stdin.take();
         let (first_line, lines) = first_line(&mut ctr, START_TIMEOUT).map_err(|e| {
             let said = fs::read_to_string(&log).unwrap_or_default();

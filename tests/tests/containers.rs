@@ -23,10 +23,9 @@ use std::time::Instant;
 
 use fdtrace_tests::containers::attribution::bundle::Source;
 use fdtrace_tests::containers::attribution::cgroup::{Qos, Runtime};
-use fdtrace_tests::containers::attribution::{Attributor, Identity};
 use fdtrace_tests::containers::{
-    Containerd, HandMadeCgroup, Podman, RunSpec, Started, proc_v2_path, random_id, random_pod_uid,
-    require_root, static_binaries, write_image,
+    Containerd, HandMadeCgroup, Identity, Podman, RunSpec, Started, proc_v2_path, random_id,
+    random_pod_uid, require_root, static_binaries, write_image,
 };
 use fdtrace_tests::{proc_fds, proc_nofile, run_fdtrace};
 use serde_json::{Value, json};
@@ -136,9 +135,7 @@ fn check_counts(records: &[Value], pid: u32, group_key: &str, group: &str) {
 }
 
 fn identify(pid: u32) -> Identity {
-    Attributor::new("/", "/proc")
-        .refresh(pid, None)
-        .unwrap_or_else(|e| panic!("identify {pid}: {e}"))
+    fdtrace_tests::containers::identify(pid).unwrap_or_else(|e| panic!("identify {pid}: {e}"))
 }
 
 /// `fdloop hold N` in a container: it is its namespace's pid 1.
@@ -599,4 +596,221 @@ fn a_cgroups_totals_include_its_exited_processes() {
     assert_eq!(c["closed_total"], total("closed_total"), "{c}");
     assert_eq!(c["open_fds"], shell["open_fds"]);
     assert_eq!(shell["open_fds"], on_proc);
+}
+
+/// Attribution follows the kernel's cgroup id: a process's cgroup is read
+/// from /proc at its first report and after each move, not every report.
+/// fdtrace runs under strace, which lists every file it opens.
+#[test]
+fn a_processes_cgroup_is_read_again_only_when_it_moves() {
+    require_root().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fdloop"))
+        .args(["hold", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fdloop");
+    let pid = child.id();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let first = HandMadeCgroup::new(&format!("/fdtrace-test-{pid}-a")).unwrap();
+    let second = HandMadeCgroup::new(&format!("/fdtrace-test-{pid}-b")).unwrap();
+    first.add(pid).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("strace.log");
+    let mut tracer = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat", "-o"])
+        .arg(&log)
+        .arg(fdtrace_tests::fdtrace_bin())
+        .args(["--pid", &pid.to_string(), "--json", "--interval", "200ms"])
+        .args(["--no-stacks", "--duration", "5s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("strace fdtrace");
+    let mut out = Vec::new();
+    let mut lines = BufReader::new(tracer.stdout.take().unwrap()).lines();
+    // Moved after five reports in the first cgroup.
+    let mut reports = 0;
+    for line in lines.by_ref() {
+        let r: Value = serde_json::from_str(&line.expect("fdtrace's output")).unwrap();
+        reports += usize::from(r["type"] == "process");
+        out.push(r);
+        if reports == 5 {
+            break;
+        }
+    }
+    second.add(pid).unwrap();
+    for line in lines {
+        out.push(serde_json::from_str(&line.expect("fdtrace's output")).unwrap());
+    }
+    assert!(tracer.wait().expect("strace ran").success());
+    let cgroups: Vec<&Value> = out
+        .iter()
+        .filter(|r| r["type"] == "process")
+        .map(|r| &r["cgroup"])
+        .collect();
+    assert!(cgroups.len() >= 10, "{} reports", cgroups.len());
+    assert_eq!(cgroups[0], first.path.as_str());
+    assert_eq!(
+        *cgroups.last().unwrap(),
+        second.path.as_str(),
+        "{cgroups:?}"
+    );
+    let p = last_process(&out, pid);
+    assert_eq!(p["open_fds"], proc_fds(pid as i32).unwrap().len() as u64);
+    let opens = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("\"/proc/{pid}/cgroup\"")))
+        .count();
+    assert_eq!(
+        opens,
+        2,
+        "/proc/{pid}/cgroup read at the first report and after the move only, in {} reports",
+        cgroups.len()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `--pod` and `--container` name containers that start after fdtrace:
+/// containerd starts them (runc moves each init into its new cgroup before
+/// the exec), and fdtrace traces them from there, each attributed, each
+/// count /proc's; a container no filter names is left alone.
+#[test]
+fn containers_started_after_fdtrace_are_selected() {
+    require_root().unwrap();
+    let bins = static_binaries().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    write_image(&bins, &archive).unwrap();
+    let mut containerd = Containerd::start().unwrap();
+    containerd.import(&archive).unwrap();
+
+    let (pod_id, pod_uid) = (random_id(), random_pod_uid());
+    let named_id = random_id();
+    let (other_id, other_uid) = (random_id(), random_pod_uid());
+    let bin = fdtrace_tests::fdtrace_bin();
+    let mut tracer = Command::new(&bin)
+        .args(["--pod", "shop/late-0", "--container", &named_id[..12]])
+        .args(["--json", "--interval", "500ms", "--no-stacks", "--duration"])
+        .arg("15s")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fdtrace");
+    // The containers start once fdtrace has attached (its start record).
+    let mut lines = BufReader::new(tracer.stdout.take().unwrap()).lines();
+    let mut out: Vec<Value> = Vec::new();
+    for line in lines.by_ref() {
+        out.push(serde_json::from_str(&line.expect("fdtrace's output")).unwrap());
+        if out.last().unwrap()["type"] == "start" {
+            break;
+        }
+    }
+    let rest = std::thread::spawn(move || {
+        lines
+            .map(|l| serde_json::from_str::<Value>(&l.expect("fdtrace's output")).unwrap())
+            .collect::<Vec<Value>>()
+    });
+    let cri = |pod: &'static str, uid: &str| {
+        vec![
+            (format!("{CRI}.sandbox-name"), pod.to_owned()),
+            (format!("{CRI}.sandbox-namespace"), "shop".to_owned()),
+            (format!("{CRI}.sandbox-uid"), uid.to_owned()),
+            (format!("{CRI}.container-name"), "app".to_owned()),
+            (format!("{CRI}.container-type"), "container".to_owned()),
+        ]
+    };
+    let run = |c: &mut Containerd, id: &str, uid: &str, ann: &[(String, String)], n: &str| {
+        let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        c.run(&RunSpec {
+            id,
+            cgroup: RunSpec::kubelet_cgroup(Some("burstable"), uid, id),
+            annotations: &ann,
+            args: &["/bin/fdloop", "hold", n],
+        })
+        .unwrap()
+    };
+    let in_pod = run(
+        &mut containerd,
+        &pod_id,
+        &pod_uid,
+        &cri("late-0", &pod_uid),
+        "6",
+    );
+    let named = containerd
+        .run(&RunSpec {
+            id: &named_id,
+            cgroup: format!("fdtrace-test/{named_id}"),
+            annotations: &[],
+            args: &["/bin/fdloop", "hold", "8"],
+        })
+        .unwrap();
+    let other = run(
+        &mut containerd,
+        &other_id,
+        &other_uid,
+        &cri("other-0", &other_uid),
+        "2",
+    );
+    let want = [
+        (
+            in_pod.host_pid,
+            proc_fds(in_pod.host_pid as i32).unwrap().len(),
+        ),
+        (
+            named.host_pid,
+            proc_fds(named.host_pid as i32).unwrap().len(),
+        ),
+    ];
+    let done = tracer.wait_with_output().expect("fdtrace ran");
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "fdtrace: {stderr}");
+    out.extend(rest.join().expect("fdtrace's output"));
+    assert!(
+        stderr.contains("--pod shop/late-0") && stderr.contains("yet"),
+        "said that the pod is not there yet: {stderr}"
+    );
+    let reported: std::collections::BTreeSet<u64> = out
+        .iter()
+        .filter(|r| r["type"] == "process")
+        .filter_map(|r| r["pid"].as_u64())
+        .collect();
+    assert_eq!(
+        reported,
+        std::collections::BTreeSet::from([u64::from(in_pod.host_pid), u64::from(named.host_pid)]),
+        "the pod's and the named container's processes only (other: {})",
+        other.host_pid
+    );
+    for (pid, n) in want {
+        let p = last_process(&out, pid);
+        assert_eq!(p["open_fds"], n as u64, "{p}");
+        assert_eq!(p["drift"], 0, "{p}");
+        assert_eq!(p["comm"], "fdloop", "{p}");
+    }
+    let p = last_process(&out, in_pod.host_pid);
+    assert_eq!(
+        attribution(p),
+        json!({
+            "cgroup": format!("/kubepods/burstable/pod{pod_uid}/{pod_id}"),
+            "container_id": pod_id,
+            "pod": "late-0",
+            "namespace": "shop",
+            "container": "app",
+            "pod_uid": pod_uid,
+            "qos": "Burstable",
+            "pid_in_container": 1,
+        })
+    );
+    assert_eq!(
+        last_process(&out, named.host_pid)["container_id"],
+        named_id.as_str()
+    );
+    drop(containerd);
 }

@@ -161,9 +161,6 @@ fn start_fdtrace(containerd: &mut Containerd, ds: &Fdtrace, image: &str) -> Stri
 }
 
 #[test]
-#[ignore = "not passing yet: fdtrace in its container symbolizes another container's \
-            binary from its own root filesystem (needs /proc/PID/root), and the cold static \
-            image build takes ~15 minutes here; run with --ignored"]
 fn daemonset_fdtrace_names_a_pods_leak_and_needs_its_capabilities() {
     require_root().unwrap();
     let ds = Fdtrace::load(&deploy_dir().join(DAEMONSET)).unwrap();

@@ -16,18 +16,28 @@ const SOFT_LIMIT: u64 = 400;
 const STEP: usize = 4;
 
 /// Opens STEP fds a second, stopping short of the limit (the test is over
-/// by then); holds them.
+/// by then); holds them. Its name and the file it opens are text the
+/// exposition must not trust: quotes, a brace, a newline, a backslash and
+/// a byte that is not UTF-8 ([`HOSTILE_COMM`], [`HOSTILE_FILE`]).
 const LEAKER: &str = r#"
 import os, resource, sys, time
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard))
+with open("/proc/self/comm", "wb") as f:
+    f.write(b'lk"} 1\n\\\xff')
+path = os.path.join(os.fsencode(sys.argv[3]), b'f"} x\n\\\xff')
 held = []
 print("ready", flush=True)
 while True:
     if len(held) + int(sys.argv[2]) < int(sys.argv[1]) - 20:
-        held.extend(os.open("/dev/null", os.O_RDONLY) for _ in range(int(sys.argv[2])))
+        held.extend(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600) for _ in range(int(sys.argv[2])))
     time.sleep(1)
 "#;
+
+/// The leaker's comm and file name as fdtrace has them: lossless text, a
+/// backslash doubled and the byte that is not UTF-8 as `\xff`.
+const HOSTILE_COMM: &str = "lk\"} 1\n\\\\\\xff";
+const HOSTILE_FILE: &str = "f\"} x\n\\\\\\xff";
 
 /// Opens and closes files all the time, never holding more than a few.
 const CHURNER: &str = r#"
@@ -168,7 +178,15 @@ fn prometheus_fires_the_forecast_for_the_leaker_only() {
     require_root();
     let t0 = Instant::now();
     let limit = SOFT_LIMIT.to_string();
-    let leaker = Proc::python(LEAKER, &[&limit, &STEP.to_string()]);
+    let files = tempfile::tempdir().expect("temp dir");
+    let leaker = Proc::python(
+        LEAKER,
+        &[
+            &limit,
+            &STEP.to_string(),
+            files.path().to_str().expect("a UTF-8 temp dir"),
+        ],
+    );
     let churner = Proc::python(CHURNER, &[&limit]);
     let me = std::process::id();
     let leak_cg = HandMadeCgroup::new(&format!("/fdtrace-metrics-{me}/leaker")).unwrap();
@@ -228,6 +246,31 @@ fn prometheus_fires_the_forecast_for_the_leaker_only() {
         "the leaker's fdtrace_process_open_fds against /proc/{lp}/fd"
     );
     leaker.signal(libc::SIGCONT);
+
+    // Its hostile name and file name arrive intact as label values, the
+    // file as the resource of its leaking site.
+    let series = prom.query(&leaker_fds).unwrap();
+    assert_eq!(
+        series
+            .first()
+            .and_then(|s| s.labels.get("comm"))
+            .map(String::as_str),
+        Some(HOSTILE_COMM),
+        "{series:?}"
+    );
+    let site = format!(r#"fdtrace_site_open_fds{{pid="{lp}"}}"#);
+    let sites = prom.wait_for("the leaker's site", Duration::from_secs(20), |p| {
+        let v = p.query(&site)?;
+        Ok((!v.is_empty()).then_some(v))
+    });
+    assert!(
+        sites.iter().any(|s| s
+            .labels
+            .get("resource")
+            .is_some_and(|r| r.ends_with(HOSTILE_FILE))
+            && s.labels.get("kind").map(String::as_str) == Some("file")),
+        "{sites:?}"
+    );
 
     // The critical forecast fires for the leaker's container, never for the
     // churner's.
@@ -331,4 +374,139 @@ fn metrics_address_in_use_exits_1_naming_it() {
         stderr.contains(&format!("--metrics {addr}")) && stderr.contains("in use"),
         "{stderr}"
     );
+}
+
+/// Polls `GET addr/metrics` until `found` holds on its body.
+fn wait_for_metrics(fdtrace: &Fdtrace, addr: SocketAddr, what: &str, found: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = get(addr, "/metrics");
+        if let Ok((200, body)) = &last
+            && found(body)
+        {
+            prometheus::check_openmetrics(body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: not in {addr}/metrics: {last:?}; fdtrace's stderr:\n{}",
+                fdtrace.stderr()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Opens fds under a soft limit of 16 until one call fails with EMFILE,
+/// then sleeps.
+const EMFILE_ONCE: &str = r#"
+import os, resource, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (16, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+fds = []
+try:
+    while True:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+while True:
+    time.sleep(1)
+"#;
+
+/// A free port on `ip`, with nothing on it on 127.0.0.1 either.
+fn free_port_on(ip: std::net::IpAddr) -> u16 {
+    loop {
+        let port = TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `--metrics` with `run` (on `[::1]`) and with `--all` (on 127.0.0.2):
+/// each serves its processes, on exactly the address given and not on
+/// 127.0.0.1 at the same port.
+#[test]
+fn metrics_under_run_and_all_on_exactly_the_address_given() {
+    require_root();
+    let v6 = std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    let addr = SocketAddr::new(v6, free_port_on(v6));
+    let mut fdtrace = Fdtrace::start(&[
+        "--quiet".into(),
+        "--metrics".into(),
+        addr.to_string(),
+        "run".into(),
+        "--".into(),
+        "python3".into(),
+        "-c".into(),
+        EMFILE_ONCE.into(),
+    ]);
+    wait_for_metrics(&fdtrace, addr, "run's python3 and its one EMFILE", |t| {
+        t.lines()
+            .any(|l| l.starts_with("fdtrace_process_open_fds{") && l.contains(r#"comm="python3""#))
+            && t.lines().any(|l| {
+                l.starts_with("fdtrace_container_emfile_errors_total{") && l.ends_with("} 1")
+            })
+    });
+    // --quiet: the failed call is on stderr all the same.
+    let stderr = fdtrace.stderr();
+    assert_eq!(stderr.matches("failed with EMFILE").count(), 1, "{stderr}");
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()));
+    assert!(get(v4, "/metrics").is_err(), "also served on {v4}");
+    // The command shares fdtrace's stdout: it ends first, with SIGTERM,
+    // and fdtrace with it, with its status (128 + 15).
+    let (_, body) = get(addr, "/metrics").unwrap();
+    let pid: i32 = body
+        .lines()
+        .find(|l| l.starts_with("fdtrace_process_open_fds{") && l.contains(r#"comm="python3""#))
+        .and_then(|l| l.split('"').nth(1)?.parse().ok())
+        .expect("the command's pid label");
+    // SAFETY: kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = fdtrace.child.wait().expect("fdtrace exits");
+    assert_eq!(status.code(), Some(143), "stderr:\n{}", fdtrace.stderr());
+    let mut stdout = String::new();
+    fdtrace
+        .child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert_eq!(stdout, "", "--quiet printed");
+
+    let other = std::net::IpAddr::from(Ipv4Addr::new(127, 0, 0, 2));
+    let addr = SocketAddr::new(other, free_port_on(other));
+    let mut fdtrace = Fdtrace::start(&[
+        "--all".into(),
+        "--quiet".into(),
+        "--metrics".into(),
+        addr.to_string(),
+    ]);
+    // Our own cgroup is one of the groups (--all traces this test too).
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let cgroup = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .to_owned();
+    wait_for_metrics(&fdtrace, addr, "--all's processes", |t| {
+        let traced = t
+            .lines()
+            .find_map(|l| l.strip_prefix("fdtrace_traced_processes "))
+            .and_then(|v| v.parse::<u64>().ok());
+        traced.is_some_and(|n| n > 5)
+            && t.lines().any(|l| {
+                l.starts_with("fdtrace_container_processes{")
+                    && l.contains(&format!(r#"cgroup="{cgroup}""#))
+            })
+    });
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()));
+    assert!(get(v4, "/metrics").is_err(), "also served on {v4}");
+    let (status, stdout) = fdtrace.stop();
+    assert!(status.success(), "{status}; stderr:\n{}", fdtrace.stderr());
+    assert_eq!(stdout, "");
 }

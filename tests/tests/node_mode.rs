@@ -340,6 +340,201 @@ fn ambiguous_container_prefix_exits_2() {
     assert_eq!(reported, BTreeSet::from([u64::from(holders[1].pid())]));
 }
 
+/// fdtrace running, its stdout read as it comes.
+struct Live {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: thread::JoinHandle<()>,
+    seen: Vec<Value>,
+}
+
+impl Live {
+    /// fdtrace with `args`, once it has attached (its `start` object is
+    /// written then): loading takes seconds on a busy machine.
+    fn start(args: &[&str]) -> Live {
+        let mut child = fdtrace(args);
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let reader = thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut live = Live {
+            child,
+            lines,
+            reader,
+            seen: Vec::new(),
+        };
+        live.wait_for(|o| o["type"] == "start");
+        live
+    }
+
+    /// Reads objects until one `ok` accepts.
+    fn wait_for(&mut self, ok: impl Fn(&Value) -> bool) {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("fdtrace wrote nothing for a minute");
+            let o: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            let done = ok(&o);
+            self.seen.push(o);
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// Waits for fdtrace to end: every object, and its stderr.
+    fn finish(mut self) -> (Vec<Value>, String) {
+        let status = self.child.wait().expect("fdtrace ran");
+        self.reader.join().expect("reader");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(self.child.stderr.as_mut().expect("stderr"), &mut stderr)
+            .expect("fdtrace's stderr");
+        assert!(status.success(), "fdtrace failed: {stderr}");
+        for l in self.lines.try_iter() {
+            self.seen
+                .push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}")));
+        }
+        (self.seen, stderr)
+    }
+}
+
+/// The ts of each `process` object of `pid`.
+fn report_times(objs: &[Value], pid: u32) -> Vec<f64> {
+    objs.iter()
+        .filter(|o| o["type"] == "process" && o["pid"] == pid)
+        .map(|o| o["ts"].as_f64().expect("ts"))
+        .collect()
+}
+
+#[test]
+fn a_process_moved_out_of_the_selection_is_no_longer_traced() {
+    fdtrace_tests::require_root();
+    let tag = &random_id()[..12];
+    let cg = HandMadeCgroup::new(&format!("/fdtrace-sel-{tag}")).expect("selected cgroup");
+    let elsewhere = HandMadeCgroup::new(&format!("/fdtrace-other-{tag}")).expect("other cgroup");
+    let leaver = Holder::start(11);
+    cg.add(leaver.pid()).expect("move in");
+    let comer = Holder::start(13);
+    elsewhere.add(comer.pid()).expect("move elsewhere");
+    let mut ft = Live::start(&["--cgroup", &cg.path, "--duration", "6s"]);
+    // Reported in the selection first.
+    let leaver_pid = leaver.pid();
+    ft.wait_for(|o| o["type"] == "process" && o["pid"] == leaver_pid);
+    // Out of the selection, and another process into it.
+    elsewhere.add(leaver.pid()).expect("move out");
+    let left_at = sinks_now();
+    cg.add(comer.pid()).expect("move in");
+    thread::sleep(Duration::from_millis(1500));
+    // Back in: traced again, from a fresh seed.
+    cg.add(leaver.pid()).expect("move back in");
+    let back_at = sinks_now();
+    thread::sleep(Duration::from_millis(1500));
+    let want = [
+        (leaver.pid(), proc_count(leaver.pid())),
+        (comer.pid(), proc_count(comer.pid())),
+    ];
+    let (objs, _) = ft.finish();
+    let reps = reports(&objs);
+    let left: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["type"] == "exit" && o["pid"] == leaver.pid())
+        .collect();
+    assert_eq!(left.len(), 1, "one exit object for the move out: {left:?}");
+    assert_eq!(left[0]["left_selection"], true, "{}", left[0]);
+    assert_eq!(left[0]["open_fds"], want[0].1 as u64, "{}", left[0]);
+    let left_ts = left[0]["ts"].as_f64().unwrap();
+    assert!(
+        left_ts >= left_at - 0.1,
+        "left at {left_ts}, moved at {left_at}"
+    );
+    // Not reported between its move out and its move back in.
+    let times = report_times(&objs, leaver.pid());
+    assert!(
+        times.iter().any(|&t| t < left_ts),
+        "reported before: {times:?}"
+    );
+    assert!(
+        !times.iter().any(|&t| t > left_ts && t < back_at),
+        "reported while out of the selection (left {left_ts}, back {back_at}): {times:?}"
+    );
+    assert!(
+        times.iter().any(|&t| t > back_at),
+        "traced again: {times:?}"
+    );
+    assert!(
+        report_times(&objs, comer.pid())
+            .iter()
+            .all(|&t| t > left_at - 0.1),
+        "the comer was reported before it came in"
+    );
+    for (pid, n) in want {
+        let o = last_of(&reps, pid);
+        assert_eq!(o["open_fds"].as_u64(), Some(n as u64), "pid {pid}: {o}");
+        assert_eq!(o["drift"].as_i64(), Some(0), "pid {pid}: {o}");
+    }
+    drift_never_twice(&reps);
+}
+
+/// Unix time now, as fdtrace's `ts`.
+fn sinks_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+#[test]
+fn a_container_started_after_fdtrace_is_selected() {
+    fdtrace_tests::require_root();
+    // docker-shaped cgroups made after fdtrace started: the one the prefix
+    // names and another.
+    let id = format!("fade{}", &random_id()[..60]);
+    let other = format!("beef{}", &random_id()[..60]);
+    let ft = Live::start(&["--container", &id[..16], "--duration", "5s"]);
+    let cg = HandMadeCgroup::new(&format!("/docker/{id}")).expect("cgroup");
+    let cg_other = HandMadeCgroup::new(&format!("/docker/{other}")).expect("cgroup");
+    let inside = Holder::start(9);
+    cg.add(inside.pid()).expect("move in");
+    let outside = Holder::start(4);
+    cg_other.add(outside.pid()).expect("move in");
+    thread::sleep(Duration::from_millis(1000));
+    // Started in the container once it is selected: the kernel's.
+    let later = Holder::start(6);
+    cg.add(later.pid()).expect("move in");
+    thread::sleep(Duration::from_millis(1500));
+    let want = [
+        (inside.pid(), proc_count(inside.pid())),
+        (later.pid(), proc_count(later.pid())),
+    ];
+    let (objs, stderr) = ft.finish();
+    assert!(
+        stderr.contains(&format!("--container {}", &id[..16])) && stderr.contains("yet"),
+        "said that nothing matches yet: {stderr}"
+    );
+    let reps = reports(&objs);
+    let reported: BTreeSet<u64> = reps.values().flat_map(|r| r.keys().copied()).collect();
+    assert_eq!(
+        reported,
+        BTreeSet::from([u64::from(inside.pid()), u64::from(later.pid())]),
+        "the container's processes only (outside: {})",
+        outside.pid()
+    );
+    for (pid, n) in want {
+        let o = last_of(&reps, pid);
+        assert_eq!(o["open_fds"].as_u64(), Some(n as u64), "pid {pid}: {o}");
+        assert_eq!(o["drift"].as_i64(), Some(0), "pid {pid}: {o}");
+        assert_eq!(o["container_id"], id.as_str(), "{o}");
+    }
+    drift_never_twice(&reps);
+}
+
 /// A parent holding 300 close-on-exec fds forks a child every 10 ms
 /// (each sleeps holding its copy of the table) until told to stop; it
 /// prints each child's pid. `stop` stops the forks, and dropping it ends

@@ -32,11 +32,17 @@
 //!   open() returns must have that very stack (py-spy leaves out a thread's
 //!   outermost frame, `Thread._bootstrap`);
 //! - in the agent, `fetch_data_wrong` at its `@leak` line is the site of the
-//!   leaked sockets (one per request, the number the agent made, but for
-//!   at most two made before fdtrace had found the interpreter), named from
+//!   leaked sockets, exactly one per request the agent made, named from
 //!   the socket's first use (httpx creates it in a helper task, where none
 //!   of the user's frames are on the stack), via httpx; `fetch_data_right`
-//!   (one shared client) does not leak;
+//!   (one shared client) does not leak; fdtrace's sites of the agent hold
+//!   exactly the sockets /proc/PID/fd shows (to the server: one per request
+//!   and the shared client's; in all: those and the event loop's
+//!   socketpair). The agent exec'd while fdtrace ran, and fds a process
+//!   makes before fdtrace has found its interpreter have native stacks
+//!   only (the exec event waits while a report runs, seconds on a loaded
+//!   machine): the test lets the agent begin its requests once fdtrace's
+//!   kernel map PY_LAYOUTS holds the agent's pid (bpftool);
 //! - no `notice` for any of these processes.
 //!
 //! Under 3.10: exactly one `notice` in the whole run, for that process, with
@@ -45,7 +51,7 @@
 //! Interpreters come from pyenv (`$PYENV_ROOT`, else `pyenv root`, else
 //! ~/.pyenv) and Debian's package; httpx and py-spy from a venv per
 //! interpreter (tests/python/venv.sh). A missing one fails its test, naming
-//! what to install. Needs root, like the other tests.
+//! what to install; so does bpftool. Needs root, like the other tests.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -125,6 +131,12 @@ struct Prog {
     /// what it printed.
     agent_requests: Option<(f64, u64)>,
     agent_out: String,
+    /// When the test let the agent begin its requests (fdtrace held its
+    /// layout in the kernel then).
+    agent_go: Option<f64>,
+    /// The agent's sockets in /proc when it said `done`: (TCP to the
+    /// server, all).
+    agent_sockets: Option<(usize, usize)>,
     /// py-spy's stack of the FIFO thread while it was blocked in open().
     fifo_stack: Option<Result<Vec<String>, String>>,
     /// The fds of the file report_a and report_b share, in /proc, at idle.
@@ -142,6 +154,8 @@ struct Run {
     args: Vec<String>,
     /// Set when the run itself could not be made.
     fatal: Option<String>,
+    /// keepalive_server.py's port.
+    port: u16,
 }
 
 /// Kills what it holds when dropped (also on a failed run).
@@ -223,6 +237,7 @@ fn make_run() -> Run {
         notes: Vec::new(),
         args: Vec::new(),
         fatal: None,
+        port: 0,
     };
     let mut reaper = Reaper::default();
     if let Err(e) = run_into(&mut run, &mut reaper) {
@@ -293,6 +308,9 @@ fn run_into(run: &mut Run, reaper: &mut Reaper) -> Result<(), String> {
             ));
         }
     };
+    run.port = port
+        .parse()
+        .map_err(|_| format!("keepalive_server.py's port {port:?}"))?;
     let url = format!("http://127.0.0.1:{port}/data");
 
     let mut script = String::new();
@@ -368,6 +386,8 @@ fn run_into(run: &mut Run, reaper: &mut Reaper) -> Result<(), String> {
     let until = Instant::now() + Duration::from_secs(DURATION_S + 20);
     // The FIFOs opened for writing, held until the run ends.
     let mut writers: Vec<File> = Vec::new();
+    // The id of fdtrace's PY_LAYOUTS map, once found.
+    let mut layouts_map = None;
     // Bytes of each program's events file already read.
     let mut seen: HashMap<&'static str, usize> = HashMap::new();
     // The programs hold fdtrace's stdout open after it ends (they share
@@ -376,7 +396,16 @@ fn run_into(run: &mut Run, reaper: &mut Reaper) -> Result<(), String> {
     let mut drain_until = None;
     loop {
         let got = rx.recv_timeout(Duration::from_millis(100));
-        poll_programs(run, reaper, &dir, &spy_venv, &mut seen, &mut writers)?;
+        let fdtrace_pid = reaper.children.last().expect("fdtrace").id();
+        poll_programs(
+            run,
+            reaper,
+            &dir,
+            &spy_venv,
+            &mut seen,
+            &mut writers,
+            (fdtrace_pid, &mut layouts_map),
+        )?;
         match got {
             Ok((Some(line), _)) => match serde_json::from_str::<Value>(&line) {
                 Ok(v) if v.is_object() => run.events.push(v),
@@ -415,6 +444,8 @@ fn run_into(run: &mut Run, reaper: &mut Reaper) -> Result<(), String> {
 
 /// Reads what the programs wrote since the last call: sites.py's events
 /// (DIR/LABEL/events) and its agent's `done` line (DIR/LABEL/agent.out).
+/// Lets each agent begin its requests (DIR/LABEL/agent.go) once fdtrace
+/// (pid `fdtrace.0`) holds its interpreter's layout in the kernel.
 fn poll_programs(
     run: &mut Run,
     reaper: &mut Reaper,
@@ -422,9 +453,26 @@ fn poll_programs(
     spy_venv: &Path,
     seen: &mut HashMap<&'static str, usize>,
     writers: &mut Vec<File>,
+    fdtrace: (u32, &mut Option<u32>),
 ) -> Result<(), String> {
+    let (fdtrace_pid, layouts_map) = fdtrace;
+    let port = run.port;
     for (label, prog) in run.progs.iter_mut() {
         let d = dir.join(label);
+        if let Some(agent) = prog.agent
+            && prog.agent_go.is_none()
+        {
+            if layouts_map.is_none() {
+                *layouts_map = map_of(fdtrace_pid, "PY_LAYOUTS")?;
+            }
+            if let Some(map) = *layouts_map
+                && map_has_pid(map, agent)
+            {
+                File::create(d.join("agent.go"))
+                    .map_err(|e| format!("create {}: {e}", d.join("agent.go").display()))?;
+                prog.agent_go = Some(now_ts());
+            }
+        }
         if prog.agent.is_some()
             && prog.agent_requests.is_none()
             && let Ok(out) = std::fs::read_to_string(d.join("agent.out"))
@@ -437,6 +485,9 @@ fn poll_programs(
                         }
                         _ => None,
                     });
+            if prog.agent_requests.is_some() {
+                prog.agent_sockets = prog.agent.and_then(|a| sockets_of(a, port));
+            }
             prog.agent_out = out;
         }
         let Ok(text) = std::fs::read_to_string(d.join("events")) else {
@@ -528,6 +579,80 @@ fn fifo_stage(
     }
 }
 
+/// The id of the BPF map named `name` among those process `pid` holds
+/// (its fds' fdinfo gives their ids; bpftool their names); None when it
+/// holds none of that name yet.
+fn map_of(pid: u32, name: &str) -> Result<Option<u32>, String> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| format!("read /proc/{pid}/fd: {e}"))?;
+    for e in rd.flatten() {
+        if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() != "anon_inode:bpf-map") {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy());
+        let Some(id) = std::fs::read_to_string(&info).ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        }) else {
+            continue;
+        };
+        let out = Command::new("bpftool")
+            .args(["map", "show", "id", &id.to_string(), "--json"])
+            .output()
+            .map_err(|e| format!("run bpftool (apt-get install bpftool): {e}"))?;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if v["name"] == name {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether BPF map `map` (keyed by a u32 pid) has an entry for `pid`.
+fn map_has_pid(map: u32, pid: u32) -> bool {
+    let mut args: Vec<String> = ["map", "lookup", "id", &map.to_string(), "key"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(pid.to_le_bytes().iter().map(|b| b.to_string()));
+    Command::new("bpftool")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Sockets of `pid` from /proc/PID/fd, by what /proc/PID/net says of them:
+/// (TCP sockets connected to 127.0.0.1:`port`, all sockets).
+fn sockets_of(pid: u32, port: u16) -> Option<(usize, usize)> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let inodes: Vec<u64> = rd
+        .filter_map(|e| {
+            let l = std::fs::read_link(e.ok()?.path()).ok()?;
+            let l = l.to_str()?;
+            l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect();
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    // rem_address 0100007F:PORT (127.0.0.1, little-endian hex), inode in
+    // the tenth column.
+    let peer = format!("0100007F:{port:04X}");
+    let to_peer: HashSet<u64> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            (c.get(2) == Some(&peer.as_str())).then(|| c.get(9)?.parse().ok())?
+        })
+        .collect();
+    Some((
+        inodes.iter().filter(|i| to_peer.contains(i)).count(),
+        inodes.len(),
+    ))
+}
+
 /// How many fds of `pid` point at `path`, from /proc/PID/fd.
 fn fds_to(pid: u32, path: &Path) -> Option<usize> {
     let rd = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
@@ -564,8 +689,14 @@ impl Check<'_> {
         let _ = writeln!(s, "--- fdtrace {}", r.args.join(" "));
         let _ = writeln!(
             s,
-            "--- exit status {:?}; sites.py pid {:?}, agent {:?}, python {:?}, idle {:?}",
-            r.status, self.prog.pid, self.prog.agent, self.prog.version, self.prog.idle
+            "--- exit status {:?}; sites.py pid {:?}, agent {:?} (let go at {:?}), python {:?}, \
+             idle {:?}",
+            r.status,
+            self.prog.pid,
+            self.prog.agent,
+            self.prog.agent_go,
+            self.prog.version,
+            self.prog.idle
         );
         for n in &r.notes {
             let _ = writeln!(s, "--- note: {n}");
@@ -792,23 +923,34 @@ fn check_supported(label: &'static str) {
     if !s["via"].as_str().is_some_and(|v| v.starts_with("httpx ")) {
         c.fail(&format!("the agent's leak goes through httpx: {s}"));
     }
-    // The agent exec'd while fdtrace ran: the fds it made before fdtrace
-    // found its interpreter (libpython mapped, the exec event read, which
-    // waits while a report runs) have native stacks only, and on a loaded
-    // machine that can reach its first request or two. Every leaked socket
-    // is still counted: in this site or a native one of the same peer.
-    let open = s["open_fds"].as_u64().unwrap_or(0);
-    let peer = s["resource"].clone();
-    let native: u64 = asites
-        .iter()
-        .filter(|n| n["resource"] == peer && n.get("py_stack").is_none())
-        .filter_map(|n| n["open_fds"].as_u64())
-        .sum();
-    if !(requests.saturating_sub(2)..=requests).contains(&open) || open + native < requests {
+    // The agent began its requests once fdtrace held its interpreter's
+    // layout in the kernel (the test let it then, see poll_programs): each
+    // request's socket, first sent from fetch_data_wrong, is in this site,
+    // and fdtrace's sockets of the agent are those of /proc/PID/fd.
+    let Some((to_server, all)) = c.prog.agent_sockets else {
+        c.fail("the agent's sockets were not read from /proc when it said `done`");
+    };
+    if s["open_fds"].as_u64() != Some(requests) {
         c.fail(&format!(
-            "the agent made {requests} requests, each leaking a socket: this site holds {open} \
-             (at least {} expected), sites of that peer without a Python stack {native}: {s}",
-            requests.saturating_sub(2)
+            "the agent made {requests} requests, each leaking a socket: {s}"
+        ));
+    }
+    let sum = |f: &dyn Fn(&Value) -> bool| -> u64 {
+        asites
+            .iter()
+            .filter(|n| f(n))
+            .filter_map(|n| n["open_fds"].as_u64())
+            .sum()
+    };
+    let peer = s["resource"].clone();
+    let of_peer = sum(&|n| n["resource"] == peer);
+    let sockets = sum(&|n| n["kind"] == "socket");
+    // One a leaked client's, one the shared client's.
+    if to_server as u64 != requests + 1 || of_peer != to_server as u64 || sockets != all as u64 {
+        c.fail(&format!(
+            "/proc/{agent}/fd held {to_server} sockets to the server ({requests} requests + the \
+             shared client's) and {all} sockets in all; fdtrace's sites of {peer} hold \
+             {of_peer}, its socket sites {sockets}"
         ));
     }
     if c.leak_finding(agent, s).is_none() {

@@ -373,3 +373,101 @@ fn top_view_redraws_in_place_and_quits_to_the_summary() {
         "the summary is printed after the screen is left: {summary}"
     );
 }
+
+/// `--all` on a terminal: the screen from the first frame, even when every
+/// process of the host would fit the pane as lines.
+#[test]
+fn all_takes_the_screen_from_the_first_frame() {
+    require_root();
+    ensure_tmux();
+    let host = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter(|e| {
+            e.as_ref().is_ok_and(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+        })
+        .count();
+    // Room for every process of the host and as many again.
+    let rows = (2 * host + 50).to_string();
+    let shell = format!(
+        "{} --all --no-stacks --interval 500ms; echo fdtrace exited with $?; sleep 600",
+        fdtrace_bin().display()
+    );
+    let tmux = Tmux {
+        socket: format!("fdtrace-top-all-{}", std::process::id()),
+    };
+    tmux.tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        &PANE_COLS.to_string(),
+        "-y",
+        &rows,
+        &shell,
+    ]);
+    // Every capture until the screen shows is blank: no line output first.
+    let start = Instant::now();
+    let screen = loop {
+        let s = tmux.screen();
+        let first = s.lines().find(|l| !l.trim().is_empty());
+        match first {
+            Some(l) if l.starts_with("fdtrace ") && l.contains(" processes") => break s,
+            Some(l) => panic!("line output before the screen: {l:?}\n{s}"),
+            None => {}
+        }
+        assert!(
+            start.elapsed() < SCREEN_TIMEOUT,
+            "no screen within {SCREEN_TIMEOUT:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        screen
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("q quit")),
+        "key help on the last line: {screen}"
+    );
+    // Once a report is in, its rows are the host's processes, with counts
+    // that are /proc's (this shell of the pane holds still).
+    let shown = tmux.wait_for("a report", SCREEN_TIMEOUT, |s| {
+        s.lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(2)?.parse::<usize>().ok())
+            .is_some_and(|n| n > 10)
+    });
+    let n: usize = shown
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        n + 10 < 2 * host + 50,
+        "{n} processes fit the pane's {rows} lines"
+    );
+    tmux.keys(&["q"]);
+    let start = Instant::now();
+    let history = loop {
+        let h = tmux.history();
+        if h.contains("fdtrace exited with") {
+            break h;
+        }
+        assert!(
+            start.elapsed() < KEY_TIMEOUT,
+            "fdtrace did not end after q; the pane shows:\n{}",
+            tmux.screen()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(history.contains("fdtrace exited with 0"), "{history}");
+    assert!(history.contains("Summary ("), "{history}");
+}

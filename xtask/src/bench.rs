@@ -9,6 +9,7 @@
 
 pub mod child;
 mod extras;
+mod metrics;
 mod node;
 mod progtime;
 mod python;
@@ -91,6 +92,15 @@ pub struct Args {
     /// With --node: only these parts of it (repeatable) [default: all]
     #[arg(long, value_enum, value_name = "PART", requires = "node")]
     node_part: Vec<NodePart>,
+    /// Only the Python section: the added cost of a Python stack and of the
+    /// first-use check, under each CPython fdtrace reads
+    #[arg(long, conflicts_with = "node")]
+    python: bool,
+    /// Only the cost of `--metrics` on the synthetic node (part of --node):
+    /// `fdtrace --all` with and without it, scraped once a second, then
+    /// ten times a second
+    #[arg(long)]
+    metrics_cost: bool,
 }
 
 /// The parts of the node section.
@@ -222,8 +232,12 @@ pub fn bench(tools: &Tools, args: &Args) -> Result<ExitCode> {
     ensure_packages(args.node)?;
     child::install_signal_flag();
     child::become_subreaper();
-    let result = if args.node {
+    let result = if args.metrics_cost {
+        measure_metrics_cost(&bins, args, &ws)
+    } else if args.node {
         measure_node(&bins, args, &ws)
+    } else if args.python {
+        measure_python(&bins, args, &ws)
     } else {
         measure_and_report(&bins, args, &ws)
     };
@@ -256,6 +270,15 @@ fn measure_and_report(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
+/// The Python section alone.
+fn measure_python(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
+    let py = python::measure(bins, &ws.root, rounds, args.quick)?;
+    section_header("Python section", ws, args.quick);
+    python::print(&py);
+    Ok(())
+}
+
 /// The node section. The node watch is printed as soon as it is done:
 /// the tax and program-time parts that follow take minutes of their own.
 fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
@@ -272,7 +295,8 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
             } else {
                 node::ROUNDS
             });
-            Some(node::watch_node(bins, &mut node, args.quick, watch_rounds)?)
+            let watch = node::watch_node(bins, &mut node, args.quick, watch_rounds)?;
+            Some((watch, metrics::measure(bins, &node, rounds, args.quick)?))
         } else {
             None
         };
@@ -289,21 +313,10 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         };
         (figures, tax, progs)
     };
-    println!();
-    println!("=== fdtrace bench: node section ===");
-    println!(
-        "revision {}, kernel {}, {} CPUs{}",
-        revision(&ws.root),
-        kernel_release(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if args.quick {
-            " (--quick: a smoke check, short runs, not a measurement)"
-        } else {
-            ""
-        }
-    );
-    if let Some(f) = &figures {
+    section_header("node section", ws, args.quick);
+    if let Some((f, m)) = &figures {
         node::print(f);
+        metrics::print(m);
     }
     if let Some(t) = &tax {
         tax::print(t);
@@ -312,6 +325,35 @@ fn measure_node(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
         report::node_program_time(p);
     }
     Ok(())
+}
+
+/// The `--metrics` cost alone, on the synthetic node.
+fn measure_metrics_cost(bins: &Bins, args: &Args, ws: &Workspace) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
+    let figures = {
+        let _stats = progtime::StatsSwitch::set(false)?;
+        let node = node::start_node(bins)?;
+        metrics::measure(bins, &node, rounds, args.quick)?
+    };
+    section_header("--metrics cost", ws, args.quick);
+    metrics::print(&figures);
+    Ok(())
+}
+
+fn section_header(name: &str, ws: &Workspace, quick: bool) {
+    println!();
+    println!("=== fdtrace bench: {name} ===");
+    println!(
+        "revision {}, kernel {}, {} CPUs{}",
+        revision(&ws.root),
+        kernel_release(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if quick {
+            " (--quick: a smoke check, short runs, not a measurement)"
+        } else {
+            ""
+        }
+    );
 }
 
 /// Release builds of fdtrace (unless `given`) and fdloop.

@@ -1,9 +1,10 @@
 //! `cargo xtask image [--load]`: fdtrace's container image, built here with
 //! no base image and no registry.
 //!
-//! A static fdtrace (glibc linked in with `-C target-feature=+crt-static`:
-//! the image has no libc to link against), checked to be static, to embed
-//! its eBPF object and to run, is the one file of an OCI image
+//! The release fdtrace, which is static (glibc linked in with `-C
+//! target-feature=+crt-static`, see [`crate::tasks::RELEASE_BUILD`]: the
+//! image has no libc to link against), checked to be static, to embed its
+//! eBPF object and to run, is the one file of an OCI image
 //! `fdtrace:<version>` (entrypoint `/fdtrace`), written as an OCI archive
 //! `target/image/fdtrace-<version>.oci.tar` by [`xtask::oci`].
 //! The file is root's, mode 0755: the image runs under any uid, though the
@@ -12,7 +13,7 @@
 //! the kubelet's) and the podman found on this machine.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
@@ -20,11 +21,8 @@ use xtask::oci;
 
 use crate::proc::{self, capture};
 use crate::setup::{self, Tools};
-use crate::tasks::Workspace;
+use crate::tasks::{Workspace, build_fdtrace};
 
-/// The host target, named so that RUSTFLAGS reach only fdtrace's own
-/// crates, not build scripts and proc macros (which cannot link statically).
-const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The reference the image is imported as: what `image: fdtrace:<version>`
 /// in a pod spec resolves to.
 const REPOSITORY: &str = "docker.io/library/fdtrace";
@@ -43,7 +41,7 @@ pub struct Args {
 pub fn image(tools: &Tools, args: &Args) -> Result<ExitCode> {
     setup::setup(tools)?;
     let ws = Workspace::locate()?;
-    let bin = build_static(&ws, tools)?;
+    let bin = build_fdtrace(&ws, tools, true)?;
     let version = check_binary(&bin)?;
     let dir = ws.target_dir.join("image");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -69,28 +67,6 @@ pub fn image(tools: &Tools, args: &Args) -> Result<ExitCode> {
         load(&archive, &name)?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Builds fdtrace statically and returns the binary's path.
-fn build_static(ws: &Workspace, tools: &Tools) -> Result<PathBuf> {
-    let mut cmd = ws.cargo(
-        tools,
-        &[
-            "build",
-            "--release",
-            "--package",
-            "fdtrace",
-            "--target",
-            TARGET,
-        ],
-    )?;
-    cmd.env("RUSTFLAGS", "-C target-feature=+crt-static");
-    proc::run(&mut cmd)?;
-    let bin = ws.target_dir.join(TARGET).join("release").join("fdtrace");
-    if !bin.is_file() {
-        bail!("the build succeeded but {} is missing", bin.display());
-    }
-    Ok(bin)
 }
 
 /// Checks that the binary is static, embeds its eBPF object and runs

@@ -431,14 +431,21 @@ pub fn ensure_prometheus() -> Result<()> {
     Ok(())
 }
 
-/// The container runtimes the container tests run real containers with, and
-/// tmux for the live view's terminal test: (program, Debian package).
-const TEST_PACKAGES: [(&str, &str); 5] = [
+/// The container runtimes the container tests run real containers with,
+/// tmux for the live view's terminal test, strace for the test that counts
+/// fdtrace's reads of /proc, binutils' strip and util-linux's setpriv for the
+/// container-stack and privilege tests, bpftool for the Python sites test
+/// (it reads fdtrace's interpreter map): (program, Debian package).
+const TEST_PACKAGES: [(&str, &str); 9] = [
     ("containerd", "containerd"),
     ("ctr", "containerd"),
     ("podman", "podman"),
     ("runc", "runc"),
     ("tmux", "tmux"),
+    ("strace", "strace"),
+    ("strip", "binutils"),
+    ("setpriv", "util-linux"),
+    ("bpftool", "bpftool"),
 ];
 
 /// Installs the Debian packages of TEST_PACKAGES whose program is missing.
@@ -450,7 +457,8 @@ pub fn ensure_test_packages() -> Result<()> {
         .collect();
     missing.dedup();
     if missing.is_empty() {
-        step("test packages", "containerd, podman, runc, tmux present");
+        let programs: Vec<&str> = TEST_PACKAGES.iter().map(|&(prog, _)| prog).collect();
+        step("test packages", format!("{} present", programs.join(", ")));
         return Ok(());
     }
     let list = missing.join(" ");

@@ -84,12 +84,35 @@ pub fn build(tools: &Tools, release: bool) -> Result<()> {
     Ok(())
 }
 
+/// The release build: fdtrace linked statically, glibc included
+/// (`crt-static`), the one binary that the tests run and the image ships
+/// (`cargo xtask image`: its image has no libc). `cargo rustc` gives the
+/// flag to fdtrace's own crate only: rustc decides at the final link how
+/// std's libc is linked (its `#[link(cfg(target_feature = "crt-static"))]`
+/// attributes), so the dependencies, build scripts and eBPF object of a
+/// plain `cargo build --release` are reused as they are, not built twice.
+/// (RUSTFLAGS would also reach the proc macros, which cannot link
+/// statically; `--target` would build every dependency again.) A plain
+/// `cargo build --release -p fdtrace` after it relinks fdtrace dynamically.
+pub const RELEASE_BUILD: [&str; 9] = [
+    "rustc",
+    "--release",
+    "--package",
+    "fdtrace",
+    "--bin",
+    "fdtrace",
+    "--",
+    "-C",
+    "target-feature=+crt-static",
+];
+
 pub fn build_fdtrace(ws: &Workspace, tools: &Tools, release: bool) -> Result<PathBuf> {
-    let mut args = vec!["build", "--package", "fdtrace"];
-    if release {
-        args.push("--release");
-    }
-    proc::run(&mut ws.cargo(tools, &args)?)?;
+    let args: &[&str] = if release {
+        &RELEASE_BUILD
+    } else {
+        &["build", "--package", "fdtrace"]
+    };
+    proc::run(&mut ws.cargo(tools, args)?)?;
     let bin = ws.fdtrace_bin(release);
     if !bin.is_file() {
         bail!("the build succeeded but {} is missing", bin.display());
@@ -170,7 +193,7 @@ pub fn test(tools: &Tools) -> Result<ExitCode> {
             "-D",
             "warnings",
         ],
-        &["build", "--release", "--package", "fdtrace"],
+        &RELEASE_BUILD,
         // Every test binary runs, so the closing count covers them all.
         &[
             "test",

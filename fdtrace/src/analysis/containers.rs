@@ -7,9 +7,9 @@
 //! container's processes that exited, and a process moved to another
 //! cgroup takes only what it did after the move to its new group: each
 //! group's totals only grow, as the metrics counters need.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::{ProcessReport, Status, Totals};
+use super::{Errno, ProcessReport, Status, Totals};
 
 /// How long the totals of a group with no traced process left are kept, in
 /// case a process appears in it again (a service restarted in its cgroup):
@@ -65,8 +65,9 @@ pub struct ContainerReport {
     pub container: Option<String>,
     pub pod_uid: Option<String>,
     pub qos: Option<&'static str>,
-    /// Its traced live processes.
+    /// Its traced live processes, and their pids (ascending).
     pub processes: u64,
+    pub pids: Vec<u32>,
     pub open_fds: u64,
     /// The highest `open_fds / soft limit` of its processes, at most 1; None
     /// when none has a limit.
@@ -191,6 +192,7 @@ impl Containers {
                         pod_uid: None,
                         qos: None,
                         processes: 0,
+                        pids: Vec::new(),
                         open_fds: 0,
                         fd_usage_ratio: None,
                         leak_per_s: 0.0,
@@ -217,6 +219,7 @@ impl Containers {
             fill(&mut g.pod_uid, &who.pod_uid);
             g.qos = g.qos.or(who.qos);
             g.processes += 1;
+            g.pids.push(f.pid);
             g.open_fds += f.open_fds;
             if let Some(soft) = f.soft_limit.filter(|&l| l > 0) {
                 let ratio = (f.open_fds as f64 / soft as f64).min(1.0);
@@ -229,9 +232,22 @@ impl Containers {
             g.status = g.status.max(f.status);
             g.close_wait += p.close_wait;
         }
+        // A process left out of this report but not exited yet (found gone
+        // at this report: its exit event, or the next report, ends it)
+        // still counts in its group's totals, or they would dip for one
+        // report, which Prometheus takes for a counter reset.
+        let reported: HashSet<u32> = processes.iter().map(|p| p.figures.pid).collect();
+        for (pid, m) in &self.members {
+            if !reported.contains(pid)
+                && let Some((_, sum)) = groups.get_mut(&m.key)
+            {
+                *sum = sum.add(m.last.since(m.baseline));
+            }
+        }
         let mut out: Vec<(GroupKey, ContainerReport)> = groups
             .into_iter()
             .map(|(key, (mut g, sum))| {
+                g.pids.sort_unstable();
                 let kept = self.kept.entry(key.clone()).or_default();
                 kept.last_seen_ts = ts;
                 let t = sum.add(kept.departed);
@@ -243,6 +259,29 @@ impl Containers {
             .retain(|_, k| ts - k.last_seen_ts <= FORGET_AFTER_S);
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.into_iter().map(|(_, g)| g).collect()
+    }
+
+    /// A call of `pid` failed with EMFILE or ENFILE (`who` is its
+    /// attribution, or its parent's before its first report). The kernel's
+    /// counts at the next report include it; counted here, it is not lost
+    /// when the process exits before that report (the exit event carries
+    /// no error counts).
+    pub fn fd_error(&mut self, pid: u32, who: &Attribution, errno: Errno) {
+        let m = match self.members.get_mut(&pid) {
+            Some(m) => m,
+            None => {
+                let Some(key) = who.key() else { return };
+                self.members.entry(pid).or_insert(Member {
+                    key,
+                    last: Counters::default(),
+                    baseline: Counters::default(),
+                })
+            }
+        };
+        match errno {
+            Errno::Emfile => m.last.emfile += 1,
+            Errno::Enfile => m.last.enfile += 1,
+        }
     }
 
     /// Process `pid` exited with `totals`, attributed to `who` (its own
@@ -310,6 +349,7 @@ mod tests {
             },
             sites: Vec::new(),
             findings: Vec::new(),
+            leak_found: false,
             resync: None,
             close_wait: 0,
         }
@@ -447,6 +487,47 @@ mod tests {
         // Nothing known of it: no group.
         c.exited(98, &Attribution::default(), Totals::default());
         assert_eq!(c.kept.len(), 1);
+    }
+
+    #[test]
+    fn a_process_left_out_before_its_exit_keeps_its_totals_in_the_group() {
+        let mut c = Containers::default();
+        let w = host("/svc");
+        let a = process(10, 5, 1024, 100, Status::Ok);
+        let b = process(11, 5, 1024, 50, Status::Ok);
+        assert_eq!(report(&mut c, 1.0, &[(&a, &w), (&b, &w)])[0].opened, 150);
+        // b was found gone at this report; its exit comes after it.
+        let out = report(&mut c, 2.0, &[(&a, &w)]);
+        assert_eq!((out[0].opened, out[0].processes), (150, 1));
+        assert_eq!(out[0].pids, [10]);
+        c.exited(11, &w, Totals::default());
+        assert_eq!(report(&mut c, 3.0, &[(&a, &w)])[0].opened, 150);
+    }
+
+    #[test]
+    fn fd_errors_between_reports_stay_counted_after_the_exit() {
+        let mut c = Containers::default();
+        let w = in_pod("/kubepods/x");
+        let mut a = process(10, 5, 1024, 10, Status::Exhausted);
+        a.figures.emfile = 1;
+        let b = process(11, 5, 1024, 10, Status::Ok);
+        assert_eq!(report(&mut c, 1.0, &[(&a, &w), (&b, &w)])[0].emfile, 1);
+        // Two more failures, then the exit, before the next report.
+        c.fd_error(10, &w, Errno::Emfile);
+        c.fd_error(10, &w, Errno::Enfile);
+        c.exited(10, &w, Totals::default());
+        let out = report(&mut c, 2.0, &[(&b, &w)]);
+        assert_eq!((out[0].emfile, out[0].enfile), (2, 1));
+        // A failure of a child not reported yet, which exits unreported.
+        c.fd_error(12, &w, Errno::Emfile);
+        assert_eq!(report(&mut c, 3.0, &[(&b, &w)])[0].emfile, 3);
+        c.exited(12, &w, Totals::default());
+        assert_eq!(report(&mut c, 4.0, &[(&b, &w)])[0].emfile, 3);
+        // The kernel's count at a report includes the failures seen before.
+        c.fd_error(11, &w, Errno::Emfile);
+        let mut b2 = b.clone();
+        b2.figures.emfile = 1;
+        assert_eq!(report(&mut c, 5.0, &[(&b2, &w)])[0].emfile, 4);
     }
 
     #[test]

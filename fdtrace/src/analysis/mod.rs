@@ -24,7 +24,7 @@ pub use process::{Config, GROWING_RATE, ProcessAnalysis, fd_error_key};
 pub use rates::{Series, display_rate, seconds_to_emfile};
 pub use report::{
     Ending, Loss, Notice, ProcessFigures, ProcessReport, ProcessSummary, Report, Resync,
-    SessionEnd, SiteReport, Start, Summary, Totals,
+    SessionCounts, SessionEnd, SiteReport, Start, Summary, Totals,
 };
 pub use status::{Status, Thresholds, pct_used, status};
 

@@ -369,6 +369,7 @@ impl ProcessAnalysis {
             },
             sites: self.top_sites(self.cfg.top, s.stacks, s.python),
             findings,
+            leak_found: self.findings.iter().any(|f| f.kind == FindingKind::Leak),
             resync: s.resync,
             close_wait: self.sites.values().map(|s| s.close_wait).sum(),
         }

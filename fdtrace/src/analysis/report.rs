@@ -35,11 +35,42 @@ pub enum Resync {
     Inexact,
 }
 
+/// Since tracing began: what the kernel side lost, and the drift
+/// resyncs. Counters that only grow, for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionCounts {
+    pub lost_events: u64,
+    pub fds_map_full: u64,
+    pub procs_map_full: u64,
+    /// Processes resynced with /proc/PID/fd after a confirmed difference.
+    pub drift_resyncs: u64,
+}
+
+impl SessionCounts {
+    /// Adds what one report lost and resynced.
+    pub fn add(&mut self, losses: &[Loss], processes: &[ProcessReport]) {
+        for l in losses {
+            match *l {
+                Loss::RingBuffer { count } => self.lost_events += count,
+                Loss::FdsMapFull { count, .. } => self.fds_map_full += count,
+                Loss::ProcsMapFull { count, .. } => self.procs_map_full += count,
+            }
+        }
+        self.drift_resyncs += processes
+            .iter()
+            .filter(|p| matches!(p.resync, Some(Resync::Drift(_))))
+            .count() as u64;
+    }
+}
+
 /// One report, every traced live process.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub ts: f64,
+    /// Since the last report.
     pub losses: Vec<Loss>,
+    /// Since tracing began, this report's losses included.
+    pub counts: SessionCounts,
     pub processes: Vec<ProcessReport>,
     /// Each container (or host cgroup) with a traced process.
     pub containers: Vec<ContainerReport>,
@@ -52,6 +83,9 @@ pub struct ProcessReport {
     pub sites: Vec<SiteReport>,
     /// Findings new at this report.
     pub findings: Vec<Finding>,
+    /// A `leak` finding was made for it, at this report or before: its
+    /// sites are worth naming even while its status is ok.
+    pub leak_found: bool,
     pub resync: Option<Resync>,
     /// Its sockets in CLOSE_WAIT.
     pub close_wait: u64,
@@ -124,6 +158,9 @@ pub enum Ending {
     /// A zombie when checked: it has exited and its fds are gone, its
     /// parent has not reaped it yet.
     Zombie,
+    /// Still running, no longer traced: node mode's cgroup selection named
+    /// it, and it was moved out of the selected cgroups.
+    LeftSelection,
 }
 
 impl Ending {
@@ -132,7 +169,7 @@ impl Ending {
         match self {
             Ending::Code(c) => Some(c),
             Ending::Signal(s) => Some(128 + s),
-            Ending::Exited | Ending::Zombie => None,
+            Ending::Exited | Ending::Zombie | Ending::LeftSelection => None,
         }
     }
 }
@@ -244,4 +281,76 @@ pub struct ProcessSummary {
     pub sites: Vec<SiteReport>,
     /// Every finding, with its current figures.
     pub findings: Vec<Finding>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_counts_add_up_losses_and_drift_resyncs() {
+        let mut c = SessionCounts::default();
+        let p = |resync| ProcessReport {
+            figures: ProcessFigures {
+                pid: 1,
+                ppid: None,
+                comm: "x".into(),
+                open_fds: 0,
+                soft_limit: None,
+                hard_limit: None,
+                pct_used: None,
+                by_kind: [0; FD_KINDS],
+                preexisting: 0,
+                opened: 0,
+                closed: 0,
+                opened_per_s: 0.0,
+                closed_per_s: 0.0,
+                emfile: 0,
+                enfile: 0,
+                drift: None,
+                status: Status::Ok,
+                leak_per_s: 0.0,
+                seconds_to_emfile: None,
+                stacks_not_sampled: 0,
+                shares_fd_table: false,
+                attribution: Rc::default(),
+            },
+            sites: Vec::new(),
+            findings: Vec::new(),
+            leak_found: false,
+            resync,
+            close_wait: 0,
+        };
+        let losses = [
+            Loss::RingBuffer { count: 3 },
+            Loss::FdsMapFull {
+                count: 2,
+                max_entries: 8,
+            },
+        ];
+        c.add(
+            &losses,
+            &[
+                p(Some(Resync::Drift(-2))),
+                p(Some(Resync::Inexact)),
+                p(None),
+            ],
+        );
+        c.add(
+            &[Loss::ProcsMapFull {
+                count: 1,
+                max_entries: 4,
+            }],
+            &[p(Some(Resync::Drift(1)))],
+        );
+        assert_eq!(
+            c,
+            SessionCounts {
+                lost_events: 3,
+                fds_map_full: 2,
+                procs_map_full: 1,
+                drift_resyncs: 2,
+            }
+        );
+    }
 }

@@ -1,19 +1,26 @@
 //! Call-site stacks: user stack ids recorded by the kernel side, symbolized
-//! with blazesym while the process is alive (it reads /proc/PID/maps and the
-//! mapped files), then cached.
+//! with blazesym while the process is alive, then cached. The mapped files
+//! are read as the process sees them (see [`MappedFiles`]), so a
+//! container's binaries symbolize from its own root filesystem.
 use std::{
     collections::HashMap,
-    fs::File,
+    fs::{File, OpenOptions},
     hash::{DefaultHasher, Hash as _, Hasher as _},
     ops::Range,
-    os::unix::fs::FileExt as _,
-    path::Path,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
+    },
+    path::{Component, Path, PathBuf},
     rc::Rc,
 };
 
 use blazesym::{
     Pid,
-    symbolize::{Input, Symbolized, Symbolizer, source::Process as ProcSource, source::Source},
+    symbolize::{
+        Input, Symbolized, Symbolizer,
+        source::{Elf, Process as ProcSource, Source},
+    },
 };
 use fdtrace_common::{NO_SITE, SITE_NOT_SAMPLED, StackWindow};
 use gimli::{
@@ -40,6 +47,7 @@ pub struct Symbols {
     /// pid -> canonical stack -> symbolized frames.
     frames: HashMap<u32, HashMap<u64, Stack>>,
     cfi: CfiCache,
+    files: MappedFiles,
     not_sampled: Stack,
     /// The stacks of a process without any.
     none: HashMap<u64, Stack>,
@@ -52,6 +60,7 @@ impl Symbols {
             canon: HashMap::new(),
             frames: HashMap::new(),
             cfi: CfiCache::default(),
+            files: MappedFiles::default(),
             not_sampled: Rc::new(vec!["[not sampled: over --stack-rate]".to_string()]),
             none: HashMap::new(),
         }
@@ -151,7 +160,7 @@ impl Symbols {
         if let Ok(window) = k.windows.get(&(id as u32), 0)
             && !ips.is_empty()
         {
-            let mut rules = |pc: u64| self.cfi.rules(pid, &maps, pc);
+            let mut rules = |pc: u64| self.cfi.rules(&mut self.files, pid, &maps, pc);
             repair(&mem, &window, &mut ips, &mut rules);
         }
         if let Some(bad) = (1..ips.len()).find(|&i| !is_return_address(&mem, &maps, ips[i])) {
@@ -160,7 +169,13 @@ impl Symbols {
         ips
     }
 
-    fn symbolize(&self, pid: u32, ips: &[u64], maps: Option<&MemoryMaps>) -> Vec<String> {
+    /// Names each frame. An address in a mapped file is symbolized from
+    /// that very file, opened by [`MappedFiles`]; one in no file (the vDSO,
+    /// JIT code with a perf map) by blazesym's process source, which then
+    /// reads no file by its path in fdtrace's own root. A file that cannot
+    /// be opened as the one mapped gives "module+offset", never the names of
+    /// another file.
+    fn symbolize(&mut self, pid: u32, ips: &[u64], maps: Option<&MemoryMaps>) -> Vec<String> {
         // A return address is symbolized by its call instruction: the call
         // that ends a function (to a noreturn callee) returns into the next.
         let at: Vec<u64> = ips
@@ -168,32 +183,76 @@ impl Symbols {
             .enumerate()
             .map(|(i, &ip)| if i == 0 { ip } else { ip - 1 })
             .collect();
-        let src = Source::Process(ProcSource::new(Pid::from(pid)));
-        let syms = self
-            .symbolizer
-            .symbolize(&src, Input::AbsAddr(&at))
-            .unwrap_or_default();
-
-        ips.iter()
-            .enumerate()
-            .map(|(i, &ip)| match syms.get(i) {
-                // Only a symbol whose extent is known and holds the address:
-                // a static function of a stripped library is otherwise named
-                // after the exported symbol before it.
-                Some(Symbolized::Sym(sym)) if sym.size.is_some_and(|n| sym.offset < n) => {
-                    match &sym.code_info {
-                        Some(ci) => match ci.line {
-                            Some(line) => {
-                                format!("{} ({}:{line})", sym.name, ci.file.to_string_lossy())
-                            }
-                            None => format!("{} ({})", sym.name, ci.file.to_string_lossy()),
-                        },
-                        None => sym.name.to_string(),
+        let mut named: Vec<Option<String>> = vec![None; at.len()];
+        // Per mapped file: its path for blazesym, and (frame, file offset).
+        let mut in_files: Vec<(PathBuf, Vec<(usize, u64)>)> = Vec::new();
+        let mut anonymous: Vec<usize> = Vec::new();
+        for (i, &addr) in at.iter().enumerate() {
+            let m = maps.and_then(|m| {
+                m.iter()
+                    .find(|m| (m.address.0..m.address.1).contains(&addr))
+            });
+            match m {
+                Some(m) if matches!(m.pathname, MMapPath::Path(_)) && m.inode != 0 => {
+                    let Some(path) = self.files.open(pid, m).map(|f| f.fd_path()) else {
+                        continue;
+                    };
+                    let off = addr - m.address.0 + m.offset;
+                    match in_files.iter_mut().find(|(p, _)| *p == path) {
+                        Some((_, frames)) => frames.push((i, off)),
+                        None => in_files.push((path, vec![(i, off)])),
                     }
                 }
-                _ => module_offset(maps, ip),
-            })
+                Some(m) if matches!(m.pathname, MMapPath::Path(_)) => {}
+                _ => anonymous.push(i),
+            }
+        }
+        for (path, frames) in &in_files {
+            let offsets: Vec<u64> = frames.iter().map(|&(_, off)| off).collect();
+            let src = Source::Elf(Elf::new(path));
+            let syms = self
+                .symbolizer
+                .symbolize(&src, Input::FileOffset(&offsets))
+                .unwrap_or_default();
+            for (&(i, _), sym) in frames.iter().zip(&syms) {
+                named[i] = frame_name(sym);
+            }
+        }
+        if !anonymous.is_empty() {
+            let mut proc_src = ProcSource::new(Pid::from(pid));
+            proc_src.map_files = false;
+            let addrs: Vec<u64> = anonymous.iter().map(|&i| at[i]).collect();
+            let syms = self
+                .symbolizer
+                .symbolize(&Source::Process(proc_src), Input::AbsAddr(&addrs))
+                .unwrap_or_default();
+            for (&i, sym) in anonymous.iter().zip(&syms) {
+                named[i] = frame_name(sym);
+            }
+        }
+        named
+            .into_iter()
+            .zip(ips)
+            .map(|(name, &ip)| name.unwrap_or_else(|| module_offset(maps, ip)))
             .collect()
+    }
+}
+
+/// "function (file:line)" of a symbol whose extent is known and holds the
+/// address: a static function of a stripped library is otherwise named after
+/// the exported symbol before it.
+fn frame_name(sym: &Symbolized<'_>) -> Option<String> {
+    match sym {
+        Symbolized::Sym(sym) if sym.size.is_some_and(|n| sym.offset < n) => {
+            Some(match &sym.code_info {
+                Some(ci) => match ci.line {
+                    Some(line) => format!("{} ({}:{line})", sym.name, ci.file.to_string_lossy()),
+                    None => format!("{} ({})", sym.name, ci.file.to_string_lossy()),
+                },
+                None => sym.name.to_string(),
+            })
+        }
+        _ => None,
     }
 }
 
@@ -419,8 +478,119 @@ struct CfiCache {
     bytes: usize,
 }
 
-/// A mapped file: (device, inode).
+/// A mapped file: (device (major, minor), inode), as /proc/PID/maps shows
+/// it.
 type FileId = ((i32, i32), u64);
+
+/// Most files kept open at once; past this the cache starts over (blazesym
+/// keeps the files it parsed open on its own).
+const MAX_MAPPED_FILES: usize = 512;
+
+/// The files mapped by traced processes, each opened once as the very file
+/// mapped and kept by its (device, inode), never by its path: two
+/// containers' `/usr/lib/libc.so.6` are different files, and so are a
+/// binary and the one that replaced it at its path.
+///
+/// Each is opened `O_PATH` (no read, so a FIFO or device put at the path
+/// cannot block or act) through the first of [`candidates`] whose file
+/// has the mapping's device and inode, then read through `/proc/self/fd/N`,
+/// which reopens that file and no other. (Kernel 6.18 shows an overlayfs
+/// file in maps with the device and inode its path stats to, measured.
+/// Older kernels, before maps used `file_user_inode`, show the underlying
+/// file's device instead: there a container's files would show as
+/// module+offset, never with another file's names; not measured here.)
+#[derive(Default)]
+struct MappedFiles {
+    open: HashMap<FileId, Rc<MappedFile>>,
+}
+
+/// A mapped file, opened `O_PATH` and checked.
+struct MappedFile(File);
+
+impl MappedFile {
+    /// The path that reopens it, whatever happens to its path in the
+    /// process's root.
+    fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
+    }
+
+    /// The file opened for reading.
+    fn reopen(&self) -> Option<File> {
+        File::open(self.fd_path()).ok()
+    }
+}
+
+impl MappedFiles {
+    /// The file mapped at `m` in process `pid`, if it can be opened as that
+    /// very file. A failure is not kept: the process may have been
+    /// between two states, and another process maps the same file.
+    fn open(&mut self, pid: u32, m: &MemoryMap) -> Option<Rc<MappedFile>> {
+        let MMapPath::Path(path) = &m.pathname else {
+            return None;
+        };
+        let id = (m.dev, m.inode);
+        if let Some(f) = self.open.get(&id) {
+            return Some(f.clone());
+        }
+        let file = candidates(Path::new(PROC), pid, m.address, path)
+            .into_iter()
+            .find_map(|c| open_as(&c, id))?;
+        if self.open.len() >= MAX_MAPPED_FILES {
+            self.open.clear();
+        }
+        let file = Rc::new(MappedFile(file));
+        self.open.insert(id, file.clone());
+        Some(file)
+    }
+}
+
+/// fdtrace's own /proc: the host's pid namespace under the DaemonSet
+/// (`hostPID`), where `--host-root` mounts nothing of /proc.
+const PROC: &str = "/proc";
+
+/// Where the file mapped at `range` from `path` (as /proc/PID/maps names
+/// it) in process `pid` can be opened, best first:
+/// - `/proc/PID/map_files/START-END`, the very file (deleted, or in another
+///   mount namespace). Opening it needs CAP_SYS_ADMIN (or
+///   CAP_CHECKPOINT_RESTORE), which the DaemonSet does not grant
+///   (`map_files_get_link` in
+///   https://github.com/torvalds/linux/blob/v6.18/fs/proc/base.c);
+/// - the path under `/proc/PID/root`: in the process's own mount namespace,
+///   a container's file and not the one fdtrace's root has at that path.
+///   Only an absolute path with no `..` (the kernel's d_path never makes
+///   one; a `..` at the process's root would climb out of it into the
+///   host's tree); its symlinks, if a process swapped a directory for one,
+///   may lead anywhere, which the device and inode check catches.
+fn candidates(proc: &Path, pid: u32, range: (u64, u64), path: &Path) -> Vec<PathBuf> {
+    let (start, end) = range;
+    let mut out = vec![proc.join(format!("{pid}/map_files/{start:x}-{end:x}"))];
+    let mut parts = path.components();
+    if parts.next() == Some(Component::RootDir)
+        && parts.clone().next().is_some()
+        && parts.clone().all(|c| matches!(c, Component::Normal(_)))
+    {
+        out.push(proc.join(format!("{pid}/root")).join(parts.as_path()));
+    }
+    out
+}
+
+/// Opens `path` `O_PATH` and returns it if it is a regular file with
+/// device and inode `id`.
+fn open_as(path: &Path, id: FileId) -> Option<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    (meta.is_file() && file_id(meta.dev(), meta.ino()) == id).then_some(file)
+}
+
+/// A file's id from `st_dev` and `st_ino`, in the form of /proc/PID/maps.
+fn file_id(dev: u64, ino: u64) -> FileId {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    ((major as i32, minor as i32), ino)
+}
 
 /// Most bytes of tables kept at once (a C library's `.eh_frame` is some
 /// hundreds of KiB, a browser's tens of MiB); past this the cache starts
@@ -432,7 +602,13 @@ const MAX_CFI_SECTION: u64 = 64 << 20;
 
 impl CfiCache {
     /// The unwind rules at address `pc` of process `pid`.
-    fn rules(&mut self, pid: u32, maps: &MemoryMaps, pc: u64) -> Option<Rules> {
+    fn rules(
+        &mut self,
+        files: &mut MappedFiles,
+        pid: u32,
+        maps: &MemoryMaps,
+        pc: u64,
+    ) -> Option<Rules> {
         let m = maps.iter().find(|m| {
             (m.address.0..m.address.1).contains(&pc) && m.perms.contains(MMPermissions::EXECUTE)
         })?;
@@ -441,7 +617,7 @@ impl CfiCache {
         }
         let id = (m.dev, m.inode);
         if !self.files.contains_key(&id) {
-            let cfi = Cfi::load(pid, m);
+            let cfi = files.open(pid, m).and_then(|f| Cfi::load(f.reopen()?));
             let size = cfi.as_ref().map_or(0, |c| c.hdr.len() + c.frame.len());
             if self.bytes + size > MAX_CFI_CACHE {
                 self.files.clear();
@@ -486,19 +662,8 @@ struct Cfi {
 }
 
 impl Cfi {
-    /// Reads the tables of the file mapped at `m` in process `pid`: through
-    /// `/proc/PID/map_files`, the very file mapped (deleted, or in another
-    /// mount namespace), else by its path under the process's root.
-    fn load(pid: u32, m: &MemoryMap) -> Option<Cfi> {
-        let (a, b) = m.address;
-        let file = File::open(format!("/proc/{pid}/map_files/{a:x}-{b:x}"))
-            .or_else(|_| match &m.pathname {
-                MMapPath::Path(p) => File::open(
-                    Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap_or(p)),
-                ),
-                _ => Err(std::io::ErrorKind::NotFound.into()),
-            })
-            .ok()?;
+    /// Reads the tables of a mapped file (see [`MappedFiles`]).
+    fn load(file: File) -> Option<Cfi> {
         let cache = ReadCache::new(file);
         let elf = ElfFile64::<Endianness, _>::parse(&cache).ok()?;
         if elf.architecture() != Architecture::X86_64 || !elf.is_little_endian() {
@@ -605,6 +770,101 @@ mod tests {
 
     const RET: u64 = 0x5555_0000_1234;
     const OPEN: Range<u64> = 0x7f00_0000_8000..0x7f00_0000_8128;
+
+    #[test]
+    fn candidates_are_map_files_then_the_process_root() {
+        let proc = Path::new("/proc");
+        let c = candidates(
+            proc,
+            42,
+            (0x7f00_0000_0000, 0x7f00_0002_1000),
+            Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+        );
+        assert_eq!(
+            c,
+            [
+                PathBuf::from("/proc/42/map_files/7f0000000000-7f0000021000"),
+                PathBuf::from("/proc/42/root/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            ]
+        );
+        // A deleted file keeps its suffix: its path opens nothing, or a
+        // file the id check rejects.
+        let c = candidates(proc, 7, (0x1000, 0x2000), Path::new("/app/srv (deleted)"));
+        assert_eq!(c[1], PathBuf::from("/proc/7/root/app/srv (deleted)"));
+    }
+
+    #[test]
+    fn no_root_candidate_for_a_path_that_could_leave_the_root() {
+        let proc = Path::new("/proc");
+        for bad in ["/bin/../../etc/shadow", "relative/lib.so", "/", ""] {
+            let c = candidates(proc, 9, (0x1000, 0x2000), Path::new(bad));
+            assert_eq!(c, [PathBuf::from("/proc/9/map_files/1000-2000")], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_id_as_maps_shows_it() {
+        // 253:1 (fd:01 in maps), and a minor past 255 (its high bits sit
+        // above the major in st_dev).
+        assert_eq!(file_id(libc::makedev(253, 1), 99), ((253, 1), 99));
+        assert_eq!(file_id(libc::makedev(0, 300), 5), ((0, 300), 5));
+    }
+
+    /// This test binary's own executable mapping.
+    fn own_mapping() -> MemoryMap {
+        Process::myself()
+            .unwrap()
+            .maps()
+            .unwrap()
+            .into_iter()
+            .find(|m| {
+                m.perms.contains(MMPermissions::EXECUTE)
+                    && matches!(&m.pathname, MMapPath::Path(p)
+                        if *p == std::env::current_exe().unwrap())
+            })
+            .expect("the test binary is mapped executable")
+    }
+
+    #[test]
+    fn a_mapped_file_opens_as_itself_and_reads() {
+        let m = own_mapping();
+        let mut files = MappedFiles::default();
+        let f = files
+            .open(std::process::id(), &m)
+            .expect("own binary opens");
+        let mut head = [0u8; 4];
+        f.reopen().unwrap().read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(&head, b"\x7fELF");
+        // Kept by its id: the second lookup is the same open file.
+        let again = files.open(std::process::id(), &m).unwrap();
+        assert!(Rc::ptr_eq(&f, &again));
+    }
+
+    #[test]
+    fn a_path_holding_another_file_is_not_the_mapped_file() {
+        // The mapping's path now holds another file (a container's file of
+        // the same name, or a binary replaced since it was mapped): its
+        // device and inode differ from the mapping's, and nothing opens.
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("libc.so.6");
+        std::fs::write(&other, b"\x7fELF other").unwrap();
+        let mut m = own_mapping();
+        m.pathname = MMapPath::Path(other.clone());
+        // Not this process's mapping: map_files has no such range either.
+        m.address = (0x1000, 0x2000);
+        let mut files = MappedFiles::default();
+        assert!(files.open(std::process::id(), &m).is_none());
+        // The same path with that file's own id opens it.
+        let meta = std::fs::metadata(&other).unwrap();
+        m.dev = file_id(meta.dev(), meta.ino()).0;
+        m.inode = meta.ino();
+        assert!(files.open(std::process::id(), &m).is_some());
+        // A directory is never a mapped file, whatever its id.
+        let meta = std::fs::metadata(dir.path()).unwrap();
+        m.pathname = MMapPath::Path(dir.path().to_owned());
+        (m.dev, m.inode) = file_id(meta.dev(), meta.ino());
+        assert!(files.open(std::process::id(), &m).is_none());
+    }
 
     #[test]
     fn direct_call_into_the_function_above() {

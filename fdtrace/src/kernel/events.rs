@@ -1,7 +1,8 @@
 //! The ring buffer, drained into typed events.
 use aya::maps::{MapData, RingBuf};
 use fdtrace_common::{
-    EV_ADOPT, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_RLIMIT, Event, syscalls,
+    EV_ADOPT, EV_CGROUP, EV_EMFILE, EV_ENFILE, EV_EXEC, EV_EXIT, EV_FORK, EV_LEAVE, EV_RLIMIT,
+    Event, syscalls,
 };
 
 use crate::analysis::{Errno, Totals};
@@ -42,6 +43,11 @@ pub enum KernelEvent {
     /// Node mode began tracing `pid` on its own (fork of an untraced
     /// parent, exec, move into a selected cgroup): its table is to be seeded.
     Adopt { pid: u32 },
+    /// Node mode stopped tracing `pid`, moved out of the selected cgroups,
+    /// with these last totals.
+    Leave { pid: u32, totals: Totals },
+    /// `pid` is in cgroup `id`, which node mode had not told of before.
+    Cgroup { pid: u32, id: u64 },
 }
 
 /// The events in the ring buffer now.
@@ -101,6 +107,20 @@ pub fn decode(ev: &Event) -> Option<KernelEvent> {
         }
         EV_RLIMIT => KernelEvent::Rlimit { pid: ev.tgid },
         EV_ADOPT => KernelEvent::Adopt { pid: ev.tgid },
+        // The event's comm is the mover's (it ran in the task that wrote
+        // cgroup.procs), not the process's.
+        EV_LEAVE => KernelEvent::Leave {
+            pid: ev.tgid,
+            totals: Totals {
+                open_fds: ev.live,
+                opened: ev.opened,
+                closed: ev.closed,
+            },
+        },
+        EV_CGROUP => KernelEvent::Cgroup {
+            pid: ev.tgid,
+            id: ev.site,
+        },
         _ => return None,
     })
 }

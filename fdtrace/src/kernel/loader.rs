@@ -65,6 +65,9 @@ pub struct Limits {
     pub stack_rate: u32,
     /// `NODE_*`: what the kernel side traces on its own.
     pub node: u32,
+    /// Node mode tells user space of each cgroup a process enters for the
+    /// first time (EV_CGROUP): `--container` and `--pod`.
+    pub watch_cgroups: bool,
 }
 
 impl Kernel {
@@ -327,6 +330,7 @@ fn open(limits: &Limits) -> Result<(Ebpf, Btf)> {
         .override_global("EXIT_HAS_GROUP_DEAD", &exit_has_group_dead, true)
         .override_global("NODE_MODE", &limits.node, true)
         .override_global("SELF_TGID", &std::process::id(), true)
+        .override_global("NODE_WATCH", &u32::from(limits.watch_cgroups), true)
         .map_max_entries("FDS", limits.max_fds)
         .map_max_entries("PROCS", limits.max_procs)
         .map_max_entries("STATS", limits.max_procs)

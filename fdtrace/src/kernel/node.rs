@@ -4,6 +4,11 @@
 //! then on the kernel side registers the selection's new processes itself
 //! (see fdtrace-ebpf node.rs); those it adopts without a table copy are
 //! seeded one by one ([`super::super::reconcile::attach`]).
+//!
+//! `--container` and `--pod` name containers that may start later: the
+//! kernel side tells of every cgroup a process enters for the first time
+//! (EV_CGROUP), and [`Watch`] says whether a filter names the container
+//! it is; its cgroup is then selected ([`select`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -12,11 +17,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use fdtrace_common::{NODE_ALL, NODE_CGROUPS, PROC_FOLLOW, ProcStats};
+use fdtrace_common::{NODE_ALL, NODE_CGROUPS, PROC_FOLLOW, PROC_NODE, ProcStats};
 
 use super::{Kernel, iterators, loader};
 use crate::{
-    enrich::container::{Attributor, bundle, cgroup},
+    enrich::{
+        attribution::Cgroup,
+        container::{Attributor, bundle, cgroup},
+    },
     error::Fatal,
     procfd::{self, ProcFd},
 };
@@ -32,6 +40,74 @@ pub enum Selection {
     /// The processes of these cgroup v2 paths (as in `/proc/PID/cgroup`)
     /// and below.
     Cgroups(Vec<String>),
+}
+
+/// The `--container` and `--pod` filters, for the containers that start
+/// after fdtrace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// Each `--container` prefix, with the container it names once one
+    /// was found (at start, or the first to start since): a prefix names
+    /// one container.
+    containers: Vec<(String, Option<String>)>,
+    /// Each `--pod` as (namespace, name).
+    pods: Vec<(String, String)>,
+    /// Prefixes already said to start the id of a second container.
+    warned: BTreeSet<String>,
+}
+
+impl Watch {
+    /// Whether anything is watched.
+    pub fn active(&self) -> bool {
+        !self.containers.is_empty() || !self.pods.is_empty()
+    }
+
+    /// The cgroup to select for cgroup `cg`, when a filter names its
+    /// container: the container's own cgroup (the one its id names; a
+    /// container may make cgroups below it).
+    pub fn wants(&mut self, cg: &Cgroup) -> Option<String> {
+        let id = cg.info.container_id.as_deref()?;
+        let mut named = false;
+        for (prefix, bound) in &mut self.containers {
+            match bound {
+                Some(b) if b == id => named = true,
+                Some(b)
+                    if id.starts_with(prefix.as_str()) && self.warned.insert(prefix.clone()) =>
+                {
+                    eprintln!(
+                        "fdtrace: --container {prefix} names container {b}; \
+                         container {id}, which started since, is not selected"
+                    );
+                }
+                None if id.starts_with(prefix.as_str()) => {
+                    *bound = Some(id.to_owned());
+                    named = true;
+                }
+                Some(_) | None => {}
+            }
+        }
+        if !named {
+            let names = cg.names.as_ref().ok().and_then(|n| n.as_deref());
+            named = names.is_some_and(|n| {
+                self.pods.iter().any(|(ns, name)| {
+                    n.namespace.as_deref() == Some(ns) && n.pod.as_deref() == Some(name)
+                })
+            });
+        }
+        named.then(|| container_cgroup(&cg.info.path, id).to_owned())
+    }
+}
+
+/// The part of cgroup `path` down to the component that names container
+/// `id`: the container's own cgroup.
+fn container_cgroup<'a>(path: &'a str, id: &str) -> &'a str {
+    match path.find(id) {
+        Some(at) => {
+            let end = path[at..].find('/').map_or(path.len(), |e| at + e);
+            &path[..end]
+        }
+        None => path,
+    }
 }
 
 impl Selection {
@@ -96,9 +172,10 @@ fn under(path: &str, sel: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// The one container id of `ids` starting with `prefix`; the usage error
-/// (exit 2) names none or every match.
-fn match_container<'a>(prefix: &str, ids: &'a BTreeSet<String>) -> Result<&'a str, Fatal> {
+/// The one container id of `ids` starting with `prefix`, None when none
+/// does (it may start later); the usage error (exit 2) names every match
+/// of an ambiguous prefix.
+fn match_container<'a>(prefix: &str, ids: &'a BTreeSet<String>) -> Result<Option<&'a str>, Fatal> {
     let want = prefix.to_ascii_lowercase();
     if want.is_empty() {
         return Err(Fatal::Usage(
@@ -107,10 +184,8 @@ fn match_container<'a>(prefix: &str, ids: &'a BTreeSet<String>) -> Result<&'a st
     }
     let found: Vec<&String> = ids.iter().filter(|id| id.starts_with(&want)).collect();
     match found[..] {
-        [one] => Ok(one),
-        [] => Err(Fatal::Usage(format!(
-            "--container {prefix}: no running container has an id starting so"
-        ))),
+        [one] => Ok(Some(one)),
+        [] => Ok(None),
         _ => Err(Fatal::Usage(format!(
             "--container {prefix} is ambiguous: it starts the ids of {}; give more of the id",
             found
@@ -141,15 +216,18 @@ fn host_processes() -> Vec<(u32, Option<String>)> {
         .collect()
 }
 
-/// The selection the filters name, or None when node mode is off.
-/// `--container` and `--pod` are resolved to their cgroups now.
-pub fn selection(f: &Filters<'_>) -> Result<Option<Selection>> {
+/// The selection the filters name, or None when node mode is off, and
+/// what to watch for. `--container` and `--pod` are resolved to the
+/// cgroups of the containers running now; one that names none yet is
+/// said once on stderr, and selects its container when it starts.
+pub fn selection(f: &Filters<'_>) -> Result<Option<(Selection, Watch)>> {
     if f.all {
-        return Ok(Some(Selection::All));
+        return Ok(Some((Selection::All, Watch::default())));
     }
     if f.cgroups.is_empty() && f.containers.is_empty() && f.pods.is_empty() {
         return Ok(None);
     }
+    let mut watch = Watch::default();
     let root = v2_root(f.host_root)?;
     let mut paths = BTreeSet::new();
     for arg in f.cgroups {
@@ -176,7 +254,18 @@ pub fn selection(f: &Filters<'_>) -> Result<Option<Selection>> {
         let ids: BTreeSet<String> = containers.keys().cloned().collect();
         for prefix in f.containers {
             let id = match_container(prefix, &ids)?;
-            paths.insert(containers[id].clone());
+            match id {
+                Some(id) => {
+                    paths.insert(container_cgroup(&containers[id], id).to_owned());
+                }
+                None => eprintln!(
+                    "fdtrace: --container {prefix}: no running container has an id starting so \
+                     yet; it is traced when it starts"
+                ),
+            }
+            watch
+                .containers
+                .push((prefix.to_ascii_lowercase(), id.map(str::to_owned)));
         }
         if !f.pods.is_empty() {
             let mut attr = Attributor::new(f.host_root, "/proc");
@@ -188,20 +277,24 @@ pub fn selection(f: &Filters<'_>) -> Result<Option<Selection>> {
                     if names.is_some_and(|n| {
                         n.namespace.as_deref() == Some(ns) && n.pod.as_deref() == Some(name)
                     }) {
-                        paths.insert(path.clone());
+                        paths.insert(container_cgroup(path, id).to_owned());
                         found = true;
                     }
                 }
                 if !found {
-                    return Err(Fatal::Usage(format!(
-                        "--pod {pod}: no running container's bundle names this pod"
-                    ))
-                    .into());
+                    eprintln!(
+                        "fdtrace: --pod {pod}: no running container's bundle names this pod yet; \
+                         its containers are traced when they start"
+                    );
                 }
+                watch.pods.push((ns.to_owned(), name.to_owned()));
             }
         }
     }
-    Ok(Some(Selection::Cgroups(paths.into_iter().collect())))
+    Ok(Some((
+        Selection::Cgroups(paths.into_iter().collect()),
+        watch,
+    )))
 }
 
 /// Starts node mode: gives the kernel side the selected cgroups, registers
@@ -217,15 +310,7 @@ pub fn start(
     if let Selection::Cgroups(paths) = sel {
         let root = v2_root(host_root)?;
         for path in paths {
-            let dir = root.join(path.trim_start_matches('/'));
-            // The cgroup id the kernel reads (kernfs_node.id) is the
-            // directory's inode number.
-            let id = fs::metadata(&dir)
-                .with_context(|| format!("reading cgroup {}", dir.display()))?
-                .ino();
-            k.node_cgroups
-                .insert(id, 1, 0)
-                .with_context(|| format!("selecting cgroup {path}"))?;
+            select_id(k, &root, path)?;
         }
     }
     let me = std::process::id();
@@ -241,7 +326,7 @@ pub fn start(
         if !chosen {
             continue;
         }
-        match k.register(pid, &ProcStats::new(pid, PROC_FOLLOW)) {
+        match k.register(pid, &ProcStats::new(pid, PROC_FOLLOW | PROC_NODE)) {
             Ok(_) => registered.push(pid),
             Err(e) => {
                 // Full: the kernel's map-full counter reports the rest.
@@ -269,6 +354,75 @@ pub fn start(
     }
     Ok(out)
 }
+
+/// Puts cgroup `path`'s id in the kernel side's selection.
+fn select_id(k: &mut Kernel, root: &Path, path: &str) -> Result<PathBuf> {
+    let dir = root.join(path.trim_start_matches('/'));
+    // The cgroup id the kernel reads (kernfs_node.id) is the directory's
+    // inode number.
+    let id = fs::metadata(&dir)
+        .with_context(|| format!("reading cgroup {}", dir.display()))?
+        .ino();
+    k.node_cgroups
+        .insert(id, 1, 0)
+        .with_context(|| format!("selecting cgroup {path}"))?;
+    Ok(dir)
+}
+
+/// Most cgroups below a selected one whose processes are listed.
+const MAX_SELECTED_DIRS: usize = 4096;
+
+/// Selects cgroup `path` (a container that started after fdtrace), then
+/// registers the processes in it and below, not traced yet: those that
+/// entered before the kernel side knew the cgroup was selected. Those that
+/// enter after are the kernel side's. Returns the pids registered, to be
+/// seeded.
+pub fn select(k: &mut Kernel, host_root: &Path, path: &str) -> Result<Vec<u32>> {
+    let root = v2_root(host_root)?;
+    let dir = select_id(k, &root, path)?;
+    let me = std::process::id();
+    let mut registered = Vec::new();
+    let mut stack = vec![dir];
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        seen += 1;
+        if seen > MAX_SELECTED_DIRS {
+            eprintln!(
+                "fdtrace: cgroup {path} has more than {MAX_SELECTED_DIRS} cgroups below it: \
+                 the processes of the others are traced from their next fork or move"
+            );
+            break;
+        }
+        // Gone meanwhile (the container stopped): nothing to trace.
+        let Ok(procs) = bundle::read_bounded(&dir.join("cgroup.procs"), MAX_CGROUP_PROCS) else {
+            continue;
+        };
+        for pid in String::from_utf8_lossy(&procs)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+        {
+            if pid == me || loader::is_kernel_thread(pid) {
+                continue;
+            }
+            // Ok(false): traced already (adopted by the kernel side).
+            if k.register(pid, &ProcStats::new(pid, PROC_FOLLOW | PROC_NODE))? {
+                registered.push(pid);
+            }
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Ok(registered)
+}
+
+/// Largest `cgroup.procs` read: a pid a line, a busy container's few
+/// thousand.
+const MAX_CGROUP_PROCS: u64 = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -302,14 +456,84 @@ mod tests {
             .into_iter()
             .map(String::from)
             .collect();
-        assert_eq!(match_container("abc", &ids).unwrap(), "abc123");
-        assert_eq!(match_container("FF", &ids).unwrap(), "ff00");
+        assert_eq!(match_container("abc", &ids).unwrap(), Some("abc123"));
+        assert_eq!(match_container("FF", &ids).unwrap(), Some("ff00"));
         let err = match_container("ab", &ids).unwrap_err().to_string();
         assert!(
             err.contains("ambiguous") && err.contains("abc123") && err.contains("abd456"),
             "{err}"
         );
-        assert!(matches!(match_container("zz", &ids), Err(Fatal::Usage(_))));
+        assert_eq!(
+            match_container("zz", &ids).unwrap(),
+            None,
+            "may start later"
+        );
         assert!(matches!(match_container("", &ids), Err(Fatal::Usage(_))));
+    }
+
+    #[test]
+    fn a_container_is_its_own_cgroup_not_one_below() {
+        let id = "5f68f626d2ff4d67bbd3a38f89148d2772aa77f0df1417739d24ed7c1f202b81";
+        assert_eq!(
+            container_cgroup(&format!("/kubepods/pod1/{id}/init.scope"), id),
+            format!("/kubepods/pod1/{id}")
+        );
+        assert_eq!(
+            container_cgroup(&format!("/system.slice/docker-{id}.scope"), id),
+            format!("/system.slice/docker-{id}.scope")
+        );
+        assert_eq!(container_cgroup("/x", id), "/x");
+    }
+
+    fn cg(path: &str, id: Option<&str>, pod: Option<(&str, &str)>) -> Cgroup {
+        let mut info = cgroup::parse_path(path).unwrap();
+        info.container_id = id.map(str::to_owned);
+        let names = pod.map(|(ns, name)| {
+            std::sync::Arc::new(bundle::Names {
+                source: bundle::Source::Storage,
+                namespace: Some(ns.into()),
+                pod: Some(name.into()),
+                pod_uid: None,
+                container: None,
+                sandbox: false,
+            })
+        });
+        Cgroup {
+            info,
+            names: Ok(names),
+        }
+    }
+
+    #[test]
+    fn the_watch_binds_a_prefix_to_one_container_and_names_pods() {
+        let a = format!("abc{}", "1".repeat(61));
+        let b = format!("abc{}", "2".repeat(61));
+        let c = format!("ccc{}", "3".repeat(61));
+        let mut w = Watch {
+            containers: vec![("abc".into(), None)],
+            pods: vec![("shop".into(), "web-0".into())],
+            warned: BTreeSet::new(),
+        };
+        assert!(w.active());
+        let path_a = format!("/docker/{a}");
+        assert_eq!(w.wants(&cg(&path_a, Some(&a), None)), Some(path_a.clone()));
+        // Again (another process, or told again): still that one.
+        assert_eq!(w.wants(&cg(&path_a, Some(&a), None)), Some(path_a));
+        // A second container the prefix starts: not selected.
+        assert_eq!(w.wants(&cg(&format!("/docker/{b}"), Some(&b), None)), None);
+        assert!(w.warned.contains("abc"));
+        // A pod's container, by its bundle's names.
+        let path_c = format!("/kubepods/pod1/{c}");
+        assert_eq!(
+            w.wants(&cg(&path_c, Some(&c), Some(("shop", "web-0")))),
+            Some(path_c.clone())
+        );
+        assert_eq!(
+            w.wants(&cg(&path_c, Some(&c), Some(("shop", "web-1")))),
+            None
+        );
+        // No container: nothing to select.
+        assert_eq!(w.wants(&cg("/system.slice/x.service", None, None)), None);
+        assert!(!Watch::default().active());
     }
 }

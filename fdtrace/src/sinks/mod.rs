@@ -6,6 +6,7 @@ mod ndjson;
 pub mod records;
 mod terminal;
 mod top;
+mod warnings;
 
 use std::io;
 
@@ -13,6 +14,7 @@ pub use metrics::{Bounds as MetricsBounds, Metrics};
 pub use ndjson::Ndjson;
 pub use terminal::Terminal;
 pub use top::{Console, Top};
+pub use warnings::Warnings;
 
 use crate::analysis::{Notice, Report, Start, Summary};
 

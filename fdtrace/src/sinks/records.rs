@@ -196,17 +196,27 @@ pub struct ExitRecord {
     pub signal: Option<i32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zombie: bool,
+    /// Moved out of node mode's selected cgroups: still running, no longer
+    /// traced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub left_selection: bool,
 }
 
 /// The `exit_code`, `signal` and `zombie` fields: how a process ended,
-/// where fdtrace knows more than that it exited.
+/// where fdtrace knows more than that it exited (or that it left the
+/// selection: see [`left`]).
 fn ending_fields(e: Option<Ending>) -> (Option<i32>, Option<i32>, bool) {
     match e {
         Some(Ending::Code(c)) => (Some(c), None, false),
         Some(Ending::Signal(s)) => (None, Some(s), false),
         Some(Ending::Zombie) => (None, None, true),
-        Some(Ending::Exited) | None => (None, None, false),
+        Some(Ending::Exited | Ending::LeftSelection) | None => (None, None, false),
     }
+}
+
+/// Whether the process left node mode's selection rather than ended.
+fn left(e: Option<Ending>) -> bool {
+    e == Some(Ending::LeftSelection)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -267,6 +277,9 @@ pub struct SummaryRecord {
 pub enum ProcessState {
     Running,
     Exited,
+    /// Moved out of node mode's selected cgroups: running, not traced.
+    #[serde(rename = "left_selection")]
+    LeftSelection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -531,6 +544,7 @@ impl From<&Notice> for Record {
                     exit_code,
                     signal,
                     zombie,
+                    left_selection: left(Some(*ending)),
                 })
             }
             Notice::FdError {
@@ -582,7 +596,9 @@ impl From<&ProcessSummary> for SummaryProcess {
             zombie,
             pid: p.pid,
             comm: p.comm.clone(),
-            state: if p.exited {
+            state: if left(p.ending) {
+                ProcessState::LeftSelection
+            } else if p.exited {
                 ProcessState::Exited
             } else {
                 ProcessState::Running
@@ -839,10 +855,12 @@ mod tests {
         let report = Report {
             ts: 5.0,
             losses: vec![Loss::RingBuffer { count: 3 }],
+            counts: Default::default(),
             processes: vec![ProcessReport {
                 figures: figures(),
                 sites: vec![site],
                 findings: vec![crate::analysis::close_wait("abc", "tcp 1.2.3.4:5", 1, 5.0)],
+                leak_found: false,
                 resync: Some(crate::analysis::Resync::Drift(-1)),
                 close_wait: 0,
             }],
@@ -880,6 +898,7 @@ mod tests {
             pod_uid: None,
             qos: None,
             processes: 2,
+            pids: vec![7, 9],
             open_fds: 30,
             fd_usage_ratio: Some(2.0 / 3.0),
             leak_per_s: -0.0001,
@@ -894,6 +913,7 @@ mod tests {
         let report = Report {
             ts: 5.0,
             losses: Vec::new(),
+            counts: Default::default(),
             processes: Vec::new(),
             containers: vec![c],
         };
@@ -964,8 +984,9 @@ mod tests {
         assert_eq!(exit(Ending::Code(7))["exit_code"], 7);
         assert_eq!(exit(Ending::Signal(9))["signal"], 9);
         assert_eq!(exit(Ending::Zombie)["zombie"], true);
+        assert_eq!(exit(Ending::LeftSelection)["left_selection"], true);
         let plain = exit(Ending::Exited);
-        for f in ["exit_code", "signal", "zombie"] {
+        for f in ["exit_code", "signal", "zombie", "left_selection"] {
             assert!(plain.get(f).is_none(), "{f} in {plain}");
         }
     }

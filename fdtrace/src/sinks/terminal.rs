@@ -137,25 +137,24 @@ impl<W: Write> Terminal<W> {
     }
 
     fn loss(&mut self, ts: f64, l: &Loss) -> io::Result<()> {
-        let (map, count, max_entries, flag) = match *l {
-            Loss::RingBuffer { count } => {
-                return writeln!(
-                    self.out,
-                    "{:<8} warning: {count} events lost (ring buffer full); counts stay exact, fork/exec/exit notices may be missing",
-                    clock(ts)
-                );
-            }
-            Loss::FdsMapFull { count, max_entries } => ("fds", count, max_entries, "--max-fds"),
-            Loss::ProcsMapFull { count, max_entries } => {
-                ("procs", count, max_entries, "--max-procs")
-            }
-        };
-        writeln!(
-            self.out,
-            "{:<8} warning: the {map} map is full ({max_entries} entries): {count} not tracked; raise {flag}",
-            clock(ts)
-        )
+        writeln!(self.out, "{:<8} {}", clock(ts), loss_warning(l))
     }
+}
+
+/// The warning line of a loss (the terminal's, and stderr's under --quiet).
+pub fn loss_warning(l: &Loss) -> String {
+    let (map, count, max_entries, flag) = match *l {
+        Loss::RingBuffer { count } => {
+            return format!(
+                "warning: {count} events lost (ring buffer full); counts stay exact, fork/exec/exit notices may be missing"
+            );
+        }
+        Loss::FdsMapFull { count, max_entries } => ("fds", count, max_entries, "--max-fds"),
+        Loss::ProcsMapFull { count, max_entries } => ("procs", count, max_entries, "--max-procs"),
+    };
+    format!(
+        "warning: the {map} map is full ({max_entries} entries): {count} not tracked; raise {flag}"
+    )
 }
 
 impl<W: Write> Sink for Terminal<W> {
@@ -427,6 +426,7 @@ fn ending_text(e: Option<Ending>) -> String {
         Some(Ending::Code(c)) => format!("exited with code {c}"),
         Some(Ending::Signal(s)) => format!("killed by signal {s}"),
         Some(Ending::Zombie) => "zombie (exited, not reaped)".into(),
+        Some(Ending::LeftSelection) => "left the selected cgroups (no longer traced)".into(),
         Some(Ending::Exited) | None => "exited".into(),
     }
 }
@@ -435,7 +435,7 @@ fn ending_text(e: Option<Ending>) -> String {
 /// Where a Python site is in the user's code: "fetch_data_wrong
 /// (/srv/agent.py:12) via httpx AsyncClient.get"; its innermost frame when
 /// no frame is the user's.
-fn python_at(py: &PythonFrames) -> Option<String> {
+pub(super) fn python_at(py: &PythonFrames) -> Option<String> {
     match (&py.user_frame, &py.via) {
         (Some(f), Some(via)) => Some(format!("{f} via {via}")),
         (Some(f), None) => Some(f.clone()),

@@ -1,7 +1,9 @@
 //! The live view of many processes (a node, a large process tree).
 //!
 //! While a report fits the screen, the output is the line output of
-//! [`Terminal`]. Once a report holds more processes than the screen has lines:
+//! [`Terminal`]. Once a report holds more processes than the screen has lines,
+//! or from the start when the whole node is traced (`--all`, whose reports
+//! hold every process of the host however few there are now):
 //! on a terminal with a keyboard, a top-like screen redraws in place
 //! (processes ranked by risk, a container view, keys to sort, filter and
 //! quit; the summary is printed after leaving it); elsewhere (a pipe, a log,
@@ -40,7 +42,7 @@ use ratatui::{
 
 use super::{
     Sink, Terminal,
-    terminal::{clock, eta},
+    terminal::{clock, eta, python_at},
 };
 use crate::analysis::{
     GROWING_RATE, Notice, ProcessReport, Report, Start, Status, Summary, display_rate,
@@ -126,9 +128,13 @@ fn owner(a: &crate::analysis::Attribution) -> Option<String> {
 pub fn row(p: &ProcessReport) -> ProcRow {
     let f = &p.figures;
     // Sites come fastest-growing first (analysis::process); one that does
-    // not grow still says what the process holds most.
+    // not grow still says what the process holds most. A Python site also
+    // says where in the user's code (the text is the process's own).
     let site = p.sites.first().map(|s| {
-        let what = format!("{} {}", s.kind.name(), printable(&s.resource));
+        let mut what = format!("{} {}", s.kind.name(), printable(&s.resource));
+        if let Some(at) = s.python.as_deref().and_then(python_at) {
+            what = format!("{what} at {}", printable(&at));
+        }
         if s.leak_per_s >= GROWING_RATE {
             format!("{:+.1}/s {what}", display_rate(s.leak_per_s))
         } else {
@@ -443,6 +449,14 @@ impl View {
         ));
     }
 
+    /// A line fdtrace wrote to stderr while the screen was shown.
+    fn message(&mut self, line: &str) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(printable(line).into_owned());
+    }
+
     /// What notices change on the screen: counts and findings.
     fn notice(&mut self, n: &Notice) {
         match n {
@@ -678,6 +692,71 @@ struct Screen {
     live: Arc<Mutex<Live>>,
     stop: Arc<AtomicBool>,
     keys: Option<thread::JoinHandle<()>>,
+    stderr: Option<Stderr>,
+}
+
+/// Most stderr lines kept for after the screen: fdtrace's warnings are
+/// each said once, so a session says far fewer.
+const STDERR_KEPT: usize = 1000;
+
+/// fdtrace's stderr while the screen is shown: a line written to the
+/// terminal meanwhile would scroll the screen, so fd 2 is a pipe, whose
+/// lines go to the bottom of the screen and, once it is left, to the real
+/// stderr.
+struct Stderr {
+    /// The real stderr, put back on leaving.
+    saved: std::os::fd::OwnedFd,
+    reader: thread::JoinHandle<Vec<String>>,
+}
+
+impl Stderr {
+    fn capture(live: &Arc<Mutex<Live>>) -> io::Result<Stderr> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        let (rx, tx) = io::pipe()?;
+        // SAFETY: dup of fd 2, which is open; the new fd is owned here.
+        let saved = unsafe { libc::dup(libc::STDERR_FILENO) };
+        if saved < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: saved is a fresh fd of this process.
+        let saved = unsafe { std::os::fd::OwnedFd::from_raw_fd(saved) };
+        let live = Arc::clone(live);
+        let reader = thread::Builder::new()
+            .name("fdtrace-stderr".into())
+            .spawn(move || {
+                let mut kept = Vec::new();
+                for line in io::BufRead::lines(io::BufReader::new(rx)) {
+                    let Ok(line) = line else { break };
+                    live.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .view
+                        .message(&line);
+                    if kept.len() < STDERR_KEPT {
+                        kept.push(line);
+                    }
+                }
+                kept
+            })?;
+        // SAFETY: both fds are open; fd 2 becomes the pipe (tx is closed
+        // when dropped, the pipe stays open through fd 2).
+        if unsafe { libc::dup2(tx.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Stderr { saved, reader })
+    }
+
+    /// The real stderr back, then what was written meanwhile.
+    fn restore(self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: both fds are open. fd 2 was the pipe's last writer: the
+        // reader sees its end.
+        unsafe { libc::dup2(self.saved.as_raw_fd(), libc::STDERR_FILENO) };
+        if let Ok(lines) = self.reader.join() {
+            for l in lines {
+                eprintln!("{l}");
+            }
+        }
+    }
 }
 
 struct Live {
@@ -709,11 +788,19 @@ impl Screen {
             live,
             stop,
             keys: None,
+            stderr: None,
         };
         match keys {
             Ok(k) => screen.keys = Some(k),
             Err(e) => {
                 let _ = ratatui::try_restore();
+                return Err(e);
+            }
+        }
+        match Stderr::capture(&screen.live) {
+            Ok(c) => screen.stderr = Some(c),
+            Err(e) => {
+                screen.leave()?;
                 return Err(e);
             }
         }
@@ -748,7 +835,11 @@ impl Screen {
         // The reader wakes within KEY_POLL; a panic in it has been reported
         // by the panic hook already.
         let _ = keys.join();
-        ratatui::try_restore()
+        let restored = ratatui::try_restore();
+        if let Some(c) = self.stderr.take() {
+            c.restore();
+        }
+        restored
     }
 }
 
@@ -864,6 +955,8 @@ pub struct Top<W: Write> {
     /// Changed mode: forks and exits since the last report.
     forks: u64,
     exits: u64,
+    /// Leave the whole line output at the start ([`Top::whole_node`]).
+    whole_node: bool,
 }
 
 impl<W: Write> Top<W> {
@@ -878,7 +971,18 @@ impl<W: Write> Top<W> {
             last: HashMap::new(),
             forks: 0,
             exits: 0,
+            whole_node: false,
         }
+    }
+
+    /// The whole node is traced: the screen (or, without a keyboard, the
+    /// changed-or-at-risk lines) from the start, before the first report,
+    /// rather than once a report outgrows the screen: a node's process
+    /// count is not known in advance, and a view that changed shape the
+    /// moment a few processes started would be the worse for it.
+    pub fn whole_node(mut self) -> Self {
+        self.whole_node = true;
+        self
     }
 
     /// Processes a report of the line output has room for.
@@ -917,6 +1021,7 @@ impl<W: Write> Top<W> {
         self.lines.report(&Report {
             ts: r.ts,
             losses: r.losses.clone(),
+            counts: r.counts,
             processes: shown,
             containers: r.containers.clone(),
         })
@@ -925,7 +1030,19 @@ impl<W: Write> Top<W> {
 
 impl<W: Write> Sink for Top<W> {
     fn start(&mut self, s: &Start) -> io::Result<()> {
-        self.lines.start(s)
+        self.lines.start(s)?;
+        if !self.whole_node {
+            return Ok(());
+        }
+        self.mode = Mode::Changed;
+        if self.console.keyboard {
+            self.lines.flush()?;
+            match Screen::enter(std::mem::take(&mut self.view)) {
+                Ok(screen) => self.mode = Mode::Screen(screen),
+                Err(e) => eprintln!("fdtrace: cannot take the terminal ({e}); line output"),
+            }
+        }
+        Ok(())
     }
 
     fn notice(&mut self, n: &Notice) -> io::Result<()> {
@@ -1013,6 +1130,7 @@ mod tests {
         let limit = 1024;
         ProcessReport {
             close_wait: 0,
+            leak_found: false,
             figures: ProcessFigures {
                 attribution: Default::default(),
                 pid,
@@ -1093,6 +1211,25 @@ mod tests {
         );
         p.sites.clear();
         assert_eq!(row(&p).site, None);
+    }
+
+    #[test]
+    fn a_python_row_names_the_user_frame_and_the_library_call() {
+        let mut p = proc(7, "python3", Status::Critical, 174, 8.0, Some(106.0));
+        let mut s = site("tcp 127.0.0.1:8080", 160, 8.0);
+        s.python = Some(std::rc::Rc::new(crate::analysis::PythonFrames {
+            stack: vec!["AsyncClient.get (/v/httpx/_client.py:1)".into()],
+            user_frame: Some("fetch_data_wrong (/srv/agent\x1b.py:12)".into()),
+            via: Some("httpx AsyncClient.get".into()),
+        }));
+        p.sites = vec![s];
+        assert_eq!(
+            row(&p).site.as_deref(),
+            Some(
+                "+8.0/s socket tcp 127.0.0.1:8080 at fetch_data_wrong (/srv/agent\\u{1b}.py:12) \
+                 via httpx AsyncClient.get"
+            )
+        );
     }
 
     #[test]
@@ -1244,6 +1381,7 @@ mod tests {
         v.report(&Report {
             ts: 1_767_225_600.0 + 3723.0,
             losses: Vec::new(),
+            counts: Default::default(),
             processes: vec![
                 proc(1, "init", Status::Ok, 12, 0.0, None),
                 leaker,
@@ -1355,6 +1493,7 @@ mod tests {
         Report {
             ts,
             losses: Vec::new(),
+            counts: Default::default(),
             processes,
             containers: Vec::new(),
         }
@@ -1369,6 +1508,42 @@ mod tests {
         assert_eq!(text.matches(" idle ").count(), 4, "{text}");
         assert_eq!(text.matches(" leaker ").count(), 2, "{text}");
         assert!(!text.contains("changed or at risk"));
+    }
+
+    #[test]
+    fn a_whole_node_prints_what_changed_from_the_first_report() {
+        let mut t = Top::new(Vec::new(), LOG).whole_node();
+        let request = crate::analysis::Request {
+            pids: Vec::new(),
+            command: None,
+            follow: false,
+            interval: Duration::from_secs(1),
+            duration: None,
+            window: Duration::from_secs(10),
+            min_age: Duration::ZERO,
+            top: 5,
+            fail_on: None,
+            stacks: false,
+            thresholds: crate::analysis::Thresholds {
+                warn_pct: 80.0,
+                crit_pct: 90.0,
+                warn_within: Duration::from_secs(3600),
+                crit_within: Duration::from_secs(300),
+            },
+        };
+        t.start(&Start { ts: 0.5, request }).unwrap();
+        // Three processes fit a screen: a node's still get the short form.
+        t.report(&node_report(1.0, 3, 20)).unwrap();
+        t.report(&node_report(2.0, 3, 21)).unwrap();
+        let text = shared_text(&t);
+        assert!(
+            text.contains("3 processes traced, 3 changed or at risk"),
+            "{text}"
+        );
+        assert!(
+            text.contains("3 processes traced, 1 changed or at risk"),
+            "only the leaker changed: {text}"
+        );
     }
 
     #[test]

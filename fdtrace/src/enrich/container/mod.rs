@@ -6,7 +6,8 @@
 //!   `/proc/PID/cgroup` ([`cgroup`]);
 //! - the pod, namespace and container names: the runtime's bundle
 //!   ([`bundle`]), read once per container and cached;
-//! - the pid inside the container: the last `NSpid` of `/proc/PID/status`.
+//! - the pid inside the container: the last `NSpid` of `/proc/PID/status`,
+//!   read once per process.
 //!
 //! The runtimes' files and the host's cgroup hierarchy are read under a
 //! host root (`--host-root`, default `/`): in a container they are mounted
@@ -65,34 +66,6 @@ pub enum StatusError {
     NoNsPid,
     #[error("bad NSpid line: {0:?}")]
     BadNsPid(String),
-}
-
-/// Who one process is.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// Its pid in the host's pid namespace (that of the `/proc` read).
-    pub pid: u32,
-    /// Its pid in its own pid namespace (the last `NSpid`), when that is not
-    /// the host's: what the application's own logs show.
-    pub pid_in_container: Option<u32>,
-    /// Its cgroup v2 path and what the path names.
-    pub cgroup: CgroupInfo,
-    /// The names of its container, when it is in one whose runtime left a
-    /// bundle; the error when that bundle could not be read.
-    pub names: Result<Option<Arc<Names>>, Arc<BundleError>>,
-}
-
-impl Identity {
-    /// The pod uid: the cgroup's, else the bundle's.
-    pub fn pod_uid(&self) -> Option<&str> {
-        self.cgroup.pod_uid.as_deref().or_else(|| {
-            self.names
-                .as_ref()
-                .ok()
-                .and_then(|n| n.as_deref())
-                .and_then(|n| n.pod_uid.as_deref())
-        })
-    }
 }
 
 /// The pids of a `/proc/PID/status` text's `NSpid` line, outermost (the
@@ -156,17 +129,10 @@ impl Attributor {
             .get_or_insert_with(|| find_ns_root(host_root, proc_root))
     }
 
-    /// Who process `pid` is. With `prev`, its identity at an earlier look, only
-    /// its cgroup is read again (a process can be moved to another at any
-    /// time), not its pids (a process's pid namespace is fixed when it is
-    /// created), and its container's names come from the cache.
-    pub fn refresh(
-        &mut self,
-        pid: u32,
-        prev: Option<&Identity>,
-    ) -> Result<Identity, IdentifyError> {
-        let proc_dir = self.proc_root.join(pid.to_string());
-        let path = proc_dir.join("cgroup");
+    /// Process `pid`'s cgroup v2 path in the host's hierarchy, and what it
+    /// names.
+    pub fn cgroup_of(&mut self, pid: u32) -> Result<CgroupInfo, IdentifyError> {
+        let path = self.proc_root.join(pid.to_string()).join("cgroup");
         let text = read_text(&path)?;
         let raw = cgroup::v2_path(&text).map_err(|source| IdentifyError::Cgroup {
             path: path.clone(),
@@ -188,27 +154,22 @@ impl Attributor {
                 .ok_or_else(|| namespace_error("it climbs above the host's root"))?,
             Err(reason) => return Err(namespace_error(reason)),
         };
-        let cgroup = cgroup::parse_path(&host_path)
-            .map_err(|source| IdentifyError::Cgroup { path, source })?;
-        let (host_pid, pid_in_container) = match prev {
-            Some(p) => (p.pid, p.pid_in_container),
-            None => {
-                let path = proc_dir.join("status");
-                let pids = parse_nspid(&read_text(&path)?)
-                    .map_err(|source| IdentifyError::Status { path, source })?;
-                (pids[0], (pids.len() > 1).then(|| pids[pids.len() - 1]))
-            }
-        };
-        let names = match &cgroup.container_id {
-            Some(id) => self.names(id, cgroup.runtime),
-            None => Ok(None),
-        };
-        Ok(Identity {
-            pid: host_pid,
-            pid_in_container,
-            cgroup,
-            names,
-        })
+        cgroup::parse_path(&host_path).map_err(|source| IdentifyError::Cgroup { path, source })
+    }
+
+    /// Process `pid`'s pid in the host's namespace (that of the `/proc`
+    /// read) and, when it is in another, its pid there.
+    pub fn pids_of(&self, pid: u32) -> Result<(u32, Option<u32>), IdentifyError> {
+        let path = self.proc_root.join(pid.to_string()).join("status");
+        let pids = parse_nspid(&read_text(&path)?)
+            .map_err(|source| IdentifyError::Status { path, source })?;
+        Ok((pids[0], (pids.len() > 1).then(|| pids[pids.len() - 1])))
+    }
+
+    /// The host's cgroup v2 hierarchy (under the host root), where a
+    /// cgroup path's directory is; None when there is none.
+    pub fn v2_root(&self) -> Option<PathBuf> {
+        cgroupns::v2_mount(&self.host_root)
     }
 
     /// The names of container `id`: from the cache, else from its bundle.
@@ -248,6 +209,13 @@ impl Attributor {
     #[cfg(test)]
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Looks container `id` up at the next call, as if RETRY_AFTER had
+    /// passed.
+    #[cfg(test)]
+    pub fn forget_miss(&mut self, id: &str) {
+        self.cache.remove(id);
     }
 }
 
@@ -335,6 +303,30 @@ mod tests {
     const ID: &str = "5f68f626d2ff4d67bbd3a38f89148d2772aa77f0df1417739d24ed7c1f202b81";
     const UID: &str = "1b2c3d4e-5f60-4718-9abc-def012345678";
 
+    /// Who a process is, as attribution reads it.
+    #[derive(Debug)]
+    struct Id {
+        pid: u32,
+        pid_in_container: Option<u32>,
+        cgroup: CgroupInfo,
+        names: Result<Option<Arc<Names>>, Arc<BundleError>>,
+    }
+
+    fn identify(a: &mut Attributor, pid: u32) -> Result<Id, IdentifyError> {
+        let cgroup = a.cgroup_of(pid)?;
+        let (pid, pid_in_container) = a.pids_of(pid)?;
+        let names = match &cgroup.container_id {
+            Some(id) => a.names(id, cgroup.runtime),
+            None => Ok(None),
+        };
+        Ok(Id {
+            pid,
+            pid_in_container,
+            cgroup,
+            names,
+        })
+    }
+
     #[test]
     fn identify_a_containerised_process() {
         let (_root, mut a) = host(
@@ -344,12 +336,12 @@ mod tests {
                 r#"{"annotations":{"io.kubernetes.cri.sandbox-name":"web-0","io.kubernetes.cri.container-name":"app"}}"#,
             ),
         );
-        let id = a.refresh(1234, None).unwrap();
+        let id = identify(&mut a, 1234).unwrap();
         assert_eq!(id.pid, 1234);
         assert_eq!(id.pid_in_container, Some(1));
         assert_eq!(id.cgroup.container_id.as_deref(), Some(ID));
         assert_eq!(id.cgroup.qos, Some(Qos::BestEffort));
-        assert_eq!(id.pod_uid(), Some(UID));
+        assert_eq!(id.cgroup.pod_uid.as_deref(), Some(UID));
         let names = id.names.unwrap().unwrap();
         assert_eq!(names.pod.as_deref(), Some("web-0"));
         assert_eq!(names.container.as_deref(), Some("app"));
@@ -361,30 +353,30 @@ mod tests {
     #[test]
     fn identify_a_host_process() {
         let (_root, mut a) = host("0::/system.slice/nginx.service\n", "NSpid:\t1234\n", None);
-        let id = a.refresh(1234, None).unwrap();
+        let id = identify(&mut a, 1234).unwrap();
         assert_eq!(id.cgroup.path, "/system.slice/nginx.service");
         assert_eq!((id.pid, id.pid_in_container), (1234, None));
         assert!(matches!(id.names, Ok(None)));
-        assert_eq!(id.pod_uid(), None);
+        assert_eq!(id.cgroup.pod_uid, None);
         assert_eq!(a.cached(), 0);
     }
 
     #[test]
     fn identify_failures_are_precise() {
         let (_root, mut a) = host("1:cpu:/\n", "NSpid:\t1234\n", None);
-        let e = a.refresh(1234, None).unwrap_err().to_string();
+        let e = identify(&mut a, 1234).unwrap_err().to_string();
         assert!(
             e.ends_with("proc/1234/cgroup: no cgroup v2 line (\"0::\") in /proc/PID/cgroup"),
             "{e}"
         );
-        let e = a.refresh(99, None).unwrap_err().to_string();
+        let e = identify(&mut a, 99).unwrap_err().to_string();
         assert!(
             e.contains("cannot read") && e.contains("proc/99/cgroup"),
             "{e}"
         );
 
         let (_root, mut a) = host("0::/\n", "Name:\tx\n", None);
-        let e = a.refresh(1234, None).unwrap_err().to_string();
+        let e = identify(&mut a, 1234).unwrap_err().to_string();
         assert!(e.ends_with("proc/1234/status: no NSpid line"), "{e}");
 
         // A broken bundle: the process is still identified by its cgroup.
@@ -393,7 +385,7 @@ mod tests {
             "NSpid:\t1234\t7\n",
             Some("{"),
         );
-        let id = a.refresh(1234, None).unwrap();
+        let id = identify(&mut a, 1234).unwrap();
         assert_eq!(id.cgroup.container_id.as_deref(), Some(ID));
         assert!(matches!(
             id.names.as_ref().map_err(|e| &**e),

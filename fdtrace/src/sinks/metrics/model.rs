@@ -1,13 +1,14 @@
-//! What `/metrics` shows, as pure functions of the reports: the container
-//! grouping with counters that keep the exited processes, the bound on the
-//! per-process series, the site function label and `/healthz`'s staleness.
+//! What `/metrics` shows, as pure functions of a report: the labels of a
+//! container, the bound on the per-process series, which processes name
+//! their sites, the site function label and `/healthz`'s staleness. The
+//! container figures and their counters are the report's
+//! (`analysis::containers`): the metrics add nothing up themselves.
 use std::{
     cmp::Ordering,
-    collections::HashMap,
     time::{Duration, Instant},
 };
 
-use crate::analysis::{FindingKind, ProcessFigures, ProcessReport, Status};
+use crate::analysis::{Attribution, ContainerReport, ProcessFigures, ProcessReport, Status};
 
 /// The labels every per-container, per-process and site series carries.
 /// Empty strings where they do not apply: Prometheus treats an empty label
@@ -22,15 +23,40 @@ pub struct ContainerLabels {
 }
 
 impl ContainerLabels {
-    /// The labels of a process's attribution; empty where it has none.
-    pub fn of(a: &crate::analysis::Attribution) -> Self {
+    /// The labels of a container of the report. Its `cgroup` is the
+    /// container's own (the outermost of its processes'), also on the
+    /// series of a process in a sub-cgroup of it, so that the rules'
+    /// `{instance, cgroup}` lookups find its processes and sites.
+    pub fn of_container(c: &ContainerReport) -> Self {
+        Self::of([
+            &c.namespace,
+            &c.pod,
+            &c.container,
+            &c.container_id,
+            &c.cgroup,
+        ])
+    }
+
+    /// The labels of a process in no container of the report (its cgroup
+    /// could not be read): whatever its attribution knows, empty mostly.
+    pub fn of_process(a: &Attribution) -> Self {
+        Self::of([
+            &a.namespace,
+            &a.pod,
+            &a.container,
+            &a.container_id,
+            &a.cgroup,
+        ])
+    }
+
+    fn of([namespace, pod, container, container_id, cgroup]: [&Option<String>; 5]) -> Self {
         let text = |v: &Option<String>| v.clone().unwrap_or_default();
         ContainerLabels {
-            namespace: text(&a.namespace),
-            pod: text(&a.pod),
-            container: text(&a.container),
-            container_id: text(&a.container_id),
-            cgroup: text(&a.cgroup),
+            namespace: text(namespace),
+            pod: text(pod),
+            container: text(container),
+            container_id: text(container_id),
+            cgroup: text(cgroup),
         }
     }
 
@@ -45,204 +71,11 @@ impl ContainerLabels {
     }
 }
 
-/// The counters of one process as last known.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub opened: u64,
-    pub closed: u64,
-    pub emfile: u64,
-}
-
-impl std::ops::AddAssign for Counters {
-    fn add_assign(&mut self, o: Counters) {
-        self.opened += o.opened;
-        self.closed += o.closed;
-        self.emfile += o.emfile;
-    }
-}
-
-/// What the metrics keep of one process between reports.
-#[derive(Clone, Debug)]
-struct Proc {
-    labels: ContainerLabels,
-    counters: Counters,
-    /// It had a `leak` finding: its sites are exported even while its status
-    /// is ok (a slow leak far from the limit).
-    leak_finding: bool,
-    /// Reports in a row it was missing from.
-    missing: u32,
-}
-
-/// One container at one report.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ContainerFigures {
-    pub labels: ContainerLabels,
-    pub open_fds: u64,
-    pub processes: u64,
-    /// The worst open/soft-limit of its processes (0 when none has a limit).
-    pub fd_usage_ratio: f64,
-    pub leak_per_s: f64,
-    /// The soonest of its processes; None when none leaks.
-    pub seconds_to_emfile: Option<f64>,
-    /// Its live processes' counters plus those of its exited ones.
-    pub counters: Counters,
-    pub close_wait: u64,
-}
-
-/// The processes and containers the metrics follow across reports.
-#[derive(Debug, Default)]
-pub struct Tracker {
-    procs: HashMap<u32, Proc>,
-    /// Counters of each container's exited processes; a container is known
-    /// while it had a live process at the last report.
-    exited: HashMap<ContainerLabels, Counters>,
-}
-
-impl Tracker {
-    /// The labels of a process, if known.
-    pub fn labels(&self, pid: u32) -> Option<&ContainerLabels> {
-        self.procs.get(&pid).map(|p| &p.labels)
-    }
-
-    /// A process seen for the first time (forked, or first reported), or
-    /// seen again after an exec (whose cgroup may have moved: runc puts a
-    /// container's init into its cgroup before the exec).
-    pub fn identified(&mut self, pid: u32, labels: ContainerLabels) {
-        match self.procs.get_mut(&pid) {
-            Some(p) => p.labels = labels,
-            None => {
-                self.procs.insert(
-                    pid,
-                    Proc {
-                        labels,
-                        counters: Counters::default(),
-                        leak_finding: false,
-                        missing: 0,
-                    },
-                );
-            }
-        }
-    }
-
-    /// An EMFILE error of `pid` since its last report (the exit figures do
-    /// not hold it).
-    pub fn emfile(&mut self, pid: u32) {
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.counters.emfile += 1;
-        }
-    }
-
-    pub fn leak_finding(&mut self, pid: u32) {
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.leak_finding = true;
-        }
-    }
-
-    /// `pid` exited with these totals: they go to its container's counters.
-    pub fn exited(&mut self, pid: u32, opened: u64, closed: u64) {
-        if let Some(p) = self.procs.remove(&pid) {
-            let c = Counters {
-                opened: opened.max(p.counters.opened),
-                closed: closed.max(p.counters.closed),
-                emfile: p.counters.emfile,
-            };
-            // A container with no live process at the last report is gone
-            // with its series.
-            if let Some(acc) = self.exited.get_mut(&p.labels) {
-                *acc += c;
-            }
-        }
-    }
-
-    /// Takes in a report: the processes it holds must all have been
-    /// identified. Returns each container's figures.
-    pub fn report(&mut self, processes: &[ProcessReport]) -> Vec<ContainerFigures> {
-        for p in self.procs.values_mut() {
-            p.missing += 1;
-        }
-        for r in processes {
-            let f = &r.figures;
-            let Some(p) = self.procs.get_mut(&f.pid) else {
-                continue;
-            };
-            p.missing = 0;
-            // The kernel's counts include every EMFILE counted since the
-            // last report.
-            p.counters = Counters {
-                opened: f.opened,
-                closed: f.closed,
-                emfile: f.emfile,
-            };
-            p.leak_finding |= r.findings.iter().any(|x| x.kind == FindingKind::Leak);
-        }
-        // A process missing from two reports in a row left without an exit
-        // event (the session waits one report for it): its last figures
-        // stay with its container.
-        let gone: Vec<u32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.missing >= 2)
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in gone {
-            let c = self.procs[&pid].counters;
-            self.exited(pid, c.opened, c.closed);
-        }
-
-        let mut by: HashMap<&ContainerLabels, ContainerFigures> = HashMap::new();
-        for r in processes {
-            let f = &r.figures;
-            let Some(p) = self.procs.get(&f.pid) else {
-                continue;
-            };
-            let c = by.entry(&p.labels).or_insert_with(|| ContainerFigures {
-                labels: p.labels.clone(),
-                open_fds: 0,
-                processes: 0,
-                fd_usage_ratio: 0.0,
-                leak_per_s: 0.0,
-                seconds_to_emfile: None,
-                counters: Counters::default(),
-                close_wait: 0,
-            });
-            c.open_fds += f.open_fds;
-            c.processes += 1;
-            if let Some(soft) = f.soft_limit.filter(|&s| s > 0) {
-                c.fd_usage_ratio = c
-                    .fd_usage_ratio
-                    .max((f.open_fds as f64 / soft as f64).min(1.0));
-            }
-            c.leak_per_s += f.leak_per_s;
-            c.seconds_to_emfile = match (c.seconds_to_emfile, f.seconds_to_emfile) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            c.close_wait += r.close_wait;
-        }
-        // Processes missing once still count: their exit event is on its
-        // way, and their counters must not dip meanwhile.
-        for p in self.procs.values() {
-            if let Some(c) = by.get_mut(&p.labels) {
-                c.counters += p.counters;
-            }
-        }
-        self.exited.retain(|k, _| by.contains_key(k));
-        let mut out: Vec<ContainerFigures> = by
-            .into_values()
-            .map(|mut c| {
-                c.counters += *self.exited.entry(c.labels.clone()).or_default();
-                c
-            })
-            .collect();
-        out.sort_by(|a, b| a.labels.cmp(&b.labels));
-        out
-    }
-
-    /// Whether `pid`'s sites are exported: a leak finding or a status worse
-    /// than ok.
-    pub fn sites_wanted(&self, f: &ProcessFigures) -> bool {
-        f.status > Status::Ok || self.procs.get(&f.pid).is_some_and(|p| p.leak_finding)
-    }
+/// Whether a process's sites are exported: it had a leak finding (a slow
+/// leak far from the limit still names its site) or its status is worse
+/// than ok.
+pub fn sites_wanted(p: &ProcessReport) -> bool {
+    p.figures.status > Status::Ok || p.leak_found
 }
 
 /// Worst first: status, then the soonest EMFILE, then the fullest table,
@@ -308,7 +141,6 @@ pub fn healthy(last: Instant, now: Instant, interval: Duration) -> bool {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::analysis::{Finding, ProcessReport};
 
     pub fn figures(pid: u32, open: u64, status: Status) -> ProcessFigures {
         ProcessFigures {
@@ -342,15 +174,9 @@ pub(super) mod tests {
             figures: f,
             sites: Vec::new(),
             findings: Vec::new(),
+            leak_found: false,
             resync: None,
             close_wait: 0,
-        }
-    }
-
-    pub fn labels(cgroup: &str) -> ContainerLabels {
-        ContainerLabels {
-            cgroup: cgroup.into(),
-            ..Default::default()
         }
     }
 
@@ -428,116 +254,15 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn containers_group_by_labels_and_take_worst_soonest_and_sums() {
-        let mut t = Tracker::default();
-        t.identified(1, labels("/a"));
-        t.identified(2, labels("/a"));
-        t.identified(3, labels("/b"));
-        let mut p1 = figures(1, 512, Status::Ok);
-        p1.leak_per_s = 1.0;
-        p1.seconds_to_emfile = Some(512.0);
-        let mut p2 = figures(2, 100, Status::Ok);
-        p2.soft_limit = Some(200);
-        p2.leak_per_s = 0.5;
-        p2.seconds_to_emfile = Some(200.0);
-        let mut p3 = figures(3, 7, Status::Ok);
-        p3.soft_limit = None;
-        let mut r1 = report(p1);
-        r1.close_wait = 2;
-        let c = t.report(&[r1, report(p2), report(p3)]);
-        assert_eq!(c.len(), 2);
-        let a = &c[0];
-        assert_eq!(a.labels, labels("/a"));
-        assert_eq!((a.open_fds, a.processes, a.close_wait), (612, 2, 2));
-        assert_eq!(a.fd_usage_ratio, 0.5);
-        assert_eq!(a.leak_per_s, 1.5);
-        assert_eq!(a.seconds_to_emfile, Some(200.0));
-        assert_eq!(a.counters.opened, 612);
-        let b = &c[1];
-        assert_eq!(
-            (b.open_fds, b.fd_usage_ratio, b.seconds_to_emfile),
-            (7, 0.0, None)
-        );
-    }
-
-    #[test]
-    fn container_counters_keep_exited_processes_and_go_with_the_container() {
-        let mut t = Tracker::default();
-        t.identified(1, labels("/a"));
-        t.identified(2, labels("/a"));
-        let mut p1 = figures(1, 5, Status::Ok);
-        p1.opened = 40;
-        p1.closed = 35;
-        p1.emfile = 1;
-        let p2 = figures(2, 5, Status::Ok);
-        let c = t.report(&[report(p1.clone()), report(p2.clone())]);
-        assert_eq!(
-            c[0].counters,
-            Counters {
-                opened: 45,
-                closed: 35,
-                emfile: 1
-            }
-        );
-        // pid 1 opens and closes 10 more and fails once more, then exits.
-        t.emfile(1);
-        t.exited(1, 50, 50);
-        let c = t.report(&[report(p2.clone())]);
-        assert_eq!(
-            c[0].counters,
-            Counters {
-                opened: 55,
-                closed: 50,
-                emfile: 2
-            }
-        );
-        assert_eq!(c[0].processes, 1);
-        // The container's last process goes: its series and counters go.
-        t.exited(2, 5, 0);
-        assert!(t.report(&[]).is_empty());
-        // A new process in the same cgroup starts the counters again.
-        t.identified(3, labels("/a"));
-        let c = t.report(&[report(figures(3, 4, Status::Ok))]);
-        assert_eq!(c[0].counters.opened, 4);
-    }
-
-    #[test]
-    fn a_process_gone_without_exit_event_keeps_its_counters_in_the_container() {
-        let mut t = Tracker::default();
-        t.identified(1, labels("/a"));
-        t.identified(2, labels("/a"));
-        let p1 = figures(1, 30, Status::Ok);
-        let p2 = figures(2, 5, Status::Ok);
-        t.report(&[report(p1), report(p2.clone())]);
-        // Missing once (its exit event may follow), then for good.
-        for _ in 0..3 {
-            let c = t.report(&[report(p2.clone())]);
-            assert_eq!(c[0].counters.opened, 35);
-            assert_eq!(c[0].processes, 1);
-        }
-        assert!(t.labels(1).is_none());
-    }
-
-    #[test]
     fn sites_wanted_for_a_leak_finding_or_worse_than_ok() {
-        let mut t = Tracker::default();
-        t.identified(1, labels("/a"));
-        let ok = figures(1, 5, Status::Ok);
-        assert!(!t.sites_wanted(&ok));
-        assert!(t.sites_wanted(&figures(1, 5, Status::Warning)));
-        let mut r = report(ok.clone());
-        r.findings.push(Finding {
-            kind: FindingKind::Leak,
-            message: String::new(),
-            recommendation: "",
-            site: None,
-            count: None,
-            fds: None,
-            first_seen_ts: 0.0,
-        });
-        t.report(&[r]);
-        // Kept at later reports, where the finding is no longer new.
-        t.report(&[report(ok.clone())]);
-        assert!(t.sites_wanted(&ok));
+        let ok = report(figures(1, 5, Status::Ok));
+        assert!(!sites_wanted(&ok));
+        assert!(sites_wanted(&report(figures(1, 5, Status::Warning))));
+        // At the report of the finding and every one after it.
+        let leaking = ProcessReport {
+            leak_found: true,
+            ..ok
+        };
+        assert!(sites_wanted(&leaking));
     }
 }

@@ -67,3 +67,115 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, TcpListener},
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::sinks::metrics::Shared;
+
+    /// `GET path` over HTTP/1.0, from a blocking thread while the runtime
+    /// serves: the status line, the headers and the body.
+    async fn get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(addr)?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+            Ok((head.to_string(), body.to_string()))
+        })
+        .await
+        .expect("the GET thread")
+    }
+
+    fn free_port(ip: Ipv4Addr) -> u16 {
+        TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn healthz_turns_503_after_three_intervals_without_a_report() {
+        let interval = Duration::from_millis(100);
+        let shared = Arc::new(Mutex::new(Shared {
+            exposition: "x 1\n# EOF\n".into(),
+            last: Instant::now(),
+        }));
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)));
+        runtime().block_on(async {
+            spawn(addr, interval, shared.clone()).unwrap();
+            let (status, body) = get(addr, "/healthz").await.unwrap();
+            assert!(status.contains(" 200 "), "{status}");
+            assert_eq!(body, "ok\n");
+            // Two intervals late: still healthy; past three: 503, while
+            // /metrics still serves the last rendering.
+            tokio::time::sleep(interval * 2).await;
+            assert!(get(addr, "/healthz").await.unwrap().0.contains(" 200 "));
+            tokio::time::sleep(interval * 2).await;
+            let (status, body) = get(addr, "/healthz").await.unwrap();
+            assert!(status.contains(" 503 "), "{status}");
+            assert_eq!(body, "no report for three intervals\n");
+            let (head, body) = get(addr, "/metrics").await.unwrap();
+            assert!(head.contains(" 200 "), "{head}");
+            assert!(
+                head.to_ascii_lowercase().contains(
+                    "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                ),
+                "{head}"
+            );
+            assert_eq!(body, "x 1\n# EOF\n");
+            // A report: healthy again.
+            shared.lock().unwrap().last = Instant::now();
+            assert!(get(addr, "/healthz").await.unwrap().0.contains(" 200 "));
+            assert!(get(addr, "/nope").await.unwrap().0.contains(" 404 "));
+        });
+    }
+
+    #[test]
+    fn binds_exactly_the_address_given() {
+        let other = Ipv4Addr::new(127, 0, 0, 2);
+        let port = free_port(other);
+        let shared = Arc::new(Mutex::new(Shared {
+            exposition: "# EOF\n".into(),
+            last: Instant::now(),
+        }));
+        runtime().block_on(async {
+            spawn((other, port).into(), Duration::from_secs(1), shared.clone()).unwrap();
+            assert!(get((other, port).into(), "/healthz").await.is_ok());
+            // Not 127.0.0.1, not the wildcard.
+            let refused = get((Ipv4Addr::LOCALHOST, port).into(), "/healthz").await;
+            assert_eq!(
+                refused.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionRefused)
+            );
+            // Taken: an error that names the address.
+            let Err(e) = spawn((other, port).into(), Duration::from_secs(1), shared) else {
+                panic!("bound 127.0.0.2:{port} twice");
+            };
+            assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("--metrics 127.0.0.2:{port}")),
+                "{text}"
+            );
+            assert!(text.contains("in use"), "{text}");
+        });
+    }
+}
