@@ -269,5 +269,6 @@ fn leave(tgid: u32, p: *mut ProcStats) {
     emit(EV_LEAVE, tgid, 0, p, Extra::NONE);
     python::forget(tgid);
     bulk(p, tgid, 0, u32::MAX, Bulk::Drop, None);
+    table::drop_lazy(p, tgid);
     table::unregister(tgid, p);
 }
