@@ -211,7 +211,7 @@ fn lazy_fork(pp: *mut ProcStats, parent: u32, cp: *mut ProcStats, child: u32, ct
 extern "C" fn fork_step(i: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: ctx is the ForkCtx on lazy_fork()'s stack, alive for the loop.
     let c = unsafe { &mut *(ctx as *mut ForkCtx) };
-    if i % 64 == 0 {
+    if i.is_multiple_of(64) {
         let at = u64::from(i / 64) * 8;
         let (Some(open), Some(cx)) = (read_u64(c.open_fds + at), read_u64(c.cloexec + at)) else {
             c.failed = 1;

@@ -297,7 +297,7 @@ fn capture_into(l: &PyLayout, tid: u32) -> Option<u64> {
     // Most stacks were seen before (a loop, a request handler): a lookup
     // costs less than the locked update that would find it there.
     // SAFETY: presence check only.
-    if unsafe { PY_STACKS.get(&id) }.is_some() {
+    if unsafe { PY_STACKS.get(id) }.is_some() {
         return Some(id);
     }
     // SAFETY: as above.
