@@ -28,7 +28,7 @@ use std::io::{self, BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -396,6 +396,10 @@ struct Task {
     lines: Option<mpsc::Receiver<String>>,
 }
 
+/// One containerd at a time: it takes the default socket and state
+/// directory, and the tests of one binary run on parallel threads.
+static ONE_CONTAINERD: Mutex<()> = Mutex::new(());
+
 /// A containerd of the test's own.
 pub struct Containerd {
     dir: tempfile::TempDir,
@@ -407,12 +411,18 @@ pub struct Containerd {
     cgroups: Vec<String>,
     /// Images imported, removed on drop.
     images: Vec<String>,
+    /// This test's turn, given back (last field, last dropped) once the
+    /// daemon is stopped.
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl Containerd {
     /// Starts containerd; fails if one is already running on the default
     /// socket (another test, or the host's own).
     pub fn start() -> Result<Self> {
+        // A test that failed while holding it poisoned it: the turn is
+        // still good.
+        let turn = ONE_CONTAINERD.lock().unwrap_or_else(|e| e.into_inner());
         let socket = Path::new(STATE_DIR).join("containerd.sock");
         if UnixStream::connect(&socket).is_ok() {
             return Err(format!(
@@ -446,6 +456,7 @@ impl Containerd {
             tasks: Vec::new(),
             cgroups: Vec::new(),
             images: Vec::new(),
+            _turn: turn,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
