@@ -178,6 +178,12 @@ pub const PROC_LAZY: u32 = 1 << 4;
 /// it (not because it was given with `--pid` or forked by such a process):
 /// it stops being traced when it is moved out of the selection.
 pub const PROC_NODE: u32 = 1 << 3;
+/// `ProcStats::flags`, set by user space only: the seed walk of the
+/// process's fd table saw none of the fds /proc lists for it, so the kernel
+/// side cannot be trusted to see its changes either (the sandbox init of
+/// some hosts: no task_file visit, no syscall tracepoint). User space
+/// recounts it from /proc at every report.
+pub const PROC_HIDDEN: u32 = 1 << 5;
 
 /// `NODE_MODE` (a global of the eBPF object): processes are traced only
 /// when user space registers them (or a followed parent forks).

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use fdtrace_common::{
     FD_CLOEXEC, FD_KINDS, FD_OPEN, FD_PREEXISTING, FD_RESYNCED, FdInfo, FdKey, FdKind, NO_SITE,
-    PROC_FOLLOW, PROC_SHARED_TABLE, ProcStats, python::NO_PY_STACK,
+    PROC_FOLLOW, PROC_HIDDEN, PROC_SHARED_TABLE, ProcStats, python::NO_PY_STACK,
 };
 
 use crate::{
@@ -61,10 +61,25 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::Proc
 /// the task_file iterator visits none of its fds. Each is written as a
 /// pre-existing entry, named from /proc where it can be and `unknown`
 /// where not, and appended to `walked`. One stat when nothing is missing.
+///
+/// A walk that saw none of the fds /proc lists marks the process
+/// [`PROC_HIDDEN`] and says so once: on the host where this was found the
+/// kernel runs no syscall tracepoint for that process either, so its count
+/// is taken from /proc at every report ([`check`]).
 pub fn seed_missed(k: &mut Kernel, pid: u32, walked: &mut Vec<procfd::ProcFd>) -> Result<()> {
     let extra = proc_only(pid, walked);
     if extra.is_empty() {
         return Ok(());
+    }
+    let hidden = walked.is_empty();
+    if hidden {
+        eprintln!(
+            "fdtrace: pid {pid}: the kernel's walk of its fd table sees none of the {} fds \
+             /proc/{pid}/fd lists, so its syscalls are not trusted to be seen either; it is \
+             counted from /proc at every report (opens and closes between reports, and their \
+             call sites, are not seen)",
+            extra.len()
+        );
     }
     let mut by_kind = [0u64; FD_KINDS];
     let (mut seeded, mut top) = (0u64, 0u32);
@@ -99,6 +114,9 @@ pub fn seed_missed(k: &mut Kernel, pid: u32, walked: &mut Vec<procfd::ProcFd>) -
         }
         stats.fd_hwm = stats.fd_hwm.max(top);
         stats.generation += 1;
+        if hidden {
+            stats.flags |= PROC_HIDDEN;
+        }
         k.set_stats(pid, &stats)
             .with_context(|| format!("updating counters of pid {pid}"))?;
     }
@@ -182,10 +200,12 @@ const RECHECK_IDLE: Duration = Duration::from_secs(30);
 /// [`RECHECK_IDLE`] has passed; one that shares its table with another
 /// process always is (the other's changes do not move its generation).
 /// Outside node mode a process the user named may share its table with an
-/// untraced one: it is compared every report. `known`: its counters as the
-/// report's batch read them, if it was in it.
+/// untraced one: it is compared every report. A [`PROC_HIDDEN`] process
+/// is recounted from /proc first: its drift is the recount's, against the
+/// fds /proc listed then. `known`: its counters as the report's batch read
+/// them, if it was in it.
 pub fn check(
-    k: &Kernel,
+    k: &mut Kernel,
     pid: u32,
     known: Option<ProcStats>,
     state: &mut ReconcileState,
@@ -195,6 +215,9 @@ pub fn check(
         Some(st) => st,
         None => k.stats_of(pid)?,
     };
+    if stats.flags & PROC_HIDDEN != 0 {
+        return recount(k, pid, state);
+    }
     if skip_idle
         && stats.flags & PROC_SHARED_TABLE == 0
         && let Some((generation, at)) = state.exact
@@ -213,6 +236,20 @@ pub fn check(
     }
     state.exact = (snap.drift == Some(0)).then(|| (snap.stats.changes(), Instant::now()));
     Some(snap)
+}
+
+/// The figures of a [`PROC_HIDDEN`] process: its kernel table made equal
+/// to /proc's (a resync, whose differences count as opened and closed),
+/// then read back. None when it is no longer traced; no drift when the
+/// recount failed.
+fn recount(k: &mut Kernel, pid: u32, state: &mut ReconcileState) -> Option<Snapshot> {
+    state.exact = None;
+    let listed = resync(k, pid).ok();
+    let stats = k.stats_of(pid)?;
+    Some(Snapshot {
+        drift: listed.map(|n| stats.live() as i64 - n as i64),
+        stats,
+    })
 }
 
 fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {

@@ -737,7 +737,7 @@ impl Session {
             // Kernel, checked against /proc.
             let p = self.procs.get_mut(&pid).expect("traced");
             let known = traced.get(&pid).copied();
-            let Some(snap) = reconcile::check(&self.k, pid, known, &mut p.reconcile, self.node)
+            let Some(snap) = reconcile::check(&mut self.k, pid, known, &mut p.reconcile, self.node)
             else {
                 // The kernel side sends the exit event before it lets the
                 // process go, so the event (with the final figures) is in
