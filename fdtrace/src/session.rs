@@ -91,6 +91,12 @@ struct Session {
     node: bool,
     /// `--container` / `--pod`: the containers that start later.
     watch: kernel::node::Watch,
+    /// Cgroups of containers whose bundle gave no names when the kernel
+    /// first saw a process enter them (not written yet, or unreadable),
+    /// with that process: a `--pod` may name them once it reads. Looked at
+    /// again every report (the attributor rereads a bundle at most every
+    /// RETRY_AFTER), until named or the process is gone.
+    unnamed_cgroups: HashMap<u64, u32>,
     host_root: std::path::PathBuf,
     /// Whether fdtrace lacks CAP_DAC_READ_SEARCH and has yet to say which
     /// processes it cannot name fds of.
@@ -233,6 +239,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         child: None,
         node: node.is_some(),
         watch,
+        unnamed_cgroups: HashMap::new(),
         host_root: cli.host_root.clone(),
         warn_unreadable: !kernel::can_read_other_users_fds(),
         shown_findings: HashSet::new(),
@@ -266,7 +273,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         s.procs.insert(pid, traced);
-        let py = s.python.attach(pid);
+        let py = s.python.look_at(pid, Instant::now());
         s.found_python(pid, py)
             .context("writing the Python notice")?;
     }
@@ -484,7 +491,7 @@ impl Session {
                 if inherited > 0 {
                     self.inherited(ts, pid, ts_ns, &comm)?;
                 }
-                let py = self.python.exec(pid, Instant::now());
+                let py = self.python.look_at(pid, Instant::now());
                 self.found_python(pid, py)
             }
             KernelEvent::Exit { pid, comm, totals } => {
@@ -565,7 +572,7 @@ impl Session {
             Err(e) => eprintln!("fdtrace: seeding pid {pid}: {e:#}"),
         }
         self.procs.insert(pid, Traced::new(enrich, self.cfg));
-        let py = self.python.attach(pid);
+        let py = self.python.look_at(pid, Instant::now());
         self.found_python(pid, py)
     }
 
@@ -577,9 +584,16 @@ impl Session {
             return Ok(());
         }
         let Some(cg) = self.attributions.cgroup(pid, id) else {
+            self.unnamed_cgroups.remove(&id);
             return Ok(());
         };
-        let Some(path) = self.watch.wants(&cg) else {
+        let wanted = self.watch.wants(&cg);
+        if wanted.is_none() && cg.unnamed() && self.watch.by_pod() {
+            self.unnamed_cgroups.insert(id, pid);
+        } else {
+            self.unnamed_cgroups.remove(&id);
+        }
+        let Some(path) = wanted else {
             return Ok(());
         };
         let registered = match kernel::node::select(&mut self.k, &self.host_root, &path) {
@@ -711,6 +725,14 @@ impl Session {
             containers: Vec::new(),
         };
         let t = self.started.elapsed().as_secs_f64();
+        let unnamed: Vec<(u64, u32)> = self.unnamed_cgroups.iter().map(|(&c, &p)| (c, p)).collect();
+        for (id, pid) in unnamed {
+            if crate::procfd::exists(pid) {
+                self.new_cgroup(pid, id)?;
+            } else {
+                self.unnamed_cgroups.remove(&id);
+            }
+        }
         // The kernel map says who is traced: a fork or exit event lost to a
         // full ring buffer still shows up here.
         let traced: HashMap<u32, ProcStats> = self.k.traced_stats()?.into_iter().collect();

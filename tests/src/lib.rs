@@ -23,6 +23,7 @@
 pub mod containers;
 mod env;
 mod fdops;
+mod holder;
 mod one_shot;
 mod procfs;
 pub mod prometheus;
@@ -32,6 +33,7 @@ mod snapshot;
 
 pub use env::*;
 pub use fdops::*;
+pub use holder::*;
 pub use one_shot::*;
 pub use procfs::*;
 pub use python::*;

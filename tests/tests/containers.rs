@@ -27,7 +27,7 @@ use fdtrace_tests::containers::{
     Containerd, HandMadeCgroup, Identity, Podman, RunSpec, Started, proc_v2_path, random_id,
     random_pod_uid, require_root, static_binaries, write_image,
 };
-use fdtrace_tests::{proc_fds, proc_nofile, run_fdtrace};
+use fdtrace_tests::{Holder, proc_fds, proc_nofile, run_fdtrace};
 use serde_json::{Value, json};
 
 const CRI: &str = "io.kubernetes.cri";
@@ -367,18 +367,8 @@ fn containerd_containers_are_attributed() {
 #[test]
 fn host_processes_are_named_by_their_cgroup() {
     require_root().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fdloop"))
-        .args(["hold", "3"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("fdloop");
-    let pid = child.id();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim_end(), format!("fdloop hold pid={pid} opened=3"));
+    let holder = Holder::start(env!("CARGO_BIN_EXE_fdloop"), 3);
+    let pid = holder.pid();
 
     // A systemd-style service cgroup: named by its cgroup, nothing else.
     let unit = HandMadeCgroup::new(&format!("/system.slice/fdtrace-test-{pid}.service")).unwrap();
@@ -465,9 +455,6 @@ fn host_processes_are_named_by_their_cgroup() {
     let p = last_process(&out, pid);
     assert_eq!((&p["pod_uid"], &p["qos"]), (&Value::Null, &Value::Null));
     check_counts(&out, pid, "cgroup", &unit.path);
-
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -604,17 +591,8 @@ fn a_cgroups_totals_include_its_exited_processes() {
 #[test]
 fn a_processes_cgroup_is_read_again_only_when_it_moves() {
     require_root().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fdloop"))
-        .args(["hold", "3"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("fdloop");
-    let pid = child.id();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let holder = Holder::start(env!("CARGO_BIN_EXE_fdloop"), 3);
+    let pid = holder.pid();
     let first = HandMadeCgroup::new(&format!("/fdtrace-test-{pid}-a")).unwrap();
     let second = HandMadeCgroup::new(&format!("/fdtrace-test-{pid}-b")).unwrap();
     first.add(pid).unwrap();
@@ -673,8 +651,6 @@ fn a_processes_cgroup_is_read_again_only_when_it_moves() {
         "/proc/{pid}/cgroup read at the first report and after the move only, in {} reports",
         cgroups.len()
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// `--pod` and `--container` name containers that start after fdtrace:

@@ -4,23 +4,12 @@
 //! refused.
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
 };
 
 use serde_json::Value;
-
-/// Kills and reaps the child when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A copy of fdtrace that uid 65534 may run (the build tree may be closed
 /// to it), removed when dropped.
@@ -71,31 +60,12 @@ exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps="$1" --ambien
         .expect("run unshare (util-linux) and setpriv")
 }
 
-/// `fdloop hold n` as root: a process of another user than fdtrace's.
-fn holder(n: u32) -> (Killed, u32) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fdloop"))
-        .args(["hold", &n.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start fdloop hold");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped stdout"))
-        .read_line(&mut line)
-        .expect("read fdloop's line");
-    let pid = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("pid="))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("fdloop hold printed {line:?}"));
-    (Killed(child), pid)
-}
-
 #[test]
 fn traces_another_users_process_with_three_capabilities_and_no_tracefs() {
     fdtrace_tests::require_root();
     let bin = Copy::new("caps");
-    let (_holder, pid) = holder(40);
+    let holder = fdtrace_tests::Holder::start(env!("CARGO_BIN_EXE_fdloop"), 40);
+    let pid = holder.pid();
     let out = run_as_nobody(
         &bin,
         "+bpf,+perfmon,+sys_ptrace",
@@ -169,7 +139,8 @@ fn traces_another_users_process_with_three_capabilities_and_no_tracefs() {
 fn each_missing_capability_is_named() {
     fdtrace_tests::require_root();
     let bin = Copy::new("missing");
-    let (_holder, pid) = holder(1);
+    let holder = fdtrace_tests::Holder::start(env!("CARGO_BIN_EXE_fdloop"), 1);
+    let pid = holder.pid();
     let pid = pid.to_string();
     for (caps, missing, present) in [
         ("", "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE", ""),

@@ -4,53 +4,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Write as _},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
 };
 
+use fdtrace_tests::Holder;
 use fdtrace_tests::containers::{HandMadeCgroup, random_id};
+
+const FDLOOP: &str = env!("CARGO_BIN_EXE_fdloop");
 use serde_json::Value;
-
-/// A `fdloop hold N` process: N fds on /dev/null, kept until its stdin
-/// closes; killed and reaped on drop.
-struct Holder {
-    child: Child,
-    _stdin: ChildStdin,
-}
-
-impl Holder {
-    fn start(n: u32) -> Holder {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fdloop"))
-            .args(["hold", &n.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start fdloop hold");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("fdloop hold says it is ready");
-        assert!(line.contains("opened="), "fdloop hold: {line:?}");
-        Holder {
-            child,
-            _stdin: stdin,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn proc_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -185,15 +149,15 @@ fn drift_never_twice(reps: &BTreeMap<u64, BTreeMap<u64, Value>>) {
 #[test]
 fn all_traces_every_process_exactly() {
     fdtrace_tests::require_root();
-    let before = Holder::start(20);
-    let moved = Holder::start(7);
+    let before = Holder::start(FDLOOP, 20);
+    let moved = Holder::start(FDLOOP, 7);
     let cg = HandMadeCgroup::new(&format!("/fdtrace-node-{}", &random_id()[..12]))
         .expect("hand-made cgroup");
     let host_before = host_pids();
     let mut ft = fdtrace(&["--all", "--duration", "5s"]);
     let me = ft.id();
     let started = wait_started(&mut ft);
-    let after = Holder::start(30);
+    let after = Holder::start(FDLOOP, 30);
     cg.add(moved.pid()).expect("move into the hand-made cgroup");
     let short = Command::new("/bin/true").status().expect("run /bin/true");
     assert!(short.success());
@@ -273,12 +237,12 @@ fn cgroup_selects_its_processes_now_and_later() {
     fdtrace_tests::require_root();
     let cg = HandMadeCgroup::new(&format!("/fdtrace-node-{}", &random_id()[..12]))
         .expect("hand-made cgroup");
-    let inside = Holder::start(11);
+    let inside = Holder::start(FDLOOP, 11);
     cg.add(inside.pid()).expect("move in");
-    let outside = Holder::start(13);
+    let outside = Holder::start(FDLOOP, 13);
     let ft = fdtrace(&["--cgroup", &cg.path, "--duration", "4s"]);
     thread::sleep(Duration::from_millis(1500));
-    let later = Holder::start(17);
+    let later = Holder::start(FDLOOP, 17);
     cg.add(later.pid()).expect("move in later");
     thread::sleep(Duration::from_millis(1500));
     let want = [
@@ -315,7 +279,7 @@ fn ambiguous_container_prefix_exits_2() {
     for id in &ids {
         assert_eq!(id.len(), 64);
         let cg = HandMadeCgroup::new(&format!("/docker/{id}")).expect("cgroup");
-        let h = Holder::start(1);
+        let h = Holder::start(FDLOOP, 1);
         cg.add(h.pid()).expect("move in");
         holders.push(h);
         cgs.push(cg);
@@ -419,9 +383,9 @@ fn a_process_moved_out_of_the_selection_is_no_longer_traced() {
     let tag = &random_id()[..12];
     let cg = HandMadeCgroup::new(&format!("/fdtrace-sel-{tag}")).expect("selected cgroup");
     let elsewhere = HandMadeCgroup::new(&format!("/fdtrace-other-{tag}")).expect("other cgroup");
-    let leaver = Holder::start(11);
+    let leaver = Holder::start(FDLOOP, 11);
     cg.add(leaver.pid()).expect("move in");
-    let comer = Holder::start(13);
+    let comer = Holder::start(FDLOOP, 13);
     elsewhere.add(comer.pid()).expect("move elsewhere");
     let mut ft = Live::start(&["--cgroup", &cg.path, "--duration", "6s"]);
     // Reported in the selection first.
@@ -500,13 +464,13 @@ fn a_container_started_after_fdtrace_is_selected() {
     let ft = Live::start(&["--container", &id[..16], "--duration", "5s"]);
     let cg = HandMadeCgroup::new(&format!("/docker/{id}")).expect("cgroup");
     let cg_other = HandMadeCgroup::new(&format!("/docker/{other}")).expect("cgroup");
-    let inside = Holder::start(9);
+    let inside = Holder::start(FDLOOP, 9);
     cg.add(inside.pid()).expect("move in");
-    let outside = Holder::start(4);
+    let outside = Holder::start(FDLOOP, 4);
     cg_other.add(outside.pid()).expect("move in");
     thread::sleep(Duration::from_millis(1000));
     // Started in the container once it is selected: the kernel's.
-    let later = Holder::start(6);
+    let later = Holder::start(FDLOOP, 6);
     cg.add(later.pid()).expect("move in");
     thread::sleep(Duration::from_millis(1500));
     let want = [
@@ -533,6 +497,78 @@ fn a_container_started_after_fdtrace_is_selected() {
         assert_eq!(o["container_id"], id.as_str(), "{o}");
     }
     drift_never_twice(&reps);
+}
+
+/// A containerd task bundle made by the test (the CRI's annotations in its
+/// config.json), removed when dropped.
+struct Bundle(std::path::PathBuf);
+
+impl Bundle {
+    fn write(id: &str, pod: &str, namespace: &str, uid: &str) -> Bundle {
+        let dir =
+            std::path::Path::new("/run/containerd/io.containerd.runtime.v2.task/k8s.io").join(id);
+        std::fs::create_dir_all(&dir).expect("bundle dir");
+        let config = serde_json::json!({ "annotations": {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-name": pod,
+            "io.kubernetes.cri.sandbox-namespace": namespace,
+            "io.kubernetes.cri.sandbox-uid": uid,
+            "io.kubernetes.cri.container-name": "app",
+        }});
+        // Written whole, then renamed: fdtrace never reads half of it.
+        let tmp = dir.join("config.json.tmp");
+        std::fs::write(&tmp, config.to_string()).expect("config.json");
+        std::fs::rename(&tmp, dir.join("config.json")).expect("config.json");
+        Bundle(dir)
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `--pod` names a container by its bundle's annotations, which the
+/// runtime may write after the container's first process is in its cgroup
+/// (or fdtrace may fail to read at first): such a container is looked at
+/// again until its names read, then selected.
+#[test]
+fn a_pod_whose_bundle_reads_late_is_selected() {
+    fdtrace_tests::require_root();
+    let (uid, id) = (fdtrace_tests::containers::random_pod_uid(), random_id());
+    let pod = format!("late-{}", &id[..8]);
+    let ft = Live::start(&["--pod", &format!("shop/{pod}"), "--duration", "10s"]);
+    let cg = HandMadeCgroup::new(&format!("/kubepods/besteffort/pod{uid}/{id}")).expect("cgroup");
+    let inside = Holder::start(FDLOOP, 7);
+    cg.add(inside.pid()).expect("move in");
+    // Seen by the kernel, with no bundle to name it yet.
+    thread::sleep(Duration::from_millis(1500));
+    let first_bundle = sinks_now();
+    let _bundle = Bundle::write(&id, &pod, "shop", &uid);
+    thread::sleep(Duration::from_millis(7500));
+    let n = proc_count(inside.pid()) as u64;
+    let (objs, stderr) = ft.finish();
+    let reps = reports(&objs);
+    let reported: BTreeSet<u64> = reps.values().flat_map(|r| r.keys().copied()).collect();
+    assert_eq!(
+        reported,
+        BTreeSet::from([u64::from(inside.pid())]),
+        "the late pod's process only: {stderr}"
+    );
+    let o = last_of(&reps, inside.pid());
+    assert_eq!(o["open_fds"].as_u64(), Some(n), "{o}");
+    assert_eq!(o["drift"].as_i64(), Some(0), "{o}");
+    assert_eq!(
+        (&o["pod"], &o["namespace"]),
+        (&Value::from(pod), &Value::from("shop")),
+        "{o}"
+    );
+    let first = report_times(&objs, inside.pid())[0];
+    assert!(
+        first > first_bundle,
+        "not traced before its bundle named it ({first} vs {first_bundle})"
+    );
 }
 
 /// A parent holding 300 close-on-exec fds forks a child every 10 ms

@@ -322,37 +322,15 @@ mod tests {
     use crate::analysis::ProcessFigures;
 
     fn process(pid: u32, open: u64, soft: u64, opened: u64, status: Status) -> ProcessReport {
-        ProcessReport {
-            figures: ProcessFigures {
-                pid,
-                ppid: None,
-                comm: "x".into(),
-                open_fds: open,
-                soft_limit: Some(soft),
-                hard_limit: Some(soft),
-                pct_used: None,
-                by_kind: Default::default(),
-                preexisting: 0,
-                opened,
-                closed: opened - open,
-                opened_per_s: 0.0,
-                closed_per_s: 0.0,
-                emfile: 0,
-                enfile: 0,
-                drift: Some(0),
-                status,
-                leak_per_s: 0.0,
-                seconds_to_emfile: None,
-                stacks_not_sampled: 0,
-                shares_fd_table: false,
-                attribution: Default::default(),
-            },
-            sites: Vec::new(),
-            findings: Vec::new(),
-            leak_found: false,
-            resync: None,
-            close_wait: 0,
-        }
+        ProcessReport::of(ProcessFigures {
+            comm: "x".into(),
+            soft_limit: Some(soft),
+            hard_limit: Some(soft),
+            pct_used: None,
+            opened,
+            closed: opened - open,
+            ..ProcessFigures::example(pid, open, status)
+        })
     }
 
     const ID: &str = "5f68f626d2ff4d67bbd3a38f89148d2772aa77f0df1417739d24ed7c1f202b81";

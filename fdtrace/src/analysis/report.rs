@@ -283,6 +283,55 @@ pub struct ProcessSummary {
     pub findings: Vec<Finding>,
 }
 
+/// Test fixtures for the modules that take reports in.
+#[cfg(test)]
+impl ProcessFigures {
+    /// Process `p{pid}` holding `open` fds, all opened since tracing began,
+    /// under limits of 1024 (soft) and 4096 (hard), with no drift; the
+    /// tests set the figures they are about.
+    pub fn example(pid: u32, open: u64, status: Status) -> Self {
+        ProcessFigures {
+            pid,
+            ppid: None,
+            comm: format!("p{pid}"),
+            open_fds: open,
+            soft_limit: Some(1024),
+            hard_limit: Some(4096),
+            pct_used: Some(open as f64 * 100.0 / 1024.0),
+            by_kind: [0; FD_KINDS],
+            preexisting: 0,
+            opened: open,
+            closed: 0,
+            opened_per_s: 0.0,
+            closed_per_s: 0.0,
+            emfile: 0,
+            enfile: 0,
+            drift: Some(0),
+            status,
+            leak_per_s: 0.0,
+            seconds_to_emfile: None,
+            stacks_not_sampled: 0,
+            shares_fd_table: false,
+            attribution: Rc::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl ProcessReport {
+    /// A report of `figures` alone: no sites, findings or resync.
+    pub fn of(figures: ProcessFigures) -> Self {
+        ProcessReport {
+            figures,
+            sites: Vec::new(),
+            findings: Vec::new(),
+            leak_found: false,
+            resync: None,
+            close_wait: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,35 +340,8 @@ mod tests {
     fn session_counts_add_up_losses_and_drift_resyncs() {
         let mut c = SessionCounts::default();
         let p = |resync| ProcessReport {
-            figures: ProcessFigures {
-                pid: 1,
-                ppid: None,
-                comm: "x".into(),
-                open_fds: 0,
-                soft_limit: None,
-                hard_limit: None,
-                pct_used: None,
-                by_kind: [0; FD_KINDS],
-                preexisting: 0,
-                opened: 0,
-                closed: 0,
-                opened_per_s: 0.0,
-                closed_per_s: 0.0,
-                emfile: 0,
-                enfile: 0,
-                drift: None,
-                status: Status::Ok,
-                leak_per_s: 0.0,
-                seconds_to_emfile: None,
-                stacks_not_sampled: 0,
-                shares_fd_table: false,
-                attribution: Rc::default(),
-            },
-            sites: Vec::new(),
-            findings: Vec::new(),
-            leak_found: false,
             resync,
-            close_wait: 0,
+            ..ProcessReport::of(ProcessFigures::example(1, 0, Status::Ok))
         };
         let losses = [
             Loss::RingBuffer { count: 3 },

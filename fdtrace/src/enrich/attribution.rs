@@ -32,7 +32,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// A container whose names are not known yet (no bundle, or a broken
     /// one): looked up again, at most every RETRY_AFTER.
-    fn unnamed(&self) -> bool {
+    pub fn unnamed(&self) -> bool {
         self.info.container_id.is_some() && !matches!(self.names, Ok(Some(_)))
     }
 }

@@ -62,6 +62,12 @@ impl Watch {
         !self.containers.is_empty() || !self.pods.is_empty()
     }
 
+    /// Whether a `--pod` is watched: it names containers by their
+    /// bundle's names, which may be read later than their cgroup.
+    pub fn by_pod(&self) -> bool {
+        !self.pods.is_empty()
+    }
+
     /// The cgroup to select for cgroup `cg`, when a filter names its
     /// container: the container's own cgroup (the one its id names; a
     /// container may make cgroups below it).

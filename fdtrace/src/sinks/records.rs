@@ -788,28 +788,13 @@ mod tests {
 
     fn figures() -> crate::analysis::ProcessFigures {
         crate::analysis::ProcessFigures {
-            pid: 7,
-            ppid: None,
             comm: "idle".into(),
-            open_fds: 5,
-            soft_limit: Some(1024),
             hard_limit: None,
             pct_used: Some(0.5),
-            by_kind: [0; fdtrace_common::FD_KINDS],
-            preexisting: 0,
             opened: 9,
             closed: 4,
-            opened_per_s: 0.0,
-            closed_per_s: 0.0,
-            emfile: 0,
-            enfile: 0,
-            drift: Some(0),
-            status: Status::Ok,
             leak_per_s: -0.04,
-            seconds_to_emfile: None,
-            stacks_not_sampled: 0,
-            shares_fd_table: false,
-            attribution: Default::default(),
+            ..crate::analysis::ProcessFigures::example(7, 5, Status::Ok)
         }
     }
 

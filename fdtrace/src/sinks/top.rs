@@ -1111,7 +1111,7 @@ impl<W: Write> Sink for Top<W> {
 
 #[cfg(test)]
 mod tests {
-    use fdtrace_common::{FD_KINDS, FdKind};
+    use fdtrace_common::FdKind;
     use ratatui::{backend::TestBackend, buffer::Buffer};
 
     use super::*;
@@ -1127,38 +1127,15 @@ mod tests {
         leak: f64,
         secs: Option<f64>,
     ) -> ProcessReport {
-        let limit = 1024;
-        ProcessReport {
-            close_wait: 0,
-            leak_found: false,
-            figures: ProcessFigures {
-                attribution: Default::default(),
-                pid,
-                ppid: Some(1),
-                comm: comm.into(),
-                open_fds: open,
-                soft_limit: Some(limit),
-                hard_limit: Some(4096),
-                pct_used: Some(open as f64 * 100.0 / limit as f64),
-                by_kind: [0; FD_KINDS],
-                preexisting: open,
-                opened: 0,
-                closed: 0,
-                opened_per_s: 0.0,
-                closed_per_s: 0.0,
-                emfile: 0,
-                enfile: 0,
-                drift: Some(0),
-                status,
-                leak_per_s: leak,
-                seconds_to_emfile: secs,
-                stacks_not_sampled: 0,
-                shares_fd_table: false,
-            },
-            sites: Vec::new(),
-            findings: Vec::new(),
-            resync: None,
-        }
+        ProcessReport::of(ProcessFigures {
+            ppid: Some(1),
+            comm: comm.into(),
+            preexisting: open,
+            opened: 0,
+            leak_per_s: leak,
+            seconds_to_emfile: secs,
+            ..ProcessFigures::example(pid, open, status)
+        })
     }
 
     fn site(resource: &str, open: u64, leak: f64) -> SiteReport {

@@ -107,7 +107,8 @@ pub struct PySites {
 }
 
 impl PySites {
-    /// Looks at `pid` (attached to, or started by `run`).
+    /// Looks at `pid`, whose image is known to be past its loader (traced
+    /// since before node mode started).
     pub fn attach(&mut self, pid: u32) -> Found {
         let (proc, found) = match PyProc::attach(pid) {
             Ok(Some(p)) => {
@@ -128,9 +129,11 @@ impl PySites {
         found
     }
 
-    /// `pid` ran execve: a new image, looked at again; if it needs a
-    /// libpython the loader has not mapped yet, again shortly.
-    pub fn exec(&mut self, pid: u32, now: Instant) -> Found {
+    /// Looks at `pid`, which may have just run execve (a new image; or
+    /// one given with `--pid`, or adopted by node mode, maybe right after
+    /// its exec): if it needs a libpython the loader has not mapped yet, it
+    /// is looked at again shortly.
+    pub fn look_at(&mut self, pid: u32, now: Instant) -> Found {
         if locate::libpython_pending(pid) {
             self.procs.insert(
                 pid,

@@ -381,8 +381,10 @@ mod tests {
 
     use fdtrace_common::FdKind;
 
-    use super::{model::tests as m, *};
-    use crate::analysis::{Attribution, Containers, Loss, SessionCounts, SiteReport, Totals};
+    use super::*;
+    use crate::analysis::{
+        Attribution, Containers, Loss, ProcessFigures, SessionCounts, SiteReport, Totals,
+    };
 
     const BOUNDS: Bounds = Bounds { top: 20, max: 200 };
 
@@ -433,12 +435,12 @@ mod tests {
     /// The processes of `two`: a critical leaker in a pod, a healthy
     /// process outside any container.
     fn two_processes() -> Vec<ProcessReport> {
-        let mut leaker = m::figures(10, 300, Status::Critical);
+        let mut leaker = ProcessFigures::example(10, 300, Status::Critical);
         leaker.attribution = cart();
         leaker.comm = "say \"hi\"\n".into();
         leaker.leak_per_s = 4.0;
         leaker.seconds_to_emfile = Some(25.0);
-        let mut r = m::report(leaker);
+        let mut r = ProcessReport::of(leaker);
         r.sites = (0..7)
             .map(|i| {
                 site(
@@ -449,9 +451,9 @@ mod tests {
                 )
             })
             .collect();
-        let mut nginx = m::figures(20, 12, Status::Ok);
+        let mut nginx = ProcessFigures::example(20, 12, Status::Ok);
         nginx.attribution = attribution("/system.slice/nginx.service", None);
-        vec![r, m::report(nginx)]
+        vec![r, ProcessReport::of(nginx)]
     }
 
     /// A report of `processes`, its containers made by the analysis.
@@ -605,11 +607,11 @@ mod tests {
     fn a_process_in_a_sub_cgroup_carries_its_containers_labels() {
         let mut ps = two_processes();
         // A worker the container's init moved into a cgroup of its own.
-        let mut worker = m::figures(11, 5, Status::Warning);
+        let mut worker = ProcessFigures::example(11, 5, Status::Warning);
         let mut a = (*cart()).clone();
         a.cgroup = Some("/kubepods.slice/x/worker".into());
         worker.attribution = Rc::new(a);
-        let mut w = m::report(worker);
+        let mut w = ProcessReport::of(worker);
         w.sites = vec![site("tcp 10.9.9.9:80", 3, 0.5, &[])];
         ps.push(w);
         let t = text(&report_of(&mut Containers::default(), 1.0, ps), BOUNDS);
@@ -632,11 +634,11 @@ mod tests {
     fn container_counters_keep_exited_processes_and_never_go_down() {
         let mut c = Containers::default();
         let mut ps = two_processes();
-        let mut helper = m::figures(12, 4, Status::Ok);
+        let mut helper = ProcessFigures::example(12, 4, Status::Ok);
         helper.attribution = cart();
         helper.opened = 50;
         helper.closed = 46;
-        ps.push(m::report(helper));
+        ps.push(ProcessReport::of(helper));
         let first = text(&report_of(&mut c, 1.0, ps), BOUNDS);
         let pod = format!(
             r#"namespace="shop",pod="cart-7f",container="app",container_id="{}",cgroup="/kubepods.slice/x""#,
@@ -712,7 +714,7 @@ mod tests {
         // their sites only.
         let mut ps: Vec<ProcessReport> = (1..=100)
             .map(|pid| {
-                let mut r = m::report(m::figures(pid, pid.into(), Status::Ok));
+                let mut r = ProcessReport::of(ProcessFigures::example(pid, pid.into(), Status::Ok));
                 r.sites = vec![site("pipe", 1, 1.0, &[])];
                 r
             })

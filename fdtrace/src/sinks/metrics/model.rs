@@ -139,57 +139,19 @@ pub fn healthy(last: Instant, now: Instant, interval: Duration) -> bool {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
-
-    pub fn figures(pid: u32, open: u64, status: Status) -> ProcessFigures {
-        ProcessFigures {
-            pid,
-            ppid: None,
-            comm: format!("p{pid}"),
-            open_fds: open,
-            soft_limit: Some(1024),
-            hard_limit: Some(4096),
-            pct_used: Some(open as f64 / 10.24),
-            by_kind: [0; fdtrace_common::FD_KINDS],
-            preexisting: 0,
-            opened: open,
-            closed: 0,
-            opened_per_s: 0.0,
-            closed_per_s: 0.0,
-            emfile: 0,
-            enfile: 0,
-            drift: Some(0),
-            status,
-            leak_per_s: 0.0,
-            seconds_to_emfile: None,
-            stacks_not_sampled: 0,
-            shares_fd_table: false,
-            attribution: Default::default(),
-        }
-    }
-
-    pub fn report(f: ProcessFigures) -> ProcessReport {
-        ProcessReport {
-            figures: f,
-            sites: Vec::new(),
-            findings: Vec::new(),
-            leak_found: false,
-            resync: None,
-            close_wait: 0,
-        }
-    }
 
     #[test]
     fn risk_order_is_status_then_soonest_emfile_then_fullest_then_fastest() {
-        let mut a = figures(1, 10, Status::Warning);
+        let mut a = ProcessFigures::example(1, 10, Status::Warning);
         a.seconds_to_emfile = Some(900.0);
-        let mut b = figures(2, 10, Status::Warning);
+        let mut b = ProcessFigures::example(2, 10, Status::Warning);
         b.seconds_to_emfile = Some(100.0);
-        let c = figures(3, 900, Status::Ok);
-        let mut d = figures(4, 10, Status::Ok);
+        let c = ProcessFigures::example(3, 900, Status::Ok);
+        let mut d = ProcessFigures::example(4, 10, Status::Ok);
         d.leak_per_s = 2.0;
-        let e = figures(5, 10, Status::Exhausted);
+        let e = ProcessFigures::example(5, 10, Status::Exhausted);
         let all = [a, b, c, d, e];
         let order: Vec<u32> = bounded(&all, 10, 10).iter().map(|f| f.pid).collect();
         assert_eq!(order, [5, 2, 1, 3, 4]);
@@ -197,8 +159,9 @@ pub(super) mod tests {
 
     #[test]
     fn bound_is_top_k_plus_not_ok_up_to_max() {
-        let mut all: Vec<ProcessFigures> =
-            (1..=50).map(|p| figures(p, p.into(), Status::Ok)).collect();
+        let mut all: Vec<ProcessFigures> = (1..=50)
+            .map(|p| ProcessFigures::example(p, p.into(), Status::Ok))
+            .collect();
         // Top 3 of 50 healthy processes: the fullest.
         let pids = |v: Vec<&ProcessFigures>| v.iter().map(|f| f.pid).collect::<Vec<_>>();
         assert_eq!(pids(bounded(&all, 3, 10)), [50, 49, 48]);
@@ -255,9 +218,13 @@ pub(super) mod tests {
 
     #[test]
     fn sites_wanted_for_a_leak_finding_or_worse_than_ok() {
-        let ok = report(figures(1, 5, Status::Ok));
+        let ok = ProcessReport::of(ProcessFigures::example(1, 5, Status::Ok));
         assert!(!sites_wanted(&ok));
-        assert!(sites_wanted(&report(figures(1, 5, Status::Warning))));
+        assert!(sites_wanted(&ProcessReport::of(ProcessFigures::example(
+            1,
+            5,
+            Status::Warning
+        ))));
         // At the report of the finding and every one after it.
         let leaking = ProcessReport {
             leak_found: true,
