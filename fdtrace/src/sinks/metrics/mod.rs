@@ -60,8 +60,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Binds `addr` (exactly that address) and serves it on the current
-    /// tokio runtime. An address in use is an error naming it.
+    /// Binds `addr` (exactly that address) and serves it from a thread of
+    /// its own. An address in use is an error naming it.
     pub fn serve(addr: SocketAddr, interval: Duration, bounds: Bounds) -> io::Result<Self> {
         let shared = Arc::new(Mutex::new(Shared {
             exposition: Bytes::new(),

@@ -1,5 +1,7 @@
-//! The HTTP side: `/metrics` and `/healthz` served by axum on the session's
-//! current-thread runtime, between the session's own steps.
+//! The HTTP side: `/metrics` and `/healthz` served by axum on a thread of
+//! their own (a current-thread runtime there): a report over a node's
+//! processes holds the session's thread for tens of milliseconds, and a
+//! scrape that came then would wait for it.
 use std::{io, net::SocketAddr, time::Duration};
 
 use axum::{
@@ -23,7 +25,7 @@ struct App {
 }
 
 /// Binds `addr` now (so that an address in use ends fdtrace before it
-/// traces anything) and serves it from a task of the current runtime.
+/// traces anything) and serves it from a thread of its own.
 pub fn spawn(addr: SocketAddr, interval: Duration, shared: SharedState) -> io::Result<()> {
     let std = std::net::TcpListener::bind(addr).map_err(|e| {
         io::Error::new(
@@ -32,16 +34,26 @@ pub fn spawn(addr: SocketAddr, interval: Duration, shared: SharedState) -> io::R
         )
     })?;
     std.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(std)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(App { shared, interval });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            eprintln!("fdtrace: --metrics {addr} stopped serving: {e}");
-        }
-    });
+    std::thread::Builder::new()
+        .name("fdtrace-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let served = match tokio::net::TcpListener::from_std(std) {
+                    Ok(listener) => axum::serve(listener, app).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = served {
+                    eprintln!("fdtrace: --metrics {addr} stopped serving: {e}");
+                }
+            });
+        })?;
     Ok(())
 }
 
@@ -79,21 +91,51 @@ mod tests {
     use super::*;
     use crate::sinks::metrics::Shared;
 
-    /// `GET path` over HTTP/1.0, from a blocking thread while the runtime
-    /// serves: the status line, the headers and the body.
+    /// `GET path` over HTTP/1.0: the status line, the headers and the
+    /// body; an error after 5 s without an answer.
+    fn get_blocking(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        Ok((head.to_string(), body.to_string()))
+    }
+
+    /// [`get_blocking`] from a blocking thread of the test's runtime.
     async fn get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
         let path = path.to_string();
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect(addr)?;
-            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp)?;
-            let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-            Ok((head.to_string(), body.to_string()))
-        })
-        .await
-        .expect("the GET thread")
+        tokio::task::spawn_blocking(move || get_blocking(addr, &path))
+            .await
+            .expect("the GET thread")
+    }
+
+    /// A report holds the session's thread (here: a sleep outside any
+    /// runtime) for as long as it takes; a scrape meanwhile is answered at
+    /// once, from the last rendering.
+    #[test]
+    fn a_scrape_does_not_wait_for_a_report() {
+        let shared = Arc::new(Mutex::new(Shared {
+            exposition: "x 1\n# EOF\n".into(),
+            last: Instant::now(),
+        }));
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)));
+        let rt = runtime();
+        let _in_runtime = rt.enter();
+        spawn(addr, Duration::from_secs(1), shared).unwrap();
+        let scrape = std::thread::spawn(move || {
+            let t = Instant::now();
+            get_blocking(addr, "/metrics").map(|(_, body)| (body, t.elapsed()))
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let (body, took) = scrape.join().unwrap().expect("answered");
+        assert_eq!(body, "x 1\n# EOF\n");
+        assert!(
+            took < Duration::from_millis(500),
+            "answered after {took:?}, while the session's thread was busy"
+        );
     }
 
     fn free_port(ip: Ipv4Addr) -> u16 {
