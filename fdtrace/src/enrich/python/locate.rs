@@ -11,7 +11,9 @@ use std::{
 };
 
 use fdtrace_common::python::PyLayout;
-use object::{Object as _, ObjectKind, ObjectSegment as _, ObjectSymbol as _, ReadCache};
+use object::{
+    Object as _, ObjectKind, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, ReadCache,
+};
 use procfs::process::{MMapPath, MemoryMap, Process};
 
 use super::{
@@ -68,6 +70,15 @@ fn read_symbols(file: File, path: &Path) -> Result<Symbols, LocateError> {
         what: path.display().to_string(),
         err: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
     })?;
+    // Most traced processes are not Python: one read of the dynamic string
+    // table tells, where walking the symbols reads each name apart (some
+    // 4700 syscalls for bash). A file without section headers is walked.
+    if let Some(dynstr) = elf.section_by_name(".dynstr")
+        && let Ok(names) = dynstr.data()
+        && !contains(names, b"\0_PyRuntime\0")
+    {
+        return Ok(Symbols::default());
+    }
     let mut s = Symbols {
         relocatable: elf.kind() == ObjectKind::Dynamic,
         first_vaddr: elf.segments().map(|seg| seg.address()).min().unwrap_or(0) & !0xfff,
@@ -86,6 +97,11 @@ fn read_symbols(file: File, path: &Path) -> Result<Symbols, LocateError> {
         }
     }
     Ok(s)
+}
+
+/// Whether `hay` holds `needle`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// "3.10" from "libpython3.10.so.1.0", "python3.10" or "libpython3.6m.so";

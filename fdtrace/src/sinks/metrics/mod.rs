@@ -40,8 +40,9 @@ const STATUSES: [Status; 4] = [
 /// What the server reads: the last rendering and when it was made.
 struct Shared {
     exposition: Bytes,
-    /// The last report, or the start before the first one.
-    last: Instant,
+    /// The last report, or the start of tracing before the first one; None
+    /// while fdtrace attaches (the server answers from before then).
+    last: Option<Instant>,
 }
 
 type SharedState = Arc<Mutex<Shared>>;
@@ -65,23 +66,24 @@ impl Metrics {
     pub fn serve(addr: SocketAddr, interval: Duration, bounds: Bounds) -> io::Result<Self> {
         let shared = Arc::new(Mutex::new(Shared {
             exposition: Bytes::new(),
-            last: Instant::now(),
+            last: None,
         }));
         server::spawn(addr, interval, shared.clone())?;
         Ok(Metrics::new(shared, bounds))
     }
 
     fn new(shared: SharedState, bounds: Bounds) -> Self {
-        let m = Metrics { shared, bounds };
         // A scrape before the first report sees fdtrace's own families.
-        m.publish(render(&Report::default(), bounds, Duration::ZERO));
-        m
+        let text = render(&Report::default(), bounds, Duration::ZERO);
+        shared.lock().unwrap_or_else(|e| e.into_inner()).exposition = Bytes::from(text);
+        Metrics { shared, bounds }
     }
 
+    /// The exposition of a report, and reports running.
     fn publish(&self, text: String) {
         let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         s.exposition = Bytes::from(text);
-        s.last = Instant::now();
+        s.last = Some(Instant::now());
     }
 }
 
@@ -348,7 +350,11 @@ fn gauge_i(n: u64) -> i64 {
 }
 
 impl Sink for Metrics {
+    /// Every process is attached: tracing has begun, and `/healthz`
+    /// answers 200 from now on while reports run.
     fn start(&mut self, _: &Start) -> io::Result<()> {
+        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        s.last = Some(Instant::now());
         Ok(())
     }
 
@@ -387,6 +393,28 @@ mod tests {
     };
 
     const BOUNDS: Bounds = Bounds { top: 20, max: 200 };
+
+    /// The server answers while fdtrace still attaches (it binds first):
+    /// /healthz says 503 until tracing has begun.
+    #[test]
+    fn healthz_waits_for_tracing_to_begin() {
+        let shared = Arc::new(Mutex::new(Shared {
+            exposition: Bytes::new(),
+            last: None,
+        }));
+        let mut m = Metrics::new(shared.clone(), BOUNDS);
+        let healthy = || {
+            let last = shared.lock().unwrap().last;
+            model::healthy(last, Instant::now(), Duration::from_secs(1))
+        };
+        assert!(!healthy(), "not while attaching");
+        assert!(
+            !shared.lock().unwrap().exposition.is_empty(),
+            "fdtrace's own families from the start"
+        );
+        m.report(&Report::default()).unwrap();
+        assert!(healthy(), "reports run");
+    }
 
     /// The sample lines of `name` (exactly that metric name).
     fn samples<'a>(text: &'a str, name: &str) -> Vec<&'a str> {

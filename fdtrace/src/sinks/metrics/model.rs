@@ -132,10 +132,11 @@ pub fn user_function(stack: &[String]) -> &str {
         .map_or("", String::as_str)
 }
 
-/// `/healthz`: whether reports run, that is the last one (or the start,
-/// before the first) is at most three intervals old.
-pub fn healthy(last: Instant, now: Instant, interval: Duration) -> bool {
-    now.saturating_duration_since(last) <= interval.saturating_mul(3)
+/// `/healthz`: whether reports run, that is the last one (or the start of
+/// tracing, before the first) is at most three intervals old; not while
+/// fdtrace is still attaching (`last` None).
+pub fn healthy(last: Option<Instant>, now: Instant, interval: Duration) -> bool {
+    last.is_some_and(|last| now.saturating_duration_since(last) <= interval.saturating_mul(3))
 }
 
 #[cfg(test)]
@@ -209,11 +210,13 @@ mod tests {
     fn healthz_is_stale_after_three_intervals() {
         let t0 = Instant::now();
         let i = Duration::from_secs(1);
-        assert!(healthy(t0, t0, i));
-        assert!(healthy(t0, t0 + Duration::from_millis(3000), i));
-        assert!(!healthy(t0, t0 + Duration::from_millis(3001), i));
+        assert!(healthy(Some(t0), t0, i));
+        assert!(healthy(Some(t0), t0 + Duration::from_millis(3000), i));
+        assert!(!healthy(Some(t0), t0 + Duration::from_millis(3001), i));
         // A clock read before the report: not stale.
-        assert!(healthy(t0 + i, t0, i));
+        assert!(healthy(Some(t0 + i), t0, i));
+        // Still attaching: not tracing yet.
+        assert!(!healthy(None, t0, i));
     }
 
     #[test]

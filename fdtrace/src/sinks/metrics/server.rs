@@ -72,6 +72,8 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
     let last = app.shared.lock().unwrap_or_else(|e| e.into_inner()).last;
     if healthy(last, std::time::Instant::now(), app.interval) {
         (StatusCode::OK, "ok\n")
+    } else if last.is_none() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not tracing yet\n")
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -119,7 +121,7 @@ mod tests {
     fn a_scrape_does_not_wait_for_a_report() {
         let shared = Arc::new(Mutex::new(Shared {
             exposition: "x 1\n# EOF\n".into(),
-            last: Instant::now(),
+            last: Some(Instant::now()),
         }));
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)));
         let rt = runtime();
@@ -158,7 +160,7 @@ mod tests {
         let interval = Duration::from_millis(100);
         let shared = Arc::new(Mutex::new(Shared {
             exposition: "x 1\n# EOF\n".into(),
-            last: Instant::now(),
+            last: Some(Instant::now()),
         }));
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)));
         runtime().block_on(async {
@@ -184,7 +186,7 @@ mod tests {
             );
             assert_eq!(body, "x 1\n# EOF\n");
             // A report: healthy again.
-            shared.lock().unwrap().last = Instant::now();
+            shared.lock().unwrap().last = Some(Instant::now());
             assert!(get(addr, "/healthz").await.unwrap().0.contains(" 200 "));
             assert!(get(addr, "/nope").await.unwrap().0.contains(" 404 "));
         });
@@ -196,7 +198,7 @@ mod tests {
         let port = free_port(other);
         let shared = Arc::new(Mutex::new(Shared {
             exposition: "# EOF\n".into(),
-            last: Instant::now(),
+            last: Some(Instant::now()),
         }));
         runtime().block_on(async {
             spawn((other, port).into(), Duration::from_secs(1), shared.clone()).unwrap();
