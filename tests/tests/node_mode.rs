@@ -653,3 +653,50 @@ fn children_forked_while_the_node_starts_count_exactly() {
         kids.len() + 1
     );
 }
+
+/// A leak on a file the process already had open at attach is found
+/// without stacks: the bench's leakers hold /dev/null from before the
+/// attach, and a leaked fd whose stack could not be taken has none, like
+/// the pre-existing one (here every fd: --no-stacks). The new fds are a
+/// site of their own, not old fds.
+#[test]
+fn a_leak_on_a_file_held_since_before_the_attach_is_found() {
+    fdtrace_tests::require_root();
+    let mut leaker = Command::new(FDLOOP)
+        .args(["node", "leak", "fdn-held-leak", "20"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fdloop node leak");
+    let pid = leaker.id();
+    let mut replies = BufReader::new(leaker.stdout.take().expect("fdloop stdout")).lines();
+    let mut reply = || {
+        let line = replies.next().expect("a reply").expect("read a reply");
+        assert!(line.starts_with("fdloop node "), "{line}");
+    };
+    reply();
+    let mut ft = fdtrace(&["--pid", &pid.to_string(), "--duration", "6s"]);
+    let started = wait_started(&mut ft);
+    let mut stdin = leaker.stdin.take().expect("fdloop stdin");
+    stdin.write_all(b"x").expect("switch the leaker on");
+    reply();
+    let objs = objects_after(ft, started);
+    let held = objs
+        .iter()
+        .filter(|o| o["type"] == "site" && o["pid"] == pid && o["resource"] == "/dev/null")
+        .count();
+    assert!(held > 0, "no /dev/null site of pid {pid}");
+    let leaks: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["type"] == "finding" && o["finding"] == "leak" && o["pid"] == pid)
+        .collect();
+    drop(stdin);
+    leaker.wait().expect("the leaker ends");
+    assert_eq!(leaks.len(), 1, "leak findings of pid {pid}: {leaks:?}");
+    let last = last_of(&reports(&objs), pid);
+    assert!(
+        last["leak_per_s"].as_f64().is_some_and(|r| r > 10.0),
+        "{last}"
+    );
+}

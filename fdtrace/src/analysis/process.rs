@@ -36,13 +36,20 @@ const LEAK_FINDING_RATE: f64 = 0.2;
 /// summary.
 pub const GROWING_RATE: f64 = 0.05;
 
-/// A call site: the creating stack, the fd kind and the resource label.
+/// A call site: the creating stack, the fd kind and the resource label,
+/// and whether its fds were there before the tracing. Pre-existing fds have
+/// no stack (NO_SITE), nor have fds created since whose stack could not be
+/// taken (bpf_get_stackid fails, e.g. on a bucket collision in STACKS): the
+/// flag keeps those apart, else a leak on a resource the process held at
+/// attach (a leaker opening /dev/null with fd 2 on it) would be counted as
+/// old fds and never reported.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct SiteKey {
     stack: u64,
     /// FdKind as u8 (hashable).
     kind: u8,
     resource: Rc<str>,
+    preexisting: bool,
 }
 
 impl SiteKey {
@@ -64,8 +71,6 @@ struct Site {
     oldest_age_s: f64,
     /// Its sockets in CLOSE_WAIT at the last report.
     close_wait: u64,
-    /// Its first fds were pre-existing (stack and age unknown).
-    preexisting: bool,
 }
 
 impl Site {
@@ -96,22 +101,17 @@ struct Group {
     open: u64,
     /// Earliest creation time among its fds that fdtrace saw created.
     first_created: Option<u64>,
-    /// Some of its fds were there before fdtrace attached.
-    preexisting_fds: bool,
-    /// Its first fd was pre-existing (Site::preexisting).
-    preexisting: bool,
     socket_inodes: Vec<u64>,
 }
 
 impl Group {
-    /// Age of its oldest fd; pre-existing fds are at least as old as the
-    /// tracing (`traced_ns`).
-    fn oldest_ns(&self, now_ns: u64, traced_ns: u64) -> u64 {
-        let seen_ns = self.first_created.map_or(0, |c| now_ns.saturating_sub(c));
-        if self.preexisting_fds {
-            seen_ns.max(traced_ns)
+    /// Age of its oldest fd; pre-existing fds are as old as the tracing
+    /// at least (`traced_ns`).
+    fn oldest_ns(&self, preexisting: bool, now_ns: u64, traced_ns: u64) -> u64 {
+        if preexisting {
+            traced_ns
         } else {
-            seen_ns
+            self.first_created.map_or(0, |c| now_ns.saturating_sub(c))
         }
     }
 
@@ -147,18 +147,15 @@ fn group(fds: &[LabelledFd], now_ns: u64, min_age_ns: u64) -> Groups {
             stack: f.stack,
             kind: f.kind as u8,
             resource: label.text.clone(),
+            preexisting: f.preexisting,
         };
         let g = out.sites.entry(key).or_insert_with(|| Group {
             open: 0,
             first_created: None,
-            preexisting_fds: false,
-            preexisting: f.preexisting,
             socket_inodes: Vec::new(),
         });
         g.open += 1;
-        if f.preexisting {
-            g.preexisting_fds = true;
-        } else {
+        if !f.preexisting {
             let c = f.created_ns;
             g.first_created = Some(g.first_created.map_or(c, |m| m.min(c)));
         }
@@ -273,7 +270,7 @@ impl ProcessAnalysis {
             None => group(s.fds, s.now_ns, self.cfg.min_age.as_nanos() as u64),
         };
         // Series: every known site gets a sample, 0 when it has no fd now.
-        for (key, g) in &groups.sites {
+        for key in groups.sites.keys() {
             self.sites.entry(key.clone()).or_insert_with(|| Site {
                 id: key.id(s.pid),
                 key: key.clone(),
@@ -282,14 +279,13 @@ impl ProcessAnalysis {
                 leak_per_s: 0.0,
                 oldest_age_s: 0.0,
                 close_wait: 0,
-                preexisting: g.preexisting,
             });
         }
         for site in self.sites.values_mut() {
             let (n, age_ns, cw) = match groups.sites.get(&site.key) {
                 Some(g) => (
                     g.open,
-                    g.oldest_ns(s.now_ns, traced_ns),
+                    g.oldest_ns(site.key.preexisting, s.now_ns, traced_ns),
                     g.close_wait(s.tcp_states),
                 ),
                 None => (0, 0, 0),
@@ -411,7 +407,7 @@ impl ProcessAnalysis {
         let enough = self.candidates.len() >= 3 && self.leak_per_s >= LEAK_FINDING_RATE;
         let mut keys = Vec::new();
         for s in self.sites.values() {
-            if enough && !s.preexisting && s.leak_per_s >= LEAK_FINDING_RATE {
+            if enough && !s.key.preexisting && s.leak_per_s >= LEAK_FINDING_RATE {
                 let key = format!("leak {}", s.id);
                 if !self.reported.contains(&key) {
                     keys.push(key);
@@ -765,6 +761,39 @@ mod tests {
     }
 
     #[test]
+    fn a_leak_on_the_resource_of_pre_existing_fds_is_found() {
+        // The leaked fds' stack could not be taken (NO_SITE), and a
+        // pre-existing fd on the same file has none either: the new fds are
+        // a site of their own, and a leak.
+        let mut r = Run::new(cfg());
+        let mut old = fd(2, 0, "/dev/null");
+        old.preexisting = true;
+        old.created_ns = 0;
+        old.stack = fdtrace_common::NO_SITE;
+        r.fds.push(old);
+        let mut found = Vec::new();
+        for t in 0..8u32 {
+            for n in 0..5 {
+                let mut f = fd(3 + 5 * t + n, u64::from(t), "/dev/null");
+                f.stack = fdtrace_common::NO_SITE;
+                r.fds.push(f);
+            }
+            found.extend(r.report(u64::from(t), Some(1024)).findings);
+        }
+        let leaks: Vec<&Finding> = found
+            .iter()
+            .filter(|f| f.kind == FindingKind::Leak)
+            .collect();
+        assert_eq!(leaks.len(), 1, "{found:?}");
+        // At the third report: the 15 fds since, without the old one.
+        assert_eq!(leaks[0].count, Some(15));
+        let last = r.report(8, Some(1024));
+        assert_eq!(last.sites.len(), 2);
+        let old_site = last.sites.iter().find(|s| s.open_fds == 1);
+        assert_eq!(old_site.map(|s| s.leak_per_s), Some(0.0));
+    }
+
+    #[test]
     fn event_findings_once_per_key_and_never_empty() {
         let mut a = ProcessAnalysis::new(cfg());
         let f =
@@ -822,6 +851,7 @@ mod tests {
             stack: 1,
             kind: FdKind::File as u8,
             resource: "/a".into(),
+            preexisting: false,
         };
         assert_eq!(k.id(1), k.id(1));
         assert_ne!(k.id(1), k.id(2));
