@@ -154,9 +154,13 @@ fn proc_only(pid: u32, walked: &[procfd::ProcFd]) -> Vec<procfd::ProcFd> {
     if missed.is_empty() {
         return Vec::new();
     }
+    named(pid, missed)
+}
+
+/// Fds `fds` of `pid`, named from /proc where their links can be read.
+fn named(pid: u32, fds: Vec<u32>) -> Vec<procfd::ProcFd> {
     let dir = procfd::ProcDir::open(pid).ok();
-    missed
-        .into_iter()
+    fds.into_iter()
         .map(|fd| {
             let target = dir.as_ref().and_then(|d| d.target(fd));
             procfd::ProcFd {
@@ -239,17 +243,105 @@ pub fn check(
 }
 
 /// The figures of a [`PROC_HIDDEN`] process: its kernel table made equal
-/// to /proc's (a resync, whose differences count as opened and closed),
-/// then read back. None when it is no longer traced; no drift when the
-/// recount failed.
+/// to what /proc lists (fds new since the last recount count as opened,
+/// those gone as closed), then read back. The entries it holds are kept
+/// here, so that a recount is one listing of /proc/PID/fd and nothing for
+/// the fds that stayed, not a read of the whole fd map. None when it is no
+/// longer traced; no drift when /proc could not be listed.
 fn recount(k: &mut Kernel, pid: u32, state: &mut ReconcileState) -> Option<Snapshot> {
     state.exact = None;
-    let listed = resync(k, pid).ok();
-    let stats = k.stats_of(pid)?;
+    let mut held = match state.hidden.take() {
+        Some(held) => held,
+        // The first time: the entries the attach seeded, from the map.
+        None => map_batch::live_fds(&k.fds, |t| t == pid)
+            .ok()?
+            .remove(&pid)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.fd, e.info.kind))
+            .collect(),
+    };
+    let listed = procfd::fd_numbers(pid);
+    let drift = match listed {
+        Ok(listed) => {
+            let listed: HashSet<u32> = listed.into_iter().collect();
+            let count = listed.len() as i64;
+            if let Err(e) = follow_hidden(k, pid, &mut held, listed) {
+                eprintln!("fdtrace: recounting pid {pid} from /proc: {e:#}");
+            }
+            k.stats_of(pid).map(|st| st.live() as i64 - count)
+        }
+        Err(_) => None,
+    };
+    state.hidden = Some(held);
     Some(Snapshot {
-        drift: listed.map(|n| stats.live() as i64 - n as i64),
-        stats,
+        stats: k.stats_of(pid)?,
+        drift,
     })
+}
+
+/// Makes the kernel entries of hidden process `pid`, `held` (fd -> kind),
+/// those of `listed`: adds the new fds, named from /proc, drops the gone.
+fn follow_hidden(
+    k: &mut Kernel,
+    pid: u32,
+    held: &mut HashMap<u32, u8>,
+    listed: HashSet<u32>,
+) -> Result<()> {
+    let gone: Vec<u32> = held
+        .keys()
+        .filter(|fd| !listed.contains(fd))
+        .copied()
+        .collect();
+    let mut new: Vec<u32> = listed
+        .into_iter()
+        .filter(|fd| !held.contains_key(fd))
+        .collect();
+    if gone.is_empty() && new.is_empty() {
+        return Ok(());
+    }
+    new.sort_unstable();
+    let mut delta = [0i64; FD_KINDS];
+    for fd in &gone {
+        let _ = k.fds.remove(&FdKey { tgid: pid, fd: *fd });
+        if let Some(kind) = held.remove(fd) {
+            delta[usize::from(kind).min(FD_KINDS - 1)] -= 1;
+        }
+    }
+    let created_ns = monotonic_ns();
+    let entries: Vec<(FdKey, FdInfo)> = named(pid, new)
+        .iter()
+        .map(|f| {
+            let key = FdKey {
+                tgid: pid,
+                fd: f.fd,
+            };
+            (key, found_entry(f, created_ns, FD_RESYNCED))
+        })
+        .collect();
+    // Held only once written: a failed write is tried again next time.
+    map_batch::insert_batch(&k.fds, &entries).with_context(|| {
+        format!("adding the fds of pid {pid}: the fd map is full, raise --max-fds")
+    })?;
+    let mut top = 0;
+    for (key, info) in &entries {
+        held.insert(key.fd, info.kind);
+        delta[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
+        top = top.max(key.fd + 1);
+    }
+    // Read-modify-write of the counters, as the resync does.
+    let Some(mut stats) = k.stats_of(pid) else {
+        return Ok(());
+    };
+    stats.opened += entries.len() as u64;
+    stats.closed += gone.len() as u64;
+    for (c, d) in stats.by_kind.iter_mut().zip(delta) {
+        *c = c.saturating_add_signed(d);
+    }
+    stats.fd_hwm = stats.fd_hwm.max(top);
+    stats.generation += 1;
+    k.set_stats(pid, &stats)
+        .with_context(|| format!("updating counters of pid {pid}"))
 }
 
 fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
@@ -506,6 +598,9 @@ pub struct ReconcileState {
     resyncs: ResyncTrack,
     /// How many fds the last resync's walk listed.
     last_listed: usize,
+    /// A [`PROC_HIDDEN`] process's kernel entries (fd -> kind), as its last
+    /// recount left them; None before the first.
+    hidden: Option<HashMap<u32, u8>>,
 }
 
 /// The reconciled view of one process at a report.
