@@ -123,9 +123,8 @@ pub const FD_OPEN: u8 = 1 << 4;
 
 /// `FdInfo::site` when no call site was recorded.
 pub const NO_SITE: u64 = u64::MAX;
-/// `FdInfo::site` when no stack was recorded: the process was over its
-/// stack budget (see `ProcStats::stack_slot`), or the stack map took no new
-/// stack (fdtrace-ebpf stack.rs).
+/// `FdInfo::site` when the stack was not taken because the process was over
+/// its stack budget (see `ProcStats::stack_slot`).
 pub const SITE_NOT_SAMPLED: u64 = u64::MAX - 1;
 
 /// Value of the live-fd map: one per fd number a traced process has used,
@@ -235,7 +234,8 @@ pub struct ProcStats {
     /// SITE_NOT_SAMPLED.
     pub stack_slot: u64,
     pub stacks_in_slot: u64,
-    /// Fds created without a stack (over budget, or none recorded).
+    /// Fds created without a stack: over budget, or the stack map took no
+    /// new stack (fdtrace-ebpf stack.rs).
     pub not_sampled: u64,
     /// The process's cgroup v2 id (`kernfs_node.id`, the inode of the
     /// cgroup's directory) as the kernel side last saw it: written when it

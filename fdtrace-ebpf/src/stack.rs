@@ -23,14 +23,15 @@ pub static STACKS_PER_SLOT: u32 = 100;
 
 const SLOT_NS: u64 = 100_000_000;
 
-/// The calling user stack's id in STACKS; NO_SITE without stacks, and
-/// SITE_NOT_SAMPLED over the process's budget or when STACKS took no new
-/// stack: a stack-trace map keeps one stack per hash bucket and, without
+/// The calling user stack's id in STACKS; NO_SITE without stacks or when
+/// STACKS took no new stack, and SITE_NOT_SAMPLED over the process's
+/// budget. A stack-trace map keeps one stack per hash bucket and, without
 /// BPF_F_REUSE_STACKID (which would rename the stacks of fds already
 /// recorded), refuses a new stack whose bucket holds another, -EEXIST
 /// (`__bpf_get_stackid`, <https://elixir.bootlin.com/linux/v6.18/source/kernel/bpf/stackmap.c>).
-/// Both count in `not_sampled`. The first time an id is seen, the top of the
-/// user stack is saved with it (see StackWindow).
+/// Both count in `not_sampled`; only the budget keeps the Python stack
+/// from being taken too (python.rs `made_by`). The first time an id is
+/// seen, the top of the user stack is saved with it (see StackWindow).
 #[inline(always)]
 pub fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) -> u64 {
     if global(&STACKS_PER_SLOT) == 0 {
@@ -44,7 +45,7 @@ pub fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u
     let Ok(id) = ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) else {
         // SAFETY: p is a live STATS element.
         table::add64(unsafe { &raw mut (*p).not_sampled }, 1);
-        return SITE_NOT_SAMPLED;
+        return NO_SITE;
     };
     // SAFETY: presence check only.
     if unsafe { WINDOWS.get(id as u32) }.is_none() {

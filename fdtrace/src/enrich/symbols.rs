@@ -61,9 +61,7 @@ impl Symbols {
             frames: HashMap::new(),
             cfi: CfiCache::default(),
             files: MappedFiles::default(),
-            not_sampled: Rc::new(vec![
-                "[no stack: over --stack-rate, or the stack map had no room]".to_string(),
-            ]),
+            not_sampled: Rc::new(vec!["[not sampled: over --stack-rate]".to_string()]),
             none: HashMap::new(),
         }
     }
