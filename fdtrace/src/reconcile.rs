@@ -51,8 +51,21 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::Proc
     k.register(pid, &ProcStats::new(pid, flags))?;
     let mut fds = iterators::list(k.seed.as_fd(), pid)
         .with_context(|| format!("reading the fd table of pid {pid}"))?;
-    seed_missed(k, pid, &mut fds)?;
+    if let Some(n) = seed_missed(k, pid, &mut fds)? {
+        say_hidden(pid, n);
+    }
     Ok(fds)
+}
+
+/// Says once that `pid`, whose table the kernel walk does not see (`n`
+/// fds in /proc), is counted from /proc ([`PROC_HIDDEN`]).
+pub fn say_hidden(pid: u32, n: usize) {
+    eprintln!(
+        "fdtrace: pid {pid}: the kernel's walk of its fd table sees none of the {n} fds \
+         /proc/{pid}/fd lists, so its syscalls are not trusted to be seen either; it is \
+         counted from /proc at every report (opens and closes between reports, and their \
+         call sites, are not seen)"
+    );
 }
 
 /// Seeds the fds /proc lists for `pid` that the kernel walk (`walked`) did
@@ -63,24 +76,20 @@ pub fn attach(k: &mut Kernel, pid: u32, follow: bool) -> Result<Vec<procfd::Proc
 /// where not, and appended to `walked`. One stat when nothing is missing.
 ///
 /// A walk that saw none of the fds /proc lists marks the process
-/// [`PROC_HIDDEN`] and says so once: on the host where this was found the
-/// kernel runs no syscall tracepoint for that process either, so its count
-/// is taken from /proc at every report ([`check`]).
-pub fn seed_missed(k: &mut Kernel, pid: u32, walked: &mut Vec<procfd::ProcFd>) -> Result<()> {
+/// [`PROC_HIDDEN`]: on the host where this was found the kernel runs no
+/// syscall tracepoint for that process either, so its count is taken from
+/// /proc at every report ([`check`]). Returns how many fds it has then, for
+/// the caller to say so ([`say_hidden`]) where the user will see it.
+pub fn seed_missed(
+    k: &mut Kernel,
+    pid: u32,
+    walked: &mut Vec<procfd::ProcFd>,
+) -> Result<Option<usize>> {
     let extra = proc_only(pid, walked);
     if extra.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let hidden = walked.is_empty();
-    if hidden {
-        eprintln!(
-            "fdtrace: pid {pid}: the kernel's walk of its fd table sees none of the {} fds \
-             /proc/{pid}/fd lists, so its syscalls are not trusted to be seen either; it is \
-             counted from /proc at every report (opens and closes between reports, and their \
-             call sites, are not seen)",
-            extra.len()
-        );
-    }
     let mut by_kind = [0u64; FD_KINDS];
     let (mut seeded, mut top) = (0u64, 0u32);
     for f in &extra {
@@ -120,8 +129,9 @@ pub fn seed_missed(k: &mut Kernel, pid: u32, walked: &mut Vec<procfd::ProcFd>) -
         k.set_stats(pid, &stats)
             .with_context(|| format!("updating counters of pid {pid}"))?;
     }
+    let n = extra.len();
     walked.extend(extra);
-    Ok(())
+    Ok(hidden.then_some(n))
 }
 
 /// The kernel entry user space writes for an open fd it found (`origin`:

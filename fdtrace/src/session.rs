@@ -277,8 +277,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         s.found_python(pid, py)
             .context("writing the Python notice")?;
     }
+    // Said once the sinks have started: the whole-node view's screen shows
+    // stderr lines from then on, and one written before would be drawn over.
+    let mut hidden = Vec::new();
     if let Some(sel) = &node {
-        for (pid, found) in kernel::node::start(&mut s.k, sel, &cli.host_root)? {
+        let started = kernel::node::start(&mut s.k, sel, &cli.host_root)?;
+        hidden = started.hidden;
+        for (pid, found) in started.traced {
             if s.procs.contains_key(&pid) {
                 continue; // also given with --pid
             }
@@ -324,6 +329,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             ts: sinks::now(),
             request: req,
         })?;
+        for (pid, n) in hidden {
+            reconcile::say_hidden(pid, n);
+        }
         for (pid, ending) in ended_at_attach {
             s.exited(pid, None, ending)?;
         }

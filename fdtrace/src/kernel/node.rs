@@ -305,14 +305,8 @@ pub fn selection(f: &Filters<'_>) -> Result<Option<(Selection, Watch)>> {
 
 /// Starts node mode: gives the kernel side the selected cgroups, registers
 /// every selected process running now (not kernel threads, not fdtrace),
-/// then seeds them all with one walk of every task's table. Returns the
-/// traced processes with the fds the walk found (none for a process that
-/// holds none).
-pub fn start(
-    k: &mut Kernel,
-    sel: &Selection,
-    host_root: &Path,
-) -> Result<BTreeMap<u32, Vec<ProcFd>>> {
+/// then seeds them all with one walk of every task's table.
+pub fn start(k: &mut Kernel, sel: &Selection, host_root: &Path) -> Result<Started> {
     if let Selection::Cgroups(paths) = sel {
         let root = v2_root(host_root)?;
         for path in paths {
@@ -343,7 +337,7 @@ pub fn start(
     }
     let mut found =
         iterators::list_all(k.seed.as_fd()).context("walking the fd tables of every process")?;
-    let mut out = BTreeMap::new();
+    let (mut out, mut hidden) = (BTreeMap::new(), Vec::new());
     for pid in registered {
         // Gone before its registration: the exit hook never saw it traced.
         if !procfd::exists(pid) {
@@ -353,12 +347,27 @@ pub fn start(
         let mut fds = found.remove(&pid).unwrap_or_default();
         // A full map is counted and reported by the kernel's counters; the
         // process stays traced, its drift says by how much it is off.
-        if let Err(e) = crate::reconcile::seed_missed(k, pid, &mut fds) {
-            eprintln!("fdtrace: {e:#}");
+        match crate::reconcile::seed_missed(k, pid, &mut fds) {
+            Ok(Some(n)) => hidden.push((pid, n)),
+            Ok(None) => {}
+            Err(e) => eprintln!("fdtrace: {e:#}"),
         }
         out.insert(pid, fds);
     }
-    Ok(out)
+    Ok(Started {
+        traced: out,
+        hidden,
+    })
+}
+
+/// What node mode's start found.
+pub struct Started {
+    /// The traced processes with the fds the walk found (none for a
+    /// process that holds none).
+    pub traced: BTreeMap<u32, Vec<ProcFd>>,
+    /// Those the walk cannot see, with their /proc counts: said
+    /// (`reconcile::say_hidden`) once the view has started.
+    pub hidden: Vec<(u32, usize)>,
 }
 
 /// Puts cgroup `path`'s id in the kernel side's selection.
