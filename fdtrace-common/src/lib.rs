@@ -253,7 +253,11 @@ pub struct ProcStats {
     pub lazy_parent: u32,
     pub fork_ns: u64,
     pub lazy_end: u32,
-    pub _pad: u32,
+    /// Odd while the seed walk writes one of this process's fds (its
+    /// entry, `seeded`, `by_kind`, `fd_hwm`): a fork reads the parent's
+    /// counts and high-water mark when it is even and unchanged across the
+    /// read, so the child's counts and LAZY bits cover the same fds.
+    pub seed_seq: u32,
 }
 
 impl ProcStats {
@@ -279,7 +283,7 @@ impl ProcStats {
             lazy_parent: 0,
             fork_ns: 0,
             lazy_end: 0,
-            _pad: 0,
+            seed_seq: 0,
             opened: 0,
             closed: 0,
             emfile: 0,

@@ -14,7 +14,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use fdtrace_common::{
-    EV_EXEC, EV_EXIT, EV_FORK, PROC_FOLLOW, PROC_LAZY, PROC_NODE, PROC_SHARED_TABLE, ProcStats,
+    EV_EXEC, EV_EXIT, EV_FORK, FD_KINDS, PROC_FOLLOW, PROC_LAZY, PROC_NODE, PROC_SHARED_TABLE,
+    ProcStats,
 };
 
 use crate::{
@@ -102,26 +103,35 @@ pub fn fork(ctx: &BtfTracePointContext) -> Option<()> {
     // is a copy of the parent's, so it starts with the parent's counts;
     // entries are copied now only for the fds that stay open across exec.
     // One table (CLONE_FILES) is the same table: its entries are copied.
-    let lazy = shared == 0;
-    // SAFETY: pp is a live STATS element; a helper without arguments.
-    unsafe {
-        if lazy {
-            st.by_kind = (*pp).by_kind;
-            st.seeded = (*pp).live();
-            st.flags |= PROC_LAZY;
-            st.lazy_parent = parent;
-            st.fork_ns = bpf_ktime_get_ns();
-        } else {
-            st.fd_hwm = (*pp).fd_hwm;
-        }
+    // The parent's counts and the fds they cover (below its high-water
+    // mark), as one; None while the seed walk kept writing them, when the
+    // child is counted as a process registered now (the same walk counts
+    // it next: a new task is visited after its parent).
+    let counted = if shared == 0 {
+        parent_counts(pp, &mut st)
+    } else {
+        None
+    };
+    if counted.is_some() {
+        st.seeded = st.live();
+        st.flags |= PROC_LAZY;
+        st.lazy_parent = parent;
+        // SAFETY: a helper without arguments.
+        st.fork_ns = unsafe { bpf_ktime_get_ns() };
+    } else if shared != 0 {
+        // SAFETY: pp is a live STATS element.
+        st.fd_hwm = unsafe { (*pp).fd_hwm };
     }
     if !table::register(child, &st) {
         return None;
     }
     let cp = proc_of(child)?;
     python::fork(parent, child);
-    if lazy {
-        lazy_fork(pp, parent, cp, child, ctask as u64);
+    if let Some(hwm) = counted {
+        lazy_fork(pp, parent, cp, child, ctask as u64, hwm);
+    } else if shared == 0 {
+        // And the report resyncs it, should the walk have passed.
+        inexact(cp);
     } else {
         bulk(pp, parent, 0, u32::MAX, Bulk::Copy, Some((child, cp)));
     }
@@ -158,6 +168,40 @@ pub fn exit(ctx: &BtfTracePointContext) {
     table::unregister(tgid, p);
 }
 
+/// How many times a fork reads its parent's counts while the seed walk
+/// writes them (a few atomic adds an fd) before it gives up.
+const SEED_READS: usize = 4;
+
+/// Copies the parent's per-kind counts to `st` and returns its
+/// high-water mark, read when no seed walk was writing one of its fds: the
+/// fds below that mark are the ones the counts cover. A fork during the
+/// walk of its parent (at attach, or a node-mode start) would otherwise
+/// count an fd the walk had not counted yet as LAZY, or the other way
+/// round, and the child's walk, which leaves LAZY fds alone, would not
+/// mend it. None (and no counts) when every read overlapped a write.
+#[inline(always)]
+fn parent_counts(pp: *mut ProcStats, st: &mut ProcStats) -> Option<u32> {
+    for _ in 0..SEED_READS {
+        // SAFETY: pp is a live STATS element; volatile reads of fields
+        // another CPU's seed walk writes with atomic adds.
+        unsafe {
+            let seq = core::ptr::read_volatile(&raw const (*pp).seed_seq);
+            if seq % 2 == 1 {
+                continue;
+            }
+            for (c, k) in st.by_kind.iter_mut().zip((*pp).by_kind.iter()) {
+                *c = core::ptr::read_volatile(k);
+            }
+            let hwm = core::ptr::read_volatile(&raw const (*pp).fd_hwm);
+            if core::ptr::read_volatile(&raw const (*pp).seed_seq) == seq {
+                return Some(hwm);
+            }
+        }
+    }
+    st.by_kind = [0; FD_KINDS];
+    None
+}
+
 /// The walk of a lazy fork over the child's fd table bitmaps.
 #[repr(C)]
 struct ForkCtx {
@@ -179,13 +223,18 @@ struct ForkCtx {
 /// store per 64 fds), the others are copied from the parent's entries.
 /// Runs before the child first runs (sched_process_fork precedes
 /// wake_up_new_task), so no syscall of the child sees a half-made table.
-fn lazy_fork(pp: *mut ProcStats, parent: u32, cp: *mut ProcStats, child: u32, ctask: u64) {
+fn lazy_fork(
+    pp: *mut ProcStats,
+    parent: u32,
+    cp: *mut ProcStats,
+    child: u32,
+    ctask: u64,
+    hwm: u32,
+) {
     let Some((open_fds, cloexec, max_fds)) = fd_bitmaps(ctask) else {
         inexact(cp);
         return;
     };
-    // SAFETY: pp is a live STATS element.
-    let hwm = unsafe { (*pp).fd_hwm };
     let words = hwm.div_ceil(64).min(max_fds / 64);
     let n = words * 64;
     let mut ctx = ForkCtx {
@@ -230,7 +279,10 @@ extern "C" fn fork_step(i: u32, ctx: *mut c_void) -> i64 {
             c.failed = 1;
         }
     }
-    if c.eager & (1u64 << (i % 64)) != 0 {
+    // Below the mark only: an entry the walk wrote above it since the
+    // child's counts were read is not in them, and the child's own walk
+    // counts that fd.
+    if c.eager & (1u64 << (i % 64)) != 0 && i < c.hwm {
         table::copy_to_child(c.pp, c.parent, c.cp, c.child, i);
     }
     0

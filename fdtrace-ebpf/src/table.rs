@@ -484,6 +484,9 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool, file
     // SAFETY: helper without arguments.
     let seen: [u64; 2] = [file, unsafe { bpf_ktime_get_ns() }];
     let _ = SEED_FILES.insert(key, seen, 0);
+    // Odd from before the entry to after the counters: a fork of this
+    // process meanwhile reads them again (see lifecycle::parent_counts).
+    seed_seq_add(p);
     // BPF_NOEXIST: the element is only allocated when the number has no
     // entry, which is the one case to write.
     match FDS.insert(key, info, BPF_NOEXIST) {
@@ -502,6 +505,15 @@ pub fn seed(p: *mut ProcStats, tgid: u32, fd: u32, kind: u8, cloexec: bool, file
             inexact(p);
         }
     }
+    seed_seq_add(p);
+}
+
+/// One step of `p`'s [`ProcStats::seed_seq`]; an atomic add, which orders
+/// the seed's other writes after (or before) it.
+#[inline(always)]
+fn seed_seq_add(p: *mut ProcStats) {
+    // SAFETY: p is a live STATS element.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*p).seed_seq, 1) };
 }
 
 /// The counters of a new fd, once its entry is written.

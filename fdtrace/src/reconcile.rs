@@ -68,28 +68,37 @@ pub fn say_hidden(pid: u32, n: usize) {
     );
 }
 
-/// Seeds the fds /proc lists for `pid` that the kernel walk (`walked`) did
-/// not: fdtrace's count must be /proc's. The sandbox init of some hosts is
-/// such a process: root may list /proc/1/fd but not read its links, and
-/// the task_file iterator visits none of its fds. Each is written as a
-/// pre-existing entry, named from /proc where it can be and `unknown`
-/// where not, and appended to `walked`. One stat when nothing is missing.
+/// Seeds the fds /proc lists for `pid` when the kernel walk (`walked`)
+/// saw none of them: fdtrace's count must be /proc's. The sandbox init of
+/// some hosts is such a process: root may list /proc/1/fd but not read its
+/// links, and the task_file iterator visits none of its fds. Each is
+/// written as a pre-existing entry, named from /proc where it can be and
+/// `unknown` where not, and appended to `walked`. One stat when nothing is
+/// missing.
 ///
-/// A walk that saw none of the fds /proc lists marks the process
-/// [`PROC_HIDDEN`]: on the host where this was found the kernel runs no
-/// syscall tracepoint for that process either, so its count is taken from
-/// /proc at every report ([`check`]). Returns how many fds it has then, for
-/// the caller to say so ([`say_hidden`]) where the user will see it.
+/// Such a process is marked [`PROC_HIDDEN`]: on the host where this was
+/// found the kernel runs no syscall tracepoint for it either, so its count
+/// is taken from /proc at every report ([`check`]). Returns how many fds it
+/// has then, for the caller to say so ([`say_hidden`]) where the user will
+/// see it.
 pub fn seed_missed(
     k: &mut Kernel,
     pid: u32,
     walked: &mut Vec<procfd::ProcFd>,
 ) -> Result<Option<usize>> {
+    // A walk that saw any fd sees the table: an fd /proc lists beyond it
+    // is one opened since, which its own syscall counts. So is one of a
+    // process whose syscalls the kernel side has counted since its
+    // registration. Writing either from here would count it twice, and the
+    // counters' read-modify-write below would lose what the kernel added
+    // meanwhile (a busy process opens and closes between the two).
+    if !walked.is_empty() || k.stats_of(pid).is_none_or(|st| st.changes() != 0) {
+        return Ok(None);
+    }
     let extra = proc_only(pid, walked);
     if extra.is_empty() {
         return Ok(None);
     }
-    let hidden = walked.is_empty();
     let mut by_kind = [0u64; FD_KINDS];
     let (mut seeded, mut top) = (0u64, 0u32);
     for f in &extra {
@@ -123,15 +132,13 @@ pub fn seed_missed(
         }
         stats.fd_hwm = stats.fd_hwm.max(top);
         stats.generation += 1;
-        if hidden {
-            stats.flags |= PROC_HIDDEN;
-        }
+        stats.flags |= PROC_HIDDEN;
         k.set_stats(pid, &stats)
             .with_context(|| format!("updating counters of pid {pid}"))?;
     }
     let n = extra.len();
     walked.extend(extra);
-    Ok(hidden.then_some(n))
+    Ok(Some(n))
 }
 
 /// The kernel entry user space writes for an open fd it found (`origin`:
@@ -354,6 +361,24 @@ fn follow_hidden(
         .with_context(|| format!("updating counters of pid {pid}"))
 }
 
+/// Makes the totals of `stats` add up to its count (`live() == seeded +
+/// opened - closed`, as the kernel side keeps them) after user space
+/// rewrote the count: a busy process's opens and closes between the
+/// rewrite's read of the counters and its write are lost from both, and
+/// what the count then differs by counts as opened or closed by the
+/// rewrite. Without this, every later report of the process would show
+/// totals off by what was lost.
+fn balance(stats: &mut ProcStats) {
+    let totals = i128::from(stats.seeded) + i128::from(stats.opened) - i128::from(stats.closed);
+    let d = i128::from(stats.live()) - totals;
+    let n = d.unsigned_abs() as u64;
+    if d > 0 {
+        stats.opened += n;
+    } else {
+        stats.closed += n;
+    }
+}
+
 fn check_once(k: &Kernel, pid: u32) -> Option<Snapshot> {
     let mut stats = k.stats_of(pid)?;
     for _ in 0..TRIES {
@@ -443,13 +468,15 @@ fn resync(k: &mut Kernel, pid: u32) -> Result<usize> {
         by_kind[usize::from(info.kind).min(FD_KINDS - 1)] += 1;
     }
     // Read-modify-write of the counters: the kernel may bump them in between;
-    // the next drift check sees and repairs any difference.
+    // the next drift check sees and repairs any difference in the count,
+    // and the totals are balanced against the count written.
     let Some(mut stats) = k.stats_of(pid) else {
         return Ok(listed.len()); // exited meanwhile
     };
     stats.opened += new.len() as u64;
     stats.closed += dropped;
     stats.by_kind = by_kind;
+    balance(&mut stats);
     stats.fd_hwm = stats.fd_hwm.max(top);
     stats.generation += 1;
     k.set_stats(pid, &stats)
@@ -774,6 +801,22 @@ mod tests {
             Vec::<u32>::new(),
             "fds the walk saw and /proc no longer lists are the drift check's"
         );
+    }
+
+    #[test]
+    fn balance_makes_the_totals_add_up_to_the_count() {
+        let mut st = ProcStats::new(1, 0);
+        st.by_kind[FdKind::File as usize] = 5;
+        st.seeded = 3;
+        st.opened = 10;
+        st.closed = 9;
+        balance(&mut st);
+        assert_eq!((st.opened, st.closed), (11, 9));
+        st.by_kind[FdKind::File as usize] = 1;
+        balance(&mut st);
+        assert_eq!((st.opened, st.closed), (11, 13));
+        balance(&mut st);
+        assert_eq!((st.opened, st.closed), (11, 13), "balanced already");
     }
 
     #[test]

@@ -66,6 +66,8 @@ fn preexisting_plus_opened_minus_closed_is_live() {
         let mut stop_scheduled = false;
         let until = Instant::now() + Duration::from_secs(15);
         let (mut compared, mut most_opened) = (0, 0);
+        // The reports so far, for a failure to show what led to it.
+        let mut seen = Vec::new();
         while let Ok(line) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             let v: Value = serde_json::from_str(&line)
                 .unwrap_or_else(|e| panic!("round {round}: not JSON ({e}): {line}"));
@@ -82,6 +84,12 @@ fn preexisting_plus_opened_minus_closed_is_live() {
             }
             // Counters read while the table changed are torn; fdtrace then
             // reports drift null.
+            if v["type"] == "process" {
+                seen.push(format!(
+                    "drift {} open {} opened {} closed {}",
+                    v["drift"], v["open_fds"], v["opened_total"], v["closed_total"]
+                ));
+            }
             if v["type"] != "process" || v["drift"].is_null() {
                 continue;
             }
@@ -94,7 +102,9 @@ fn preexisting_plus_opened_minus_closed_is_live() {
             assert_eq!(
                 live as i128,
                 pre as i128 + opened as i128 - closed as i128,
-                "round {round}: open_fds != preexisting_fds + opened_total - closed_total: {v}"
+                "round {round}: open_fds != preexisting_fds + opened_total - closed_total: {v}\n\
+                 reports so far:\n{}",
+                seen.join("\n")
             );
             most_opened = most_opened.max(opened);
         }
