@@ -571,16 +571,20 @@ fn a_pod_whose_bundle_reads_late_is_selected() {
     );
 }
 
-/// A parent holding 300 close-on-exec fds forks a child every 10 ms
+/// A parent holding 1000 close-on-exec fds forks a child every 2 ms
 /// (each sleeps holding its copy of the table) until told to stop; it
-/// prints each child's pid. `stop` stops the forks, and dropping it ends
+/// prints each child's pid. The table is long enough, and the forks
+/// frequent enough, that some fork comes while the seed walk is writing
+/// the parent's fds: before the walk and the fork agreed on the parent's
+/// counts (ProcStats::seed_seq), such a child was short of the fds seeded
+/// meanwhile in 3 runs of 4. `stop` stops the forks, and dropping it ends
 /// the children and the parent.
 const FORKER: &str = r#"
 import os, select, signal, sys
-fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(300)]
+fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(1000)]
 kids = []
 print("ready", flush=True)
-while not select.select([sys.stdin], [], [], 0.01)[0]:
+while not select.select([sys.stdin], [], [], 0.002)[0]:
     pid = os.fork()
     if pid == 0:
         signal.pause()
@@ -614,7 +618,7 @@ fn children_forked_while_the_node_starts_count_exactly() {
     // process and its seed walk of every table.
     let mut ft = fdtrace(&["--all", "--duration", "3s"]);
     let started = wait_started(&mut ft);
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(Duration::from_millis(100));
     writeln!(stdin, "stop").expect("stop the forks");
     let mut kids = Vec::new();
     loop {
