@@ -758,12 +758,33 @@ fn containers_started_after_fdtrace_are_selected() {
         .filter(|r| r["type"] == "process")
         .filter_map(|r| r["pid"].as_u64())
         .collect();
-    assert_eq!(
-        reported,
-        std::collections::BTreeSet::from([u64::from(in_pod.host_pid), u64::from(named.host_pid)]),
-        "the pod's and the named container's processes only (other: {})",
+    let wanted = [u64::from(in_pod.host_pid), u64::from(named.host_pid)];
+    assert!(
+        wanted.iter().all(|p| reported.contains(p))
+            && !reported.contains(&u64::from(other.host_pid)),
+        "the pod's and the named container's processes, not the other's ({}): {reported:?}",
         other.host_pid
     );
+    // runc's own short-lived process enters the container's cgroup before
+    // the init does and may live through a report: it is the selection's
+    // too, and reported as ended. Nothing else is.
+    let selected = [
+        format!("/kubepods/burstable/pod{pod_uid}/{pod_id}"),
+        format!("/fdtrace-test/{named_id}"),
+    ];
+    for pid in reported.iter().filter(|p| !wanted.contains(p)) {
+        let p = last_process(&out, *pid as u32);
+        assert!(
+            p["cgroup"]
+                .as_str()
+                .is_some_and(|c| selected.iter().any(|s| s == c)),
+            "pid {pid} is of no selected container: {p}"
+        );
+        assert!(
+            out.iter().any(|r| r["type"] == "exit" && r["pid"] == *pid),
+            "pid {pid} of a selected container is neither its init nor ended: {p}"
+        );
+    }
     for (pid, n) in want {
         let p = last_process(&out, pid);
         assert_eq!(p["open_fds"], n as u64, "{p}");
