@@ -55,6 +55,9 @@ struct Traced {
     gone: bool,
     /// Tells it from a later process with the same pid; None until read.
     identity: Option<Identity>,
+    /// Found in the kernel map by a report before its fork event was
+    /// drained: that event, when it comes, is its own.
+    fork_pending: bool,
 }
 
 impl Traced {
@@ -66,7 +69,32 @@ impl Traced {
             analysis: ProcessAnalysis::new(cfg),
             gone: false,
             identity: None,
+            fork_pending: false,
         }
+    }
+}
+
+/// What a fork event for a pid already known does with the process known
+/// under it.
+#[derive(Debug, PartialEq, Eq)]
+enum ForkOfKnown {
+    /// It is the forked child itself, found by a report first: kept.
+    Keep,
+    /// The pid was reused after a report found the old process gone and
+    /// before its exit was reported (its exit event lost): that one ends
+    /// first.
+    EndFirst,
+    /// Replaced by the new process.
+    Replace,
+}
+
+fn fork_of_known(fork_pending: bool, gone: bool, exited: bool) -> ForkOfKnown {
+    if fork_pending {
+        ForkOfKnown::Keep
+    } else if gone && !exited {
+        ForkOfKnown::EndFirst
+    } else {
+        ForkOfKnown::Replace
     }
 }
 
@@ -464,21 +492,34 @@ impl Session {
         let ts = sinks::now();
         match ev {
             KernelEvent::Fork { pid, ppid, comm } => {
-                // A pid reused after a report found the old process gone
-                // and before its exit was reported (its exit event lost):
-                // that one ends first.
-                if self
+                let known = self
                     .procs
                     .get(&pid)
-                    .is_some_and(|p| p.gone && !p.analysis.exited())
-                {
+                    .map(|p| fork_of_known(p.fork_pending, p.gone, p.analysis.exited()));
+                if known == Some(ForkOfKnown::EndFirst) {
                     self.exited(pid, None, Ending::Exited)?;
                 }
-                let mut enrich = ProcessEnrichment::new(comm, Some(ppid));
-                if let Some(parent) = self.procs.get(&ppid) {
-                    enrich.who = ProcessAttribution::inherited(&parent.enrich.who);
+                let who = self
+                    .procs
+                    .get(&ppid)
+                    .map(|parent| ProcessAttribution::inherited(&parent.enrich.who));
+                if known == Some(ForkOfKnown::Keep) {
+                    let p = self.procs.get_mut(&pid).expect("known");
+                    p.fork_pending = false;
+                    p.enrich.ppid = Some(ppid);
+                    if p.enrich.comm.is_empty() {
+                        p.enrich.comm = comm;
+                    }
+                    if let Some(who) = who {
+                        p.enrich.who = who;
+                    }
+                } else {
+                    let mut enrich = ProcessEnrichment::new(comm, Some(ppid));
+                    if let Some(who) = who {
+                        enrich.who = who;
+                    }
+                    self.procs.insert(pid, Traced::new(enrich, self.cfg));
                 }
-                self.procs.insert(pid, Traced::new(enrich, self.cfg));
                 self.python.fork(ppid, pid);
                 self.sinks.notice(&Notice::Fork { ts, pid, ppid })
             }
@@ -751,8 +792,11 @@ impl Session {
                     self.adopt(pid)?;
                     continue;
                 }
+                // Its fork event is still on its way (or was lost).
                 let enrich = ProcessEnrichment::read(pid);
-                self.procs.insert(pid, Traced::new(enrich, self.cfg));
+                let mut traced = Traced::new(enrich, self.cfg);
+                traced.fork_pending = true;
+                self.procs.insert(pid, traced);
             }
         }
         let live: Vec<u32> = self
@@ -913,6 +957,21 @@ mod tests {
             attach_outcome(id(5, false), id(5, true)),
             Some(Ending::Zombie)
         );
+    }
+
+    #[test]
+    fn a_late_fork_event_keeps_the_child_a_report_found_first() {
+        // The report found the child in the kernel map, then gone from
+        // /proc, before its fork event was drained: one process, one exit.
+        assert_eq!(fork_of_known(true, true, false), ForkOfKnown::Keep);
+        assert_eq!(fork_of_known(true, false, false), ForkOfKnown::Keep);
+        assert_eq!(
+            fork_of_known(false, true, false),
+            ForkOfKnown::EndFirst,
+            "a reused pid whose exit event was lost"
+        );
+        assert_eq!(fork_of_known(false, true, true), ForkOfKnown::Replace);
+        assert_eq!(fork_of_known(false, false, false), ForkOfKnown::Replace);
     }
 
     fn child(ending: Option<Ending>, stopped: bool) -> Option<ChildEnd> {

@@ -21,6 +21,9 @@
 //! were stale return addresses (`PyObject_CallFinalizer`,
 //! `sqlite3_randomness`).
 //!
+//! And a site's resource is its own fd's, never that of a later fd under
+//! the same number (tests/native/fd_swap.c).
+//!
 //! Needs root, cc, strip, nm, readelf, python3 and a built fdtrace.
 
 use std::{
@@ -266,6 +269,68 @@ fn static_function_of_a_stripped_library_is_its_module_offset() {
         assert!(
             !stack.iter().any(|f| f.contains("stk_neighbour")),
             "{ctx}: a frame names stk_neighbour"
+        );
+    }
+}
+
+/// A site's resource is that of the fd its stack made. tests/native/fd_swap.c
+/// takes one fd number in turns for A (from `open_a`) and B (from `open_b`),
+/// for a few hundred microseconds each; with a report every 10 ms, some
+/// report reads the kernel's table while one holds the number and the fd's
+/// link in /proc after the other took it. That label once put B under
+/// `open_a`'s site (and A under `open_b`'s), some 15 times in 5 s.
+#[test]
+fn a_site_never_gets_the_resource_of_a_later_fd_with_its_number() {
+    require_root();
+    let scratch = Scratch::new("fd-swap");
+    let d = &scratch.0;
+    let src = Path::new(NATIVE).join("fd_swap.c");
+    let exe = d.join("fd_swap");
+    run(Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&exe)
+        .arg(&src));
+    let (a, b) = (d.join("a.txt"), d.join("b.txt"));
+    fs::write(&a, "a").unwrap();
+    fs::write(&b, "b").unwrap();
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let done = run_fdtrace(
+        &[
+            "--json",
+            "-i",
+            "10ms",
+            // Every fd gets its stack (the default budget would leave most
+            // of these 5000 fds/s without one).
+            "--stack-rate",
+            "1000000",
+            "run",
+            "--",
+            exe.to_str().unwrap(),
+            a,
+            b,
+            "3",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        done.status.success(),
+        "fdtrace run failed ({}): {}",
+        done.status,
+        done.stderr
+    );
+    for (resource, own, other) in [(a, "open_a", "open_b"), (b, "open_b", "open_a")] {
+        let stacks = stacks_of(&done.stdout, resource);
+        let wrong: Vec<&Vec<String>> = stacks
+            .iter()
+            .filter(|s| {
+                !s.iter().any(|f| f.starts_with(own)) || s.iter().any(|f| f.starts_with(other))
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{} of {} sites of {resource} have a stack not through {own}: {wrong:#?}",
+            wrong.len(),
+            stacks.len()
         );
     }
 }

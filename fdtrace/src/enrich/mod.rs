@@ -11,7 +11,7 @@ pub mod symbols;
 
 use std::{os::fd::AsFd as _, rc::Rc, time::Duration};
 
-use fdtrace_common::{FD_PREEXISTING, FdKind};
+use fdtrace_common::{FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, FdKind};
 use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use crate::{
@@ -209,9 +209,25 @@ impl ProcessEnrichment {
             } else if let Some((l, _)) = labels.labels.get(&key) {
                 Some(l.clone())
             } else {
+                // Read after the table was: kept only if the fd number
+                // still holds the same fd.
                 let found = links
                     .as_ref()
-                    .and_then(|d| label::label(d, f.fd, kind, f.info.detail, sockets));
+                    .and_then(|d| label::label(d, f.fd, kind, f.info.detail, sockets))
+                    .filter(|_| {
+                        same_fd(
+                            f,
+                            k.fds
+                                .get(
+                                    &FdKey {
+                                        tgid: pid,
+                                        fd: f.fd,
+                                    },
+                                    0,
+                                )
+                                .ok(),
+                        )
+                    });
                 match found {
                     // Cached with its text shared.
                     Some(l) if !l.provisional => {
@@ -255,6 +271,18 @@ impl ProcessEnrichment {
     }
 }
 
+/// Whether the kernel's entry `now` for the fd number of `f` is still `f`.
+/// A label read from /proc after the table was read is of a later fd when
+/// the process closed `f` and took its number again in between (at its
+/// start, the dynamic loader's fds are closed and their numbers reused at
+/// once); that label, and so that resource under `f`'s call site, is
+/// dropped and read again at the next report. Left open: dup2 onto
+/// the number, between the kernel swapping the file and the syscall exit
+/// that rewrites the entry.
+fn same_fd(f: &LiveFd, now: Option<FdInfo>) -> bool {
+    now.is_some_and(|now| now.flags & FD_OPEN != 0 && now.created_ns == f.info.created_ns)
+}
+
 /// The fds numbered 3 and up that `pid` held from before its exec at
 /// `exec_ns` (those the kernel map had then), as "7 (pipe)", named from
 /// /proc (or the names walk when there are many).
@@ -293,6 +321,28 @@ pub fn inherited_fds(k: &Kernel, pid: u32, exec_ns: u64) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_label_read_after_the_number_was_taken_again_is_dropped() {
+        let info = |created_ns, flags| FdInfo {
+            created_ns,
+            site: 7,
+            py_site: 0,
+            py_use: 0,
+            syscall: 257,
+            kind: 0,
+            flags,
+            detail: 0,
+        };
+        let f = LiveFd {
+            fd: 3,
+            info: info(10, FD_OPEN),
+        };
+        assert!(same_fd(&f, Some(info(10, FD_OPEN))));
+        assert!(!same_fd(&f, Some(info(10, 0))), "closed since");
+        assert!(!same_fd(&f, Some(info(20, FD_OPEN))), "another fd now");
+        assert!(!same_fd(&f, None), "the process is gone");
+    }
 
     fn label(text: &str) -> Label {
         Label {
