@@ -123,6 +123,17 @@ pub const FD_OPEN: u8 = 1 << 4;
 
 /// `FdInfo::site` when no call site was recorded.
 pub const NO_SITE: u64 = u64::MAX;
+/// `FdInfo::site`: the STACKS id is in the low 32 bits (ids are below the
+/// map's size); the high 32 hold the low 32 bits of the return address into
+/// the caller of frame 0's function, once user space has told the kernel
+/// where that is kept (CALLER_SLOTS). Two callers of one libc wrapper that
+/// has no frame pointer can get one kernel stack; these bits keep their
+/// sites apart, and each gets its own saved window (WINDOWS).
+pub const SITE_CALLER_SHIFT: u32 = 32;
+/// The STACKS id of an `FdInfo::site` (neither NO_SITE nor SITE_NOT_SAMPLED).
+pub const fn site_stack_id(site: u64) -> u32 {
+    site as u32
+}
 /// `FdInfo::site` when the stack was not taken because the process was over
 /// its stack budget (see `ProcStats::stack_slot`).
 pub const SITE_NOT_SAMPLED: u64 = u64::MAX - 1;

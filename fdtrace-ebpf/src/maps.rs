@@ -48,9 +48,20 @@ pub static COUNTERS: Array<u64> = Array::with_max_entries(CNT_LEN, 0);
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
-/// The top of the user stack when each STACKS id was first seen.
+/// The top of the user stack when each site (FdInfo::site: a STACKS id and
+/// its caller bits) was first seen.
 #[map]
-pub static WINDOWS: HashMap<u32, StackWindow> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+pub static WINDOWS: HashMap<u64, StackWindow> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Where, from the user stack pointer, the return address into the caller
+/// of the function at a syscall's user address is kept, in bytes; written
+/// by user space, which finds it by that function's call-frame information
+/// the first time it unwinds a window from that address. Keyed by address
+/// alone: forked children share their parent's layout, and a syscall
+/// instruction of another library at the same address in another process
+/// only makes its sites split by the word read there, never merge.
+#[map]
+pub static CALLER_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
 
 /// Per-CPU room to read a StackWindow (too large for the BPF stack).
 #[map]

@@ -12,6 +12,11 @@ impl Regs {
     pub fn nr(&self) -> u64 {
         unsafe { (*self.0).orig_rax }
     }
+    /// The user address the syscall returns to.
+    #[inline(always)]
+    pub fn ip(&self) -> u64 {
+        unsafe { (*self.0).rip }
+    }
     #[inline(always)]
     pub fn sp(&self) -> u64 {
         unsafe { (*self.0).rsp }

@@ -5,12 +5,14 @@ use aya_ebpf::{
     helpers::bpf_probe_read_user_buf,
     programs::{BtfTracePointContext, tracing::StackIdContext as _},
 };
-use fdtrace_common::{NO_SITE, ProcStats, SITE_NOT_SAMPLED, StackWindow, WINDOW_WORDS};
+use fdtrace_common::{
+    NO_SITE, ProcStats, SITE_CALLER_SHIFT, SITE_NOT_SAMPLED, StackWindow, WINDOW_WORDS,
+};
 
 use crate::{
     global,
-    maps::{STACKS, WINDOW_SCRATCH, WINDOWS},
-    regs::Regs,
+    maps::{CALLER_SLOTS, STACKS, WINDOW_SCRATCH, WINDOWS},
+    regs::{Regs, read_user},
     table,
 };
 
@@ -30,8 +32,10 @@ const SLOT_NS: u64 = 100_000_000;
 /// recorded), refuses a new stack whose bucket holds another, -EEXIST
 /// (`__bpf_get_stackid`, <https://elixir.bootlin.com/linux/v6.18/source/kernel/bpf/stackmap.c>).
 /// Both count in `not_sampled`; only the budget keeps the Python stack
-/// from being taken too (python.rs `made_by`). The first time an id is
-/// seen, the top of the user stack is saved with it (see StackWindow).
+/// from being taken too (python.rs `made_by`). Where user space knows the
+/// caller's return address slot for this syscall address, the site carries
+/// that address's low bits (see SITE_CALLER_SHIFT). The first time a site
+/// is seen, the top of the user stack is saved with it (see StackWindow).
 #[inline(always)]
 pub fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u64) -> u64 {
     if global(&STACKS_PER_SLOT) == 0 {
@@ -47,11 +51,26 @@ pub fn user_site(ctx: &BtfTracePointContext, r: &Regs, p: *mut ProcStats, now: u
         table::add64(unsafe { &raw mut (*p).not_sampled }, 1);
         return NO_SITE;
     };
+    let site = with_caller(u64::from(id as u32), r);
     // SAFETY: presence check only.
-    if unsafe { WINDOWS.get(id as u32) }.is_none() {
-        save_window(id as u32, r);
+    if unsafe { WINDOWS.get(site) }.is_none() {
+        save_window(site, r);
     }
-    id as u64
+    site
+}
+
+/// `id` with the low 32 bits of the caller's return address above it, when
+/// CALLER_SLOTS says where it is for this syscall address; `id` otherwise.
+#[inline(always)]
+fn with_caller(id: u64, r: &Regs) -> u64 {
+    // SAFETY: a read of a value user space wrote whole.
+    let Some(&slot) = (unsafe { CALLER_SLOTS.get(r.ip()) }) else {
+        return id;
+    };
+    match read_user::<u64>(r.sp().wrapping_add(u64::from(slot))) {
+        Some(ret) => id | (u64::from(ret as u32) << SITE_CALLER_SHIFT),
+        None => id,
+    }
 }
 
 /// Whether process `p` may take one more stack in the current 100 ms slot,
@@ -76,7 +95,7 @@ pub fn stack_budget(p: *mut ProcStats, now: u64) -> bool {
     true
 }
 
-fn save_window(id: u32, r: &Regs) {
+fn save_window(site: u64, r: &Regs) {
     let Some(w) = WINDOW_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -92,6 +111,6 @@ fn save_window(id: u32, r: &Regs) {
         (*w).bp = bp;
         // By reference: the window is larger than the BPF stack.
         let window: &StackWindow = &*w;
-        let _ = WINDOWS.insert(id, window, u64::from(BPF_NOEXIST));
+        let _ = WINDOWS.insert(site, window, u64::from(BPF_NOEXIST));
     }
 }

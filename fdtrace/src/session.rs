@@ -250,6 +250,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         let top = Top::new(io::stdout(), Console::detect(shares_terminal));
         Some(Box::new(if cli.all { top.whole_node() } else { top }))
     };
+    let caller_slots = k.caller_slots.take();
     let mut s = Session {
         k,
         sinks: Sinks(sink.into_iter().chain(metrics).collect()),
@@ -259,7 +260,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         max_fds: limits.max_fds,
         max_procs: limits.max_procs,
         cfg,
-        symbols: Symbols::new(),
+        symbols: Symbols::new(caller_slots),
         attributions: Attributions::new(&cli.host_root, "/proc"),
         containers: Containers::default(),
         python: PySites::default(),

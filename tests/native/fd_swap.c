@@ -2,22 +2,25 @@
  * fd_swap: takes one fd number in turns for two files from two call sites,
  * for the native stack tests (tests/tests/native_stacks.rs).
  *
- * Usage: fd_swap A B SECONDS
+ * Usage: fd_swap A B SECONDS WRAPPER
  *
  * open_a opens A, holds it 50-350 us and closes it; then open_b does the
- * same with B; again and again for SECONDS. open_a calls open and open_b
- * openat: libc's wrappers have no frame pointer, and the kernel's walk
- * from two callers of one wrapper can give one stack (see the README's
- * "Known blind spots"). Both fds get the same number,
- * so a report that read the kernel's table while A was open and its link in
- * /proc after B took the number would show B under open_a's call site.
+ * same with B; again and again for SECONDS. open_a calls libc's open; open_b
+ * calls openat when WRAPPER is "openat", open when it is "open". libc's open
+ * keeps the path in RBP, so the kernel's frame-pointer walk from it reads
+ * the path's bytes 8 to 15 as a return address: from two paths alike there,
+ * both callers get one kernel stack.
  *
- * Build: cc -O0 -g -fno-omit-frame-pointer -o fd_swap fd_swap.c (at -O1 the
- * compiler may fold the two same-bodied functions into one)
+ * Both fds get the same number, so a report that read the kernel's table
+ * while A was open and its link in /proc after B took the number would show
+ * B under open_a's call site.
+ *
+ * Build: cc -O0 -g -fno-omit-frame-pointer -o fd_swap fd_swap.c
  */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -26,9 +29,13 @@ static int __attribute__((noinline)) open_a(const char *path)
 	return open(path, O_RDONLY);
 }
 
+static int use_openat;
+
 static int __attribute__((noinline)) open_b(const char *path)
 {
-	return openat(AT_FDCWD, path, O_RDONLY);
+	if (use_openat)
+		return openat(AT_FDCWD, path, O_RDONLY);
+	return open(path, O_RDONLY);
 }
 
 static void hold(int fd, const char *path)
@@ -43,10 +50,11 @@ static void hold(int fd, const char *path)
 
 int main(int argc, char **argv)
 {
-	if (argc != 4) {
-		fprintf(stderr, "usage: fd_swap A B SECONDS\n");
+	if (argc != 5) {
+		fprintf(stderr, "usage: fd_swap A B SECONDS open|openat\n");
 		return 2;
 	}
+	use_openat = strcmp(argv[4], "openat") == 0;
 	time_t end = time(NULL) + atoi(argv[3]);
 
 	while (time(NULL) < end) {

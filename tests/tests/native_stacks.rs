@@ -273,16 +273,16 @@ fn static_function_of_a_stripped_library_is_its_module_offset() {
     }
 }
 
-/// A site's resource is that of the fd its stack made. tests/native/fd_swap.c
-/// takes one fd number in turns for A (from `open_a`) and B (from `open_b`),
-/// for a few hundred microseconds each; with a report every 10 ms, some
-/// report reads the kernel's table while one holds the number and the fd's
-/// link in /proc after the other took it. That label once put B under
-/// `open_a`'s site (and A under `open_b`'s), some 15 times in 5 s.
-#[test]
-fn a_site_never_gets_the_resource_of_a_later_fd_with_its_number() {
+/// Runs tests/native/fd_swap.c (open_b through libc's `wrapper`) for 3 s
+/// under `fdtrace --json -i 10ms run`, with a stack for every fd; the stacks
+/// of the sites of A and of B in the reports from `after_s` seconds after
+/// the start on, and what open_a and open_b are called in them.
+fn fd_swap(
+    wrapper: &str,
+    after_s: f64,
+) -> [(String, Vec<Vec<String>>, &'static str, &'static str); 2] {
     require_root();
-    let scratch = Scratch::new("fd-swap");
+    let scratch = Scratch::new(&format!("fd-swap-{wrapper}"));
     let d = &scratch.0;
     let src = Path::new(NATIVE).join("fd_swap.c");
     let exe = d.join("fd_swap");
@@ -309,6 +309,7 @@ fn a_site_never_gets_the_resource_of_a_later_fd_with_its_number() {
             a,
             b,
             "3",
+            wrapper,
         ],
         Duration::from_secs(30),
     );
@@ -318,8 +319,29 @@ fn a_site_never_gets_the_resource_of_a_later_fd_with_its_number() {
         done.status,
         done.stderr
     );
-    for (resource, own, other) in [(a, "open_a", "open_b"), (b, "open_b", "open_a")] {
-        let stacks = stacks_of(&done.stdout, resource);
+    let records: Vec<Value> = done
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let start = records
+        .iter()
+        .find(|r| r["type"] == "start")
+        .and_then(|r| r["ts"].as_f64())
+        .expect("a start object");
+    let late: String = records
+        .iter()
+        .filter(|r| r["ts"].as_f64().is_some_and(|t| t >= start + after_s))
+        .map(|r| format!("{r}\n"))
+        .collect();
+    [(a, "open_a", "open_b"), (b, "open_b", "open_a")]
+        .map(|(r, own, other)| (r.to_string(), stacks_of(&late, r), own, other))
+}
+
+/// Fails unless every stack of the sites of each resource goes through its
+/// own function and not the other's.
+fn check_swap_stacks(sites: &[(String, Vec<Vec<String>>, &str, &str)]) {
+    for (resource, stacks, own, other) in sites {
         let wrong: Vec<&Vec<String>> = stacks
             .iter()
             .filter(|s| {
@@ -333,6 +355,30 @@ fn a_site_never_gets_the_resource_of_a_later_fd_with_its_number() {
             stacks.len()
         );
     }
+}
+
+/// A site's resource is that of the fd its stack made. fd_swap takes one fd
+/// number in turns for A (from `open_a`) and B (from `open_b`, through
+/// openat: another kernel stack), for a few hundred microseconds each; with
+/// a report every 10 ms, some report reads the kernel's table while one
+/// holds the number and the fd's link in /proc after the other took it.
+/// That label once put B under `open_a`'s site (and A under `open_b`'s),
+/// some 10 times in 3 s.
+#[test]
+fn a_site_never_gets_the_resource_of_a_later_fd_with_its_number() {
+    check_swap_stacks(&fd_swap("openat", 0.0));
+}
+
+/// Two callers of libc's open, with paths alike in their bytes 8 to 15 (the
+/// scratch directory's name): the kernel's walk gives both one stack. Each
+/// once showed open_a's frames, the first caller's, for as long as the
+/// process ran. Once the first report has unwound the stack and told the
+/// kernel where open keeps its return address, each fd's site carries its
+/// caller; only fds made before that (here, closed within the first report
+/// or so) can show the other caller's frames.
+#[test]
+fn two_callers_of_one_libc_wrapper_keep_their_own_frames() {
+    check_swap_stacks(&fd_swap("open", 0.5));
 }
 
 /// The interpreter that `python3` runs (not a pyenv shim: a shell script

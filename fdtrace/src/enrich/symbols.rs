@@ -15,6 +15,7 @@ use std::{
     rc::Rc,
 };
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use blazesym::{
     Pid,
     symbolize::{
@@ -22,7 +23,7 @@ use blazesym::{
         source::{Elf, Process as ProcSource, Source},
     },
 };
-use fdtrace_common::{NO_SITE, SITE_NOT_SAMPLED, StackWindow};
+use fdtrace_common::{NO_SITE, SITE_CALLER_SHIFT, SITE_NOT_SAMPLED, StackWindow, site_stack_id};
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, LittleEndian, Register, RegisterRule,
     UnwindContext, UnwindSection as _, UnwindTableRow, X86_64,
@@ -51,11 +52,20 @@ pub struct Symbols {
     not_sampled: Stack,
     /// The stacks of a process without any.
     none: HashMap<u64, Stack>,
+    /// The kernel's CALLER_SLOTS, told where a caller's return address is
+    /// for each syscall address a window was unwound from; None in tests.
+    caller_slots: Option<BpfHashMap<MapData, u64, u32>>,
+    /// Syscall addresses told so far (or tried).
+    taught: std::collections::HashSet<u64>,
+    slots_failed: bool,
 }
 
 impl Symbols {
-    pub fn new() -> Self {
+    pub fn new(caller_slots: Option<BpfHashMap<MapData, u64, u32>>) -> Self {
         Symbols {
+            caller_slots,
+            taught: Default::default(),
+            slots_failed: false,
             symbolizer: Symbolizer::new(),
             canon: HashMap::new(),
             frames: HashMap::new(),
@@ -84,7 +94,10 @@ impl Symbols {
         if let Some(&c) = self.canon.get(&(pid, id)) {
             return c;
         }
-        let ips = self.frames_of(k, pid, id);
+        let (ips, slot) = self.frames_of(k, pid, id);
+        if let (Some(slot), Some(&ip)) = (slot, ips.first()) {
+            self.teach(ip, slot);
+        }
         let canon = if ips.is_empty() {
             NO_SITE
         } else {
@@ -130,6 +143,29 @@ impl Symbols {
         self.frames.get(&pid).unwrap_or(&self.none)
     }
 
+    /// Tells the kernel that at syscall address `ip` the caller's return
+    /// address is `slot` bytes above the stack pointer: from then on, the
+    /// sites of fds made there carry their caller (see SITE_CALLER_SHIFT).
+    fn teach(&mut self, ip: u64, slot: u32) {
+        let Some(map) = self.caller_slots.as_mut() else {
+            return;
+        };
+        if !self.taught.insert(ip) {
+            return;
+        }
+        // Without the slot (the map full), callers of this address that the
+        // kernel's walk cannot tell apart share the first one's frames; said
+        // once.
+        if let Err(e) = map.insert(ip, slot, 0)
+            && !std::mem::replace(&mut self.slots_failed, true)
+        {
+            eprintln!(
+                "fdtrace: recording where callers are kept at {ip:#x} failed ({e}): \
+                 callers of one libc wrapper may show the first one's frames"
+            );
+        }
+    }
+
     /// Drops the stack ids of a process that is gone (its symbolized frames
     /// stay, for the summary).
     pub fn forget(&mut self, pid: u32) {
@@ -139,10 +175,11 @@ impl Symbols {
     /// The frames of kernel stack `id`, repaired where a function without
     /// frame pointers (libc's syscall wrappers, usually) hid its callers,
     /// and cut at the first frame that is not a return address (a walk that
-    /// went astray through code without frame pointers).
-    fn frames_of(&mut self, k: &Kernel, pid: u32, id: u64) -> Vec<u64> {
-        let Ok(trace) = k.stacks.get(&(id as u32), 0) else {
-            return Vec::new();
+    /// went astray through code without frame pointers); with where frame 0's
+    /// caller's return address was (see [`repair`]).
+    fn frames_of(&mut self, k: &Kernel, pid: u32, id: u64) -> (Vec<u64>, Option<u32>) {
+        let Ok(trace) = k.stacks.get(&site_stack_id(id), 0) else {
+            return (Vec::new(), None);
         };
         let mut ips: Vec<u64> = trace
             .frames()
@@ -155,18 +192,21 @@ impl Symbols {
             Process::new(pid as i32).and_then(|p| p.maps()),
             File::open(format!("/proc/{pid}/mem")),
         ) else {
-            return ips;
+            return (ips, None);
         };
-        if let Ok(window) = k.windows.get(&(id as u32), 0)
+        let mut slot = None;
+        if let Ok(window) = k.windows.get(&id, 0)
             && !ips.is_empty()
         {
             let mut rules = |pc: u64| self.cfi.rules(&mut self.files, pid, &maps, pc);
-            repair(&mem, &window, &mut ips, &mut rules);
+            slot = repair(&mem, &window, &mut ips, &mut rules);
         }
         if let Some(bad) = (1..ips.len()).find(|&i| !is_return_address(&mem, &maps, ips[i])) {
             ips.truncate(bad);
         }
-        ips
+        // A site that carries its caller already came from a taught address.
+        let slot = slot.filter(|_| id >> SITE_CALLER_SHIFT == 0);
+        (ips, slot)
     }
 
     /// Names each frame. An address in a mapped file is symbolized from
@@ -317,12 +357,16 @@ enum SavedBp {
 /// otherwise they are dropped: they came from a reused register, or would
 /// follow a gap. Without call-frame information for frame 0 (code of no
 /// file) the kernel's frames stay as they are.
+///
+/// Returns where, in bytes above the stack pointer, frame 0's function
+/// keeps its return address, when that frame was found and proven so from
+/// a CFA on RSP: the same at every syscall from that address.
 fn repair(
     mem: &File,
     w: &StackWindow,
     ips: &mut Vec<u64>,
     rules: &mut dyn FnMut(u64) -> Option<Rules>,
-) {
+) -> Option<u32> {
     let word = |addr: u64| {
         let off = addr.checked_sub(w.sp).filter(|off| off % 8 == 0)?;
         w.words.get(usize::try_from(off / 8).ok()?).copied()
@@ -333,8 +377,9 @@ fn repair(
     let Some(mut r) = rules(ips[0]) else {
         // Nothing known of frame 0 (no file, no tables): the kernel's walk
         // stands as it is.
-        return;
+        return None;
     };
+    let mut slot = None;
     let mut out = vec![ips[0]];
     let (mut ip, mut sp, mut bp) = (ips[0], w.sp, Some(w.bp));
     let mut kernel_tail = false;
@@ -371,6 +416,9 @@ fn repair(
             SavedBp::At(off) => cfa.checked_add_signed(off).and_then(word),
             SavedBp::Lost => None,
         };
+        if out.len() == 1 {
+            slot = return_slot(r.cfa, r.ra);
+        }
         out.push(ret);
         (ip, sp) = (ret, cfa);
         match rules(ret - 1) {
@@ -382,6 +430,17 @@ fn repair(
         out.extend(ips.iter().skip(1).take(MAX_FRAMES - out.len()));
     }
     *ips = out;
+    slot
+}
+
+/// Where, in bytes above the stack pointer at the syscall, frame 0's
+/// function keeps its return address: known only from a CFA on RSP (one on
+/// RBP moves with the frame pointer, which differs from call to call).
+fn return_slot(cfa: (Register, i64), ra: i64) -> Option<u32> {
+    if cfa.0 != X86_64::RSP {
+        return None;
+    }
+    u32::try_from(cfa.1.checked_add(ra)?).ok()
 }
 
 /// An address right after an x86-64 call: `e8 rel32`, `ff 15 disp32`,
@@ -864,6 +923,20 @@ mod tests {
         m.pathname = MMapPath::Path(dir.path().to_owned());
         (m.dev, m.inode) = file_id(meta.dev(), meta.ino());
         assert!(files.open(std::process::id(), &m).is_none());
+    }
+
+    #[test]
+    fn the_return_slot_is_known_from_a_cfa_on_rsp_only() {
+        // open64 at its syscall: 0x68 bytes of frame, the return address
+        // just below the CFA.
+        assert_eq!(return_slot((X86_64::RSP, 0x70), -8), Some(0x68));
+        assert_eq!(return_slot((X86_64::RSP, 8), -8), Some(0), "a leaf");
+        assert_eq!(return_slot((X86_64::RBP, 16), -8), None);
+        assert_eq!(
+            return_slot((X86_64::RSP, 0), -8),
+            None,
+            "below the stack pointer"
+        );
     }
 
     #[test]

@@ -31,7 +31,10 @@ pub struct Kernel {
     pub counters: Array<MapData, u64>,
     pub stacks: StackTraceMap<MapData>,
     pub traced: Array<MapData, u16>,
-    pub windows: HashMap<MapData, u32, StackWindow>,
+    pub windows: HashMap<MapData, u64, StackWindow>,
+    /// Where callers' return addresses are, by syscall address (fdtrace-ebpf
+    /// maps.rs CALLER_SLOTS); taken by the symbolizer, which finds them.
+    pub caller_slots: Option<HashMap<MapData, u64, u32>>,
     /// Node mode's selected cgroup ids (see fdtrace-ebpf node.rs).
     pub node_cgroups: HashMap<MapData, u64, u8>,
     pub events: Option<RingBuf<MapData>>,
@@ -104,6 +107,7 @@ impl Kernel {
             stacks: StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?)?,
             traced: Array::try_from(take_map(&mut ebpf, "TRACED")?)?,
             windows: HashMap::try_from(take_map(&mut ebpf, "WINDOWS")?)?,
+            caller_slots: Some(HashMap::try_from(take_map(&mut ebpf, "CALLER_SLOTS")?)?),
             node_cgroups: HashMap::try_from(take_map(&mut ebpf, "NODE_CGROUP_IDS")?)?,
             events: Some(RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?),
             py_layouts: HashMap::try_from(take_map(&mut ebpf, "PY_LAYOUTS")?)?,
