@@ -51,6 +51,18 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `fdtrace ARGS` (30 s at most); its stdout, once it succeeded.
+fn trace(args: &[&str]) -> String {
+    let done = run_fdtrace(args, Duration::from_secs(30));
+    assert!(
+        done.status.success(),
+        "fdtrace {args:?} failed ({}): {}",
+        done.status,
+        done.stderr
+    );
+    done.stdout
+}
+
 /// A fresh directory for one test's files, removed when dropped (also when
 /// the test fails). Its name has no digits (the pid in letters): fdtrace
 /// shows numbers in paths as `N`, and the test finds its sites by their path.
@@ -207,21 +219,12 @@ fn static_function_of_a_stripped_library_is_its_module_offset() {
     fs::write(&target, "x").unwrap();
 
     let (exe_s, target_s) = (exe.to_str().unwrap(), target.to_str().unwrap());
-    let done = run_fdtrace(
-        &[
-            "--json", "-i", "100ms", "-d", "2s", "run", "--", exe_s, target_s, "3",
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        done.status.success(),
-        "fdtrace run failed ({}): {}",
-        done.status,
-        done.stderr
-    );
+    let out = trace(&[
+        "--json", "-i", "100ms", "-d", "2s", "run", "--", exe_s, target_s, "3",
+    ]);
     let call_line = line_of(&main_src, "stk_open_leak(path);");
     let main_line = line_of(&main_src, "leak_through_lib(argv[1]);");
-    for stack in stacks_of(&done.stdout, target_s) {
+    for stack in stacks_of(&out, target_s) {
         let ctx = format!("stack of the site of {target_s}: {stack:#?}");
         assert_no_repeat(&stack, &ctx);
         assert!(stack.len() >= 4, "{ctx}: expected at least 4 frames");
@@ -294,33 +297,23 @@ fn fd_swap(
     fs::write(&a, "a").unwrap();
     fs::write(&b, "b").unwrap();
     let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
-    let done = run_fdtrace(
-        &[
-            "--json",
-            "-i",
-            "10ms",
-            // Every fd gets its stack (the default budget would leave most
-            // of these 5000 fds/s without one).
-            "--stack-rate",
-            "1000000",
-            "run",
-            "--",
-            exe.to_str().unwrap(),
-            a,
-            b,
-            "3",
-            wrapper,
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        done.status.success(),
-        "fdtrace run failed ({}): {}",
-        done.status,
-        done.stderr
-    );
-    let records: Vec<Value> = done
-        .stdout
+    let out = trace(&[
+        "--json",
+        "-i",
+        "10ms",
+        // Every fd gets its stack (the default budget would leave most
+        // of these 5000 fds/s without one).
+        "--stack-rate",
+        "1000000",
+        "run",
+        "--",
+        exe.to_str().unwrap(),
+        a,
+        b,
+        "3",
+        wrapper,
+    ]);
+    let records: Vec<Value> = out
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
@@ -397,34 +390,25 @@ fn python_stacks(script: &str, file: &str) -> Vec<Vec<String>> {
     let d = &scratch.0;
     let py = python();
     let script_path = format!("{LEAKERS}/{script}");
-    let done = run_fdtrace(
-        &[
-            "--json",
-            "-i",
-            "100ms",
-            "-d",
-            "2s",
-            // Every fd gets its stack: the interpreter's start opens a burst
-            // of files that can use up the default budget's 100 ms slot just
-            // before the leaker's first open.
-            "--stack-rate",
-            "1000000",
-            "run",
-            "--",
-            py.to_str().unwrap(),
-            &script_path,
-            "20",
-            d.to_str().unwrap(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        done.status.success(),
-        "fdtrace run {script} failed ({}): {}",
-        done.status,
-        done.stderr
-    );
-    stacks_of(&done.stdout, d.join(file).to_str().unwrap())
+    let out = trace(&[
+        "--json",
+        "-i",
+        "100ms",
+        "-d",
+        "2s",
+        // Every fd gets its stack: the interpreter's start opens a burst
+        // of files that can use up the default budget's 100 ms slot just
+        // before the leaker's first open.
+        "--stack-rate",
+        "1000000",
+        "run",
+        "--",
+        py.to_str().unwrap(),
+        &script_path,
+        "20",
+        d.to_str().unwrap(),
+    ]);
+    stacks_of(&out, d.join(file).to_str().unwrap())
 }
 
 /// Frame 0 is libc's open; no frame twice in a row, none of the names that

@@ -75,7 +75,7 @@ fn read_symbols(file: File, path: &Path) -> Result<Symbols, LocateError> {
     // 4700 syscalls for bash). A file without section headers is walked.
     if let Some(dynstr) = elf.section_by_name(".dynstr")
         && let Ok(names) = dynstr.data()
-        && !contains(names, b"\0_PyRuntime\0")
+        && memchr::memmem::find(names, b"\0_PyRuntime\0").is_none()
     {
         return Ok(Symbols::default());
     }
@@ -97,11 +97,6 @@ fn read_symbols(file: File, path: &Path) -> Result<Symbols, LocateError> {
         }
     }
     Ok(s)
-}
-
-/// Whether `hay` holds `needle`.
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// "3.10" from "libpython3.10.so.1.0", "python3.10" or "libpython3.6m.so";
