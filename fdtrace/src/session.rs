@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
     process::ExitCode,
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -25,7 +26,7 @@ use crate::{
     cli::{Cli, Command},
     enrich::{
         self, ProcessEnrichment,
-        attribution::{Attributions, ProcessAttribution},
+        attribution::{Attributions, Cgroup, ProcessAttribution},
         label::{self, NetTables},
         process::{self, Identity},
         python::{Found, PySites},
@@ -123,8 +124,11 @@ struct Session {
     /// first saw a process enter them (not written yet, or unreadable),
     /// with that process: a `--pod` may name them once it reads. Looked at
     /// again every report (the attributor rereads a bundle at most every
-    /// RETRY_AFTER), until named or the process is gone.
-    unnamed_cgroups: HashMap<u64, u32>,
+    /// RETRY_AFTER), until named or the cgroup is removed. The kernel tells
+    /// of a cgroup once, so the resolved cgroup is held here: it stays in
+    /// the attributor's cache, and is named from there, after that process
+    /// is gone and others of the container run on.
+    unnamed_cgroups: HashMap<u64, (u32, Rc<Cgroup>)>,
     host_root: std::path::PathBuf,
     /// Whether fdtrace lacks CAP_DAC_READ_SEARCH and has yet to say which
     /// processes it cannot name fds of.
@@ -639,7 +643,7 @@ impl Session {
         };
         let wanted = self.watch.wants(&cg);
         if wanted.is_none() && cg.unnamed() && self.watch.by_pod() {
-            self.unnamed_cgroups.insert(id, pid);
+            self.unnamed_cgroups.insert(id, (pid, cg));
         } else {
             self.unnamed_cgroups.remove(&id);
         }
@@ -775,9 +779,13 @@ impl Session {
             containers: Vec::new(),
         };
         let t = self.started.elapsed().as_secs_f64();
-        let unnamed: Vec<(u64, u32)> = self.unnamed_cgroups.iter().map(|(&c, &p)| (c, p)).collect();
-        for (id, pid) in unnamed {
-            if crate::procfd::exists(pid) {
+        let unnamed: Vec<(u64, u32, String)> = self
+            .unnamed_cgroups
+            .iter()
+            .map(|(&id, (pid, cg))| (id, *pid, cg.info.path.clone()))
+            .collect();
+        for (id, pid, path) in unnamed {
+            if kernel::node::cgroup_exists(&self.host_root, &path) {
                 self.new_cgroup(pid, id)?;
             } else {
                 self.unnamed_cgroups.remove(&id);

@@ -571,6 +571,48 @@ fn a_pod_whose_bundle_reads_late_is_selected() {
     );
 }
 
+/// The kernel tells of a cgroup once, when its first process enters it.
+/// That process may be gone by the time the bundle reads (runc's init that
+/// exec'd on, a short first command); the container's other processes are
+/// selected all the same. The cgroup was once forgotten with its first
+/// process, and nothing of the pod was traced.
+#[test]
+fn a_late_pod_is_selected_after_its_first_process_exited() {
+    fdtrace_tests::require_root();
+    let (uid, id) = (fdtrace_tests::containers::random_pod_uid(), random_id());
+    let pod = format!("gone-{}", &id[..8]);
+    let ft = Live::start(&["--pod", &format!("shop/{pod}"), "--duration", "10s"]);
+    let cg = HandMadeCgroup::new(&format!("/kubepods/besteffort/pod{uid}/{id}")).expect("cgroup");
+    let first = Holder::start(FDLOOP, 3);
+    cg.add(first.pid()).expect("move the first in");
+    // Seen by the kernel, with no bundle to name it yet.
+    thread::sleep(Duration::from_millis(1000));
+    let inside = Holder::start(FDLOOP, 7);
+    cg.add(inside.pid()).expect("move the second in");
+    drop(first);
+    // A report or more with the first process gone.
+    thread::sleep(Duration::from_millis(1000));
+    let _bundle = Bundle::write(&id, &pod, "shop", &uid);
+    thread::sleep(Duration::from_millis(7000));
+    let n = proc_count(inside.pid()) as u64;
+    let (objs, stderr) = ft.finish();
+    let reps = reports(&objs);
+    let reported: BTreeSet<u64> = reps.values().flat_map(|r| r.keys().copied()).collect();
+    assert_eq!(
+        reported,
+        BTreeSet::from([u64::from(inside.pid())]),
+        "the pod's running process only: {stderr}"
+    );
+    let o = last_of(&reps, inside.pid());
+    assert_eq!(o["open_fds"].as_u64(), Some(n), "{o}");
+    assert_eq!(o["drift"].as_i64(), Some(0), "{o}");
+    assert_eq!(
+        (&o["pod"], &o["namespace"]),
+        (&Value::from(pod), &Value::from("shop")),
+        "{o}"
+    );
+}
+
 /// A parent holding 1000 close-on-exec fds forks a child every 2 ms
 /// (each sleeps holding its copy of the table) until told to stop; it
 /// prints each child's pid. The table is long enough, and the forks

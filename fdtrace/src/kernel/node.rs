@@ -140,6 +140,11 @@ pub struct Filters<'a> {
 /// `/sys/fs/cgroup/unified` on a hybrid one (v1 controllers beside it).
 /// Under `host_root`, as a DaemonSet mounts the host's cgroup fs: the
 /// container's own /sys/fs/cgroup shows only its own cgroup.
+/// Whether cgroup `path` (as `/proc/PID/cgroup` shows it) is still there.
+pub fn cgroup_exists(host_root: &Path, path: &str) -> bool {
+    v2_root(host_root).is_ok_and(|root| root.join(path.trim_start_matches('/')).is_dir())
+}
+
 pub fn v2_root(host_root: &Path) -> Result<PathBuf> {
     for dir in ["sys/fs/cgroup", "sys/fs/cgroup/unified"] {
         // cgroup.procs at the root exists only on the v2 hierarchy's root
