@@ -547,23 +547,7 @@ fn a_pod_whose_bundle_reads_late_is_selected() {
     let first_bundle = sinks_now();
     let _bundle = Bundle::write(&id, &pod, "shop", &uid);
     thread::sleep(Duration::from_millis(7500));
-    let n = proc_count(inside.pid()) as u64;
-    let (objs, stderr) = ft.finish();
-    let reps = reports(&objs);
-    let reported: BTreeSet<u64> = reps.values().flat_map(|r| r.keys().copied()).collect();
-    assert_eq!(
-        reported,
-        BTreeSet::from([u64::from(inside.pid())]),
-        "the late pod's process only: {stderr}"
-    );
-    let o = last_of(&reps, inside.pid());
-    assert_eq!(o["open_fds"].as_u64(), Some(n), "{o}");
-    assert_eq!(o["drift"].as_i64(), Some(0), "{o}");
-    assert_eq!(
-        (&o["pod"], &o["namespace"]),
-        (&Value::from(pod), &Value::from("shop")),
-        "{o}"
-    );
+    let objs = only_the_pod_process(ft, &inside, &pod);
     let first = report_times(&objs, inside.pid())[0];
     assert!(
         first > first_bundle,
@@ -594,6 +578,12 @@ fn a_late_pod_is_selected_after_its_first_process_exited() {
     thread::sleep(Duration::from_millis(1000));
     let _bundle = Bundle::write(&id, &pod, "shop", &uid);
     thread::sleep(Duration::from_millis(7000));
+    only_the_pod_process(ft, &inside, &pod);
+}
+
+/// Ends `ft` (a `--pod shop/POD` run) and checks it reported `inside` only,
+/// exact, under its pod and namespace; its objects.
+fn only_the_pod_process(ft: Live, inside: &Holder, pod: &str) -> Vec<Value> {
     let n = proc_count(inside.pid()) as u64;
     let (objs, stderr) = ft.finish();
     let reps = reports(&objs);
@@ -611,6 +601,7 @@ fn a_late_pod_is_selected_after_its_first_process_exited() {
         (&Value::from(pod), &Value::from("shop")),
         "{o}"
     );
+    objs
 }
 
 /// A parent holding 1000 close-on-exec fds forks a child every 2 ms
