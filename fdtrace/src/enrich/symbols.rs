@@ -53,7 +53,8 @@ pub struct Symbols {
     /// The stacks of a process without any.
     none: HashMap<u64, Stack>,
     /// The kernel's CALLER_SLOTS, told where a caller's return address is
-    /// for each syscall address a window was unwound from; None in tests.
+    /// for each syscall address a window was unwound from (taken from
+    /// [`Kernel::caller_slots`] when the session starts).
     caller_slots: Option<BpfHashMap<MapData, u64, u32>>,
     /// Syscall addresses told so far (or tried).
     taught: std::collections::HashSet<u64>,
