@@ -28,11 +28,23 @@ pub const PY_MAX_THREADS: u32 = 256;
 /// 3.11-3.13, and one read of a frame costs the same as one field.
 pub const PY_FRAME_READ: u32 = 72;
 
-/// Bytes of a `PyThreadState` read in one go from the lower of
-/// `native_thread_id` and the frame pointer (`cframe` or `current_frame`):
-/// both lie within it on 3.11-3.13 (the farthest apart, 3.11's 56 and 160,
-/// span 112 bytes); a layout whose fields do not is read field by field.
-pub const PY_TSTATE_READ: u32 = 120;
+/// Bytes of a `PyThreadState` read in one go from the lowest of
+/// `native_thread_id`, the frame pointer (`cframe` or `current_frame`) and
+/// `datastack_chunk`: all three lie within it on 3.11-3.13 (the farthest
+/// apart, 3.11's 56 and 296, span 248 bytes); a layout whose fields do not
+/// is read field by field, without the data stack window.
+pub const PY_TSTATE_READ: u32 = 256;
+
+/// Most bytes of a thread's data stack read in one go below its current
+/// frame. CPython 3.11+ pushes the frames of Python-to-Python calls one
+/// after the other in a chunk of the thread's data stack (at least 16 KiB,
+/// Python/pystate.c `push_chunk`), so one read of the bytes between the
+/// chunk's start and the current frame's end holds most frames of a stack:
+/// a read costs about the same for 8 bytes as for a few KiB, much more
+/// than decoding a frame from the bytes read. Frames outside it (generator
+/// and coroutine frames live in their objects, C-stack shims on the C
+/// stack, older chunks) are read one by one.
+pub const PY_WINDOW: u32 = 4096;
 
 /// The CPython layout of one process and the address of its `_PyRuntime`.
 #[repr(C)]
@@ -57,6 +69,11 @@ pub struct PyLayout {
     /// `PyThreadState.cframe` on 3.11 and 3.12 (a pointer to a `_PyCFrame`),
     /// `PyThreadState.current_frame` from 3.13.
     pub tstate_frame: u32,
+    /// `PyThreadState.datastack_chunk`: the newest chunk of the thread's
+    /// data stack (see [`PY_WINDOW`]); `NO_FIELD` for no window.
+    pub tstate_datastack_chunk: u32,
+    /// Keeps the u32 fields even in number (no padding).
+    pub _pad: u32,
     /// `_PyCFrame.current_frame` on 3.11 and 3.12; `NO_FIELD` from 3.13
     /// (the thread state points at the frame itself).
     pub cframe_current_frame: u32,
@@ -117,6 +134,6 @@ mod pod {
 }
 
 // Shared with the kernel: 2 u64 then an even number of u32, no padding.
-const _: () = assert!(core::mem::size_of::<PyLayout>() == 2 * 8 + 20 * 4);
+const _: () = assert!(core::mem::size_of::<PyLayout>() == 2 * 8 + 22 * 4);
 const _: () = assert!(core::mem::size_of::<PyFrame>() == 16);
 const _: () = assert!(core::mem::size_of::<PyStack>() == 16 * PY_MAX_FRAMES + 8);

@@ -1,24 +1,27 @@
 //! Python stacks at a syscall: the kernel half of the user-space walker in
-//! fdtrace/src/python/walk.rs, the same reads in the same order. User space
-//! fills PY_LAYOUTS per Python process; the fd-creating paths call
-//! [`capture`] where they take a native stack (same budget), and store the
-//! id it returns in the fd's entry.
+//! fdtrace/src/enrich/python/walk.rs, the same frames in the same order.
+//! User space fills PY_LAYOUTS per Python process; the fd-creating paths
+//! call [`capture`] where they take a native stack (same budget), and
+//! store the id it returns in the fd's entry.
 //!
-//! Cost (measured in the design note, python-frames.md): a
-//! bpf_probe_read_user costs about the same whatever its size (8-64
-//! bytes, ~74 ns), so a frame is read in one call of PY_FRAME_READ bytes,
-//! not field by field, and the thread state's native id and frame pointer
-//! in one call of PY_TSTATE_READ bytes. The thread state is looked up by
-//! native thread id (the GIL is released in the syscall, so the "current"
-//! thread state is NULL) and cached per tid, checked again on every use
-//! (the same read). A stack seen before is not written again. `cargo
-//! xtask bench --python` gives the cost per CPython.
+//! Cost: a bpf_probe_read_user costs about the same whatever its size
+//! (~74 ns for 8 to 64 bytes in the design note, python-frames.md; more
+//! than decoding a frame from bytes already read), so reads are few and
+//! large: the thread state's native id, frame pointer and data stack chunk
+//! in one call of PY_TSTATE_READ bytes; the frames of the data stack below
+//! the current one in one call of up to PY_WINDOW bytes; a frame outside
+//! it in one call of PY_FRAME_READ bytes, not field by field. The thread
+//! state is looked up by native thread id (the GIL is released in the
+//! syscall, so the "current" thread state is NULL) and cached per tid,
+//! checked again on every use (the same read). A stack seen before is not
+//! written again. `cargo xtask bench --python` gives the cost per CPython.
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf, generated::bpf_loop,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf,
+        generated::{bpf_loop, bpf_probe_read_user},
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -29,7 +32,7 @@ use fdtrace_common::{
     decode::{Effect, SyscallArgs as _, decode},
     python::{
         NO_PY_STACK, PY_FRAME_READ, PY_MAX_FRAMES, PY_MAX_INTERPRETERS, PY_MAX_THREADS,
-        PY_TSTATE_READ, PY_USE_UNSAMPLED, PyFrame, PyLayout, PyStack,
+        PY_TSTATE_READ, PY_USE_UNSAMPLED, PY_WINDOW, PyFrame, PyLayout, PyStack,
     },
     syscalls::{SENDMMSG, SENDMSG, SENDTO, WRITE, WRITEV},
 };
@@ -59,6 +62,11 @@ static PY_TSTATES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0)
 #[map]
 static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU room for a thread state read, then for the data stack window
+/// (see fdtrace_common::python::PY_WINDOW).
+#[map]
+static PY_DATASTACK: PerCpuArray<[u8; WINDOW]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Python stacks that created (or first used) fds, by id: a hash of their
 /// frames, as STACKS keys native stacks, so an fd's entry holds one id.
 /// Not preallocated: a session sees few distinct stacks.
@@ -69,6 +77,9 @@ const EEXIST: i32 = -17;
 
 const FRAME_READ: usize = PY_FRAME_READ as usize;
 const TSTATE_READ: usize = PY_TSTATE_READ as usize;
+const WINDOW: usize = PY_WINDOW as usize;
+// The thread state is read into the window's room first.
+const _: () = assert!(TSTATE_READ <= WINDOW && FRAME_READ <= WINDOW);
 
 /// An offset into a read buffer as a u64's start, clamped so the verifier
 /// sees the access inside the buffer (the layout comes from a map).
@@ -140,39 +151,51 @@ extern "C" fn tstate_step(_i: u32, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Thread `tid`'s PyThreadState and its frame pointer (`cframe` on 3.11
-/// and 3.12, `current_frame` from 3.13): the cached state if it still
-/// names `tid`, else the one found by the walk of every interpreter's
-/// threads.
+/// What a frame walk starts from: thread `tid`'s frame pointer (`cframe`
+/// on 3.11 and 3.12, `current_frame` from 3.13) and its newest data stack
+/// chunk (0: not known), from the cached thread state if it still names
+/// `tid`, else from the one found by the walk of every interpreter's
+/// threads. `win` is room for one thread state read.
 #[inline(always)]
-fn thread_state(l: &PyLayout, tid: u32) -> Option<(u64, u64)> {
+fn thread_state(l: &PyLayout, tid: u32, win: &mut [u8; WINDOW]) -> Option<(u64, u64)> {
     // SAFETY: a u64 value, copied out at once.
     if let Some(&ts) = unsafe { PY_TSTATES.get(tid) }
-        && let Some((t, frame)) = tstate_fields(l, ts)
+        && let Some((t, frame, chunk)) = tstate_fields(l, ts, win)
         && t == u64::from(tid)
     {
-        return Some((ts, frame));
+        return Some((frame, chunk));
     }
     let ts = find_thread_state(l, tid)?;
-    let (_, frame) = tstate_fields(l, ts)?;
-    Some((ts, frame))
+    let (_, frame, chunk) = tstate_fields(l, ts, win)?;
+    Some((frame, chunk))
 }
 
-/// The native thread id and the frame pointer of thread state `ts`: one
-/// read when both lie within PY_TSTATE_READ bytes (3.11-3.13), else two.
+/// The native thread id, the frame pointer and the data stack chunk of
+/// thread state `ts`: one read when all three lie within PY_TSTATE_READ
+/// bytes (3.11-3.13), else the first two field by field and no chunk.
 #[inline(always)]
-fn tstate_fields(l: &PyLayout, ts: u64) -> Option<(u64, u64)> {
-    let (ntid, frame) = (l.tstate_native_thread_id, l.tstate_frame);
-    let from = ntid.min(frame);
-    if ntid.max(frame) - from <= (TSTATE_READ - 8) as u32 {
-        let mut buf = [0u8; TSTATE_READ];
-        // SAFETY: the helper checks the address.
-        unsafe { bpf_probe_read_user_buf((ts + u64::from(from)) as *const u8, &mut buf) }.ok()?;
-        return Some((word(&buf, ntid - from), word(&buf, frame - from)));
+fn tstate_fields(l: &PyLayout, ts: u64, win: &mut [u8; WINDOW]) -> Option<(u64, u64, u64)> {
+    let (ntid, frame, chunk) = (
+        l.tstate_native_thread_id,
+        l.tstate_frame,
+        l.tstate_datastack_chunk,
+    );
+    let from = ntid.min(frame).min(chunk);
+    if chunk != NO_FIELD && ntid.max(frame).max(chunk) - from <= (TSTATE_READ - 8) as u32 {
+        // SAFETY: the helper checks the address; TSTATE_READ <= WINDOW.
+        let buf = unsafe { &mut *(win.as_mut_ptr() as *mut [u8; TSTATE_READ]) };
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_user_buf((ts + u64::from(from)) as *const u8, buf) }.ok()?;
+        return Some((
+            word(buf, ntid - from),
+            word(buf, frame - from),
+            word(buf, chunk - from),
+        ));
     }
     Some((
         read_user::<u64>(ts + u64::from(ntid))?,
         read_user::<u64>(ts + u64::from(frame))?,
+        0,
     ))
 }
 
@@ -209,36 +232,66 @@ fn mix(h: u64, w: u64) -> u64 {
     h ^ (h >> 29)
 }
 
-/// The walk of a thread's frames, one frame (one read) a step.
+/// The walk of a thread's frames, one frame a step: from the data stack
+/// window when the frame lies in it, else with a read of its own.
 #[repr(C)]
 struct FrameWalk {
     l: *const PyLayout,
     out: *mut PyStack,
+    /// The window: bytes `win_from..win_from + win_len` of the process.
+    win: *const [u8; WINDOW],
+    win_from: u64,
+    win_len: u64,
     frame: u64,
     hash: u64,
     n: u32,
     _pad: u32,
 }
 
+/// The u64 at byte `off` of the window, `off` a multiple of 8 (the
+/// window's start, frames and the pointer fields read are 8-aligned):
+/// one load; clamped so the verifier sees it inside.
+#[inline(always)]
+fn window_word(win: &[u8; WINDOW], off: u64) -> u64 {
+    let o = ((off as usize) & !7).min(WINDOW - 8);
+    // SAFETY: o + 8 <= WINDOW and o is 8-aligned in an 8-aligned map value.
+    unsafe { *(win.as_ptr().add(o) as *const u64) }
+}
+
 extern "C" fn frame_step(_i: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: ctx is the FrameWalk on capture_into()'s stack; l and out
-    // point at map values looked up there.
+    // SAFETY: ctx is the FrameWalk on capture_into()'s stack; l, out and
+    // win point at map values looked up there.
     let w = unsafe { &mut *(ctx as *mut FrameWalk) };
     let l = unsafe { &*w.l };
     let n = w.n as usize;
     if w.frame == 0 || n >= PY_MAX_FRAMES {
         return 1;
     }
-    let mut buf = [0u8; FRAME_READ];
-    // SAFETY: the helper checks the address.
-    if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf) }.is_err() {
-        return 1;
+    let (owner, code, instr, previous);
+    let at = w.frame.wrapping_sub(w.win_from);
+    if w.frame >= w.win_from && at + FRAME_READ as u64 <= w.win_len {
+        // SAFETY: as above.
+        let win = unsafe { &*w.win };
+        let f = |off: u32| window_word(win, at + u64::from(off));
+        let owner_at = (l.frame_owner & !7).min(FRAME_READ as u32 - 8);
+        owner = (f(owner_at) >> (8 * (l.frame_owner & 7))) as u8;
+        (code, instr, previous) = (f(l.frame_code), f(l.frame_instr), f(l.frame_previous));
+    } else {
+        let mut buf = [0u8; FRAME_READ];
+        // SAFETY: the helper checks the address.
+        if unsafe { bpf_probe_read_user_buf(w.frame as *const u8, &mut buf) }.is_err() {
+            return 1;
+        }
+        owner = buf[(l.frame_owner as usize).min(FRAME_READ - 1)];
+        (code, instr, previous) = (
+            word(&buf, l.frame_code),
+            word(&buf, l.frame_instr),
+            word(&buf, l.frame_previous),
+        );
     }
-    let owner_at = (l.frame_owner as usize).min(FRAME_READ - 1);
-    if u32::from(buf[owner_at]) != l.owner_cstack {
-        let code = word(&buf, l.frame_code);
+    if u32::from(owner) != l.owner_cstack {
         let first = code.wrapping_add(u64::from(l.code_adaptive));
-        let offset = word(&buf, l.frame_instr).wrapping_sub(first);
+        let offset = instr.wrapping_sub(first);
         w.hash = mix(mix(w.hash, code), offset);
         // SAFETY: out is this CPU's scratch value; n < PY_MAX_FRAMES.
         unsafe {
@@ -249,8 +302,35 @@ extern "C" fn frame_step(_i: u32, ctx: *mut c_void) -> i64 {
         }
         w.n += 1;
     }
-    w.frame = word(&buf, l.frame_previous);
+    w.frame = previous;
     0
+}
+
+/// Reads the data stack below `frame`, the current frame, into `win`: from
+/// the newest chunk's start (`chunk`), or WINDOW bytes below the frame's
+/// end if the chunk starts lower, to the frame's end. Those bytes were all
+/// written when their frames were pushed: a read of untouched pages above
+/// the stack's top would fail (the helper cannot fault pages in). Returns
+/// the window's start and length, length 0 for none (the current frame is
+/// not in the chunk: a generator's or coroutine's; no chunk known; a
+/// layout whose pointer fields are not 8-aligned; a failed read, and the
+/// frames are then read one by one as without the window).
+#[inline(always)]
+fn window(l: &PyLayout, win: *mut [u8; WINDOW], frame: u64, chunk: u64) -> (u64, u64) {
+    let aligned = (l.frame_code | l.frame_previous | l.frame_instr) & 7 == 0;
+    if !aligned || chunk == 0 || frame < chunk {
+        return (0, 0);
+    }
+    let end = frame.wrapping_add(FRAME_READ as u64);
+    let from = chunk.max(end.wrapping_sub(WINDOW as u64));
+    let len = end.wrapping_sub(from);
+    if len > WINDOW as u64 || len < FRAME_READ as u64 || from & 7 != 0 {
+        return (0, 0);
+    }
+    // SAFETY: win is this CPU's value of WINDOW bytes, len <= WINDOW; the
+    // helper checks the address.
+    let r = unsafe { bpf_probe_read_user(win.cast(), len as u32, from as *const c_void) };
+    if r != 0 { (0, 0) } else { (from, len) }
 }
 
 /// The Python stack of thread `tid` of the process whose layout is `l`,
@@ -264,13 +344,19 @@ pub fn capture(l: &PyLayout, tid: u32) -> u64 {
 #[inline(never)]
 fn capture_into(l: &PyLayout, tid: u32) -> Option<u64> {
     let out = PY_SCRATCH.get_ptr_mut(0)?;
-    let (_, mut frame) = thread_state(l, tid)?;
+    let win = PY_DATASTACK.get_ptr_mut(0)?;
+    // SAFETY: this CPU's value, used by this program run only.
+    let (mut frame, chunk) = thread_state(l, tid, unsafe { &mut *win })?;
     if l.cframe_current_frame != NO_FIELD && frame != 0 {
         frame = read_user::<u64>(frame + u64::from(l.cframe_current_frame))?;
     }
+    let (win_from, win_len) = window(l, win, frame, chunk);
     let mut w = FrameWalk {
         l,
         out,
+        win,
+        win_from,
+        win_len,
         frame,
         hash: 0xcbf2_9ce4_8422_2325,
         n: 0,

@@ -16,6 +16,12 @@ collector sooner or later, which would hide the leak):
 - run_child(): subprocess.Popen(stdout=PIPE), the pipe never read or closed;
 - http_get(): a GET through http.client.HTTPConnection, never closed;
 - open_stream(): asyncio.open_connection(), the writer never closed;
+- deep(): open() at the end of a recursion DEEP calls deep, of frames
+  large enough that the 32 innermost span more than the window of the
+  data stack fdtrace reads in one go: from the main thread into
+  DIR/deep.log (on the way, its stack takes a new chunk of the data
+  stack), and from a thread of its own into DIR/deep_thread.log (a fresh
+  data stack: all in its first chunk);
 and healthy() opens and closes a file and a socket: no leak.
 
 A thread blocks in open() of the FIFO DIR/peer.fifo (in open_peer), until
@@ -89,6 +95,21 @@ async def open_stream(host, port):
     kept.append(writer)
 
 
+# Deeper than the 32 frames fdtrace keeps.
+DEEP = 40
+
+
+def deep(n, path):
+    # 32 locals: a frame of about 330 bytes on the data stack.
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = n
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = b8 = b9 = n
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = n
+    if n:
+        return deep(n - 1, path)  # @deep
+    kept.append(open(path, "a"))  # @deep_leak
+    return a0 + a9 + b0 + b9 + c0 + c9
+
+
 def healthy(path):
     with open(path) as f:  # @healthy
         f.read()
@@ -116,6 +137,10 @@ def tick(d, host, port):
     log_handler(os.path.join(d, "app.log"))
     run_child()
     http_get(host, port)
+    deep(DEEP, os.path.join(d, "deep.log"))
+    t = threading.Thread(target=deep, args=(DEEP, os.path.join(d, "deep_thread.log")))
+    t.start()
+    t.join()
     healthy(__file__)
 
 

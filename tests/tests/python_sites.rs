@@ -26,6 +26,10 @@
 //!   file they share are also counted in /proc/PID/fd), and with a `leak`
 //!   finding;
 //! - the two functions leaking the same file are two sites of one resource;
+//! - a leak at the end of a recursion 40 deep, whose 32 innermost frames
+//!   span more than the window of the data stack the kernel reads in one
+//!   go, in the main thread and in a thread of its own: each site's
+//!   `py_stack` is exactly those 32;
 //! - the healthy function is in no site and no finding;
 //! - a thread blocked in open() of a FIFO: py-spy (PyPI), an independent
 //!   reader of the process's memory, dumps its stack while it waits; the
@@ -103,6 +107,10 @@ enum Which {
     Pyenv(&'static str),
     Debian,
 }
+
+/// The most frames fdtrace keeps of a Python stack, the innermost (the
+/// README's limits).
+const PY_MAX_FRAMES: usize = 32;
 
 /// The leaking functions of sites.py and the kind of fd each leaks.
 const LEAKS: [(&str, &str); 7] = [
@@ -860,6 +868,30 @@ fn check_supported(label: &'static str) {
             c.prog.report_fds,
             2 * calls
         ));
+    }
+
+    // The recursions deeper than the frames kept: their innermost 32,
+    // exactly (the leaking frame, then the recursing ones), though they
+    // span more than the data stack window the kernel reads them from.
+    let marked = |func: &str, marker: &str| format!("{func} ({script}:{})", m[marker]);
+    let mut want = vec![marked("deep", "deep_leak")];
+    want.resize(PY_MAX_FRAMES, marked("deep", "deep"));
+    for file in ["deep.log", "deep_thread.log"] {
+        // Digits of a resource's path are shown as N (its directory has the
+        // run's pid and the version).
+        let path = format!("/{file}");
+        let with: Vec<&&Value> = sites
+            .iter()
+            .filter(|s| s["resource"].as_str().is_some_and(|r| r.ends_with(&path)))
+            .collect();
+        let [s] = with[..] else {
+            c.fail(&format!("{} sites of *{path}, not one", with.len()));
+        };
+        if py_stack(s) != want || s["open_fds"].as_u64() != Some(calls) {
+            c.fail(&format!(
+                "the site of {file} should have {calls} fds and the py_stack {want:?}: {s}"
+            ));
+        }
     }
 
     // The healthy function is nowhere.

@@ -66,6 +66,8 @@ fn table(v: Version) -> Option<PyLayout> {
         tstate_next: 8,
         tstate_native_thread_id: 0,
         tstate_frame: 56, // ->cframe
+        tstate_datastack_chunk: 0,
+        _pad: 0,
         cframe_current_frame: 0,
         frame_code: 0,
         frame_previous: 0,
@@ -84,6 +86,7 @@ fn table(v: Version) -> Option<PyLayout> {
         (3, 11) => Some(PyLayout {
             interp_threads_head: 16,
             tstate_native_thread_id: 160,
+            tstate_datastack_chunk: 296,
             cframe_current_frame: 8,
             frame_code: 32,
             frame_previous: 48,
@@ -98,6 +101,7 @@ fn table(v: Version) -> Option<PyLayout> {
         (3, 12) => Some(PyLayout {
             interp_threads_head: 72,
             tstate_native_thread_id: 144,
+            tstate_datastack_chunk: 232,
             cframe_current_frame: 0,
             frame_code: 0,
             frame_previous: 8,
@@ -129,6 +133,7 @@ mod word {
     pub const TSTATE_NEXT: usize = 21;
     pub const TSTATE_CURRENT_FRAME: usize = 23;
     pub const TSTATE_NATIVE_THREAD_ID: usize = 25;
+    pub const TSTATE_DATASTACK_CHUNK: usize = 26;
     pub const FRAME_PREVIOUS: usize = 29;
     pub const FRAME_EXECUTABLE: usize = 30;
     pub const FRAME_INSTR_PTR: usize = 31;
@@ -198,6 +203,8 @@ fn from_debug_offsets(v: Version, raw: &[u8]) -> Result<PyLayout, Unsupported> {
         tstate_next: field(word::TSTATE_NEXT, STRUCT)?,
         tstate_native_thread_id: field(word::TSTATE_NATIVE_THREAD_ID, STRUCT)?,
         tstate_frame: field(word::TSTATE_CURRENT_FRAME, STRUCT)?,
+        tstate_datastack_chunk: field(word::TSTATE_DATASTACK_CHUNK, STRUCT)?,
+        _pad: 0,
         cframe_current_frame: NO_FIELD,
         frame_code: field(word::FRAME_EXECUTABLE, frame - 7)?,
         frame_previous: field(word::FRAME_PREVIOUS, frame - 7)?,
@@ -260,7 +267,10 @@ mod tests {
             (32, 48, 69)
         );
         assert_eq!(l.owner_cstack, NO_FIELD);
+        // offsetof(PyThreadState, datastack_chunk) in each version's headers.
+        assert_eq!(l.tstate_datastack_chunk, 296);
         let l = choose(Version(0x030c01f0), false, never).unwrap().unwrap();
+        assert_eq!(l.tstate_datastack_chunk, 232);
         assert_eq!(
             (l.interp_threads_head, l.tstate_native_thread_id),
             (72, 144)
@@ -314,6 +324,7 @@ mod tests {
             (l.tstate_next, l.tstate_native_thread_id, l.tstate_frame),
             (8, 160, 72)
         );
+        assert_eq!(l.tstate_datastack_chunk, 232);
         assert_eq!(l.cframe_current_frame, NO_FIELD);
         assert_eq!(
             (l.frame_code, l.frame_previous, l.frame_instr, l.frame_owner),

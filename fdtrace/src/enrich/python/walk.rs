@@ -1,7 +1,9 @@
 //! The user-space frame walker: what the kernel side does at a syscall,
 //! done from /proc/PID/mem, for `fdtrace py-stack` and as the tests' oracle
-//! for the kernel's walk. The same reads in the same order: the thread
-//! state list from `_PyRuntime`, then one read per frame.
+//! for the kernel's walk. The same frames in the same order: the thread
+//! state list from `_PyRuntime`, then one read per frame (where the kernel
+//! reads most frames in one window of the data stack: the oracle reads
+//! each on its own, so a window that went wrong would show).
 use fdtrace_common::{
     NO_FIELD,
     python::{PY_FRAME_READ, PY_MAX_INTERPRETERS, PY_MAX_THREADS, PyFrame, PyLayout},
