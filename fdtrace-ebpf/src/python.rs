@@ -421,23 +421,9 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
     if ret < 0 {
         return;
     }
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((id >> 32) as u32, id as u32);
-    // First: most calls the hook sees are not a traced Python's (the
-    // program runs for every syscall of the machine once attached, and
-    // under --all every process is traced): the slot's mark, two array
-    // reads, keeps the hash lookup below to Python processes.
-    let Some(slot) = slot_of(tgid) else {
-        return;
-    };
-    if PY_SLOTS.get(slot) != Some(&tgid) {
-        return;
-    }
-    // SAFETY: PY_LAYOUTS values are written by user space before it reads
-    // any stack of the process, and not changed while it runs that image.
-    let Some(l) = (unsafe { PY_LAYOUTS.get(tgid) }) else {
-        return;
-    };
+    // First the call, from its registers: most calls the hook sees make
+    // no fd and send nothing (the program runs for every syscall of the
+    // machine once attached), and they return before any map lookup.
     let send = matches!(nr, WRITE | WRITEV | SENDTO | SENDMSG | SENDMMSG);
     // Calls that make fds with a stack of their own (not SCM_RIGHTS, whose
     // fds the sender made, nor a pidfd).
@@ -454,6 +440,22 @@ pub fn sys_exit(ctx: &BtfTracePointContext) {
             ) => Some(e),
             _ => return,
         }
+    };
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    // Then the process: under --all every process is traced, and the
+    // slot's mark, two array reads, keeps the hash lookup below to Python
+    // processes.
+    let Some(slot) = slot_of(tgid) else {
+        return;
+    };
+    if PY_SLOTS.get(slot) != Some(&tgid) {
+        return;
+    }
+    // SAFETY: PY_LAYOUTS values are written by user space before it reads
+    // any stack of the process, and not changed while it runs that image.
+    let Some(l) = (unsafe { PY_LAYOUTS.get(tgid) }) else {
+        return;
     };
     if send {
         if let Some(p) = proc_at(slot, tgid) {

@@ -10,7 +10,12 @@
 //!   CPython) but takes no stack; `open` minus this is the added cost of a
 //!   Python stack;
 //! - `send`: the first-use check of every send on a socket already used
-//!   (two map lookups).
+//!   (two map lookups);
+//! - `send, --all`: the same under `fdtrace --all`, where every process of
+//!   the machine is traced, and `others, --all`: the program's mean time
+//!   per run for the other processes' syscalls then (none is a Python's
+//!   here: the check that the caller is a traced Python, which every
+//!   syscall of a node pays once the program is attached).
 //!
 //! The program runs on every syscall of the machine once attached, and
 //! returns at once for other processes'. On a busy machine those runs
@@ -70,6 +75,9 @@ pub struct PythonRow {
     pub open: (f64, f64),
     pub bare: (f64, f64),
     pub send: (f64, f64),
+    pub send_all: (f64, f64),
+    /// ns per run of the other processes' syscalls under --all.
+    pub others_all: f64,
 }
 
 pub struct PythonCost {
@@ -119,24 +127,23 @@ pub fn measure(bins: &Bins, root: &Path, rounds: u32, quick: bool) -> Result<Pyt
     let mut rows = Vec::new();
     for (label, python) in pythons {
         let (mut open, mut bare, mut send) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut send_all, mut others_all) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             super::check_interrupted()?;
             eprintln!(
                 "bench: Python program time under {label} {}/{rounds}: open, open with no \
-                 stacks, send",
+                 stacks, send, send under --all",
                 round + 1
             );
             let every = ["--stack-rate", EVERY_FD_STACK_RATE];
-            open.push(one(bins, &python, &script, "open", iters, &every)?);
-            bare.push(one(
-                bins,
-                &python,
-                &script,
-                "open",
-                iters,
-                &["--no-stacks"],
-            )?);
-            send.push(one(bins, &python, &script, "send", iters, &every)?);
+            open.push(one(bins, &python, &script, "open", iters, &every)?.own);
+            let no_stacks = ["--no-stacks"];
+            bare.push(one(bins, &python, &script, "open", iters, &no_stacks)?.own);
+            send.push(one(bins, &python, &script, "send", iters, &every)?.own);
+            let all = ["--all", "--stack-rate", EVERY_FD_STACK_RATE];
+            let a = one(bins, &python, &script, "send", iters, &all)?;
+            send_all.push(a.own);
+            others_all.push(a.per_other);
         }
         let med = |v: &[(f64, f64)]| {
             let ns: Vec<f64> = v.iter().map(|x| x.0).collect();
@@ -149,15 +156,24 @@ pub fn measure(bins: &Bins, root: &Path, rounds: u32, quick: bool) -> Result<Pyt
             open: med(&open),
             bare: med(&bare),
             send: med(&send),
+            send_all: med(&send_all),
+            others_all: median(&others_all).unwrap_or(0.0),
         });
     }
     Ok(PythonCost { iters, rows })
 }
 
-/// (ns, runs) of the Python program per iteration of one loop under
-/// fdtrace `extra` (see [`own_share`]), refused when it did not run once
-/// per iteration at least (open and close, or the send: it runs for every
-/// syscall).
+/// What one loop measured.
+struct Loop {
+    /// (ns, runs) of the Python program per iteration (see [`own_share`]).
+    own: (f64, f64),
+    /// Its ns per run of the other processes' syscalls, in the idle window.
+    per_other: f64,
+}
+
+/// The Python program's time over one loop under fdtrace `extra`, refused
+/// when it did not run once per iteration at least (open and close, or
+/// the send: it runs for every syscall).
 fn one(
     bins: &Bins,
     python: &Path,
@@ -165,7 +181,7 @@ fn one(
     mode: &str,
     n: u64,
     extra: &[&str],
-) -> Result<(f64, f64)> {
+) -> Result<Loop> {
     let mut cmd = Command::new(python);
     pin_to_last_cpu(&mut cmd);
     cmd.arg(script)
@@ -205,7 +221,8 @@ fn one(
             python.display()
         );
     }
-    Ok(own_share(idle0, before, idle_s, after, loop_s, n))
+    let (own, per_other) = own_share(idle0, before, idle_s, after, loop_s, n);
+    Ok(Loop { own, per_other })
 }
 
 /// Waits until the loop's process is blocked reading its stdin (`--wait`):
@@ -232,7 +249,8 @@ fn wait_reading_stdin(lp: &mut Proc) -> Result<()> {
 /// The program's (ns, runs) per iteration of the loop's own calls: from
 /// its totals (ns, runs) at the start of the idle window, at its end (the
 /// loop's start) and at the loop's end, the other processes' runs at the
-/// idle window's rate and cost taken out.
+/// idle window's rate and cost taken out; and the cost of one of those
+/// other runs.
 fn own_share(
     idle0: (u64, u64),
     before: (u64, u64),
@@ -240,7 +258,7 @@ fn own_share(
     after: (u64, u64),
     loop_s: f64,
     n: u64,
-) -> (f64, f64) {
+) -> ((f64, f64), f64) {
     let d = |a: (u64, u64), b: (u64, u64)| {
         (
             b.0.saturating_sub(a.0) as f64,
@@ -256,8 +274,11 @@ fn own_share(
     };
     let others = (idle_runs / idle_s * loop_s).min(runs);
     (
-        (ns - others * per_other).max(0.0) / n as f64,
-        (runs - others) / n as f64,
+        (
+            (ns - others * per_other).max(0.0) / n as f64,
+            (runs - others) / n as f64,
+        ),
+        per_other,
     )
 }
 
@@ -305,18 +326,20 @@ pub fn print(p: &PythonCost) {
         p.iters
     );
     println!(
-        "  {:<7} {:>16} {:>16} {:>11} {:>16}  python",
-        "python", "open", "open, no stacks", "per stack", "send"
+        "  {:<7} {:>16} {:>16} {:>11} {:>16} {:>16} {:>14}  python",
+        "python", "open", "open, no stacks", "per stack", "send", "send, --all", "others, --all"
     );
     let cell = |(ns, runs): (f64, f64)| format!("{ns:.0} ({runs:.2})");
     for r in &p.rows {
         println!(
-            "  {:<7} {:>16} {:>16} {:>11.0} {:>16}  {}",
+            "  {:<7} {:>16} {:>16} {:>11.0} {:>16} {:>16} {:>14.0}  {}",
             r.label,
             cell(r.open),
             cell(r.bare),
             per_stack(r),
             cell(r.send),
+            cell(r.send_all),
+            r.others_all,
             r.python.display()
         );
     }
@@ -346,7 +369,9 @@ pub fn print(p: &PythonCost) {
     }
     println!(
         "  send: the first-use check of each send on a used socket, every send of a traced \
-         Python process."
+         Python process; send, --all: the same under `fdtrace --all`; others, --all: ns a run \
+         for the other processes' syscalls under --all (the check that the caller is a traced \
+         Python, which every syscall of the node pays once a Python is traced)."
     );
 }
 
@@ -362,6 +387,8 @@ mod tests {
             open: (1700.0, 3.0),
             bare: (500.0, 3.0),
             send: (300.0, 1.0),
+            send_all: (310.0, 1.0),
+            others_all: 40.0,
         };
         assert_eq!(per_stack(&r), 1200.0);
         // 1000 stacks a second of 1.2 us: 1.2 ms a second.
@@ -372,7 +399,7 @@ mod tests {
     fn other_processes_runs_are_taken_out() {
         // Idle second: 1000 runs of 100 ns. The loop: 2 s, 10_000
         // iterations, 22_000 runs of which 2000 others' (200_000 ns).
-        let (ns, runs) = own_share(
+        let ((ns, runs), other) = own_share(
             (0, 0),
             (100_000, 1000),
             1.0,
@@ -382,8 +409,9 @@ mod tests {
         );
         assert!((ns - 500.0).abs() < 1e-9, "{ns}");
         assert!((runs - 2.0).abs() < 1e-9, "{runs}");
+        assert!((other - 100.0).abs() < 1e-9, "{other}");
         // Nothing else ran: nothing taken out.
-        let (ns, runs) = own_share((0, 0), (0, 0), 1.0, (30_000, 20), 1.0, 10);
-        assert_eq!((ns, runs), (3000.0, 2.0));
+        let (own, other) = own_share((0, 0), (0, 0), 1.0, (30_000, 20), 1.0, 10);
+        assert_eq!((own, other), ((3000.0, 2.0), 0.0));
     }
 }
