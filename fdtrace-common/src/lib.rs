@@ -134,6 +134,34 @@ pub const SITE_CALLER_SHIFT: u32 = 32;
 pub const fn site_stack_id(site: u64) -> u32 {
     site as u32
 }
+/// The index of the lowest set bit of `w` (not 0), for the kernel side's
+/// walks over fd bitmaps: BPF has no instruction for it (LLVM's expansion
+/// of `trailing_zeros` needs a table, and a table would be a map).
+#[inline(always)]
+pub fn lowest_bit(w: u64) -> u32 {
+    let b = w & w.wrapping_neg();
+    let mut i = 0;
+    if b & 0xffff_ffff_0000_0000 != 0 {
+        i += 32;
+    }
+    if b & 0xffff_0000_ffff_0000 != 0 {
+        i += 16;
+    }
+    if b & 0xff00_ff00_ff00_ff00 != 0 {
+        i += 8;
+    }
+    if b & 0xf0f0_f0f0_f0f0_f0f0 != 0 {
+        i += 4;
+    }
+    if b & 0xcccc_cccc_cccc_cccc != 0 {
+        i += 2;
+    }
+    if b & 0xaaaa_aaaa_aaaa_aaaa != 0 {
+        i += 1;
+    }
+    i
+}
+
 /// `FdInfo::site` when the stack was not taken because the process was over
 /// its stack budget (see `ProcStats::stack_slot`).
 pub const SITE_NOT_SAMPLED: u64 = u64::MAX - 1;
@@ -334,6 +362,21 @@ pub const EV_LEAVE: u32 = 8;
 /// container and pod and selects if a filter names it.
 pub const EV_CGROUP: u32 = 9;
 
+/// Bytes of the events ring buffer (EVENTS).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// How often user space drains the events ring buffer between reports, in
+/// ms. The kernel side submits events without waking the reader: a wake-up
+/// is an interrupt the submitting CPU raises on itself (irq_work), which
+/// on a VM is a trap to the hypervisor, and it was most of the time of
+/// the fork and exit programs (tens of us a fork+exec under `--all`).
+pub const EVENTS_DRAIN_MS: u64 = 20;
+
+/// Pending bytes in the events ring buffer from which a submit wakes the
+/// reader at once: a burst (a fork storm) is drained before it fills the
+/// ring, not at the next drain.
+pub const EVENTS_WAKE_BYTES: u64 = 64 * 1024;
+
 /// A ring-buffer event. Per-fd changes are not streamed: they live in the maps.
 /// Only process lifecycle and failures travel, so the stream cannot be flooded
 /// by a process that churns fds.
@@ -465,3 +508,24 @@ const _: () = assert!(core::mem::size_of::<EntryRecord>() == 48);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 11 * 8 + 8 + 8 * FD_KINDS + 8 + 16);
 const _: () = assert!(core::mem::size_of::<LazyKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);
+
+#[cfg(test)]
+mod tests {
+    use super::lowest_bit;
+
+    #[test]
+    fn lowest_bit_of_every_single_bit_and_of_mixed_words() {
+        for i in 0..64 {
+            assert_eq!(lowest_bit(1 << i), i);
+            assert_eq!(lowest_bit(u64::MAX << i), i);
+        }
+        for w in [
+            0b111u64,
+            0x8000_0000_0000_0001,
+            0x0010_0000_0000_0000,
+            0xdead_beef_0000,
+        ] {
+            assert_eq!(lowest_bit(w), w.trailing_zeros());
+        }
+    }
+}

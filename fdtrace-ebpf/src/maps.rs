@@ -1,12 +1,13 @@
 //! Maps shared with user space. Sizes are defaults; user space overrides them
 //! at load time (`EbpfLoader::set_max_entries`).
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf, StackTrace},
 };
 use fdtrace_common::{
-    CNT_LEN, FD_KINDS, FdInfo, FdKey, LAZY_WORDS, LazyKey, ProcStats, StackWindow,
+    CNT_LEN, EVENTS_RING_BYTES, EVENTS_WAKE_BYTES, FD_KINDS, FdInfo, FdKey, LAZY_WORDS, LazyKey,
+    ProcStats, StackWindow,
 };
 
 /// Live fds of every traced process. Not preallocated: memory follows the
@@ -38,7 +39,18 @@ pub static TRACED: Array<u16> = Array::with_max_entries(1 << 22, 0);
 
 /// Process lifecycle and failure events.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// The flags of an EVENTS submit: no wake-up (user space drains the ring
+/// every EVENTS_DRAIN_MS), unless EVENTS_WAKE_BYTES are pending.
+#[inline(always)]
+pub fn wake_flags() -> u64 {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= EVENTS_WAKE_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
 
 /// Global counters (`CNT_*`), updated with atomic adds.
 #[map]

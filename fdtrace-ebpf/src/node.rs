@@ -33,7 +33,7 @@ use fdtrace_common::{
 use crate::{
     global,
     iter::{TASK_PID_OFF, TASK_TGID_OFF},
-    maps::EVENTS,
+    maps::{EVENTS, wake_flags},
     python,
     table::{self, Bulk, Extra, bulk, count, emit, proc_of},
 };
@@ -215,7 +215,7 @@ fn watch(task: u64, tgid: u32) {
         (*ev).comm = [0; 16];
         (*ev).path = [0; EVENT_PATH_LEN];
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
 }
 
 /// A successful exec of an untraced process.

@@ -21,7 +21,10 @@ use fdtrace_common::{
 
 use crate::{
     iter::file_at,
-    maps::{COUNTERS, EVENTS, EXEC_TALLY, FDS, FREE_SLOTS, LAZY, PROCS, SEED_FILES, STATS, TRACED},
+    maps::{
+        COUNTERS, EVENTS, EXEC_TALLY, FDS, FREE_SLOTS, LAZY, PROCS, SEED_FILES, STATS, TRACED,
+        wake_flags,
+    },
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -864,5 +867,5 @@ pub fn emit(kind: u32, tgid: u32, aux: u32, p: *const ProcStats, extra: Extra) {
             let _ = bpf_probe_read_user_str_bytes(extra.path as *const u8, &mut (*ev).path);
         }
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
 }

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use fdtrace_common::ProcStats;
+use fdtrace_common::{EVENTS_DRAIN_MS, ProcStats};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -349,6 +349,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(cli.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The kernel side wakes this loop only when the ring fills up (see
+    // EVENTS_DRAIN_MS): between reports, events are read this often.
+    let mut drain = tokio::time::interval(Duration::from_millis(EVENTS_DRAIN_MS));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A Python process just exec'd, whose loader has not mapped libpython
     // yet, is looked at again this often.
     let retry = async |at: Option<Instant>| match at {
@@ -379,6 +383,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     s.events(guard.get_inner_mut())?;
                     guard.clear_ready();
                     s.sinks.flush()?;
+                }
+                _ = drain.tick() => {
+                    if s.events(ring.get_mut())? > 0 {
+                        s.sinks.flush()?;
+                    }
                 }
                 _ = retry(s.python.next_retry(Instant::now())) => {
                     for (pid, found) in s.python.retry(Instant::now()) {
@@ -486,11 +495,14 @@ async fn noop_hooks(limits: &Limits) -> Result<()> {
 }
 
 impl Session {
-    fn events(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<()> {
-        for ev in events::drain(ring) {
+    /// Handles the events in the ring; returns how many there were.
+    fn events(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<usize> {
+        let evs = events::drain(ring);
+        let n = evs.len();
+        for ev in evs {
             self.event(ev)?;
         }
-        Ok(())
+        Ok(n)
     }
 
     fn event(&mut self, ev: KernelEvent) -> io::Result<()> {
@@ -767,7 +779,8 @@ impl Session {
             self.events(ring)?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.events(ring)
+        self.events(ring)?;
+        Ok(())
     }
 
     fn report(&mut self) -> io::Result<()> {

@@ -393,27 +393,27 @@ fn ensure_packages(node: bool) -> Result<()> {
         ]);
     }
     let names: Vec<&str> = wanted.iter().map(|(p, _)| *p).collect();
-    let missing: Vec<&str> = wanted
-        .into_iter()
-        .filter(|(prog, arg)| !runs(prog, arg))
-        .map(|(prog, _)| prog)
-        .collect();
+    let missing: Vec<(&str, &str)> = wanted.into_iter().filter(|(p, a)| !runs(p, a)).collect();
     if missing.is_empty() {
         eprintln!("bench: {}: present", names.join(", "));
         return Ok(());
     }
-    eprintln!("bench: {}: missing: installing", missing.join(", "));
+    let progs: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    eprintln!("bench: {}: missing: installing", progs.join(", "));
     proc::run(Command::new("apt-get").arg("update"))
         .context("apt-get update failed: check the network")?;
     proc::run(
         Command::new("apt-get")
             .args(["install", "-y"])
-            .args(&missing)
+            .args(&progs)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .with_context(|| format!("cannot install {} with apt-get", missing.join(" ")))?;
-    for prog in missing {
-        if !runs(prog, "help") && !runs(prog, "--version") && !runs(prog, "-v") {
+    .with_context(|| format!("cannot install {} with apt-get", progs.join(" ")))?;
+    // The same argument as above: one each program answers and exits on
+    // (process-exporter takes any other word for a flag-less start, and
+    // serves forever).
+    for (prog, arg) in missing {
+        if !runs(prog, arg) {
             bail!("{prog} was installed but does not run");
         }
     }
