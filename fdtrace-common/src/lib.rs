@@ -366,11 +366,16 @@ pub const EV_CGROUP: u32 = 9;
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// How often user space drains the events ring buffer between reports, in
-/// ms. The kernel side submits events without waking the reader: a wake-up
-/// is an interrupt the submitting CPU raises on itself (irq_work), which
-/// on a VM is a trap to the hypervisor, and it was most of the time of
-/// the fork and exit programs (tens of us a fork+exec under `--all`).
+/// ms, while events come. The kernel side submits events without waking
+/// the reader: a wake-up is an interrupt the submitting CPU raises on
+/// itself (irq_work), which on a VM is a trap to the hypervisor, and it was
+/// most of the time of the fork and exit programs (tens of us a fork+exec
+/// under `--all`).
 pub const EVENTS_DRAIN_MS: u64 = 20;
+
+/// How long user space waits to drain the ring again after a drain that
+/// found nothing, in ms: a timer's wake-up costs too.
+pub const EVENTS_IDLE_DRAIN_MS: u64 = 200;
 
 /// Pending bytes in the events ring buffer from which a submit wakes the
 /// reader at once: a burst (a fork storm) is drained before it fills the
