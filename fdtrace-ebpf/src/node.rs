@@ -19,7 +19,7 @@
 //! Every traced process's ProcStats::cgroup follows its moves, in any mode:
 //! user space re-reads who a process is only when that changes.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_task},
     macros::map,
     maps::{HashMap, LruHashMap},
@@ -33,7 +33,7 @@ use fdtrace_common::{
 use crate::{
     global,
     iter::{TASK_PID_OFF, TASK_TGID_OFF},
-    maps::{EVENTS, wake_flags},
+    maps::EVENTS,
     python,
     table::{self, Bulk, Extra, bulk, count, emit, proc_of},
 };
@@ -215,7 +215,9 @@ fn watch(task: u64, tgid: u32) {
         (*ev).comm = [0; 16];
         (*ev).path = [0; EVENT_PATH_LEN];
     }
-    entry.submit(wake_flags());
+    // At once: user space must select the cgroup (NODE_CGROUP_IDS) before
+    // the task in it execs, which node mode's adoption waits for.
+    entry.submit(u64::from(BPF_RB_FORCE_WAKEUP));
 }
 
 /// A successful exec of an untraced process.

@@ -353,7 +353,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     // EVENTS_DRAIN_MS): between reports, events are read that often while
     // they come, less often when none came (a wake-up of the loop costs
     // too: most of fdtrace's CPU on an idle host if it were every 20 ms).
-    let mut next_drain = Instant::now();
+    // Not at once: the first report (the tick's first, immediate) comes
+    // first.
+    let mut next_drain = Instant::now() + drain_delay(1);
     // A Python process just exec'd, whose loader has not mapped libpython
     // yet, is looked at again this often.
     let retry = async |at: Option<Instant>| match at {
