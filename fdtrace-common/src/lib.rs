@@ -297,6 +297,42 @@ pub struct ProcStats {
     /// counts and high-water mark when it is even and unchanged across the
     /// read, so the child's counts and LAZY bits cover the same fds.
     pub seed_seq: u32,
+    /// Which fd numbers below `64 * ENTRY_WORDS` may have an FDS entry:
+    /// bit `fd % 64` of word `fd / 64`, set by the kernel side when it
+    /// writes an entry and never cleared while the process lives (a
+    /// superset). Exec and exit visit only these numbers (and every number
+    /// from `64 * ENTRY_WORDS` up to `fd_hwm`): a process that inherits one
+    /// high fd has a high-water mark far above the few numbers it uses, and
+    /// a fork+exec child's exit deleted a missing entry per number, 252
+    /// here. User space, whose writes of this value may lose a bit the
+    /// kernel set meanwhile, writes every bit set (see [`ProcStats::mark_all_entries`]).
+    pub entries: [u64; ENTRY_WORDS],
+}
+
+/// Words of [`ProcStats::entries`]: fds 0 to 255.
+pub const ENTRY_WORDS: usize = 4;
+
+/// Where fd `fd`'s bit is in [`ProcStats::entries`]: a word index and the
+/// bit, 0 for the numbers the words do not cover. The index is taken
+/// modulo ENTRY_WORDS rather than checked first (it is then some word for
+/// an uncovered fd, whose bit is 0): a check that LLVM places on another
+/// copy of `fd` than the one the address is computed from leaves the
+/// verifier with an unbounded offset into the map value.
+pub const fn entry_index(fd: u32) -> (usize, u64) {
+    let w = ((fd / 64) as usize) % ENTRY_WORDS;
+    let bit = if fd < 64 * ENTRY_WORDS as u32 {
+        1 << (fd % 64)
+    } else {
+        0
+    };
+    (w, bit)
+}
+
+/// Whether a number whose bit in [`ProcStats::entries`] is `bit` (from
+/// [`entry_index`]) may have an FDS entry, the word being `v`: one the
+/// words do not cover always may.
+pub const fn may_have_entry(v: u64, bit: u64) -> bool {
+    bit == 0 || v & bit != 0
 }
 
 impl ProcStats {
@@ -337,7 +373,15 @@ impl ProcStats {
             stacks_in_slot: 0,
             not_sampled: 0,
             cgroup: 0,
+            entries: [0; ENTRY_WORDS],
         }
+    }
+
+    /// Every number may have an entry: what user space writes with the
+    /// counters, so that a bit the kernel side set between its read and
+    /// its write is not lost (the kernel side only sets bits).
+    pub fn mark_all_entries(&mut self) {
+        self.entries = [u64::MAX; ENTRY_WORDS];
     }
 }
 
@@ -510,13 +554,40 @@ const _: () = assert!(core::mem::size_of::<FdKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<EntryRecord>() == 48);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 11 * 8 + 8 + 8 * FD_KINDS + 8 + 16);
+const _: () = assert!(
+    core::mem::size_of::<ProcStats>() == 11 * 8 + 8 + 8 * FD_KINDS + 8 + 16 + 8 * ENTRY_WORDS
+);
 const _: () = assert!(core::mem::size_of::<LazyKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);
 
 #[cfg(test)]
 mod tests {
-    use super::lowest_bit;
+    use super::{ENTRY_WORDS, ProcStats, entry_index, lowest_bit, may_have_entry};
+
+    #[test]
+    fn entry_bits_cover_the_low_numbers_and_assume_an_entry_above() {
+        let mut st = ProcStats::new(1, 0);
+        let may = |st: &ProcStats, fd: u32| {
+            let (w, bit) = entry_index(fd);
+            may_have_entry(st.entries[w], bit)
+        };
+        let top = 64 * ENTRY_WORDS as u32;
+        assert!((0..top).all(|fd| !may(&st, fd)));
+        assert!(may(&st, top) && may(&st, u32::MAX));
+        for fd in [0, 63, 64, 200, top - 1] {
+            let (w, bit) = entry_index(fd);
+            assert!(w < ENTRY_WORDS && bit != 0, "fd {fd}: ({w}, {bit:#x})");
+            st.entries[w] |= bit;
+        }
+        let marked: Vec<u32> = (0..top).filter(|&fd| may(&st, fd)).collect();
+        assert_eq!(marked, [0, 63, 64, 200, top - 1]);
+        for fd in [top, top + 63, u32::MAX] {
+            let (w, bit) = entry_index(fd);
+            assert!(w < ENTRY_WORDS && bit == 0, "fd {fd}: ({w}, {bit:#x})");
+        }
+        st.mark_all_entries();
+        assert!((0..top).all(|fd| may(&st, fd)));
+    }
 
     #[test]
     fn lowest_bit_of_every_single_bit_and_of_mixed_words() {

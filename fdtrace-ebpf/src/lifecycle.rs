@@ -291,6 +291,7 @@ extern "C" fn word_step(w: u32, ctx: *mut c_void) -> i64 {
     }
     c.eager = open & !cx & below;
     if c.eager != 0 {
+        table::mark_entries(c.cp, w, c.eager);
         c.base = first;
         // SAFETY: as in lazy_fork.
         unsafe { bpf_loop(64, copy_step as *mut c_void, ctx, 0) };

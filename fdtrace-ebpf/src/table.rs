@@ -5,7 +5,7 @@
 //! table and run these handlers concurrently on different CPUs.
 use core::{
     ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_and, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_and, atomic_or, atomic_xadd},
 };
 
 use aya_ebpf::helpers::{
@@ -14,9 +14,10 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_current_task, bpf_loop},
 };
 use fdtrace_common::{
-    CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, EVENT_PATH_LEN, Event, FD_CLOEXEC,
-    FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, LAZY_CHUNK_FDS, LAZY_WORDS,
-    LazyKey, NO_SITE, PROC_LAZY, ProcStats, python::NO_PY_STACK,
+    CNT_FDS_MAP_FULL, CNT_PROCS_MAP_FULL, CNT_RINGBUF_FULL, ENTRY_WORDS, EVENT_PATH_LEN, Event,
+    FD_CLOEXEC, FD_CLOSE_PENDING, FD_KINDS, FD_OPEN, FD_PREEXISTING, FdInfo, FdKey, LAZY_CHUNK_FDS,
+    LAZY_WORDS, LazyKey, NO_SITE, PROC_LAZY, ProcStats, entry_index, may_have_entry,
+    python::NO_PY_STACK,
 };
 
 use crate::{
@@ -305,7 +306,9 @@ pub fn set_lazy_word(tgid: u32, w: u32, bits: u64) -> bool {
 }
 
 /// Copies fd `fd` of `parent` (counters at `pp`) to `child`'s entries at
-/// its fork, not counted: the child's counters start as the parent's.
+/// its fork, not counted: the child's counters start as the parent's. The
+/// caller marks the fds it copies in the child's `entries`, a word at a
+/// time (see [`mark_entries`]).
 pub fn copy_to_child(pp: *mut ProcStats, parent: u32, cp: *mut ProcStats, child: u32, fd: u32) {
     let info = match open_entry(parent, fd) {
         // SAFETY: a live FDS value, copied.
@@ -531,6 +534,14 @@ fn counted_new(p: *mut ProcStats, fd: u32, kind: u8) {
 #[inline(always)]
 fn counted(p: *mut ProcStats, fd: u32, kind: u8) {
     add64(kind_slot(p, kind), 1);
+    entry_written(p, fd);
+}
+
+/// An entry for `fd` was written: it is marked in `entries`, and `fd_hwm`
+/// raised past it.
+#[inline(always)]
+fn entry_written(p: *mut ProcStats, fd: u32) {
+    mark_entry(p, fd);
     raise_hwm(p, fd);
 }
 
@@ -551,6 +562,59 @@ fn raise_hwm(p: *mut ProcStats, fd: u32) {
                 fd + 1 - hwm,
             );
         }
+    }
+}
+
+/// Fd `fd`'s word of `p`'s [`ProcStats::entries`] (some word when they do
+/// not cover it) and its bit (0 then), with the word's value: read
+/// whatever the bit, so that the address is computed before any branch on
+/// it (see entry_index).
+#[inline(always)]
+fn entry_word(p: *mut ProcStats, fd: u32) -> (*mut u64, u64, u64) {
+    let (w, bit) = entry_index(fd);
+    // SAFETY: p is a live STATS element; w < ENTRY_WORDS.
+    unsafe {
+        let word = (&raw mut (*p).entries).cast::<u64>().add(w);
+        (word, bit, core::ptr::read_volatile(word))
+    }
+}
+
+/// Whether `fd` may have an FDS entry of `p`'s.
+#[inline(always)]
+fn has_entry_bit(p: *mut ProcStats, fd: u32) -> bool {
+    let (_, bit, v) = entry_word(p, fd);
+    may_have_entry(v, bit)
+}
+
+/// Marks the fds of `bits` of word `w` (fds `64 * w` to `64 * w + 63`) in
+/// `p`'s [`ProcStats::entries`], if it covers them: one atomic OR. A lazy
+/// fork marks the fds it copies this way, outside its per-fd loop, whose
+/// verification a branch per fd made five times longer.
+#[inline(always)]
+pub fn mark_entries(p: *mut ProcStats, w: u32, bits: u64) {
+    // The word is read before the check, as in entry_word.
+    let covered = (w as usize) < ENTRY_WORDS;
+    // SAFETY: p is a live STATS element; the index is below ENTRY_WORDS.
+    unsafe {
+        let word = (&raw mut (*p).entries)
+            .cast::<u64>()
+            .add(w as usize % ENTRY_WORDS);
+        let v = core::ptr::read_volatile(word);
+        if covered && v & bits != bits {
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, bits);
+        }
+    }
+}
+
+/// Sets `fd`'s bit in `p`'s [`ProcStats::entries`]: an atomic OR (threads
+/// set bits of one word at once), skipped when the bit is set already, as
+/// it is for every number but a process's first use of it.
+#[inline(always)]
+fn mark_entry(p: *mut ProcStats, fd: u32) {
+    let (word, bit, v) = entry_word(p, fd);
+    if v & bit == 0 && bit != 0 {
+        // SAFETY: word is in a live STATS element.
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, bit) };
     }
 }
 
@@ -603,7 +667,7 @@ pub fn set_cloexec(p: *mut ProcStats, tgid: u32, fd: u32, on: bool) {
             inexact(p);
             return;
         }
-        raise_hwm(p, fd);
+        entry_written(p, fd);
         // SAFETY: p is a live STATS element.
         add64(unsafe { &raw mut (*p).generation }, 1);
         return;
@@ -657,6 +721,12 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: ctx is the BulkCtx on bulk()'s stack, alive for the loop.
     let c = unsafe { &mut *(ctx as *mut BulkCtx) };
     let fd = c.first.wrapping_add(i);
+    // Exec, Copy and Drop act on entries only: a number without one is
+    // skipped before its hash lookup. close_range also closes the lazy
+    // fds, which have none.
+    if matches!(c.op, Bulk::Exec | Bulk::Copy | Bulk::Drop) && !has_entry_bit(c.p, fd) {
+        return 0;
+    }
     match c.op {
         Bulk::Close => remove(c.p, c.tgid, fd),
         Bulk::MarkCloexec => set_cloexec(c.p, c.tgid, fd, true),
@@ -696,6 +766,7 @@ extern "C" fn bulk_step(i: u32, ctx: *mut c_void) -> i64 {
                     )
                     .is_ok()
                 {
+                    mark_entry(c.dst, fd);
                     // Open when the child's tracing began.
                     add64(kind_slot(c.dst, info.kind), 1);
                     // SAFETY: dst is a live STATS element.

@@ -20,6 +20,7 @@
 //! Everything spawned is killed when the session is dropped, so a failed test
 //! leaves nothing running.
 
+pub mod bpf_maps;
 pub mod containers;
 mod env;
 mod fdops;

@@ -9,6 +9,9 @@
 
 use std::time::Duration;
 
+use std::time::Instant;
+
+use fdtrace_tests::bpf_maps::{fd_entries, map_of};
 use fdtrace_tests::{Expect, Mode, Session, both_modes, free_fd, proc_fds};
 
 const FDOPS: &str = env!("CARGO_BIN_EXE_fdops");
@@ -230,6 +233,60 @@ fn exit(mode: Mode) {
     s.expect_fdtrace_exit_0("its only traced process exited");
 }
 both_modes!(exit);
+
+/// A child's entries leave the kernel's fd map (FDS, read with bpftool)
+/// at its exit: its closed ones, kept for the number's next fd, and fds
+/// above the low numbers the kernel side marks as used (ProcStats::entries),
+/// up to its high-water mark.
+fn exit_frees_entries(mode: Mode) {
+    let mut s = Session::start(FDOPS, mode);
+    let p = s.pid(0);
+    let fds_map = match map_of(s.fdtrace_pid as u32, "FDS") {
+        Ok(Some(id)) => id,
+        Ok(None) => s.fail("fdtrace holds no map named FDS"),
+        Err(e) => s.fail(&e),
+    };
+    let c = traced_fork(&mut s, p);
+    let child = |cmd: String| format!("child {c} {cmd}");
+    let src = s
+        .ostep(c, &child("open".into()), 1, 0, &[("file", 1)])
+        .0
+        .fd() as u32;
+    for high in [200, 300] {
+        s.ostep(
+            c,
+            &child(format!("dup2 {src} {high}")),
+            1,
+            0,
+            &[("file", 1)],
+        );
+    }
+    s.ostep(c, &child(format!("close {src}")), 0, 1, &[("file", -1)]);
+    let held = fd_entries(fds_map, c as u32).unwrap_or_else(|e| s.fail(&e));
+    for fd in [src, 200, 300] {
+        if !held.contains(&fd) {
+            s.fail(&format!("child {c}: no FDS entry for fd {fd}: {held:?}"));
+        }
+    }
+    s.exit_child("", p, c);
+    // The exit event is sent before the program drops the entries.
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = fd_entries(fds_map, c as u32).unwrap_or_else(|e| s.fail(&e));
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() > until {
+            s.fail(&format!(
+                "child {c} exited, its FDS entries stayed: {left:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.exit_target(0);
+    s.expect_fdtrace_exit_0("its last traced process exited");
+}
+both_modes!(exit_frees_entries, Mode::RUN, Mode::PID_FOLLOW);
 
 /// `--pid A --pid B`: each is traced on its own; fdtrace ends with the last.
 #[test]

@@ -70,6 +70,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fdtrace_tests::bpf_maps::{map_has_pid, map_of};
 use fdtrace_tests::{
     PYDIR, fdtrace_bin, find_debian_python, find_pyenv_python, find_venv_of, now_ts,
     program_markers, py_spy, read_lines, require_root, tail,
@@ -592,51 +593,6 @@ fn fifo_stage(
             }
         }
     }
-}
-
-/// The id of the BPF map named `name` among those process `pid` holds
-/// (its fds' fdinfo gives their ids; bpftool their names); None when it
-/// holds none of that name yet.
-fn map_of(pid: u32, name: &str) -> Result<Option<u32>, String> {
-    let rd = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map_err(|e| format!("read /proc/{pid}/fd: {e}"))?;
-    for e in rd.flatten() {
-        if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() != "anon_inode:bpf-map") {
-            continue;
-        }
-        let info = format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy());
-        let Some(id) = std::fs::read_to_string(&info).ok().and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("map_id:"))
-                .and_then(|v| v.trim().parse::<u32>().ok())
-        }) else {
-            continue;
-        };
-        let out = Command::new("bpftool")
-            .args(["map", "show", "id", &id.to_string(), "--json"])
-            .output()
-            .map_err(|e| format!("run bpftool (apt-get install bpftool): {e}"))?;
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if v["name"] == name {
-            return Ok(Some(id));
-        }
-    }
-    Ok(None)
-}
-
-/// Whether BPF map `map` (keyed by a u32 pid) has an entry for `pid`.
-fn map_has_pid(map: u32, pid: u32) -> bool {
-    let mut args: Vec<String> = ["map", "lookup", "id", &map.to_string(), "key"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(pid.to_le_bytes().iter().map(|b| b.to_string()));
-    Command::new("bpftool")
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Sockets of `pid` from /proc/PID/fd, by what /proc/PID/net says of them:

@@ -182,12 +182,17 @@ impl Kernel {
             .collect())
     }
 
-    /// Overwrites the counters of traced process `pid`.
+    /// Overwrites the counters of traced process `pid`, with every fd
+    /// number marked as one that may have an entry (see
+    /// `ProcStats::entries`: user space writes entries of its own, and its
+    /// read-modify-write may lose a bit the kernel side set meanwhile).
     pub fn set_stats(&mut self, pid: u32, st: &ProcStats) -> Result<()> {
         let slot = self
             .procs
             .get(&pid, 0)
             .with_context(|| format!("pid {pid} is not traced"))?;
+        let mut st = *st;
+        st.mark_all_entries();
         self.stats.set(slot, st, 0)?;
         Ok(())
     }
