@@ -565,29 +565,20 @@ fn raise_hwm(p: *mut ProcStats, fd: u32) {
     }
 }
 
-/// Fd `fd`'s word of `p`'s [`ProcStats::entries`] (some word when they do
-/// not cover it) and its bit (0 then), with the word's value: read
-/// whatever the bit, so that the address is computed before any branch on
-/// it (see entry_index).
-#[inline(always)]
-fn entry_word(p: *mut ProcStats, fd: u32) -> (*mut u64, u64, u64) {
-    let (w, bit) = entry_index(fd);
-    // SAFETY: p is a live STATS element; w < ENTRY_WORDS.
-    unsafe {
-        let word = (&raw mut (*p).entries).cast::<u64>().add(w);
-        (word, bit, core::ptr::read_volatile(word))
-    }
-}
-
-/// Whether `fd` may have an FDS entry of `p`'s.
+/// Whether `fd` may have an FDS entry of `p`'s. The word is read whatever
+/// the bit, so that its address is computed before any branch on it (see
+/// entry_index).
 #[inline(always)]
 fn has_entry_bit(p: *mut ProcStats, fd: u32) -> bool {
-    let (_, bit, v) = entry_word(p, fd);
+    let (w, bit) = entry_index(fd);
+    // SAFETY: p is a live STATS element; w < ENTRY_WORDS.
+    let v = unsafe { core::ptr::read_volatile((&raw const (*p).entries).cast::<u64>().add(w)) };
     may_have_entry(v, bit)
 }
 
 /// Marks the fds of `bits` of word `w` (fds `64 * w` to `64 * w + 63`) in
-/// `p`'s [`ProcStats::entries`], if it covers them: one atomic OR. A lazy
+/// `p`'s [`ProcStats::entries`], if it covers them and they are not all set
+/// yet: one atomic OR (threads set bits of one word at once). A lazy
 /// fork marks the fds it copies this way, outside its per-fd loop, whose
 /// verification a branch per fd made five times longer.
 #[inline(always)]
@@ -606,16 +597,12 @@ pub fn mark_entries(p: *mut ProcStats, w: u32, bits: u64) {
     }
 }
 
-/// Sets `fd`'s bit in `p`'s [`ProcStats::entries`]: an atomic OR (threads
-/// set bits of one word at once), skipped when the bit is set already, as
-/// it is for every number but a process's first use of it.
+/// Sets `fd`'s bit in `p`'s [`ProcStats::entries`] ([`mark_entries`] of
+/// one bit: skipped when it is set already, as it is for every number but
+/// a process's first use of it).
 #[inline(always)]
 fn mark_entry(p: *mut ProcStats, fd: u32) {
-    let (word, bit, v) = entry_word(p, fd);
-    if v & bit == 0 && bit != 0 {
-        // SAFETY: word is in a live STATS element.
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, bit) };
-    }
+    mark_entries(p, fd / 64, 1 << (fd % 64));
 }
 
 /// `fd` of `tgid` was closed (nothing to do when fdtrace did not know it).
