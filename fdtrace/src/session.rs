@@ -21,7 +21,8 @@ use tokio::{
 use crate::{
     analysis::{
         self, Config, Containers, Ending, FindingKind, Notice, ProcessAnalysis, ProcessSample,
-        Report, Request, SessionCounts, SessionEnd, Start, Summary, Thresholds, Totals,
+        ProcessSummary, Report, Request, SessionCounts, SessionEnd, Start, Status, Summary,
+        Thresholds, Totals, short_lived::Ended,
     },
     cli::{Cli, Command},
     enrich::{
@@ -89,10 +90,10 @@ enum ForkOfKnown {
     Replace,
 }
 
-fn fork_of_known(fork_pending: bool, gone: bool, exited: bool) -> ForkOfKnown {
+fn fork_of_known(fork_pending: bool, gone: bool) -> ForkOfKnown {
     if fork_pending {
         ForkOfKnown::Keep
-    } else if gone && !exited {
+    } else if gone {
         ForkOfKnown::EndFirst
     } else {
         ForkOfKnown::Replace
@@ -102,7 +103,15 @@ fn fork_of_known(fork_pending: bool, gone: bool, exited: bool) -> ForkOfKnown {
 struct Session {
     k: Kernel,
     sinks: Sinks,
+    /// The processes traced now; one leaves at its exit, for `ended`.
     procs: BTreeMap<u32, Traced>,
+    /// What the closing summary says of the processes that exited.
+    ended: Ended,
+    /// Processes that exited since the last report: the kernel frees a
+    /// process's entry after it sends the exit event, so a report right
+    /// after may still find it in the map, and must not take it for a
+    /// new process.
+    just_exited: HashSet<u32>,
     losses: LossCounters,
     /// What was lost and resynced since tracing began.
     counts: SessionCounts,
@@ -259,6 +268,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         k,
         sinks: Sinks(sink.into_iter().chain(metrics).collect()),
         procs: BTreeMap::new(),
+        ended: Ended::default(),
+        just_exited: HashSet::new(),
         losses: LossCounters::default(),
         counts: SessionCounts::default(),
         max_fds: limits.max_fds,
@@ -406,7 +417,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 _ = &mut deadline => { ended = SessionEnd::Duration; break }
             }
             // Node mode goes on while its selection is empty.
-            if node.is_none() && s.procs.values().all(|p| p.analysis.exited()) {
+            if node.is_none() && s.procs.is_empty() {
                 break;
             }
         }
@@ -422,7 +433,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
     let reached = cli
         .fail_on
-        .is_some_and(|on| s.procs.values().any(|p| p.analysis.worst() >= on));
+        .is_some_and(|on| s.ended.worst().max(s.worst_running()) >= on);
     let child = s.child.as_ref().map(|c| ChildEnd {
         ending: c.ended(),
         stopped: c.stopped(),
@@ -527,7 +538,7 @@ impl Session {
                 let known = self
                     .procs
                     .get(&pid)
-                    .map(|p| fork_of_known(p.fork_pending, p.gone, p.analysis.exited()));
+                    .map(|p| fork_of_known(p.fork_pending, p.gone));
                 if known == Some(ForkOfKnown::EndFirst) {
                     self.exited(pid, None, Ending::Exited)?;
                 }
@@ -587,7 +598,6 @@ impl Session {
                     }
                     _ => Ending::Exited,
                 };
-                self.python.exit(pid);
                 self.exited(pid, Some(totals), ending)
             }
             KernelEvent::FdError {
@@ -625,7 +635,6 @@ impl Session {
             }
             KernelEvent::Adopt { pid } => self.adopt(pid),
             KernelEvent::Leave { pid, totals } => {
-                self.python.exit(pid);
                 self.exited(pid, Some(totals), Ending::LeftSelection)
             }
             KernelEvent::Cgroup { pid, id } => self.new_cgroup(pid, id),
@@ -643,7 +652,7 @@ impl Session {
 
     /// Node mode began tracing `pid` on its own: its table is seeded now.
     fn adopt(&mut self, pid: u32) -> io::Result<()> {
-        if self.procs.get(&pid).is_some_and(|p| !p.analysis.exited()) {
+        if self.procs.contains_key(&pid) {
             return Ok(());
         }
         let mut enrich = ProcessEnrichment::read(pid);
@@ -744,19 +753,24 @@ impl Session {
 
     /// `totals` at exit, from the exit event; None when the event was lost
     /// and only the last report is known.
+    /// Its summary is made now, and the rest of what was kept of it let go.
     fn exited(&mut self, pid: u32, totals: Option<Totals>, ending: Ending) -> io::Result<()> {
-        let Some(p) = self.procs.get_mut(&pid) else {
+        let Some(mut p) = self.procs.remove(&pid) else {
             return Ok(());
         };
         let totals = totals.or(p.analysis.last_totals()).unwrap_or_default();
-        if !p.analysis.exit(totals, ending) {
-            return Ok(());
-        }
-        p.table.clear();
-        p.enrich.forget_fds();
+        p.analysis.exit(totals, ending);
         self.containers.exited(pid, p.enrich.who.current(), totals);
-        let comm = p.enrich.comm.clone();
+        self.ended.push(p.analysis.summary(
+            pid,
+            &p.enrich.comm,
+            self.symbols.stacks(pid),
+            self.python.sites(pid),
+        ));
+        self.just_exited.insert(pid);
         self.symbols.forget(pid);
+        self.python.exit(pid);
+        let comm = p.enrich.comm;
         self.sinks.notice(&Notice::Exit {
             ts: sinks::now(),
             pid,
@@ -823,7 +837,7 @@ impl Session {
         // full ring buffer still shows up here.
         let traced: HashMap<u32, ProcStats> = self.k.traced_stats()?.into_iter().collect();
         for (&pid, st) in &traced {
-            if !self.procs.contains_key(&pid) {
+            if !self.procs.contains_key(&pid) && !self.just_exited.contains(&pid) {
                 // An adoption whose event was lost is seeded here.
                 if st.flags & fdtrace_common::PROC_ADOPTED != 0 {
                     self.adopt(pid)?;
@@ -836,12 +850,8 @@ impl Session {
                 self.procs.insert(pid, traced);
             }
         }
-        let live: Vec<u32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| !p.analysis.exited())
-            .map(|(pid, _)| *pid)
-            .collect();
+        self.just_exited.clear();
+        let live: Vec<u32> = self.procs.keys().copied().collect();
         let now_ns = kernel::monotonic_ns();
         let mut net = NetTables::default();
         for pid in live {
@@ -925,12 +935,8 @@ impl Session {
         report.containers = self.containers.report(report.ts, &report.processes);
         self.counts.add(&report.losses, &report.processes);
         report.counts = self.counts;
-        self.attributions.retain(
-            self.procs
-                .values()
-                .filter(|p| !p.analysis.exited())
-                .map(|p| &p.enrich.who),
-        );
+        self.attributions
+            .retain(self.procs.values().map(|p| &p.enrich.who));
         if self.warn_unreadable {
             let others: Vec<(u32, String)> = report
                 .processes
@@ -948,24 +954,33 @@ impl Session {
     }
 
     fn summary(&mut self, ended: SessionEnd) -> io::Result<()> {
-        let processes = self
-            .procs
-            .iter()
-            .map(|(&pid, p)| {
-                p.analysis.summary(
-                    pid,
-                    &p.enrich.comm,
-                    self.symbols.stacks(pid),
-                    self.python.sites(pid),
-                )
-            })
-            .collect();
+        let mut processes: Vec<ProcessSummary> = self.ended.kept().cloned().collect();
+        processes.extend(self.procs.iter().map(|(&pid, p)| {
+            p.analysis.summary(
+                pid,
+                &p.enrich.comm,
+                self.symbols.stacks(pid),
+                self.python.sites(pid),
+            )
+        }));
+        // Stable: a reused pid's processes stay in the order they ran.
+        processes.sort_by_key(|p| p.pid);
         self.sinks.summary(&Summary {
             ts: sinks::now(),
             duration_s: self.started.elapsed().as_secs_f64(),
             ended,
             processes,
+            folded: self.ended.folded(),
         })
+    }
+
+    /// The worst status a running process reached.
+    fn worst_running(&self) -> Status {
+        self.procs
+            .values()
+            .map(|p| p.analysis.worst())
+            .max()
+            .unwrap_or(Status::Ok)
     }
 }
 
@@ -1000,15 +1015,14 @@ mod tests {
     fn a_late_fork_event_keeps_the_child_a_report_found_first() {
         // The report found the child in the kernel map, then gone from
         // /proc, before its fork event was drained: one process, one exit.
-        assert_eq!(fork_of_known(true, true, false), ForkOfKnown::Keep);
-        assert_eq!(fork_of_known(true, false, false), ForkOfKnown::Keep);
+        assert_eq!(fork_of_known(true, true), ForkOfKnown::Keep);
+        assert_eq!(fork_of_known(true, false), ForkOfKnown::Keep);
         assert_eq!(
-            fork_of_known(false, true, false),
+            fork_of_known(false, true),
             ForkOfKnown::EndFirst,
             "a reused pid whose exit event was lost"
         );
-        assert_eq!(fork_of_known(false, true, true), ForkOfKnown::Replace);
-        assert_eq!(fork_of_known(false, false, false), ForkOfKnown::Replace);
+        assert_eq!(fork_of_known(false, false), ForkOfKnown::Replace);
     }
 
     fn child(ending: Option<Ending>, stopped: bool) -> Option<ChildEnd> {

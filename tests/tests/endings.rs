@@ -324,3 +324,56 @@ fn a_fork_storm_keeps_its_life_cycle_but_not_repeated_findings_in_ndjson() {
     messages.dedup();
     assert_eq!(all, messages.len(), "a finding repeated: {findings:?}");
 }
+
+/// Past the last 1000 exited processes, the summary totals the older ones
+/// by command: every process is still counted once, and the totals are
+/// those of the exit objects, so an always-on fdtrace can let them go.
+#[test]
+fn the_summary_folds_the_oldest_exited_processes_by_command() {
+    let f = run_fdtrace(
+        &[
+            "--json",
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "for i in $(seq 1200); do /bin/true; done",
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(f.status.code(), Some(0), "stderr: {}", f.stderr);
+    let recs = records(&f.stdout);
+    let exits = of_type(&recs, "exit");
+    assert_eq!(exits.len(), 1202, "1200 true, seq and sh");
+    let summary = of_type(&recs, "summary");
+    let [summary] = summary[..] else {
+        panic!("one summary: {summary:?}")
+    };
+    let listed = summary["processes"].as_array().expect("processes");
+    let folded = summary["folded"].as_array().expect("folded");
+    assert_eq!(listed.len(), 1000, "the last 1000 exits are listed");
+    let sum = |v: &[&Value], field: &str| -> u64 {
+        v.iter()
+            .filter(|r| r["comm"] == "true")
+            .map(|r| {
+                r[field]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{field} of {r}"))
+            })
+            .sum()
+    };
+    let listed: Vec<&Value> = listed.iter().collect();
+    let folded: Vec<&Value> = folded.iter().collect();
+    assert_eq!(
+        listed.iter().filter(|p| p["comm"] == "true").count() as u64 + sum(&folded, "processes"),
+        1200,
+        "every true once: {folded:?}"
+    );
+    for field in ["opened_total", "closed_total"] {
+        assert_eq!(
+            sum(&listed, field) + sum(&folded, field),
+            sum(&exits, field),
+            "{field}: the summary's totals are the exits'"
+        );
+    }
+}

@@ -233,10 +233,6 @@ impl ProcessAnalysis {
         self.worst
     }
 
-    pub fn exited(&self) -> bool {
-        self.exited.is_some()
-    }
-
     /// It was in a report already.
     pub fn reported(&self) -> bool {
         self.last.is_some()

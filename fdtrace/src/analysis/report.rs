@@ -6,7 +6,10 @@ use std::rc::Rc;
 use fdtrace_common::{FD_KINDS, FdKind};
 use serde::{Deserialize, Serialize};
 
-use super::{Attribution, ContainerReport, Errno, Finding, PythonSite, Request, Stack, Status};
+use super::{
+    Attribution, ContainerReport, Errno, Finding, PythonSite, Request, Stack, Status,
+    short_lived::FoldedGroup,
+};
 
 /// The record that opens a report: what was asked.
 #[derive(Clone, Debug, PartialEq)]
@@ -257,7 +260,12 @@ pub struct Summary {
     pub ts: f64,
     pub duration_s: f64,
     pub ended: SessionEnd,
+    /// By pid, a reused pid once for each of its processes.
     pub processes: Vec<ProcessSummary>,
+    /// The exited processes past [`short_lived::KEPT_EXITED`], by command.
+    ///
+    /// [`short_lived::KEPT_EXITED`]: super::short_lived::KEPT_EXITED
+    pub folded: Vec<FoldedGroup>,
 }
 
 #[derive(Clone, Debug)]

@@ -1,9 +1,124 @@
 //! Processes that came and went between two reports (a fork storm: a shell
 //! loop, a build): one summary line per command rather than one per
-//! process, and each finding they share once, with how many had it.
-use std::collections::{BTreeMap, HashMap};
+//! process, and each finding they share once, with how many had it. And
+//! what a session keeps of the processes that exited: their summaries,
+//! the oldest folded into per-command totals past a bound, so that an
+//! always-on tracer's memory does not grow with every process a node
+//! starts.
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::{Ending, Finding, FindingKind, ProcessSummary};
+use super::{Ending, Finding, FindingKind, ProcessSummary, Status};
+
+/// Exited processes whose summaries are kept whole; older ones are folded.
+/// A summary of a short-lived process is a few hundred bytes.
+pub const KEPT_EXITED: usize = 1000;
+/// Commands the folded processes are totalled under; the processes of
+/// further commands go into one group without a command, so that names
+/// chosen by the traced processes cannot grow it either.
+pub const FOLDED_COMMANDS: usize = 256;
+
+/// Exited processes of one command whose summaries were folded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoldedGroup {
+    /// None for the processes of the commands past [`FOLDED_COMMANDS`].
+    pub comm: Option<String>,
+    pub processes: u64,
+    pub opened: u64,
+    pub closed: u64,
+    pub emfile: u64,
+    pub enfile: u64,
+    /// The worst status any of them reached.
+    pub status: Status,
+    /// How many findings they had, together.
+    pub findings: u64,
+}
+
+/// The summaries of the processes that exited, in exit order.
+#[derive(Debug)]
+pub struct Ended {
+    kept: VecDeque<ProcessSummary>,
+    folded: BTreeMap<Option<String>, FoldedGroup>,
+    keep: usize,
+    commands: usize,
+    worst: Status,
+}
+
+impl Default for Ended {
+    fn default() -> Self {
+        Ended::with_bounds(KEPT_EXITED, FOLDED_COMMANDS)
+    }
+}
+
+impl Ended {
+    pub fn with_bounds(keep: usize, commands: usize) -> Self {
+        Ended {
+            kept: VecDeque::new(),
+            folded: BTreeMap::new(),
+            keep,
+            commands,
+            worst: Status::Ok,
+        }
+    }
+
+    pub fn push(&mut self, p: ProcessSummary) {
+        self.worst = self.worst.max(p.status);
+        self.kept.push_back(p);
+        while self.kept.len() > self.keep {
+            let Some(old) = self.kept.pop_front() else {
+                break;
+            };
+            self.fold(old);
+        }
+    }
+
+    fn fold(&mut self, p: ProcessSummary) {
+        let comm = Some(p.comm);
+        let comm = if self.folded.contains_key(&comm) || self.named() < self.commands {
+            comm
+        } else {
+            None
+        };
+        let g = self.folded.entry(comm.clone()).or_insert(FoldedGroup {
+            comm,
+            processes: 0,
+            opened: 0,
+            closed: 0,
+            emfile: 0,
+            enfile: 0,
+            status: Status::Ok,
+            findings: 0,
+        });
+        g.processes += 1;
+        g.opened += p.totals.opened;
+        g.closed += p.totals.closed;
+        g.emfile += p.emfile;
+        g.enfile += p.enfile;
+        g.status = g.status.max(p.status);
+        g.findings += p.findings.len() as u64;
+    }
+
+    fn named(&self) -> usize {
+        self.folded.len() - usize::from(self.folded.contains_key(&None))
+    }
+
+    /// The summaries kept whole, oldest exit first.
+    pub fn kept(&self) -> impl Iterator<Item = &ProcessSummary> {
+        self.kept.iter()
+    }
+
+    /// The folded groups, by command, the one without a command last.
+    pub fn folded(&self) -> Vec<FoldedGroup> {
+        let mut out: Vec<FoldedGroup> = self.folded.values().cloned().collect();
+        let unnamed_first = out.first().is_some_and(|g| g.comm.is_none());
+        out.rotate_left(usize::from(unnamed_first));
+        out
+    }
+
+    /// The worst status any exited process reached.
+    pub fn worst(&self) -> Status {
+        self.worst
+    }
+}
 
 /// The processes of one command that exited before their first report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -101,6 +216,56 @@ mod tests {
             sites: Vec::new(),
             findings: Vec::new(),
         }
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_exited_are_folded_by_command() {
+        let mut e = Ended::with_bounds(3, 2);
+        for (pid, comm) in [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "d"), (6, "e")] {
+            let mut p = proc(pid, comm, true, false);
+            p.emfile = u64::from(pid);
+            if pid == 3 {
+                p.status = Status::Critical;
+                p.findings
+                    .push(inherited("a", vec!["3 (pipe)".into()], 1.0).unwrap());
+            }
+            e.push(p);
+        }
+        let kept: Vec<u32> = e.kept().map(|p| p.pid).collect();
+        assert_eq!(kept, [4, 5, 6], "the newest exits are kept whole");
+        let folded = e.folded();
+        let group = |comm: Option<&str>, processes, emfile, status, findings| FoldedGroup {
+            comm: comm.map(str::to_string),
+            processes,
+            opened: 2 * processes,
+            closed: 5 * processes,
+            emfile,
+            enfile: 0,
+            status,
+            findings,
+        };
+        assert_eq!(
+            folded,
+            [
+                group(Some("a"), 2, 4, Status::Critical, 1),
+                group(Some("b"), 1, 2, Status::Ok, 0),
+            ],
+        );
+        e.push(proc(7, "f", true, false));
+        e.push(proc(8, "a", true, false));
+        let folded = e.folded();
+        assert_eq!(folded.len(), 3, "{folded:?}");
+        assert_eq!(folded[0], group(Some("a"), 2, 4, Status::Critical, 1));
+        assert_eq!(
+            folded[2],
+            group(None, 2, 4 + 5, Status::Ok, 0),
+            "commands past the bound share one group, last"
+        );
+        assert_eq!(
+            e.worst(),
+            Status::Critical,
+            "the worst status outlives folding"
+        );
     }
 
     #[test]

@@ -115,14 +115,6 @@ impl ProcessEnrichment {
         }
     }
 
-    /// The process exited: what was kept about its fds goes.
-    pub fn forget_fds(&mut self) {
-        self.labels = FdLabels::default();
-        self.fds = Vec::new();
-        self.from_table = None;
-        self.tcp_states = Rc::default();
-    }
-
     /// Labels the kernel's live fds of `pid` (`table`) and reads the TCP
     /// states of its sockets. Labelled fds that hold are not looked at
     /// again until the table changes; only fds at least `min_age` old at

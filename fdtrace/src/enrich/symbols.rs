@@ -41,10 +41,10 @@ const MAX_FRAMES: usize = 16;
 
 pub struct Symbols {
     symbolizer: Symbolizer,
-    /// (pid, kernel stack id) -> canonical site stack (hash of the repaired,
-    /// validated frames): stack ids whose frames differ only in garbage past
-    /// a frame without a frame pointer are one site.
-    canon: HashMap<(u32, u64), u64>,
+    /// pid -> kernel stack id -> canonical site stack (hash of the
+    /// repaired, validated frames): stack ids whose frames differ only in
+    /// garbage past a frame without a frame pointer are one site.
+    canon: HashMap<u32, HashMap<u64, u64>>,
     /// pid -> canonical stack -> symbolized frames.
     frames: HashMap<u32, HashMap<u64, Stack>>,
     cfi: CfiCache,
@@ -92,7 +92,7 @@ impl Symbols {
                 .or_insert_with(|| self.not_sampled.clone());
             return id;
         }
-        if let Some(&c) = self.canon.get(&(pid, id)) {
+        if let Some(&c) = self.canon.get(&pid).and_then(|c| c.get(&id)) {
             return c;
         }
         let (ips, slot) = self.frames_of(k, pid, id);
@@ -118,7 +118,7 @@ impl Symbols {
                 .or_default()
                 .insert(canon, Rc::new(text));
         }
-        self.canon.insert((pid, id), canon);
+        self.canon.entry(pid).or_default().insert(id, canon);
         canon
     }
 
@@ -167,10 +167,11 @@ impl Symbols {
         }
     }
 
-    /// Drops the stack ids of a process that is gone (its symbolized frames
-    /// stay, for the summary).
+    /// Drops what is known of a process that is gone (its summary, made
+    /// at its exit, holds the frames it needs).
     pub fn forget(&mut self, pid: u32) {
-        self.canon.retain(|k, _| k.0 != pid);
+        self.canon.remove(&pid);
+        self.frames.remove(&pid);
     }
 
     /// The frames of kernel stack `id`, repaired where a function without

@@ -55,11 +55,6 @@ impl FdTable {
     pub fn changed(&mut self) {
         self.version += 1;
     }
-
-    pub fn clear(&mut self) {
-        self.fds = Vec::new();
-        self.generation = None;
-    }
 }
 
 /// The kernel's loss counters, as reported so far.

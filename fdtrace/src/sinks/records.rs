@@ -270,6 +270,23 @@ pub struct SummaryRecord {
     pub duration_s: f64,
     pub ended: SessionEnd,
     pub processes: Vec<SummaryProcess>,
+    pub folded: Vec<SummaryFolded>,
+}
+
+/// Exited processes of one command, past the ones the summary lists.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryFolded {
+    /// null for the commands past the bound on commands.
+    pub comm: Option<String>,
+    pub processes: u64,
+    pub opened_total: u64,
+    pub closed_total: u64,
+    pub emfile_errors: u64,
+    pub enfile_errors: u64,
+    /// The worst any of them reached.
+    pub status: Status,
+    pub findings: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -654,6 +671,20 @@ impl From<&Summary> for SummaryRecord {
             duration_s: (s.duration_s * 10.0).round() / 10.0,
             ended: s.ended,
             processes: s.processes.iter().map(SummaryProcess::from).collect(),
+            folded: s
+                .folded
+                .iter()
+                .map(|g| SummaryFolded {
+                    comm: g.comm.clone(),
+                    processes: g.processes,
+                    opened_total: g.opened,
+                    closed_total: g.closed,
+                    emfile_errors: g.emfile,
+                    enfile_errors: g.enfile,
+                    status: g.status,
+                    findings: g.findings,
+                })
+                .collect(),
         }
     }
 }
@@ -663,6 +694,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+    use crate::analysis::short_lived::FoldedGroup;
 
     const README: &str = include_str!("../../../README.md");
 
@@ -940,8 +972,22 @@ mod tests {
                     3.0,
                 )],
             }],
+            folded: vec![FoldedGroup {
+                comm: Some("true".into()),
+                processes: 2000,
+                opened: 4000,
+                closed: 4100,
+                emfile: 0,
+                enfile: 0,
+                status: Status::Ok,
+                findings: 3,
+            }],
         };
         let v = serde_json::to_value(Record::Summary(SummaryRecord::from(&summary))).unwrap();
+        assert_eq!(
+            serde_json::to_string(&SummaryRecord::from(&summary).folded).unwrap(),
+            r#"[{"comm":"true","processes":2000,"opened_total":4000,"closed_total":4100,"emfile_errors":0,"enfile_errors":0,"status":"ok","findings":3}]"#
+        );
         assert_eq!(v["duration_s"], 21.9);
         let p = &v["processes"][0];
         assert_eq!(p["state"], "exited");

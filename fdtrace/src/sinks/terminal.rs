@@ -351,6 +351,22 @@ impl<W: Write> Sink for Terminal<W> {
                 g.opened as i64 - g.closed as i64,
             )?;
         }
+        for g in &s.folded {
+            writeln!(
+                self.out,
+                "{:>7} {:<15} {:>8} {:>8} {:>8} {:>+8} {:>7} {:>9} {:<9} {:>6}  exited earlier, totalled",
+                format!("{}x", g.processes),
+                g.comm.as_deref().map_or("(other)".into(), safe),
+                0,
+                g.opened,
+                g.closed,
+                g.opened as i64 - g.closed as i64,
+                "",
+                "",
+                g.status.name(),
+                g.emfile + g.enfile,
+            )?;
+        }
         for p in groups
             .reported
             .iter()

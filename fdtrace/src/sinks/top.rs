@@ -1117,6 +1117,7 @@ mod tests {
     use super::*;
     use crate::analysis::{
         Finding, FindingKind, ProcessFigures, ProcessSummary, SiteReport, Totals,
+        short_lived::FoldedGroup,
     };
 
     fn proc(
@@ -1620,9 +1621,30 @@ mod tests {
                 reported: true,
                 ending: None,
             }],
+            folded: vec![FoldedGroup {
+                comm: Some("true".into()),
+                processes: 2000,
+                opened: 4000,
+                closed: 4000,
+                emfile: 3,
+                enfile: 0,
+                status: Status::Exhausted,
+                findings: 0,
+            }],
             ended: Default::default(),
         })
         .unwrap();
-        assert!(shared_text(&t).contains("Summary (3.0s traced, ended by"));
+        let text = shared_text(&t);
+        assert!(text.contains("Summary (3.0s traced, ended by"));
+        let folded = text
+            .lines()
+            .find(|l| l.contains("2000x true"))
+            .unwrap_or_else(|| panic!("no line for the folded processes: {text}"));
+        assert!(
+            folded.contains("4000")
+                && folded.contains("exhausted")
+                && folded.contains("exited earlier, totalled"),
+            "{folded}"
+        );
     }
 }

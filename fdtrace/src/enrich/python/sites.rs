@@ -83,8 +83,6 @@ enum Proc {
     Pending { until: Instant },
     /// Not a Python, or one whose frames cannot be read (said once).
     No,
-    /// Exited: its sites stay for the summary.
-    Gone { by_key: HashMap<u64, PythonSite> },
 }
 
 /// What became of a process looked at.
@@ -196,22 +194,16 @@ impl PySites {
         self.procs.insert(child, proc);
     }
 
+    /// Drops what is known of a process that is gone (its summary, made
+    /// at its exit, holds the sites it needs).
     pub fn exit(&mut self, pid: u32) {
-        match self.procs.remove(&pid) {
-            Some(Proc::Python { by_key, .. }) => {
-                self.procs.insert(pid, Proc::Gone { by_key });
-            }
-            Some(Proc::Gone { by_key }) => {
-                self.procs.insert(pid, Proc::Gone { by_key });
-            }
-            _ => {}
-        }
+        self.procs.remove(&pid);
     }
 
     /// The Python sites of `pid` by key (empty for a process without).
     pub fn sites(&self, pid: u32) -> &HashMap<u64, PythonSite> {
         match self.procs.get(&pid) {
-            Some(Proc::Python { by_key, .. } | Proc::Gone { by_key }) => by_key,
+            Some(Proc::Python { by_key, .. }) => by_key,
             _ => &self.none,
         }
     }
