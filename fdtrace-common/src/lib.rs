@@ -291,6 +291,10 @@ pub struct ProcStats {
     /// highest fd number the LAZY bits cover.
     pub lazy_parent: u32,
     pub fork_ns: u64,
+    /// When this entry was made (bpf_ktime_get_ns, or CLOCK_MONOTONIC when
+    /// user space made it): a later process under the same pid is a later
+    /// entry, so a reader tells the two apart without reading /proc.
+    pub registered_ns: u64,
     pub lazy_end: u32,
     /// Odd while the seed walk writes one of this process's fds (its
     /// entry, `seeded`, `by_kind`, `fd_hwm`): a fork reads the parent's
@@ -357,6 +361,7 @@ impl ProcStats {
             tgid,
             lazy_parent: 0,
             fork_ns: 0,
+            registered_ns: 0,
             lazy_end: 0,
             seed_seq: 0,
             opened: 0,
@@ -555,7 +560,7 @@ const _: () = assert!(core::mem::size_of::<SeedRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FdInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<EntryRecord>() == 48);
 const _: () = assert!(
-    core::mem::size_of::<ProcStats>() == 11 * 8 + 8 + 8 * FD_KINDS + 8 + 16 + 8 * ENTRY_WORDS
+    core::mem::size_of::<ProcStats>() == 12 * 8 + 8 + 8 * FD_KINDS + 8 + 16 + 8 * ENTRY_WORDS
 );
 const _: () = assert!(core::mem::size_of::<LazyKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 64 + 16 + EVENT_PATH_LEN);

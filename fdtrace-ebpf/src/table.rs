@@ -108,8 +108,12 @@ pub fn register(tgid: u32, stats: &ProcStats) -> bool {
     let Some(p) = STATS.get_ptr_mut(slot) else {
         return false;
     };
-    // SAFETY: p is an element of STATS, free until PROCS names it.
-    unsafe { *p = *stats };
+    // SAFETY: p is an element of STATS, free until PROCS names it; the
+    // helper takes no arguments.
+    unsafe {
+        *p = *stats;
+        (*p).registered_ns = bpf_ktime_get_ns();
+    }
     // BPF_NOEXIST: user space may have registered the process meanwhile
     // (node mode lists /proc while children are being forked, and a child
     // is there before sched_process_fork runs); its seed walk counts the

@@ -29,7 +29,7 @@ use crate::{
         self, ProcessEnrichment,
         attribution::{Attributions, Cgroup, ProcessAttribution},
         label::{self, NetTables},
-        process::{self, Identity},
+        process::{self, Identity, KeptStat},
         python::{Found, PySites},
         symbols::Symbols,
     },
@@ -57,6 +57,11 @@ struct Traced {
     gone: bool,
     /// Tells it from a later process with the same pid; None until read.
     identity: Option<Identity>,
+    /// When its kernel entry was made (`ProcStats::registered_ns`), from
+    /// its first report: a later entry under its pid is a later process.
+    registered_ns: Option<u64>,
+    /// Its /proc/PID/stat, read again only when due.
+    stat: KeptStat,
     /// Found in the kernel map by a report before its fork event was
     /// drained: that event, when it comes, is its own.
     fork_pending: bool,
@@ -71,6 +76,8 @@ impl Traced {
             analysis: ProcessAnalysis::new(cfg),
             gone: false,
             identity: None,
+            registered_ns: None,
+            stat: KeptStat::default(),
             fork_pending: false,
         }
     }
@@ -98,6 +105,15 @@ fn fork_of_known(fork_pending: bool, gone: bool) -> ForkOfKnown {
     } else {
         ForkOfKnown::Replace
     }
+}
+
+/// Whether the kernel entry of a traced pid, made at `registered_ns`, is a
+/// later one than the entry `known` (None at first sight, then kept): the
+/// kernel side frees a process's entry at its exit and a later process
+/// under the pid gets a new one, so a later entry is a later process even
+/// when the exit event between them was lost.
+fn later_entry(known: &mut Option<u64>, registered_ns: u64) -> bool {
+    *known.get_or_insert(registered_ns) != registered_ns
 }
 
 struct Session {
@@ -574,6 +590,7 @@ impl Session {
             } => {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.enrich.comm.clone_from(&comm);
+                    p.stat.forget();
                 }
                 self.sinks.notice(&Notice::Exec {
                     ts,
@@ -639,7 +656,7 @@ impl Session {
             }
             KernelEvent::Cgroup { pid, id } => self.new_cgroup(pid, id),
             KernelEvent::Rlimit { pid } => {
-                let info = process::info(pid).unwrap_or_default();
+                let info = process::read_info(pid).unwrap_or_default();
                 self.sinks.notice(&Notice::Rlimit {
                     ts,
                     pid,
@@ -870,10 +887,20 @@ impl Session {
                 }
                 continue;
             };
-            let info = process::info(pid);
             let p = self.procs.get_mut(&pid).expect("traced");
             // A process known under this pid that is not the one there now
-            // has ended unseen: its successor is not its continuation.
+            // has ended unseen: its successor is not its continuation. A
+            // later kernel entry is a later process (its exit event was
+            // lost); the same entry with another start time is one the
+            // kernel side never saw leave.
+            if later_entry(&mut p.registered_ns, snap.stats.registered_ns) {
+                self.exited(pid, None, Ending::Exited)?;
+                continue;
+            }
+            let info = p
+                .stat
+                .get(pid, snap.stats.changes(), Instant::now())
+                .map(|st| process::info(pid, st));
             match (p.identity, info.as_ref().map(|i| i.identity)) {
                 (Some(was), Some(now)) if was.start_time != now.start_time => {
                     self.k.unregister(pid);
@@ -1023,6 +1050,15 @@ mod tests {
             "a reused pid whose exit event was lost"
         );
         assert_eq!(fork_of_known(false, false), ForkOfKnown::Replace);
+    }
+
+    #[test]
+    fn a_later_kernel_entry_under_a_pid_is_a_later_process() {
+        let mut known = None;
+        assert!(!later_entry(&mut known, 100), "first sight");
+        assert_eq!(known, Some(100));
+        assert!(!later_entry(&mut known, 100));
+        assert!(later_entry(&mut known, 250), "its exit event was lost");
     }
 
     fn child(ending: Option<Ending>, stopped: bool) -> Option<ChildEnd> {

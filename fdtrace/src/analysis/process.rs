@@ -267,15 +267,21 @@ impl ProcessAnalysis {
         };
         // Series: every known site gets a sample, 0 when it has no fd now.
         for key in groups.sites.keys() {
-            self.sites.entry(key.clone()).or_insert_with(|| Site {
-                id: key.id(s.pid),
-                key: key.clone(),
-                series: Series::new(self.cfg.window),
-                open: 0,
-                leak_per_s: 0.0,
-                oldest_age_s: 0.0,
-                close_wait: 0,
-            });
+            if self.sites.contains_key(key) {
+                continue;
+            }
+            self.sites.insert(
+                key.clone(),
+                Site {
+                    id: key.id(s.pid),
+                    key: key.clone(),
+                    series: Series::new(self.cfg.window),
+                    open: 0,
+                    leak_per_s: 0.0,
+                    oldest_age_s: 0.0,
+                    close_wait: 0,
+                },
+            );
         }
         for site in self.sites.values_mut() {
             let (n, age_ns, cw) = match groups.sites.get(&site.key) {

@@ -94,7 +94,7 @@ impl ProcessEnrichment {
 
     /// From /proc, for a process found without an event naming it.
     pub fn read(pid: u32) -> Self {
-        let info = process::info(pid).unwrap_or_default();
+        let info = process::read_info(pid).unwrap_or_default();
         Self::new(info.comm, info.ppid)
     }
 

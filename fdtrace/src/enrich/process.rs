@@ -1,9 +1,12 @@
 //! Who a process is and its fd limits, from /proc/PID/stat and limits.
-use std::io::Read as _;
+use std::{
+    io::Read as _,
+    time::{Duration, Instant},
+};
 
 use procfs::process::Process;
 
-/// Identity and limits of a process, read once per report.
+/// Identity and limits of a process, at a report.
 #[derive(Clone, Debug, Default)]
 pub struct ProcInfo {
     pub comm: String,
@@ -114,17 +117,62 @@ fn nofile_limits(pid: u32) -> (Option<u64>, Option<u64>) {
     }
 }
 
-/// None when the process is gone.
-pub fn info(pid: u32) -> Option<ProcInfo> {
-    let stat = stat(pid)?;
+/// How long a report trusts the stat it read of a process whose table
+/// did not change: a rename (`prctl(PR_SET_NAME)`) or a new parent shows
+/// within this. An exec's new name comes with its event.
+pub const STAT_EVERY: Duration = Duration::from_secs(10);
+
+/// A process's stat as a report last read it. Most processes of a node are
+/// idle, and reading /proc/PID/stat (a path walk and `do_task_stat`, about
+/// 5 us here) for each of them at every report was the largest cost of a
+/// report. Who the process is does not rest on it: a later process under
+/// the same pid is a later kernel entry (`ProcStats::registered_ns`).
+#[derive(Default)]
+pub struct KeptStat(Option<(Stat, Instant, u64)>);
+
+impl KeptStat {
+    /// The stat of `pid`, read again when [`stat_due`] says so; None when
+    /// that read finds the process gone.
+    pub fn get(&mut self, pid: u32, changes: u64, now: Instant) -> Option<&Stat> {
+        let last = self.0.as_ref().map(|(_, at, c)| (*at, *c));
+        if stat_due(last, changes, now) {
+            self.0 = stat(pid).map(|s| (s, now, changes));
+        }
+        self.0.as_ref().map(|(s, _, _)| s)
+    }
+
+    /// An exec: the next report reads the stat again.
+    pub fn forget(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// Whether a report reads the stat of a process again, given when it last
+/// did and the table's `changes` (`ProcStats::changes`) then: at first
+/// sight, when the table changed (a busy process's name or parent may have
+/// too), and every [`STAT_EVERY`].
+pub fn stat_due(last: Option<(Instant, u64)>, changes: u64, now: Instant) -> bool {
+    last.is_none_or(|(at, c)| c != changes || now.saturating_duration_since(at) >= STAT_EVERY)
+}
+
+/// Identity and limits of `pid`, read now; None when it is gone.
+pub fn read_info(pid: u32) -> Option<ProcInfo> {
+    stat(pid).map(|s| info(pid, &s))
+}
+
+/// Identity and limits of a process: `stat` as read or kept, the limits
+/// read now (a process may change them at any time, and prlimit is one
+/// syscall).
+pub fn info(pid: u32, stat: &Stat) -> ProcInfo {
+    let stat = stat.clone();
     let (soft_limit, hard_limit) = nofile_limits(pid);
-    Some(ProcInfo {
+    ProcInfo {
         comm: stat.comm,
         ppid: Some(stat.ppid),
         soft_limit,
         hard_limit,
         identity: stat.identity,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -134,6 +182,45 @@ mod tests {
     use super::*;
 
     const SLEEP: &[u8] = b"4242 (sleep) S 1 4242 4242 0 -1 4194304 95 0 0 0 0 0 0 0 20 0 1 0 8812345 2301952 240 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+
+    #[test]
+    fn stat_is_read_at_first_sight_on_a_change_and_every_ten_seconds() {
+        let t0 = Instant::now();
+        assert!(stat_due(None, 7, t0));
+        let last = Some((t0, 7));
+        assert!(!stat_due(last, 7, t0 + Duration::from_secs(1)));
+        assert!(!stat_due(
+            last,
+            7,
+            t0 + STAT_EVERY - Duration::from_millis(1)
+        ));
+        assert!(stat_due(last, 7, t0 + STAT_EVERY));
+        assert!(stat_due(last, 8, t0 + Duration::from_secs(1)));
+        assert!(!stat_due(last, 7, t0), "a clock read before the last read");
+    }
+
+    #[test]
+    fn a_kept_stat_is_read_again_when_due_or_forgotten() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let pid = child.id();
+        let t0 = Instant::now();
+        let mut kept = KeptStat::default();
+        let first = kept.get(pid, 1, t0).cloned().expect("a running child");
+        assert_eq!(first.ppid, std::process::id());
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        // Not due: what was read is kept, though the pid is gone now.
+        assert_eq!(kept.get(pid, 1, t0 + Duration::from_secs(1)), Some(&first));
+        // Due (its table changed): read again, and gone.
+        assert_eq!(kept.get(pid, 2, t0 + Duration::from_secs(1)), None);
+        let mut again = KeptStat::default();
+        again.get(std::process::id(), 1, t0).expect("fdtrace's own");
+        again.forget();
+        assert!(again.0.is_none(), "an exec forgets it");
+    }
 
     #[test]
     fn stat_fields_by_position() {

@@ -207,11 +207,15 @@ impl Kernel {
         let slot = self.free_slots.pop(0).map_err(|_| {
             anyhow!("no room to trace pid {pid}: every process slot is taken, raise --max-procs")
         })?;
+        let st = ProcStats {
+            registered_ns: super::monotonic_ns(),
+            ..*st
+        };
         self.stats.set(slot, st, 0)?;
         match self.procs.insert(pid, slot, BPF_NOEXIST) {
             Ok(()) => {}
             Err(e) => {
-                let mut free = *st;
+                let mut free = st;
                 free.tgid = 0;
                 let _ = self.stats.set(slot, free, 0);
                 let _ = self.free_slots.push(slot, 0);

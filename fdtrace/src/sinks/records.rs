@@ -1,6 +1,6 @@
 //! The NDJSON schema: one type per object, `type` naming it. README.md
 //! ("JSON output") documents each; a unit test parses every example there.
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use fdtrace_common::FdKind;
 use serde::{Deserialize, Serialize};
@@ -71,7 +71,8 @@ pub struct ProcessRecord {
     pub fd_soft_limit: Option<u64>,
     pub fd_hard_limit: Option<u64>,
     pub pct_used: Option<f64>,
-    pub by_kind: BTreeMap<String, u64>,
+    /// Kind names are the program's own: no text allocated per record.
+    pub by_kind: BTreeMap<Cow<'static, str>, u64>,
     pub preexisting_fds: u64,
     pub opened_total: u64,
     pub closed_total: u64,
@@ -384,12 +385,12 @@ impl From<&Start> for StartRecord {
 }
 
 /// Open fds per kind, the kinds with none left out.
-fn by_kind(counts: &[u64]) -> BTreeMap<String, u64> {
+fn by_kind(counts: &[u64]) -> BTreeMap<Cow<'static, str>, u64> {
     FdKind::ALL
         .iter()
         .zip(counts)
         .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| (k.name().to_string(), *n))
+        .map(|(k, n)| (Cow::Borrowed(k.name()), *n))
         .collect()
 }
 
