@@ -56,8 +56,9 @@ pub struct Symbols {
     /// for each syscall address a window was unwound from (taken from
     /// [`Kernel::caller_slots`] when the session starts).
     caller_slots: Option<BpfHashMap<MapData, u64, u32>>,
-    /// Syscall addresses told so far (or tried).
-    taught: std::collections::HashSet<u64>,
+    /// Syscall addresses told so far (or tried), each with the last
+    /// process whose stack was unwound there.
+    taught: HashMap<u64, u32>,
     slots_failed: bool,
 }
 
@@ -97,7 +98,7 @@ impl Symbols {
         }
         let (ips, slot) = self.frames_of(k, pid, id);
         if let (Some(slot), Some(&ip)) = (slot, ips.first()) {
-            self.teach(ip, slot);
+            self.teach(pid, ip, slot);
         }
         let canon = if ips.is_empty() {
             NO_SITE
@@ -147,17 +148,33 @@ impl Symbols {
     /// Tells the kernel that at syscall address `ip` the caller's return
     /// address is `slot` bytes above the stack pointer: from then on, the
     /// sites of fds made there carry their caller (see SITE_CALLER_SHIFT).
-    fn teach(&mut self, ip: u64, slot: u32) {
+    /// The map is full once the processes seen have taught it
+    /// CALLER_SLOTS' 4096 addresses (each process's libraries load at
+    /// addresses of their own): then the addresses only exited processes
+    /// taught are let go, so that an always-on fdtrace keeps telling the
+    /// callers of new processes apart. A live process at such an address
+    /// gets a stack without its caller until it teaches the address again.
+    fn teach(&mut self, pid: u32, ip: u64, slot: u32) {
         let Some(map) = self.caller_slots.as_mut() else {
             return;
         };
-        if !self.taught.insert(ip) {
+        if self.taught.insert(ip, pid).is_some() {
             return;
         }
-        // Without the slot (the map full), callers of this address that the
-        // kernel's walk cannot tell apart share the first one's frames; said
-        // once.
-        if let Err(e) = map.insert(ip, slot, 0)
+        let mut told = map.insert(ip, slot, 0);
+        if told.is_err() {
+            for gone in
+                taught_by_the_gone(&self.taught, |p| self.canon.contains_key(&p) || p == pid)
+            {
+                self.taught.remove(&gone);
+                let _ = map.remove(&gone);
+            }
+            told = map.insert(ip, slot, 0);
+        }
+        // Without the slot (every address taught by a live process),
+        // callers of this address that the kernel's walk cannot tell apart
+        // share the first one's frames; said once.
+        if let Err(e) = told
             && !std::mem::replace(&mut self.slots_failed, true)
         {
             eprintln!(
@@ -278,6 +295,15 @@ impl Symbols {
             .map(|(name, &ip)| name.unwrap_or_else(|| module_offset(maps, ip)))
             .collect()
     }
+}
+
+/// The taught addresses whose teacher is no longer `alive`.
+fn taught_by_the_gone(taught: &HashMap<u64, u32>, alive: impl Fn(u32) -> bool) -> Vec<u64> {
+    taught
+        .iter()
+        .filter(|&(_, &pid)| !alive(pid))
+        .map(|(&ip, _)| ip)
+        .collect()
 }
 
 /// "function (file:line)" of a symbol whose extent is known and holds the
@@ -831,6 +857,15 @@ mod tests {
 
     const RET: u64 = 0x5555_0000_1234;
     const OPEN: Range<u64> = 0x7f00_0000_8000..0x7f00_0000_8128;
+
+    #[test]
+    fn only_addresses_taught_by_exited_processes_are_let_go() {
+        let taught: HashMap<u64, u32> = [(0x10, 1), (0x20, 2), (0x30, 1), (0x40, 3)].into();
+        let mut gone = taught_by_the_gone(&taught, |pid| pid == 2);
+        gone.sort();
+        assert_eq!(gone, [0x10, 0x30, 0x40]);
+        assert!(taught_by_the_gone(&taught, |_| true).is_empty());
+    }
 
     #[test]
     fn candidates_are_map_files_then_the_process_root() {
