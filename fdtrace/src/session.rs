@@ -672,6 +672,13 @@ impl Session {
         if self.procs.contains_key(&pid) {
             return Ok(());
         }
+        // Registered by user space while it exited (runc's short-lived
+        // stage-1 process, listed in cgroup.procs): the kernel side never
+        // sees it leave, so its entry goes here, not at an exit event.
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            self.k.unregister(pid);
+            return Ok(());
+        }
         let mut enrich = ProcessEnrichment::read(pid);
         match reconcile::attach(&mut self.k, pid, true) {
             Ok(found) => enrich.seed_labels(pid, found),
