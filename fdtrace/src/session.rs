@@ -656,6 +656,9 @@ impl Session {
             }
             KernelEvent::Cgroup { pid, id } => self.new_cgroup(pid, id),
             KernelEvent::Rlimit { pid } => {
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    p.stat.forget();
+                }
                 let info = process::read_info(pid).unwrap_or_default();
                 self.sinks.notice(&Notice::Rlimit {
                     ts,
@@ -904,20 +907,23 @@ impl Session {
                 self.exited(pid, None, Ending::Exited)?;
                 continue;
             }
-            let info = p
-                .stat
-                .get(pid, snap.stats.changes(), Instant::now())
-                .map(|st| process::info(pid, st));
-            match (p.identity, info.as_ref().map(|i| i.identity)) {
-                (Some(was), Some(now)) if was.start_time != now.start_time => {
-                    self.k.unregister(pid);
-                    self.exited(pid, None, Ending::Exited)?;
-                    continue;
+            // Name, parent and identity move only with a fresh read of the
+            // stat.
+            let stat = p.stat.get(pid, snap.stats.changes(), Instant::now());
+            let (soft_limit, hard_limit) = stat.map_or((None, None), |(_, limits, _)| limits);
+            if let Some((st, _, true)) = stat {
+                match p.identity {
+                    Some(was) if was.start_time != st.identity.start_time => {
+                        self.k.unregister(pid);
+                        self.exited(pid, None, Ending::Exited)?;
+                        continue;
+                    }
+                    None => p.identity = Some(st.identity),
+                    Some(_) => {}
                 }
-                (None, now) => p.identity = now,
-                _ => {}
+                p.enrich.comm.clone_from(&st.comm);
+                p.enrich.ppid = p.enrich.ppid.or(Some(st.ppid));
             }
-            let p = self.procs.get_mut(&pid).expect("traced");
             p.gone = false;
             if let Err(e) = p.table.refresh(&self.k, pid, snap.stats.changes()) {
                 // The next report tries again.
@@ -926,10 +932,6 @@ impl Session {
             // Reconcile.
             let rec = reconcile::reconcile(&mut self.k, pid, &mut p.reconcile, &mut p.table, &snap);
             // Enrich.
-            if let Some(i) = &info {
-                p.enrich.comm.clone_from(&i.comm);
-                p.enrich.ppid = p.enrich.ppid.or(i.ppid);
-            }
             let (comm, ppid) = (p.enrich.comm.clone(), p.enrich.ppid);
             self.attributions
                 .refresh(pid, snap.stats.cgroup, &mut p.enrich.who);
@@ -952,8 +954,8 @@ impl Session {
                 ts: report.ts,
                 t,
                 now_ns,
-                soft_limit: info.as_ref().and_then(|i| i.soft_limit),
-                hard_limit: info.as_ref().and_then(|i| i.hard_limit),
+                soft_limit,
+                hard_limit,
                 counts: rec.counts,
                 drift: rec.drift,
                 resync: rec.resync,
@@ -1057,6 +1059,13 @@ mod tests {
             "a reused pid whose exit event was lost"
         );
         assert_eq!(fork_of_known(false, false), ForkOfKnown::Replace);
+    }
+
+    #[test]
+    fn the_ring_is_drained_often_while_events_come_and_seldom_when_none_do() {
+        assert_eq!(drain_delay(1), Duration::from_millis(EVENTS_DRAIN_MS));
+        assert_eq!(drain_delay(4096), Duration::from_millis(EVENTS_DRAIN_MS));
+        assert_eq!(drain_delay(0), Duration::from_millis(EVENTS_IDLE_DRAIN_MS));
     }
 
     #[test]

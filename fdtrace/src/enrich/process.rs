@@ -6,14 +6,13 @@ use std::{
 
 use procfs::process::Process;
 
-/// Identity and limits of a process, at a report.
+/// Name, parent and fd limits of a process, read at once.
 #[derive(Clone, Debug, Default)]
 pub struct ProcInfo {
     pub comm: String,
     pub ppid: Option<u32>,
     pub soft_limit: Option<u64>,
     pub hard_limit: Option<u64>,
-    pub identity: Identity,
 }
 
 /// What tells a process from a later one that got the same pid.
@@ -92,7 +91,7 @@ fn read_small<'a>(path: &str, buf: &'a mut [u8]) -> Option<&'a [u8]> {
 /// lines. prlimit needs CAP_SYS_RESOURCE for other users' processes; the
 /// file, readable by all, answers then.
 /// https://github.com/torvalds/linux/blob/v6.18/kernel/sys.c (check_prlimit_permission)
-fn nofile_limits(pid: u32) -> (Option<u64>, Option<u64>) {
+fn nofile_limits(pid: u32) -> Limits {
     let limit = |v: libc::rlim_t| (v != libc::RLIM_INFINITY).then_some(v);
     let mut old = libc::rlimit {
         rlim_cur: 0,
@@ -117,31 +116,52 @@ fn nofile_limits(pid: u32) -> (Option<u64>, Option<u64>) {
     }
 }
 
-/// How long a report trusts the stat it read of a process whose table
-/// did not change: a rename (`prctl(PR_SET_NAME)`) or a new parent shows
-/// within this. An exec's new name comes with its event.
+/// How long a report trusts the stat and limits it read of a process whose
+/// table did not change: a rename (`prctl(PR_SET_NAME)`) or a new parent
+/// shows within this. An exec's new name comes with its event, and so does
+/// a new RLIMIT_NOFILE (setrlimit, prlimit: `EV_RLIMIT`); this bounds how
+/// long a limit stays stale if that event was lost.
 pub const STAT_EVERY: Duration = Duration::from_secs(10);
 
-/// A process's stat as a report last read it. Most processes of a node are
-/// idle, and reading /proc/PID/stat (a path walk and `do_task_stat`, about
-/// 5 us here) for each of them at every report was the largest cost of a
-/// report. Who the process is does not rest on it: a later process under
-/// the same pid is a later kernel entry (`ProcStats::registered_ns`).
+/// RLIMIT_NOFILE, soft and hard (None: unlimited).
+pub type Limits = (Option<u64>, Option<u64>);
+
+/// A process's stat and fd limits as a report last read them. Most
+/// processes of a node are idle, and reading /proc/PID/stat (a path walk
+/// and `do_task_stat`, about 5 us here) and the limits (a prlimit call)
+/// for each of them at every report were the largest cost of a report.
+/// Who the process is does not rest on it: a later process under the same
+/// pid is a later kernel entry (`ProcStats::registered_ns`).
 #[derive(Default)]
-pub struct KeptStat(Option<(Stat, Instant, u64)>);
+pub struct KeptStat(Option<Kept>);
+
+struct Kept {
+    stat: Stat,
+    limits: Limits,
+    at: Instant,
+    changes: u64,
+}
 
 impl KeptStat {
-    /// The stat of `pid`, read again when [`stat_due`] says so; None when
-    /// that read finds the process gone.
-    pub fn get(&mut self, pid: u32, changes: u64, now: Instant) -> Option<&Stat> {
-        let last = self.0.as_ref().map(|(_, at, c)| (*at, *c));
-        if stat_due(last, changes, now) {
-            self.0 = stat(pid).map(|s| (s, now, changes));
+    /// The stat and limits of `pid`, read again when [`stat_due`] says so,
+    /// and whether they were read now (only a fresh read can name a new
+    /// name, parent or identity); None when that read finds the process
+    /// gone.
+    pub fn get(&mut self, pid: u32, changes: u64, now: Instant) -> Option<(&Stat, Limits, bool)> {
+        let last = self.0.as_ref().map(|k| (k.at, k.changes));
+        let fresh = stat_due(last, changes, now);
+        if fresh {
+            self.0 = stat(pid).map(|stat| Kept {
+                stat,
+                limits: nofile_limits(pid),
+                at: now,
+                changes,
+            });
         }
-        self.0.as_ref().map(|(s, _, _)| s)
+        self.0.as_ref().map(|k| (&k.stat, k.limits, fresh))
     }
 
-    /// An exec: the next report reads the stat again.
+    /// An exec or a new fd limit: the next report reads both again.
     pub fn forget(&mut self) {
         self.0 = None;
     }
@@ -157,22 +177,14 @@ pub fn stat_due(last: Option<(Instant, u64)>, changes: u64, now: Instant) -> boo
 
 /// Identity and limits of `pid`, read now; None when it is gone.
 pub fn read_info(pid: u32) -> Option<ProcInfo> {
-    stat(pid).map(|s| info(pid, &s))
-}
-
-/// Identity and limits of a process: `stat` as read or kept, the limits
-/// read now (a process may change them at any time, and prlimit is one
-/// syscall).
-pub fn info(pid: u32, stat: &Stat) -> ProcInfo {
-    let stat = stat.clone();
+    let stat = stat(pid)?;
     let (soft_limit, hard_limit) = nofile_limits(pid);
-    ProcInfo {
+    Some(ProcInfo {
         comm: stat.comm,
         ppid: Some(stat.ppid),
         soft_limit,
         hard_limit,
-        identity: stat.identity,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -208,12 +220,18 @@ mod tests {
         let pid = child.id();
         let t0 = Instant::now();
         let mut kept = KeptStat::default();
-        let first = kept.get(pid, 1, t0).cloned().expect("a running child");
+        let (first, limits, fresh) = kept.get(pid, 1, t0).expect("a running child");
+        let first = first.clone();
+        assert!(fresh, "first sight reads it");
+        assert_eq!(limits, nofile_limits(std::process::id()), "inherited");
         assert_eq!(first.ppid, std::process::id());
         child.kill().expect("kill");
         child.wait().expect("reaped");
         // Not due: what was read is kept, though the pid is gone now.
-        assert_eq!(kept.get(pid, 1, t0 + Duration::from_secs(1)), Some(&first));
+        assert_eq!(
+            kept.get(pid, 1, t0 + Duration::from_secs(1)),
+            Some((&first, limits, false))
+        );
         // Due (its table changed): read again, and gone.
         assert_eq!(kept.get(pid, 2, t0 + Duration::from_secs(1)), None);
         let mut again = KeptStat::default();
