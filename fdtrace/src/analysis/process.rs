@@ -261,12 +261,15 @@ impl ProcessAnalysis {
         // An outdated grouping goes before the new one is made, so that the
         // label texts only it held are let go.
         let kept = self.grouped.take().filter(|(v, _)| *v == s.fds_version);
+        let reused = kept.is_some();
         let groups = match kept {
             Some((_, g)) => g,
             None => group(s.fds, s.now_ns, self.cfg.min_age.as_nanos() as u64),
         };
         // Series: every known site gets a sample, 0 when it has no fd now.
-        for key in groups.sites.keys() {
+        // A grouping kept from the last report has its sites known already
+        // (each has fds, so none was let go).
+        for key in groups.sites.keys().filter(|_| !reused) {
             if self.sites.contains_key(key) {
                 continue;
             }
@@ -432,6 +435,10 @@ impl ProcessAnalysis {
     /// Brings the figures of the findings about sites up to date, keeping
     /// when they were first seen: the summary shows what is true at its end.
     fn refresh_findings(&mut self) {
+        // Most processes have none: no index of their sites per report.
+        if self.findings.is_empty() {
+            return;
+        }
         let by_id: HashMap<&str, &Site> = self
             .sites
             .values()

@@ -14,7 +14,9 @@ pub struct Ndjson<W: Write> {
 impl<W: Write> Ndjson<W> {
     pub fn new(w: W) -> Self {
         Ndjson {
-            out: io::BufWriter::new(w),
+            // A node's report is hundreds of KB: written a pipe's worth at
+            // a time, not in 8 KB writes.
+            out: io::BufWriter::with_capacity(64 * 1024, w),
         }
     }
 
@@ -35,9 +37,7 @@ impl<W: Write> Sink for Ndjson<W> {
     }
 
     fn report(&mut self, report: &Report) -> io::Result<()> {
-        for r in Record::of_report(report) {
-            self.line(&r)?;
-        }
+        Record::of_report(report, |r| self.line(&r))?;
         self.out.flush()
     }
 

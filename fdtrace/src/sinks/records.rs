@@ -15,11 +15,11 @@ pub const SCHEMA: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum Record {
+pub enum Record<'a> {
     Start(StartRecord),
-    Process(ProcessRecord),
-    Container(ContainerRecord),
-    Site(SiteRecord),
+    Process(ProcessRecord<'a>),
+    Container(ContainerRecord<'a>),
+    Site(SiteRecord<'a>),
     Finding(FindingRecord),
     Fork(ForkRecord),
     Exec(ExecRecord),
@@ -60,13 +60,15 @@ pub struct ThresholdsRecord {
     pub crit_within_s: f64,
 }
 
+/// The per-interval objects (process, site, container) borrow their text
+/// from the report: a node's report writes hundreds of them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProcessRecord {
+pub struct ProcessRecord<'a> {
     pub ts: f64,
     pub pid: u32,
     pub ppid: Option<u32>,
-    pub comm: String,
+    pub comm: Cow<'a, str>,
     pub open_fds: u64,
     pub fd_soft_limit: Option<u64>,
     pub fd_hard_limit: Option<u64>,
@@ -86,27 +88,27 @@ pub struct ProcessRecord {
     pub seconds_to_emfile: Option<f64>,
     pub stacks_not_sampled: u64,
     pub shares_fd_table: bool,
-    pub cgroup: Option<String>,
-    pub container_id: Option<String>,
-    pub pod: Option<String>,
-    pub namespace: Option<String>,
-    pub container: Option<String>,
-    pub pod_uid: Option<String>,
-    pub qos: Option<String>,
+    pub cgroup: Option<Cow<'a, str>>,
+    pub container_id: Option<Cow<'a, str>>,
+    pub pod: Option<Cow<'a, str>>,
+    pub namespace: Option<Cow<'a, str>>,
+    pub container: Option<Cow<'a, str>>,
+    pub pod_uid: Option<Cow<'a, str>>,
+    pub qos: Option<Cow<'a, str>>,
     pub pid_in_container: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ContainerRecord {
+pub struct ContainerRecord<'a> {
     pub ts: f64,
-    pub container_id: Option<String>,
-    pub cgroup: Option<String>,
-    pub pod: Option<String>,
-    pub namespace: Option<String>,
-    pub container: Option<String>,
-    pub pod_uid: Option<String>,
-    pub qos: Option<String>,
+    pub container_id: Option<Cow<'a, str>>,
+    pub cgroup: Option<Cow<'a, str>>,
+    pub pod: Option<Cow<'a, str>>,
+    pub namespace: Option<Cow<'a, str>>,
+    pub container: Option<Cow<'a, str>>,
+    pub pod_uid: Option<Cow<'a, str>>,
+    pub qos: Option<Cow<'a, str>>,
     pub processes: u64,
     pub open_fds: u64,
     pub fd_usage_ratio: Option<f64>,
@@ -122,19 +124,19 @@ pub struct ContainerRecord {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SiteRecord {
+pub struct SiteRecord<'a> {
     pub ts: f64,
     pub pid: u32,
-    pub site: String,
-    pub kind: String,
-    pub resource: String,
-    pub stack: Vec<String>,
+    pub site: Cow<'a, str>,
+    pub kind: Cow<'a, str>,
+    pub resource: Cow<'a, str>,
+    pub stack: Cow<'a, [String]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub py_stack: Option<Vec<String>>,
+    pub py_stack: Option<Cow<'a, [String]>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_frame: Option<String>,
+    pub user_frame: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub via: Option<String>,
+    pub via: Option<Cow<'a, str>>,
     pub open_fds: u64,
     pub leak_per_s: f64,
     pub oldest_age_s: f64,
@@ -407,33 +409,39 @@ fn finding_record(ts: f64, pid: u32, f: &Finding) -> FindingRecord {
     }
 }
 
-fn site_record(ts: f64, pid: u32, s: &SiteReport) -> SiteRecord {
+fn site_record<'a>(ts: f64, pid: u32, s: &'a SiteReport) -> SiteRecord<'a> {
     SiteRecord {
         ts,
         pid,
-        site: s.id.clone(),
-        kind: s.kind.name().to_string(),
-        resource: s.resource.to_string(),
-        stack: s.stack.to_vec(),
-        py_stack: s.python.as_ref().map(|p| p.stack.clone()),
-        user_frame: s.python.as_ref().and_then(|p| p.user_frame.clone()),
-        via: s.python.as_ref().and_then(|p| p.via.clone()),
+        site: Cow::Borrowed(&s.id),
+        kind: Cow::Borrowed(s.kind.name()),
+        resource: Cow::Borrowed(&s.resource),
+        stack: Cow::Borrowed(&s.stack[..]),
+        py_stack: s.python.as_ref().map(|p| Cow::Borrowed(&p.stack[..])),
+        user_frame: s
+            .python
+            .as_ref()
+            .and_then(|p| p.user_frame.as_deref().map(Cow::Borrowed)),
+        via: s
+            .python
+            .as_ref()
+            .and_then(|p| p.via.as_deref().map(Cow::Borrowed)),
         open_fds: s.open_fds,
         leak_per_s: display_rate(s.leak_per_s),
         oldest_age_s: s.oldest_age_s.round(),
     }
 }
 
-fn container_record(ts: f64, c: &ContainerReport) -> ContainerRecord {
+fn container_record(ts: f64, c: &ContainerReport) -> ContainerRecord<'_> {
     ContainerRecord {
         ts,
-        container_id: c.container_id.clone(),
-        cgroup: c.cgroup.clone(),
-        pod: c.pod.clone(),
-        namespace: c.namespace.clone(),
-        container: c.container.clone(),
-        pod_uid: c.pod_uid.clone(),
-        qos: c.qos.map(str::to_owned),
+        container_id: borrowed(&c.container_id),
+        cgroup: borrowed(&c.cgroup),
+        pod: borrowed(&c.pod),
+        namespace: borrowed(&c.namespace),
+        container: borrowed(&c.container),
+        pod_uid: borrowed(&c.pod_uid),
+        qos: c.qos.map(Cow::Borrowed),
         processes: c.processes,
         open_fds: c.open_fds,
         // Four digits: 0.01% of a limit.
@@ -449,15 +457,21 @@ fn container_record(ts: f64, c: &ContainerReport) -> ContainerRecord {
     }
 }
 
-impl Record {
-    /// The objects of one report: losses, then each process with its sites
-    /// and new findings. A resync is carried by the process's `drift`.
-    pub fn of_report(r: &Report) -> Vec<Record> {
+fn borrowed(s: &Option<String>) -> Option<Cow<'_, str>> {
+    s.as_deref().map(Cow::Borrowed)
+}
+
+impl<'a> Record<'a> {
+    /// The objects of one report, each handed to `f` as it is made:
+    /// losses, then each process with its sites and new findings, then the
+    /// containers. A resync is carried by the process's `drift`.
+    pub fn of_report<E>(
+        r: &'a Report,
+        mut f: impl FnMut(Record<'a>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let ts = r.ts;
-        let mut out: Vec<Record> = r
-            .losses
-            .iter()
-            .map(|l| match *l {
+        for l in &r.losses {
+            f(match *l {
                 Loss::RingBuffer { count } => Record::Lost(LostRecord { ts, count }),
                 Loss::FdsMapFull { count, max_entries } => Record::MapFull(MapFullRecord {
                     ts,
@@ -471,71 +485,67 @@ impl Record {
                     count,
                     max_entries,
                 }),
-            })
-            .collect();
-        for p in &r.processes {
-            out.extend(Self::of_process(ts, p));
+            })?;
         }
-        out.extend(
-            r.containers
-                .iter()
-                .map(|c| Record::Container(container_record(ts, c))),
-        );
-        out
+        for p in &r.processes {
+            Self::of_process(ts, p, &mut f)?;
+        }
+        for c in &r.containers {
+            f(Record::Container(container_record(ts, c)))?;
+        }
+        Ok(())
     }
 
-    fn of_process(ts: f64, p: &ProcessReport) -> Vec<Record> {
-        let f = &p.figures;
-        let who = &*f.attribution;
-        let mut out = vec![Record::Process(ProcessRecord {
+    fn of_process<E>(
+        ts: f64,
+        p: &'a ProcessReport,
+        f: &mut impl FnMut(Record<'a>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let fig = &p.figures;
+        let who = &*fig.attribution;
+        f(Record::Process(ProcessRecord {
             ts,
-            pid: f.pid,
-            ppid: f.ppid,
-            comm: f.comm.clone(),
-            open_fds: f.open_fds,
-            fd_soft_limit: f.soft_limit,
-            fd_hard_limit: f.hard_limit,
-            pct_used: f.pct_used,
-            by_kind: by_kind(&f.by_kind),
-            preexisting_fds: f.preexisting,
-            opened_total: f.opened,
-            closed_total: f.closed,
-            opened_per_s: display_rate(f.opened_per_s),
-            closed_per_s: display_rate(f.closed_per_s),
-            emfile_errors: f.emfile,
-            enfile_errors: f.enfile,
-            drift: f.drift,
-            status: f.status,
-            leak_per_s: display_rate(f.leak_per_s),
-            seconds_to_emfile: f.seconds_to_emfile.map(f64::round),
-            stacks_not_sampled: f.stacks_not_sampled,
-            shares_fd_table: f.shares_fd_table,
-            cgroup: who.cgroup.clone(),
-            container_id: who.container_id.clone(),
-            pod: who.pod.clone(),
-            namespace: who.namespace.clone(),
-            container: who.container.clone(),
-            pod_uid: who.pod_uid.clone(),
-            qos: who.qos.map(str::to_owned),
+            pid: fig.pid,
+            ppid: fig.ppid,
+            comm: Cow::Borrowed(&fig.comm),
+            open_fds: fig.open_fds,
+            fd_soft_limit: fig.soft_limit,
+            fd_hard_limit: fig.hard_limit,
+            pct_used: fig.pct_used,
+            by_kind: by_kind(&fig.by_kind),
+            preexisting_fds: fig.preexisting,
+            opened_total: fig.opened,
+            closed_total: fig.closed,
+            opened_per_s: display_rate(fig.opened_per_s),
+            closed_per_s: display_rate(fig.closed_per_s),
+            emfile_errors: fig.emfile,
+            enfile_errors: fig.enfile,
+            drift: fig.drift,
+            status: fig.status,
+            leak_per_s: display_rate(fig.leak_per_s),
+            seconds_to_emfile: fig.seconds_to_emfile.map(f64::round),
+            stacks_not_sampled: fig.stacks_not_sampled,
+            shares_fd_table: fig.shares_fd_table,
+            cgroup: borrowed(&who.cgroup),
+            container_id: borrowed(&who.container_id),
+            pod: borrowed(&who.pod),
+            namespace: borrowed(&who.namespace),
+            container: borrowed(&who.container),
+            pod_uid: borrowed(&who.pod_uid),
+            qos: who.qos.map(Cow::Borrowed),
             pid_in_container: who.pid_in_container,
-        })];
-        out.extend(
-            p.sites
-                .iter()
-                .map(|s| Record::Site(site_record(ts, f.pid, s))),
-        );
-        out.extend(
-            p.findings
-                .iter()
-                .map(|x| Record::Finding(finding_record(ts, f.pid, x))),
-        );
-        // A resync is not an object: the process's `drift` says what it
-        // repaired.
-        out
+        }))?;
+        for s in &p.sites {
+            f(Record::Site(site_record(ts, fig.pid, s)))?;
+        }
+        for x in &p.findings {
+            f(Record::Finding(finding_record(ts, fig.pid, x)))?;
+        }
+        Ok(())
     }
 }
 
-impl From<&Notice> for Record {
+impl From<&Notice> for Record<'_> {
     fn from(n: &Notice) -> Self {
         match n {
             &Notice::Fork { ts, pid, ppid } => Record::Fork(ForkRecord { ts, pid, ppid }),
@@ -635,13 +645,13 @@ impl From<&ProcessSummary> for SummaryProcess {
                 .map(|s| {
                     let r = site_record(0.0, p.pid, s);
                     SummarySite {
-                        site: r.site,
-                        kind: r.kind,
-                        resource: r.resource,
-                        stack: r.stack,
-                        py_stack: r.py_stack,
-                        user_frame: r.user_frame,
-                        via: r.via,
+                        site: r.site.into_owned(),
+                        kind: r.kind.into_owned(),
+                        resource: r.resource.into_owned(),
+                        stack: r.stack.into_owned(),
+                        py_stack: r.py_stack.map(Cow::into_owned),
+                        user_frame: r.user_frame.map(Cow::into_owned),
+                        via: r.via.map(Cow::into_owned),
                         open_fds: r.open_fds,
                         leak_per_s: r.leak_per_s,
                         oldest_age_s: r.oldest_age_s,
@@ -819,6 +829,16 @@ mod tests {
         assert_eq!(m["file"], 12);
     }
 
+    fn records_of(report: &Report) -> Vec<Record<'_>> {
+        let mut out = Vec::new();
+        Record::of_report(report, |r| {
+            out.push(r);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        out
+    }
+
     fn figures() -> crate::analysis::ProcessFigures {
         crate::analysis::ProcessFigures {
             comm: "idle".into(),
@@ -884,7 +904,7 @@ mod tests {
             }],
             containers: Vec::new(),
         };
-        let records = Record::of_report(&report);
+        let records = records_of(&report);
         let types: Vec<String> = records
             .iter()
             .map(|r| {
@@ -935,7 +955,7 @@ mod tests {
             processes: Vec::new(),
             containers: vec![c],
         };
-        let records = Record::of_report(&report);
+        let records = records_of(&report);
         assert_eq!(
             serde_json::to_string(&records[0]).unwrap(),
             r#"{"type":"container","ts":5.0,"container_id":null,"cgroup":"/system.slice/nginx.service","pod":null,"namespace":null,"container":null,"pod_uid":null,"qos":null,"processes":2,"open_fds":30,"fd_usage_ratio":0.6667,"leak_per_s":0.0,"seconds_to_emfile":322.0,"status":"warning","opened_total":40,"closed_total":10,"emfile_errors":1,"enfile_errors":0,"close_wait":4}"#
