@@ -33,11 +33,27 @@ pub struct FoldedGroup {
     pub findings: u64,
 }
 
+impl FoldedGroup {
+    fn new(comm: Option<String>) -> Self {
+        FoldedGroup {
+            comm,
+            processes: 0,
+            opened: 0,
+            closed: 0,
+            emfile: 0,
+            enfile: 0,
+            status: Status::Ok,
+            findings: 0,
+        }
+    }
+}
+
 /// The summaries of the processes that exited, in exit order.
 #[derive(Debug)]
 pub struct Ended {
     kept: VecDeque<ProcessSummary>,
-    folded: BTreeMap<Option<String>, FoldedGroup>,
+    /// Sorted by command (None first), one group per command.
+    folded: Vec<FoldedGroup>,
     keep: usize,
     commands: usize,
     worst: Status,
@@ -53,7 +69,7 @@ impl Ended {
     pub fn with_bounds(keep: usize, commands: usize) -> Self {
         Ended {
             kept: VecDeque::new(),
-            folded: BTreeMap::new(),
+            folded: Vec::new(),
             keep,
             commands,
             worst: Status::Ok,
@@ -73,21 +89,21 @@ impl Ended {
 
     fn fold(&mut self, p: ProcessSummary) {
         let comm = Some(p.comm);
-        let comm = if self.folded.contains_key(&comm) || self.named() < self.commands {
-            comm
-        } else {
-            None
+        let at = match self.folded.binary_search_by(|g| g.comm.cmp(&comm)) {
+            Ok(at) => at,
+            Err(at) if self.named() < self.commands => {
+                self.folded.insert(at, FoldedGroup::new(comm));
+                at
+            }
+            // Past the bound: the group without a command, which sorts first.
+            Err(_) => {
+                if self.folded.first().is_none_or(|g| g.comm.is_some()) {
+                    self.folded.insert(0, FoldedGroup::new(None));
+                }
+                0
+            }
         };
-        let g = self.folded.entry(comm.clone()).or_insert(FoldedGroup {
-            comm,
-            processes: 0,
-            opened: 0,
-            closed: 0,
-            emfile: 0,
-            enfile: 0,
-            status: Status::Ok,
-            findings: 0,
-        });
+        let g = &mut self.folded[at];
         g.processes += 1;
         g.opened += p.totals.opened;
         g.closed += p.totals.closed;
@@ -98,7 +114,7 @@ impl Ended {
     }
 
     fn named(&self) -> usize {
-        self.folded.len() - usize::from(self.folded.contains_key(&None))
+        self.folded.len() - usize::from(self.folded.first().is_some_and(|g| g.comm.is_none()))
     }
 
     /// The summaries kept whole, oldest exit first.
@@ -108,7 +124,7 @@ impl Ended {
 
     /// The folded groups, by command, the one without a command last.
     pub fn folded(&self) -> Vec<FoldedGroup> {
-        let mut out: Vec<FoldedGroup> = self.folded.values().cloned().collect();
+        let mut out = self.folded.clone();
         let unnamed_first = out.first().is_some_and(|g| g.comm.is_none());
         out.rotate_left(usize::from(unnamed_first));
         out

@@ -59,6 +59,9 @@ pub struct Symbols {
     /// Syscall addresses told so far (or tried), each with the last
     /// process whose stack was unwound there.
     taught: HashMap<u64, u32>,
+    /// A process was forgotten since `taught` was last swept for the
+    /// addresses of exited teachers.
+    forgot_since_sweep: bool,
     slots_failed: bool,
 }
 
@@ -67,6 +70,7 @@ impl Symbols {
         Symbols {
             caller_slots,
             taught: Default::default(),
+            forgot_since_sweep: false,
             slots_failed: false,
             symbolizer: Symbolizer::new(),
             canon: HashMap::new(),
@@ -162,7 +166,8 @@ impl Symbols {
             return;
         }
         let mut told = map.insert(ip, slot, 0);
-        if told.is_err() {
+        // A sweep finds something only if a teacher exited since the last.
+        if told.is_err() && std::mem::take(&mut self.forgot_since_sweep) {
             for gone in
                 taught_by_the_gone(&self.taught, |p| self.canon.contains_key(&p) || p == pid)
             {
@@ -187,6 +192,7 @@ impl Symbols {
     /// Drops what is known of a process that is gone (its summary, made
     /// at its exit, holds the frames it needs).
     pub fn forget(&mut self, pid: u32) {
+        self.forgot_since_sweep = true;
         self.canon.remove(&pid);
         self.frames.remove(&pid);
     }
