@@ -6,7 +6,7 @@
 //! Needs root and a built fdtrace.
 
 use std::{
-    io::Read as _,
+    io::{BufRead as _, BufReader, Read as _},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -116,18 +116,19 @@ fn sighup_prints_the_summary_and_exits_0() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("fdtrace");
-    // Attached once its first report is out.
-    thread::sleep(Duration::from_secs(3));
+    // Attached, its signal handlers in place, once its first report is
+    // out (not after a fixed sleep: loading the programs takes longer on
+    // a loaded host).
+    let mut stdout = BufReader::new(fdtrace.stdout.take().unwrap());
+    let mut out = String::new();
+    while !out.contains(r#""type":"process""#) {
+        let n = stdout.read_line(&mut out).expect("fdtrace's output");
+        assert!(n > 0, "fdtrace ended before its first report: {out}");
+    }
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(fdtrace.id() as i32, libc::SIGHUP) };
+    stdout.read_to_string(&mut out).unwrap();
     let st = fdtrace.wait().expect("wait");
-    let mut out = String::new();
-    fdtrace
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     assert_eq!(st.code(), Some(0), "{st}");
