@@ -909,7 +909,7 @@ impl Session {
             }
             // Name, parent and identity move only with a fresh read of the
             // stat.
-            let stat = p.stat.get(pid, snap.stats.changes(), Instant::now());
+            let stat = p.stat.get(pid, Instant::now());
             let (soft_limit, hard_limit) = stat.map_or((None, None), |(_, limits, _)| limits);
             if let Some((st, _, true)) = stat {
                 match p.identity {

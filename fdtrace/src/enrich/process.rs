@@ -116,9 +116,8 @@ fn nofile_limits(pid: u32) -> Limits {
     }
 }
 
-/// How long a report trusts the stat and limits it read of a process whose
-/// table did not change: a rename (`prctl(PR_SET_NAME)`) or a new parent
-/// shows within this. An exec's new name comes with its event, and so does
+/// How long a report trusts the stat and limits it read of a process: a
+/// rename (`prctl(PR_SET_NAME)`) or a new parent shows within this. An exec's new name comes with its event, and so does
 /// a new RLIMIT_NOFILE (setrlimit, prlimit: `EV_RLIMIT`); this bounds how
 /// long a limit stays stale if that event was lost.
 pub const STAT_EVERY: Duration = Duration::from_secs(10);
@@ -139,7 +138,6 @@ struct Kept {
     stat: Stat,
     limits: Limits,
     at: Instant,
-    changes: u64,
 }
 
 impl KeptStat {
@@ -147,15 +145,13 @@ impl KeptStat {
     /// and whether they were read now (only a fresh read can name a new
     /// name, parent or identity); None when that read finds the process
     /// gone.
-    pub fn get(&mut self, pid: u32, changes: u64, now: Instant) -> Option<(&Stat, Limits, bool)> {
-        let last = self.0.as_ref().map(|k| (k.at, k.changes));
-        let fresh = stat_due(last, changes, now);
+    pub fn get(&mut self, pid: u32, now: Instant) -> Option<(&Stat, Limits, bool)> {
+        let fresh = stat_due(self.0.as_ref().map(|k| k.at), now);
         if fresh {
             self.0 = stat(pid).map(|stat| Kept {
                 stat,
                 limits: nofile_limits(pid),
                 at: now,
-                changes,
             });
         }
         self.0.as_ref().map(|k| (&k.stat, k.limits, fresh))
@@ -168,11 +164,12 @@ impl KeptStat {
 }
 
 /// Whether a report reads the stat of a process again, given when it last
-/// did and the table's `changes` (`ProcStats::changes`) then: at first
-/// sight, when the table changed (a busy process's name or parent may have
-/// too), and every [`STAT_EVERY`].
-pub fn stat_due(last: Option<(Instant, u64)>, changes: u64, now: Instant) -> bool {
-    last.is_none_or(|(at, c)| c != changes || now.saturating_duration_since(at) >= STAT_EVERY)
+/// did: at first sight and every [`STAT_EVERY`] (an exec or a new limit
+/// makes the report forget it). Not when its table changed: on a node most
+/// busy processes change theirs between any two reports, and their names
+/// and parents change no more often than an idle one's.
+pub fn stat_due(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|at| now.saturating_duration_since(at) >= STAT_EVERY)
 }
 
 /// Identity and limits of `pid`, read now; None when it is gone.
@@ -196,19 +193,14 @@ mod tests {
     const SLEEP: &[u8] = b"4242 (sleep) S 1 4242 4242 0 -1 4194304 95 0 0 0 0 0 0 0 20 0 1 0 8812345 2301952 240 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
 
     #[test]
-    fn stat_is_read_at_first_sight_on_a_change_and_every_ten_seconds() {
+    fn stat_is_read_at_first_sight_and_every_ten_seconds() {
         let t0 = Instant::now();
-        assert!(stat_due(None, 7, t0));
-        let last = Some((t0, 7));
-        assert!(!stat_due(last, 7, t0 + Duration::from_secs(1)));
-        assert!(!stat_due(
-            last,
-            7,
-            t0 + STAT_EVERY - Duration::from_millis(1)
-        ));
-        assert!(stat_due(last, 7, t0 + STAT_EVERY));
-        assert!(stat_due(last, 8, t0 + Duration::from_secs(1)));
-        assert!(!stat_due(last, 7, t0), "a clock read before the last read");
+        assert!(stat_due(None, t0));
+        let last = Some(t0);
+        assert!(!stat_due(last, t0 + Duration::from_secs(1)));
+        assert!(!stat_due(last, t0 + STAT_EVERY - Duration::from_millis(1)));
+        assert!(stat_due(last, t0 + STAT_EVERY));
+        assert!(!stat_due(last, t0), "a clock read before the last read");
     }
 
     #[test]
@@ -220,7 +212,7 @@ mod tests {
         let pid = child.id();
         let t0 = Instant::now();
         let mut kept = KeptStat::default();
-        let (first, limits, fresh) = kept.get(pid, 1, t0).expect("a running child");
+        let (first, limits, fresh) = kept.get(pid, t0).expect("a running child");
         let first = first.clone();
         assert!(fresh, "first sight reads it");
         assert_eq!(limits, nofile_limits(std::process::id()), "inherited");
@@ -229,15 +221,16 @@ mod tests {
         child.wait().expect("reaped");
         // Not due: what was read is kept, though the pid is gone now.
         assert_eq!(
-            kept.get(pid, 1, t0 + Duration::from_secs(1)),
+            kept.get(pid, t0 + Duration::from_secs(1)),
             Some((&first, limits, false))
         );
-        // Due (its table changed): read again, and gone.
-        assert_eq!(kept.get(pid, 2, t0 + Duration::from_secs(1)), None);
+        // Due: read again, and gone.
+        assert_eq!(kept.get(pid, t0 + STAT_EVERY), None);
         let mut again = KeptStat::default();
-        again.get(std::process::id(), 1, t0).expect("fdtrace's own");
+        again.get(std::process::id(), t0).expect("fdtrace's own");
         again.forget();
-        assert!(again.0.is_none(), "an exec forgets it");
+        let (_, _, fresh) = again.get(std::process::id(), t0).expect("fdtrace's own");
+        assert!(fresh, "an exec or a new limit forgets it");
     }
 
     #[test]
