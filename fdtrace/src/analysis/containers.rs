@@ -38,19 +38,40 @@ pub struct Attribution {
 impl Attribution {
     /// The group a process is counted in: its container, else its cgroup;
     /// None when neither is known (its cgroup could not be read).
-    fn key(&self) -> Option<GroupKey> {
+    fn key(&self) -> Option<GroupKey<&str>> {
         match (&self.container_id, &self.cgroup) {
-            (Some(id), _) => Some(GroupKey::Container(id.clone())),
-            (None, Some(path)) => Some(GroupKey::Cgroup(path.clone())),
+            (Some(id), _) => Some(GroupKey::Container(id)),
+            (None, Some(path)) => Some(GroupKey::Cgroup(path)),
             (None, None) => None,
         }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum GroupKey {
-    Container(String),
-    Cgroup(String),
+/// A group's key: owned where it is kept across reports, borrowed from
+/// the report's attributions where a report groups its processes (no
+/// copy of each process's cgroup path at every report).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum GroupKey<S = String> {
+    Container(S),
+    Cgroup(S),
+}
+
+impl GroupKey {
+    fn borrowed(&self) -> GroupKey<&str> {
+        match self {
+            GroupKey::Container(s) => GroupKey::Container(s),
+            GroupKey::Cgroup(s) => GroupKey::Cgroup(s),
+        }
+    }
+}
+
+impl GroupKey<&str> {
+    fn owned(self) -> GroupKey {
+        match self {
+            GroupKey::Container(s) => GroupKey::Container(s.to_owned()),
+            GroupKey::Cgroup(s) => GroupKey::Cgroup(s.to_owned()),
+        }
+    }
 }
 
 /// One container (or host cgroup) at one report.
@@ -155,7 +176,7 @@ pub struct Containers {
 impl Containers {
     /// The groups of one report's processes.
     pub fn report(&mut self, ts: f64, processes: &[ProcessReport]) -> Vec<ContainerReport> {
-        let mut groups: HashMap<GroupKey, (ContainerReport, Counters)> = HashMap::new();
+        let mut groups: HashMap<GroupKey<&str>, (ContainerReport, Counters)> = HashMap::new();
         for p in processes {
             let who = &*p.figures.attribution;
             let Some(key) = who.key() else { continue };
@@ -167,16 +188,16 @@ impl Containers {
                 enfile: f.enfile,
             };
             let m = self.members.entry(f.pid).or_insert_with(|| Member {
-                key: key.clone(),
+                key: key.owned(),
                 last: Counters::default(),
                 baseline: Counters::default(),
             });
-            if m.key != key {
+            if m.key.borrowed() != key {
                 // Moved: what it did until now stays with the old group.
                 let done = m.last.since(m.baseline);
                 let old = self.kept.entry(m.key.clone()).or_default();
                 old.departed = old.departed.add(done);
-                m.key = key.clone();
+                m.key = key.owned();
                 m.baseline = m.last;
             }
             m.last = m.last.max(now);
@@ -239,16 +260,16 @@ impl Containers {
         let reported: HashSet<u32> = processes.iter().map(|p| p.figures.pid).collect();
         for (pid, m) in &self.members {
             if !reported.contains(pid)
-                && let Some((_, sum)) = groups.get_mut(&m.key)
+                && let Some((_, sum)) = groups.get_mut(&m.key.borrowed())
             {
                 *sum = sum.add(m.last.since(m.baseline));
             }
         }
-        let mut out: Vec<(GroupKey, ContainerReport)> = groups
+        let mut out: Vec<(GroupKey<&str>, ContainerReport)> = groups
             .into_iter()
             .map(|(key, (mut g, sum))| {
                 g.pids.sort_unstable();
-                let kept = self.kept.entry(key.clone()).or_default();
+                let kept = self.kept.entry(key.owned()).or_default();
                 kept.last_seen_ts = ts;
                 let t = sum.add(kept.departed);
                 (g.opened, g.closed, g.emfile, g.enfile) = (t.opened, t.closed, t.emfile, t.enfile);
@@ -272,7 +293,7 @@ impl Containers {
             None => {
                 let Some(key) = who.key() else { return };
                 self.members.entry(pid).or_insert(Member {
-                    key,
+                    key: key.owned(),
                     last: Counters::default(),
                     baseline: Counters::default(),
                 })
@@ -300,7 +321,7 @@ impl Containers {
                 (m.key, done)
             }
             None => match who.key() {
-                Some(key) => (key, at_exit),
+                Some(key) => (key.owned(), at_exit),
                 None => return,
             },
         };
