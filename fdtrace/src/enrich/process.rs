@@ -117,9 +117,10 @@ fn nofile_limits(pid: u32) -> Limits {
 }
 
 /// How long a report trusts the stat and limits it read of a process: a
-/// rename (`prctl(PR_SET_NAME)`) or a new parent shows within this. An exec's new name comes with its event, and so does
-/// a new RLIMIT_NOFILE (setrlimit, prlimit: `EV_RLIMIT`); this bounds how
-/// long a limit stays stale if that event was lost.
+/// rename (`prctl(PR_SET_NAME)`) shows within this. An exec's new name
+/// comes with its event, and so does a new RLIMIT_NOFILE (setrlimit,
+/// prlimit: `EV_RLIMIT`); this bounds how long a limit stays stale if that
+/// event was lost.
 pub const STAT_EVERY: Duration = Duration::from_secs(10);
 
 /// RLIMIT_NOFILE, soft and hard (None: unlimited).
@@ -142,9 +143,8 @@ struct Kept {
 
 impl KeptStat {
     /// The stat and limits of `pid`, read again when [`stat_due`] says so,
-    /// and whether they were read now (only a fresh read can name a new
-    /// name, parent or identity); None when that read finds the process
-    /// gone.
+    /// and whether they were read now (only a fresh read can give a new
+    /// name or identity); None when that read finds the process gone.
     pub fn get(&mut self, pid: u32, now: Instant) -> Option<(&Stat, Limits, bool)> {
         let fresh = stat_due(self.0.as_ref().map(|k| k.at), now);
         if fresh {
@@ -167,7 +167,7 @@ impl KeptStat {
 /// did: at first sight and every [`STAT_EVERY`] (an exec or a new limit
 /// makes the report forget it). Not when its table changed: on a node most
 /// busy processes change theirs between any two reports, and their names
-/// and parents change no more often than an idle one's.
+/// change no more often than an idle one's.
 pub fn stat_due(last: Option<Instant>, now: Instant) -> bool {
     last.is_none_or(|at| now.saturating_duration_since(at) >= STAT_EVERY)
 }
